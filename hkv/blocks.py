@@ -1,0 +1,247 @@
+"""Block identity, layout and the on-disk record format.
+
+A block holds the keys and values of ``block_tokens`` consecutive tokens of one layer:
+a tensor of shape ``[2, kv_heads, block_tokens, head_dim]`` (index 0 keys, 1 values).
+
+Its key is ``xxh3_128(model fingerprint, chain hash of the token ids up to the end of the
+block, layer)``. The chain hash of block ``i`` is ``xxh3_128(chain[i-1] + token_ids[i])``, so two
+sequences with the same prefix share the keys of that prefix's blocks.
+
+On disk a block is a record: a fixed 64-byte header (magic, format version, encoding, dtype,
+shape, payload length, xxh3-64 checksum of the payload) followed by the raw payload bytes.
+Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import xxhash
+
+from .config import ConfigError
+
+FORMAT_VERSION = 1
+RECORD_MAGIC = b"HKVB"
+KEY_BYTES = 16
+ROOT_CHAIN = bytes(KEY_BYTES)  # chain hash "before" the first block
+
+_DTYPE_CODES: dict[torch.dtype, int] = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}
+_CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
+DTYPE_NAMES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class RecordError(ValueError):
+    """A stored record that cannot be used: wrong magic, version, shape, dtype, length or checksum."""
+
+
+class CorruptRecordError(RecordError):
+    """A record whose payload does not match its checksum (or is truncated)."""
+
+
+class Encoding:
+    """How a record's payload is encoded; room for 8-bit / 4-bit blocks on the lower tiers."""
+
+    RAW = 0
+
+
+@dataclass(frozen=True, slots=True)
+class BlockLayout:
+    """Shape and dtype of one block: ``[2, kv_heads, block_tokens, head_dim]``."""
+
+    kv_heads: int
+    block_tokens: int
+    head_dim: int
+    dtype: torch.dtype = torch.float16
+
+    def __post_init__(self) -> None:
+        for name in ("kv_heads", "block_tokens", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"BlockLayout.{name} = {getattr(self, name)} must be positive")
+        if self.dtype not in _DTYPE_CODES:
+            raise ValueError(f"BlockLayout.dtype = {self.dtype} must be one of {sorted(DTYPE_NAMES)}")
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (2, self.kv_heads, self.block_tokens, self.head_dim)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of one block's payload."""
+        return 2 * self.kv_heads * self.block_tokens * self.head_dim * self.dtype.itemsize
+
+    @property
+    def record_nbytes(self) -> int:
+        """Bytes of one block's disk record (header + payload)."""
+        return HEADER_SIZE + self.nbytes
+
+    def describe(self) -> str:
+        return (
+            f"{self.nbytes} bytes: 2 x {self.kv_heads} kv heads x {self.block_tokens} tokens x "
+            f"{self.head_dim} dims x {str(self.dtype).removeprefix('torch.')}"
+        )
+
+    def check_budgets(self, budgets: dict[str, int]) -> None:
+        """Raise ConfigError naming every ``tiers.<name>`` budget smaller than one block."""
+        small = [f"tiers.{name} = {value} bytes" for name, value in budgets.items() if value < self.nbytes]
+        if small:
+            raise ConfigError(f"{', '.join(small)}: smaller than one block ({self.describe()})")
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class BlockKey:
+    """The 16-byte identity of a block; ``bytes(key)`` is its LMDB key."""
+
+    digest: bytes
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.digest, bytes) or len(self.digest) != KEY_BYTES:
+            raise ValueError(f"BlockKey needs {KEY_BYTES} bytes, got {self.digest!r}")
+
+    def __bytes__(self) -> bytes:
+        return self.digest
+
+    def hex(self) -> str:
+        return self.digest.hex()
+
+    @classmethod
+    def from_hex(cls, text: str) -> BlockKey:
+        try:
+            raw = bytes.fromhex(text)
+        except ValueError:
+            raise ValueError(f"not a block key: {text!r} (expected {2 * KEY_BYTES} hex digits)") from None
+        return cls(raw)
+
+    @classmethod
+    def make(cls, fingerprint: bytes, chain: bytes, layer: int) -> BlockKey:
+        """Key of the block of ``layer`` whose token prefix hashes to ``chain``."""
+        hasher = xxhash.xxh3_128()
+        hasher.update(len(fingerprint).to_bytes(4, "little"))
+        hasher.update(fingerprint)
+        hasher.update(chain)
+        hasher.update(layer.to_bytes(4, "little"))
+        return cls(hasher.digest())
+
+    def __repr__(self) -> str:
+        return f"BlockKey({self.digest.hex()[:12]}…)"
+
+
+def chain_hash(previous: bytes, token_ids: Sequence[int] | np.ndarray | torch.Tensor) -> bytes:
+    """Chain hash of one block: ``xxh3_128(previous + int64 little-endian token ids)``."""
+    if isinstance(token_ids, torch.Tensor):
+        token_ids = token_ids.detach().cpu().numpy()
+    ids = np.ascontiguousarray(np.asarray(token_ids, dtype="<i8"))
+    return xxhash.xxh3_128_digest(previous + ids.tobytes())
+
+
+def chain_hashes(token_ids: Sequence[int] | np.ndarray | torch.Tensor, block_tokens: int, previous: bytes = ROOT_CHAIN) -> list[bytes]:
+    """Chain hashes of every full block of ``token_ids`` (a trailing partial block is ignored)."""
+    if isinstance(token_ids, torch.Tensor):
+        token_ids = token_ids.detach().cpu().reshape(-1).numpy()
+    ids = np.asarray(token_ids, dtype="<i8")
+    chains = []
+    for start in range(0, len(ids) - block_tokens + 1, block_tokens):
+        previous = chain_hash(previous, ids[start : start + block_tokens])
+        chains.append(previous)
+    return chains
+
+
+def block_keys(fingerprint: bytes, chains: Iterable[bytes], num_layers: int) -> list[list[BlockKey]]:
+    """``keys[block][layer]`` for every chain hash and layer."""
+    return [[BlockKey.make(fingerprint, chain, layer) for layer in range(num_layers)] for chain in chains]
+
+
+# ---------------------------------------------------------------------------------------------
+# Record format. Header, little-endian, 64 bytes:
+#   magic 4s | version u16 | encoding u8 | dtype u8 | ndim u8 | pad 3x | shape 4 x u32 |
+#   payload bytes u64 | checksum xxh3-64 u64 | key 16s  (the block key, so a record moved under
+#   another key is detected) | reserved 4x
+_HEADER = struct.Struct("<4sHBBB3x4IQQ16s4x")  # 64 bytes, the last 4 reserved
+HEADER_SIZE = _HEADER.size
+
+
+@dataclass(frozen=True, slots=True)
+class RecordHeader:
+    version: int
+    encoding: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    payload_nbytes: int
+    checksum: int
+    key: bytes
+
+
+def encode_header(key: BlockKey, block: torch.Tensor, payload: memoryview | bytes) -> bytes:
+    """The 64-byte header for ``block`` (whose raw bytes are ``payload``)."""
+    if block.dtype not in _DTYPE_CODES:
+        raise ValueError(f"cannot store dtype {block.dtype}")
+    if block.dim() > 4:
+        raise ValueError(f"cannot store a {block.dim()}-d block")
+    shape = list(block.shape) + [0] * (4 - block.dim())
+    return _HEADER.pack(
+        RECORD_MAGIC,
+        FORMAT_VERSION,
+        Encoding.RAW,
+        _DTYPE_CODES[block.dtype],
+        block.dim(),
+        *shape,
+        len(payload),
+        xxhash.xxh3_64_intdigest(payload),
+        bytes(key),
+    )
+
+
+def tensor_bytes(block: torch.Tensor) -> memoryview:
+    """Raw bytes of a contiguous CPU tensor, without a copy."""
+    if block.device.type != "cpu":
+        raise ValueError("tensor_bytes needs a CPU tensor")
+    flat = block.contiguous().reshape(-1).view(torch.uint8)
+    return memoryview(flat.numpy())
+
+
+def encode_record(key: BlockKey, block: torch.Tensor) -> bytes:
+    """Header + payload as one bytes object (for tests and small writes)."""
+    payload = tensor_bytes(block.cpu())
+    return encode_header(key, block, payload) + payload.tobytes()
+
+
+def decode_header(record: memoryview | bytes, *, where: str = "record") -> RecordHeader:
+    if len(record) < HEADER_SIZE:
+        raise CorruptRecordError(f"{where}: truncated ({len(record)} bytes, header needs {HEADER_SIZE})")
+    magic, version, encoding, dtype_code, ndim, s0, s1, s2, s3, nbytes, checksum, key = _HEADER.unpack_from(record)
+    if magic != RECORD_MAGIC:
+        raise RecordError(f"{where}: not an hkv block record (magic {magic!r})")
+    if version > FORMAT_VERSION:
+        raise RecordError(f"{where}: format version {version} is newer than this hkv ({FORMAT_VERSION}); upgrade hkv")
+    if encoding != Encoding.RAW:
+        raise RecordError(f"{where}: unknown encoding {encoding}")
+    if dtype_code not in _CODE_DTYPES or ndim > 4:
+        raise RecordError(f"{where}: bad dtype code {dtype_code} or ndim {ndim}")
+    return RecordHeader(version, encoding, _CODE_DTYPES[dtype_code], (s0, s1, s2, s3)[:ndim], nbytes, checksum, key)
+
+
+def decode_into(record: memoryview | bytes, out: torch.Tensor, key: BlockKey | None = None, *, where: str = "record") -> None:
+    """Check ``record`` (header, length, checksum, key) and copy its payload into ``out`` (CPU).
+
+    Reads straight from ``record`` (e.g. an LMDB memory map) into ``out``: no intermediate bytes.
+    Raises RecordError / CorruptRecordError with ``where`` in the message.
+    """
+    header = decode_header(record, where=where)
+    if key is not None and header.key != bytes(key):
+        raise RecordError(f"{where}: record belongs to key {header.key.hex()}, not {key.hex()}")
+    if header.dtype != out.dtype or tuple(header.shape) != tuple(out.shape):
+        raise RecordError(
+            f"{where}: stored block is {tuple(header.shape)} {header.dtype}, expected {tuple(out.shape)} {out.dtype}"
+        )
+    payload = memoryview(record)[HEADER_SIZE:]
+    if len(payload) != header.payload_nbytes or header.payload_nbytes != out.numel() * out.element_size():
+        raise CorruptRecordError(f"{where}: truncated payload ({len(payload)} of {header.payload_nbytes} bytes)")
+    if xxhash.xxh3_64_intdigest(payload) != header.checksum:
+        raise CorruptRecordError(f"{where}: checksum mismatch, the stored block is corrupt")
+    if out.device.type != "cpu" or not out.is_contiguous():
+        raise ValueError("decode_into needs a contiguous CPU tensor")
+    # numpy copies straight from the (possibly read-only, memory-mapped) buffer into ``out``.
+    np.copyto(out.view(-1).view(torch.uint8).numpy(), np.frombuffer(payload, dtype=np.uint8))

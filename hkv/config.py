@@ -1,0 +1,279 @@
+"""Typed configuration for hkv.
+
+A config comes from defaults, a TOML file, a dict or keyword arguments, and the environment,
+in that order of precedence (later wins): ``HKV_TIERS__HOST=8GiB`` overrides ``[tiers] host``.
+Everything is validated once, at load; an unknown key or an impossible value raises
+:class:`ConfigError` naming the key, the value and what is allowed.
+
+Byte sizes accept integers (bytes) or strings such as ``"512MiB"``, ``"8GiB"``, ``"1.5GB"``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "HKV_"
+ENV_DELIMITER = "__"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key(s) and value(s)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class TiersConfig(_Section):
+    """Byte budgets of the three tiers and where the disk tier lives.
+
+    Each budget is a hard bound on the bytes of block data the tier holds.
+    """
+
+    device: ByteSize = Field(ByteSize(256 * 2**20), description="device tier budget (GPU HBM, or CPU RAM without a GPU)")
+    host: ByteSize = Field(ByteSize(2 * 2**30), description="host tier budget (pinned RAM on a GPU machine)")
+    disk: ByteSize = Field(ByteSize(16 * 2**30), description="disk tier budget; also the LMDB map size")
+    path: Path = Field(Path("hkv-store"), description="folder of the LMDB store")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="storage dtype of blocks; auto = the model's dtype (exact)"
+    )
+    accelerator: str = Field("auto", description="torch device of the device tier: auto, cpu, cuda, cuda:N")
+    policy: Literal["lru", "score"] = Field("lru", description="eviction policy of device and host tiers")
+    disk_full: Literal["evict", "refuse"] = Field(
+        "evict", description="when the disk budget is reached: evict unreferenced blocks (LRU) or refuse the write"
+    )
+
+    @field_validator("device", "host", "disk")
+    @classmethod
+    def _positive(cls, value: ByteSize) -> ByteSize:
+        if int(value) <= 0:
+            raise ValueError("must be a positive byte size such as 512MiB")
+        return value
+
+    @field_validator("path")
+    @classmethod
+    def _path_not_file(cls, value: Path) -> Path:
+        if value.exists() and not value.is_dir():
+            raise ValueError(f"{str(value)!r} exists and is not a folder; the store needs a folder")
+        return value
+
+    @field_validator("accelerator")
+    @classmethod
+    def _accelerator(cls, value: str) -> str:
+        base, _, index = value.partition(":")
+        if base not in ("auto", "cpu", "cuda") or (index and (base != "cuda" or not index.isdigit())):
+            raise ValueError("must be one of auto, cpu, cuda, cuda:N")
+        return value
+
+
+class AttentionConfig(_Section):
+    """Which blocks attention reads. Token counts are in tokens, not blocks."""
+
+    mode: Literal["exact", "sparse"] = Field("sparse", description="exact reads every block; sparse the top blocks")
+    block_tokens: int = Field(64, description="tokens per KV block")
+    budget_tokens: int = Field(2048, description="tokens attention reads per step in sparse mode, sink and local included")
+    sink_tokens: int = Field(64, description="first tokens always attended and kept on the device")
+    local_tokens: int = Field(256, description="newest tokens always attended and kept on the device")
+    prefill_chunk_tokens: int = Field(1024, description="prompt tokens processed per chunk during prefill")
+
+    @field_validator("block_tokens")
+    @classmethod
+    def _block_tokens(cls, value: int) -> int:
+        if value <= 0 or value & (value - 1):
+            raise ValueError("must be a positive power of two (16, 32, 64, 128...)")
+        return value
+
+    @field_validator("budget_tokens", "prefill_chunk_tokens")
+    @classmethod
+    def _positive_tokens(cls, value: int) -> int:
+        if value <= 0:
+            raise ValueError("must be a positive number of tokens")
+        return value
+
+    @field_validator("sink_tokens", "local_tokens")
+    @classmethod
+    def _non_negative(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError("must be zero or a positive number of tokens")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AttentionConfig:
+        for name in ("sink_tokens", "local_tokens", "budget_tokens"):
+            if getattr(self, name) % self.block_tokens:
+                raise ValueError(f"{name} = {getattr(self, name)} must be a multiple of block_tokens = {self.block_tokens}")
+        floor = self.sink_tokens + self.local_tokens + self.block_tokens
+        if self.mode == "sparse" and self.budget_tokens < floor:
+            raise ValueError(
+                f"budget_tokens = {self.budget_tokens} must be at least sink_tokens + local_tokens + block_tokens = {floor}"
+            )
+        return self
+
+
+class PrefetchConfig(_Section):
+    """The asynchronous prefetcher that moves predicted blocks up the tiers."""
+
+    enabled: bool = True
+    lookahead: int = Field(1, description="decode steps ahead the prediction is for")
+    workers: int = Field(2, description="threads reading from the lower tiers")
+    margin: float = Field(0.25, description="extra candidates prefetched, as a fraction of the selected blocks")
+
+    @field_validator("lookahead", "workers")
+    @classmethod
+    def _at_least_one(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+    @field_validator("margin")
+    @classmethod
+    def _margin(cls, value: float) -> float:
+        if not 0.0 <= value <= 4.0:
+            raise ValueError("must be between 0 and 4")
+        return value
+
+
+class StoreConfig(_Section):
+    """Persistence of blocks on the disk tier."""
+
+    persist: bool = Field(False, description="write every sealed block through to disk")
+    writer_batch: int = Field(64, description="blocks per LMDB write transaction")
+
+    @field_validator("writer_batch")
+    @classmethod
+    def _batch(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+
+class Config(_Section):
+    """The whole hkv configuration. Build it with :meth:`load`, :meth:`from_file` or the constructor."""
+
+    tiers: TiersConfig = TiersConfig()
+    attention: AttentionConfig = AttentionConfig()
+    prefetch: PrefetchConfig = PrefetchConfig()
+    store: StoreConfig = StoreConfig()
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as error:
+            raise ConfigError(_describe(error)) from None
+
+    @classmethod
+    def load(
+        cls,
+        source: str | os.PathLike[str] | dict[str, Any] | Config | None = None,
+        *,
+        env: dict[str, str] | None = None,
+        **overrides: Any,
+    ) -> Config:
+        """Build a config from a TOML path, a dict or a Config, then ``overrides``, then the environment.
+
+        ``overrides`` are sections as keyword arguments, e.g. ``tiers={"host": "1GiB"}``.
+        ``env`` defaults to ``os.environ``; only ``HKV_<SECTION>__<KEY>`` variables are read.
+        """
+        if source is None:
+            data: dict[str, Any] = {}
+        elif isinstance(source, Config):
+            data = source.as_dict()
+        elif isinstance(source, dict):
+            data = _deep_copy(source)
+        else:
+            data = _read_toml(Path(source))
+        _merge(data, overrides)
+        _merge(data, env_overrides(os.environ if env is None else env))
+        return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> Config:
+        return cls.load(path)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values (byte sizes as ints, paths as strings), ready for TOML or JSON."""
+        return self.model_dump(mode="json")
+
+    def to_toml(self) -> str:
+        lines: list[str] = []
+        for section, values in self.as_dict().items():
+            lines.append(f"[{section}]")
+            for key, value in values.items():
+                lines.append(f"{key} = {_toml_value(value)}")
+            lines.append("")
+        return "\n".join(lines)
+
+
+def env_overrides(environ: dict[str, str] | os._Environ[str]) -> dict[str, Any]:
+    """``HKV_TIERS__HOST=8GiB`` -> ``{"tiers": {"host": "8GiB"}}``; values parse as TOML scalars when they can."""
+    result: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        parts = name[len(ENV_PREFIX) :].lower().split(ENV_DELIMITER)
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(f"environment variable {name}: expected {ENV_PREFIX}<SECTION>{ENV_DELIMITER}<KEY>")
+        section, key = parts
+        result.setdefault(section, {})[key] = _parse_scalar(raw)
+    return result
+
+
+def _parse_scalar(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist or is not a file")
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {error}") from None
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
+    for key, value in extra.items():
+        if isinstance(value, BaseModel):
+            value = value.model_dump()
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = _deep_copy(value) if isinstance(value, dict) else value
+
+
+def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in data.items()}
+
+
+def _describe(error: ValidationError) -> str:
+    """One line per problem: ``tiers.host = -1: must be a positive byte size``."""
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "config"
+        message = str(item["msg"]).removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key")
+        elif item["type"] == "model_attributes_type" or item["type"] == "model_type":
+            lines.append(f"{key} = {item.get('input')!r}: must be a table of keys")
+        elif isinstance(item.get("input"), dict):  # a check across keys of a section
+            lines.append(f"{key}: {message}")
+        else:
+            lines.append(f"{key} = {item.get('input')!r}: {message}")
+    return "invalid hkv config:\n  " + "\n  ".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
