@@ -1,0 +1,34 @@
+"""The `hkv config` commands: output and exit codes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from hkv.cli import app
+
+runner = CliRunner()
+
+
+def test_config_check_ok_and_show(tmp_path: Path) -> None:
+    path = tmp_path / "hkv.toml"
+    path.write_text('[tiers]\nhost = "1GiB"\n')
+    result = runner.invoke(app, ["config", "check", str(path)], env={})
+    assert result.exit_code == 0 and "ok" in result.output
+    shown = runner.invoke(app, ["config", "show", str(path)], env={})
+    assert shown.exit_code == 0
+    assert f"host = {2**30}" in shown.output and "[attention]" in shown.output
+
+
+def test_config_check_reports_error_with_non_zero_exit(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('[tiers]\nhost = 0\nhots = "1GiB"\n')
+    result = runner.invoke(app, ["config", "check", str(path)], env={})
+    assert result.exit_code == 2
+    assert "tiers.host = 0" in result.output and "tiers.hots: unknown key" in result.output
+
+
+def test_config_show_applies_environment() -> None:
+    result = runner.invoke(app, ["config", "show"], env={"HKV_TIERS__DEVICE": "64MiB"})
+    assert result.exit_code == 0 and f"device = {64 * 2**20}" in result.output
