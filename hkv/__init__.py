@@ -1,7 +1,22 @@
 """hkv: a tiered, attention-guided KV cache for million-token contexts on ordinary hardware."""
 
+from typing import TYPE_CHECKING, Any
+
 from .blocks import BlockKey, BlockLayout
 from .config import Config, ConfigError
 
-__all__ = ["BlockKey", "BlockLayout", "Config", "ConfigError"]
+if TYPE_CHECKING:
+    from .integrations.runtime import Runtime, wrap
+
+__all__ = ["BlockKey", "BlockLayout", "Config", "ConfigError", "Runtime", "wrap"]
 __version__ = "0.1.0"
+
+_LAZY = {"wrap", "Runtime"}  # imported on first use: they pull in transformers
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from .integrations import runtime as _integration
+
+        return getattr(_integration, name)
+    raise AttributeError(f"module 'hkv' has no attribute {name!r}")

@@ -1,20 +1,45 @@
 """The tier manager: the only object that moves blocks between tiers.
 
-(STUB: signatures fixed, being implemented. Callers -- the prefetcher, attention and the
-transformers integration -- rely on exactly this API.)
+Placement. A block lives in one or more tiers (a disk copy plus a host cache copy, say). ``put``
+places it on the device; when a tier is full, the eviction policy picks a victim among the
+tier's unpinned, idle blocks and the victim is *dropped* if it has a copy elsewhere, else
+*moved down* (device -> host -> disk). Nothing is dropped without a copy: a move that finds no
+room anywhere raises TierFullError. The disk budget evicts (``tiers.disk_full = "evict"``)
+only blocks that no live sequence references (refcount 0, see :meth:`retain`), LRU first.
+
+Concurrency. One lock (a Condition) guards the metadata: pools' slot maps, entries, counters.
+Moving blocks *up* (``promote`` from the prefetcher's threads, and ``gather``'s on-demand
+fetches) is three phases: plan under the lock (mark the blocks busy, reserve slots), copy
+without the lock (disk reads, host -> device copies), then commit under the lock (assign slots,
+clear busy, notify). A busy block is never evicted, deleted or moved by anyone else; a gather
+that needs it waits on the condition. A gather "holds" its blocks so that concurrent promotions
+cannot evict them while it reads. Nothing waits for an event or a future while holding the lock
+except the disk writer's futures, and the writer never takes this lock, so there is no deadlock.
+Moves down (evictions, demotions, spills) are rarer and run under the lock.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from ..blocks import BlockKey, BlockLayout
 from ..config import Config
+from .base import TierError, TierFullError
+from .copies import CopyEngine
+from .device import DeviceTier, resolve_device
+from .disk import DiskTier
+from .host import HostTier
+from .placement import Digest, Entry
+from .promotion import GatherReport, Promotion
+from .policy import make_policy
 
 TIER_NAMES = ("device", "host", "disk")
+__all__ = ["GatherReport", "ManagerStats", "TIER_NAMES", "TierManager", "TierUsage"]
 
 
 @dataclass(slots=True)
@@ -28,7 +53,8 @@ class TierUsage:
 
 @dataclass(slots=True)
 class ManagerStats:
-    """Snapshot returned by :meth:`TierManager.stats`. Byte counts are payload bytes."""
+    """Snapshot returned by :meth:`TierManager.stats`. Byte counts are payload bytes, except the
+    disk tier's used/capacity, which count its records (64-byte header + payload), as its budget does."""
 
     tiers: dict[str, TierUsage]
     moved_bytes: dict[str, int] = field(default_factory=dict)  # "host->device", "device->host", "disk->host", "host->disk"
@@ -36,17 +62,7 @@ class ManagerStats:
     blocks: int = 0  # distinct blocks known to the manager
 
 
-@dataclass(slots=True)
-class GatherReport:
-    """What one or more :meth:`TierManager.gather` calls found (block counts, seconds)."""
-
-    resident: int = 0  # already on the device
-    waited: int = 0  # in flight (being promoted by another thread), waited for
-    fetched: int = 0  # not on the device, fetched on demand
-    stall_s: float = 0.0  # time spent waiting for or fetching blocks
-
-
-class TierManager:
+class TierManager(Promotion):
     """Places blocks of one layout across device, host and disk within the config's budgets.
 
     Invariants: a tier never exceeds its budget; a block put is in at least one tier until it
@@ -55,83 +71,354 @@ class TierManager:
     """
 
     def __init__(self, config: Config, layout: BlockLayout, *, device: torch.device | str | None = None) -> None:
-        raise NotImplementedError
+        tiers = config.tiers
+        layout.check_budgets({"device": int(tiers.device), "host": int(tiers.host), "disk": int(tiers.disk)})
+        if int(tiers.disk) < layout.record_nbytes:
+            raise TierError(f"tiers.disk = {int(tiers.disk)} bytes: smaller than one disk record ({layout.record_nbytes} bytes)")
+        self.config, self.layout = config, layout
+        self.device = torch.device(device) if device is not None else resolve_device(tiers.accelerator)
+        self.persist = config.store.persist
+        self.disk_full = tiers.disk_full
+        self.path = Path(tiers.path)
+        super().__init__(
+            DeviceTier(layout, int(tiers.device), self.device),
+            HostTier(layout, int(tiers.host), pin_memory=self.device.type == "cuda"),
+            CopyEngine(self.device, layout),
+            make_policy(tiers.policy),
+            disk_capacity=int(tiers.disk),
+        )
+        self._closed = False
+        if (self.path / "data.mdb").exists():  # a store from an earlier run: its blocks are known
+            self._open_disk()
 
-    device: torch.device  # torch device of the device tier
+    # -- the disk tier, opened when first needed --------------------------------------------------
+    def _open_disk(self) -> DiskTier:
+        if self._disk is None:
+            self._disk = DiskTier(self.path, self.layout, self.disk_capacity, writer_batch=self.config.store.writer_batch)
+            for key in self._disk.keys():
+                self._entry_for(key.digest).on_disk = True
+                self._recent["disk"][key.digest] = None
+                self._disk_count += 1
+        return self._disk
 
+    # -- insert ---------------------------------------------------------------------------------
     def put(self, key: BlockKey, block: torch.Tensor, *, pin: bool = False) -> None:
         """Insert a sealed block (copied). Goes to the device tier (evicting unpinned blocks
         down the tiers if needed); ``pin`` keeps it on the device until :meth:`unpin`.
         With ``store.persist`` it is also written through to disk. Re-putting a known key is a
         no-op apart from pinning and recency."""
-        raise NotImplementedError
+        self.put_many([key], block.unsqueeze(0), pin=pin)
 
     def put_many(self, keys: Sequence[BlockKey], blocks: torch.Tensor, *, pin: bool = False) -> None:
-        """``blocks``: ``[n, 2, kv_heads, block_tokens, head_dim]``."""
-        raise NotImplementedError
+        """``blocks``: ``[n, 2, kv_heads, block_tokens, head_dim]``. Raises TierFullError (and
+        stores none of the new blocks) when they fit nowhere, or the write-through is refused."""
+        if tuple(blocks.shape) != (len(keys), *self.layout.shape) or blocks.dtype != self.layout.dtype:
+            raise ValueError(
+                f"put_many: {len(keys)} keys and blocks {tuple(blocks.shape)} {blocks.dtype}; expected "
+                f"[n, {', '.join(map(str, self.layout.shape))}] {self.layout.dtype}"
+            )
+        keys = [key.digest for key in keys]  # internally blocks are known by their digest (a cheap hash)
+        with self._cond:
+            self._check_open()
+            first: dict[Digest, int] = {}
+            for i, key in enumerate(keys):
+                first.setdefault(key, i)
+            known = [key for key in first if key in self._entries]
+            if pin:
+                wanted = len(first) - len(known) + sum(not self._entries[key].pinned for key in known)
+                room = self.device_pool.n_slots - self._pinned_count
+                if wanted > room:
+                    raise TierFullError(
+                        f"cannot pin {wanted} more blocks: {room} unpinned device slots "
+                        f"(tiers.device = {self.device_pool.capacity_bytes} bytes, {self._pinned_count} blocks pinned)"
+                    )
+                newly_pinned = [key for key in known if not self._entries[key].pinned]
+            for key in known:
+                self._touch(key)
+        if pin and newly_pinned:
+            self._pin(newly_pinned)  # first, so that a failure leaves nothing new stored
+        try:
+            with self._cond:
+                self._check_open()
+                new = [key for key in first if key not in self._entries]
+                if new:
+                    self._insert(new, blocks, [first[key] for key in new], pin)
+        except BaseException:
+            if pin and newly_pinned:
+                self._unpin(newly_pinned)
+            raise
 
+    def _insert(self, keys: list[Digest], blocks: torch.Tensor, rows: list[int], pin: bool) -> None:
+        """Place new blocks (lock held): device first, then host, then disk; all or none."""
+        exclude, reserved_disk = set(keys), 0
+        dev: list[int] = []
+        host: list[int] = []
+        try:
+            if self.persist:
+                reserved_disk = self._disk_reserve(len(keys), exclude)  # refused before anything changes
+            dev = self._make_room("device", len(keys), exclude)
+            if pin and len(dev) < len(keys):
+                raise TierFullError(
+                    f"cannot pin {len(keys)} new blocks: only {len(dev)} device slots free or evictable "
+                    f"(tiers.device = {self.device_pool.capacity_bytes} bytes, {self._pinned_count} blocks pinned)"
+                )
+            if len(dev) < len(keys):
+                host = self._make_room("host", len(keys) - len(dev), exclude)
+            rest = len(keys) - len(dev) - len(host)
+            if rest and not self.persist:
+                reserved_disk = self._disk_reserve(rest, exclude)
+        except TierFullError as error:
+            for slot in dev:
+                self.device_pool.unreserve(slot)
+            for slot in host:
+                self.host_pool.unreserve(slot)
+            self._disk_count -= reserved_disk
+            raise TierFullError(f"cannot insert {len(keys)} blocks: {error}") from None
+        for key in keys:
+            self._entries[key] = Entry()
+        # The newest blocks of the batch go highest: disk gets the oldest, the device the newest.
+        n, low = len(keys), len(keys) - len(dev) - len(host)
+        self._pool_write("device", keys[n - len(dev) :], dev, blocks, rows[n - len(dev) :])
+        self._pool_write("host", keys[low : n - len(dev)], host, blocks, rows[low : n - len(dev)])
+        if pin:
+            for key in keys:
+                self._entries[key].pinned = True
+            self._pinned_count += len(keys)
+        if low:  # only the disk has room: write them now, durably
+            try:
+                self._write_disk(keys[:low], blocks[rows[:low]], sync=True)
+            except BaseException:
+                for key in keys[:low]:
+                    self._forget(key)
+                raise
+        if self.persist and low < n:
+            self._write_disk(keys[low:], blocks[rows[low:]], sync=False)
+
+    # -- lookups --------------------------------------------------------------------------------
     def contains(self, key: BlockKey) -> bool:
-        raise NotImplementedError
+        with self._cond:
+            return key.digest in self._entries
 
     def where(self, key: BlockKey) -> frozenset[str]:
         """Names of the tiers holding the block (empty if unknown)."""
-        raise NotImplementedError
-
-    def gather(self, keys: Sequence[BlockKey], *, report: GatherReport | None = None) -> torch.Tensor:
-        """The blocks as one new tensor ``[n, 2, kv_heads, block_tokens, head_dim]`` on the device.
-
-        Blocks not on the device are promoted on demand (disk -> host -> device); blocks that a
-        concurrent :meth:`promote` (the prefetcher's threads) is moving are waited for, not
-        read twice. Raises ValueError if ``n`` exceeds :meth:`gather_capacity`. If ``report``
-        is given, its counters are increased.
-        """
-        raise NotImplementedError
+        with self._cond:
+            return self._where(key.digest)
 
     def gather_capacity(self) -> int:
         """Most blocks one :meth:`gather` can take (device slots not pinned)."""
-        raise NotImplementedError
+        with self._cond:
+            return self.device_pool.n_slots - self._pinned_count
 
     def read(self, key: BlockKey) -> torch.Tensor:
         """A CPU copy of the block, from whichever tier holds it (no promotion)."""
-        raise NotImplementedError
+        key = key.digest
+        with self._cond:
+            self._check_open()
+            entry = self._get(key)
+            self._cond.wait_for(lambda: not entry.busy)
+            entry = self._get(key)
+            if self.device_pool.contains(key):
+                self.copies.order_after([entry.event])
+                return self.device_pool.view(key).cpu().clone()
+            if self.host_pool.contains(key):
+                return self.host_pool.view(key).clone()
+            entry.busy = True  # the disk read runs without the lock; nobody may delete it meanwhile
+        try:
+            out = torch.empty(self.layout.shape, dtype=self.layout.dtype)
+            self._wait_disk_write(entry)
+            self._disk.get_into(BlockKey(key), out)
+            return out
+        finally:
+            with self._cond:
+                entry.busy = False
+                self._cond.notify_all()
 
-    def promote(self, keys: Sequence[BlockKey], to: str = "device") -> None:
-        """Bring blocks up to ``to`` ("host" or "device"); blocks already there are skipped.
-
-        Called from the prefetcher's worker threads: the disk read and the copy run without
-        holding the manager's lock, blocks being moved are marked in flight so :meth:`gather`
-        waits for them. On CUDA the host -> device copy runs on the manager's copy stream and
-        :meth:`gather` orders on its event. If the device has no unpinned room the block stops
-        at host (prefetch is best effort; never raises for lack of room)."""
-        raise NotImplementedError
-
+    # -- moving down, pinning, deleting ---------------------------------------------------------
     def demote(self, keys: Sequence[BlockKey], to: str = "host") -> None:
-        """Move blocks down to ``to`` ("host" or "disk"), dropping the copies above it."""
-        raise NotImplementedError
+        """Move blocks down to ``to`` ("host" or "disk"), dropping the copies above it.
+
+        Pinned blocks, and blocks a gather holds, stay where they are. Raises TierFullError
+        (nothing dropped) when ``to`` has no room for them."""
+        if to not in ("host", "disk"):
+            raise ValueError(f"demote: to = {to!r} must be 'host' or 'disk'")
+        keys = [key.digest for key in keys]
+        with self._cond:
+            self._check_open()
+            entries = self._entries_of(keys)
+            if any(entry.busy for entry in entries.values()):
+                self._cond.wait_for(lambda: not any(entry.busy for entry in entries.values()))
+            alive = self._entries
+            todo = [key for key, entry in entries.items() if not entry.pinned and not entry.holds and key in alive]
+            exclude = set(todo)
+            if to == "host":
+                on_device, on_host = self.device_pool.slot_map, self.host_pool.slot_map
+                drops = [key for key in todo if key in on_device and key in on_host]
+                movers = [key for key in todo if key in on_device and key not in on_host]
+                self._drop_many("device", drops)
+                moved = self._move_down("device", movers, exclude, count=False) if movers else []
+                if len(moved) < len(movers):
+                    raise TierFullError(f"demote: no room in host or disk for {len(movers) - len(moved)} of {len(movers)} blocks")
+                return
+            writes = [key for key in todo if not self._safe_on_disk(entries[key], key)]
+            if writes:
+                self._disk_reserve(len(writes), exclude)
+                data = torch.stack([self._cpu_copy(key) for key in writes])
+                self._write_disk(writes, data, sync=True)
+            for key in todo:
+                for tier in ("device", "host"):
+                    if self._pool(tier).contains(key):
+                        self._drop(tier, key)
+
+    def _entries_of(self, keys: Sequence[Digest]) -> dict[Digest, Entry]:
+        """The entries of the distinct ``keys`` (lock held); BlockNotFoundError for an unknown one."""
+        get = self._entries.get
+        entries = {key: get(key) for key in keys}
+        if None in entries.values():
+            self._get(next(key for key, entry in entries.items() if entry is None))
+        return entries  # type: ignore[return-value]
+
+    def _cpu_copy(self, key: Digest) -> torch.Tensor:
+        """A CPU copy from the device or host pool (lock held)."""
+        if self.device_pool.contains(key):
+            self.copies.order_after([self._entries[key].event])
+            return self.device_pool.view(key).to("cpu", copy=True)
+        return self.host_pool.view(key).clone()
 
     def pin(self, keys: Sequence[BlockKey]) -> None:
-        raise NotImplementedError
+        """Bring blocks to the device and keep them there until :meth:`unpin`. Raises
+        TierFullError (nothing pinned) when the device has no unpinned room for them."""
+        self._pin([key.digest for key in keys])
+
+    def _pin(self, keys: list[Digest]) -> None:
+        unique = list(dict.fromkeys(keys))
+        with self._cond:
+            self._check_open()
+            entries = [self._get(key) for key in unique]
+            for entry in entries:
+                entry.holds += 1
+        try:
+            self._fetch(unique, entries)
+            with self._cond:
+                absent = [key for key in unique if not self.device_pool.contains(key)]
+                if absent:
+                    raise TierFullError(f"cannot pin {len(absent)} blocks: no unpinned device room ({self._pinned_count} blocks pinned)")
+                for entry in entries:
+                    if not entry.pinned:
+                        entry.pinned = True
+                        self._pinned_count += 1
+        finally:
+            with self._cond:
+                for entry in entries:
+                    entry.holds -= 1
 
     def unpin(self, keys: Sequence[BlockKey]) -> None:
-        raise NotImplementedError
+        """Let blocks be evicted again; unknown or unpinned keys are ignored."""
+        self._unpin([key.digest for key in keys])
+
+    def _unpin(self, keys: list[Digest]) -> None:
+        with self._cond:
+            for key in dict.fromkeys(keys):
+                entry = self._entries.get(key)
+                if entry is not None and entry.pinned:
+                    entry.pinned = False
+                    self._pinned_count -= 1
 
     def note_scores(self, keys: Sequence[BlockKey], scores: torch.Tensor) -> None:
         """Recent attention scores of blocks, for the score-aware eviction policy."""
-        raise NotImplementedError
+        values = torch.as_tensor(scores).detach().reshape(-1).float().cpu().tolist()
+        if len(values) != len(keys):
+            raise ValueError(f"note_scores: {len(keys)} keys but {len(values)} scores")
+        with self._cond:
+            self.policy.note_scores([key.digest for key in keys], values)
+
+    def retain(self, keys: Sequence[BlockKey]) -> None:
+        """Count a live sequence's reference to each block (duplicates count twice): referenced
+        blocks are never evicted from disk by the disk budget."""
+        with self._cond:
+            entries = [self._get(key.digest) for key in keys]
+            for entry in entries:
+                entry.refs += 1
+
+    def release(self, keys: Sequence[BlockKey]) -> None:
+        """Drop references taken by :meth:`retain`. Without ``store.persist`` the disk is a spill
+        tier only: a block whose last reference goes loses its disk copy (and is forgotten
+        if that was its only copy)."""
+        counts = Counter(key.digest for key in keys)
+        with self._cond:
+            entries = [(key, self._get(key), n) for key, n in counts.items()]
+            for key, entry, n in entries:
+                if entry.refs < n:
+                    raise ValueError(f"release: block {key.hex()} is retained {entry.refs} times, released {n}")
+            drop = []
+            for key, entry, n in entries:
+                entry.refs -= n
+                if entry.refs == 0 and not self.persist and entry.on_disk:
+                    drop.append(key)
+            if drop:
+                self._cond.wait_for(lambda: not any(self._entries[key].busy for key in drop if key in self._entries))
+                drop = [key for key in dict.fromkeys(drop) if key in self._entries and self._entries[key].refs == 0]
+                self._delete_disk_copies(drop)
+
+    def _delete_disk_copies(self, keys: list[Digest]) -> None:
+        keys = [key for key in keys if self._entries[key].on_disk]
+        if not keys:
+            return
+        self._disk.delete_many([BlockKey(key) for key in keys])  # type: ignore[union-attr]
+        self._disk_count -= len(keys)
+        for key in keys:
+            entry = self._entries[key]
+            entry.on_disk, entry.disk_pending = False, None
+            self._recent["disk"].pop(key, None)
+            if not self._where(key):
+                self._forget(key)
 
     def delete(self, keys: Sequence[BlockKey]) -> None:
-        raise NotImplementedError
+        """Remove blocks from every tier; unknown keys are ignored. Waits for moves of them."""
+        with self._cond:
+            self._check_open()
+            unique = [key for key in dict.fromkeys(key.digest for key in keys) if key in self._entries]
+            self._cond.wait_for(lambda: not any(self._entries[k].busy or self._entries[k].holds for k in unique if k in self._entries))
+            unique = [key for key in unique if key in self._entries]
+            for key in unique:
+                for tier in ("device", "host"):
+                    if self._pool(tier).contains(key):
+                        self._drop(tier, key)
+            self._delete_disk_copies(unique)
+            for key in unique:
+                self._forget(key)
 
     def flush(self) -> None:
-        """Wait until every write-through to disk is committed."""
-        raise NotImplementedError
+        """Wait until every write-through to disk is committed (raises the first failure)."""
+        self._flush_pending()
+        if self._disk is not None:
+            self._disk.flush()
 
     def stats(self) -> ManagerStats:
-        raise NotImplementedError
+        with self._cond:
+            usage = {
+                "device": TierUsage(self.device_pool.used_bytes(), self.device_pool.capacity_bytes, len(self.device_pool)),
+                "host": TierUsage(self.host_pool.used_bytes(), self.host_pool.capacity_bytes, len(self.host_pool)),
+                "disk": TierUsage(self._disk_count * self.layout.record_nbytes, self.disk_capacity, self._disk_count),
+            }
+            return ManagerStats(usage, dict(self.moved), dict(self.evictions), len(self._entries))
 
     def close(self) -> None:
         """Flush, stop background threads, close the store. Idempotent."""
-        raise NotImplementedError
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            self._flush_pending()
+        finally:
+            if self._disk is not None:
+                self._disk.close()
+            self.device_pool.close()
+            self.host_pool.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TierError("the tier manager is closed")
 
     def __enter__(self) -> TierManager:
         return self

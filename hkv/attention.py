@@ -1,0 +1,111 @@
+"""Attention over KV that arrives in pieces, merged exactly with log-sum-exp.
+
+Flash-decoding style: for queries ``[Hq, S, D]`` the accumulator keeps, per query head and
+query, the running max logit ``m``, the running sum of ``exp(logit - m)`` and the running
+``exp``-weighted sum of values, all in fp32. Each piece of keys/values (a wave of gathered
+blocks, the local window, the unsealed tail) updates them; :meth:`AttentionAccumulator.result`
+divides. The merge is exact (up to fp32 rounding), so reading the KV in any number of pieces
+reproduces one softmax over all of it. Results depend only on the pieces and their order, never
+on timing.
+
+GQA: query head ``h`` reads KV head ``h // (Hq // Hkv)`` (transformers' ``repeat_kv``).
+
+The per-sequence, per-layer driver that picks blocks, gathers them from the tiers and feeds
+this accumulator is :class:`hkv.sequence.SequenceKV` (importable from here too).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+PIECE_SCORE_ELEMENTS = 1 << 24  # fp32 logits built at once per piece (64 MiB); pieces are cut to fit
+PIECE_KV_ELEMENTS = 1 << 24  # key + value elements gathered at once per piece (32 MiB in fp16)
+
+
+class AttentionAccumulator:
+    """Softmax attention of fixed queries over KV given in pieces.
+
+    ``query``: ``[Hq, S, D]``; ``scaling``: the logit scale (usually ``D ** -0.5``);
+    ``kv_heads``: ``Hkv``, which must divide ``Hq``.
+    """
+
+    def __init__(self, query: torch.Tensor, scaling: float, kv_heads: int) -> None:
+        q_heads, s, d = query.shape
+        if q_heads % kv_heads:
+            raise ValueError(f"query heads ({q_heads}) must be a multiple of kv heads ({kv_heads})")
+        self.shape = (q_heads, s, d)
+        self.dtype = query.dtype
+        self.kv_heads = kv_heads
+        self.group = q_heads // kv_heads
+        # [Hkv, group * S, D], rows ordered (group member, query)
+        self.q = (query.to(torch.float32) * scaling).reshape(kv_heads, self.group * s, d)
+        rows = self.group * s
+        self.m = torch.full((kv_heads, rows), float("-inf"), device=query.device)
+        self.l = torch.zeros(kv_heads, rows, device=query.device)
+        self.acc = torch.zeros(kv_heads, rows, d, device=query.device)
+
+    def add(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """One piece: ``keys``, ``values`` ``[Hkv, N, D]`` (any float dtype); ``mask`` ``[S, N]``
+        bool, True where query ``s`` may read key ``n`` (None: all)."""
+        n = keys.shape[1]
+        if n == 0:
+            return
+        logits = torch.bmm(self.q, keys.to(self.q.device, torch.float32).transpose(1, 2))  # [Hkv, g*S, N]
+        if mask is not None:
+            keep = mask.to(self.q.device).repeat(self.group, 1)  # [g*S, N]
+            logits.masked_fill_(~keep, float("-inf"))
+        m_new = torch.maximum(self.m, logits.amax(dim=2))
+        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # rows with nothing visible yet
+        probs = torch.exp(logits.sub_(m_safe.unsqueeze(2)))
+        correction = torch.exp(self.m - m_safe)
+        self.l = self.l * correction + probs.sum(dim=2)
+        self.acc = torch.baddbmm(self.acc * correction.unsqueeze(2), probs, values.to(self.q.device, torch.float32))
+        self.m = m_new
+
+    def result(self) -> torch.Tensor:
+        """``[Hq, S, D]`` in the query's dtype (rows that saw no key are zero)."""
+        out = self.acc / self.l.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(2)
+        return out.reshape(self.shape).to(self.dtype)
+
+
+def causal_mask(query_start: int, queries: int, key_start: int, keys: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """``[queries, keys]`` bool: query at position ``query_start + i`` reads key at position
+    ``key_start + j`` iff ``key_start + j <= query_start + i``; None when every key is visible."""
+    if key_start + keys - 1 <= query_start:
+        return None
+    q_pos = torch.arange(query_start, query_start + queries, device=device).unsqueeze(1)
+    k_pos = torch.arange(key_start, key_start + keys, device=device).unsqueeze(0)
+    return k_pos <= q_pos
+
+
+def attend_causal(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float, *, chunk: int = 1024) -> torch.Tensor:
+    """Reference-style causal attention of the ``S`` newest positions over ``N >= S`` keys,
+    chunked over queries and keys (never an ``S x N`` matrix for long inputs).
+
+    ``query`` ``[Hq, S, D]``, ``keys``/``values`` ``[Hkv, N, D]``; returns ``[Hq, S, D]``.
+    """
+    q_heads, s, _ = query.shape
+    kv_heads, n, _ = keys.shape
+    out = []
+    for q0 in range(0, s, chunk):
+        q = query[:, q0 : q0 + chunk]
+        acc = AttentionAccumulator(q, scaling, kv_heads)
+        q_pos = n - s + q0
+        visible = q_pos + q.shape[1]
+        step = max(1, PIECE_SCORE_ELEMENTS // (q_heads * q.shape[1]))
+        for k0 in range(0, visible, step):
+            k1 = min(visible, k0 + step)
+            acc.add(keys[:, k0:k1], values[:, k0:k1], causal_mask(q_pos, q.shape[1], k0, k1 - k0, keys.device))
+        out.append(acc.result())
+    return torch.cat(out, dim=1)
+
+
+def __getattr__(name: str) -> Any:
+    # SequenceKV lives in hkv.sequence (which imports this module); re-exported lazily.
+    if name in ("SequenceKV", "SequenceStats", "StepStats"):
+        from . import sequence
+
+        return getattr(sequence, name)
+    raise AttributeError(f"module 'hkv.attention' has no attribute {name!r}")

@@ -1,0 +1,242 @@
+"""The runtime: a wrapped model with its tier manager, prefetcher and per-sequence caches.
+
+``rt = hkv.wrap(model, config)`` checks that hkv can serve the model (refusing it otherwise,
+before changing anything), builds the :class:`~hkv.tiers.manager.TierManager` for the model's
+block layout and the :class:`~hkv.prefetch.prefetcher.Prefetcher`, and routes the model's
+attention to hkv (:class:`~hkv.integrations.transformers.ModelHooks`). Each generation gets its
+own :class:`~hkv.integrations.transformers.HkvCache` over a :class:`~hkv.sequence.SequenceKV`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..blocks import BlockLayout
+from ..config import Config
+from .model import ModelSpec, model_fingerprint, storage_dtype
+from .transformers import HkvCache, ModelHooks, check_padding
+
+
+@dataclass(slots=True)
+class RuntimeStats:
+    """What :meth:`Runtime.stats` reports. Bytes are payload bytes, times seconds."""
+
+    tiers: dict[str, dict[str, int]]  # name -> used_bytes, capacity_bytes, blocks
+    device_peak_bytes: int  # most device-tier bytes seen after any forward of this runtime
+    moved_bytes: dict[str, int]
+    evictions: dict[str, int]
+    prefetch: Any  # the SequenceKV stats of the current / last sequence (None before the first)
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_s: float = 0.0
+    generate_s: float = 0.0
+    forwards: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Runtime:
+    """A wrapped model: the tier manager, the prefetcher and the hooks that route attention to hkv.
+
+    Create with :func:`wrap`. Use as a context manager or call :meth:`close`, which restores the
+    model's original attention implementation.
+    """
+
+    def __init__(self, model: torch.nn.Module, config: Config | None = None, *, device: torch.device | str | None = None) -> None:
+        from ..prefetch.prefetcher import Prefetcher
+        from ..tiers.manager import TierManager
+
+        self.spec = ModelSpec.of(model)  # refusals happen here, before anything changes
+        self.model = model
+        self.config = config if config is not None else Config()
+        self.dtype = storage_dtype(self.config, self.spec.dtype)
+        self.fingerprint = model_fingerprint(model, dtype=self.dtype)
+        self.layout = BlockLayout(self.spec.num_kv_heads, self.config.attention.block_tokens, self.spec.head_dim, self.dtype)
+        if device is None and self.config.tiers.accelerator == "auto":
+            device = self.spec.device
+        self.manager = TierManager(self.config, self.layout, device=device)
+        self.prefetcher = None
+        self._hooks: ModelHooks | None = None
+        self._caches: list[HkvCache] = []
+        self._last_sequence_stats: Any = None
+        self._closed = False
+        self._device_peak = 0
+        self._counters = {"prompt_tokens": 0, "generated_tokens": 0, "prefill_s": 0.0, "generate_s": 0.0, "forwards": 0}
+        try:
+            if self.config.prefetch.enabled:
+                self.prefetcher = Prefetcher(self.manager, workers=self.config.prefetch.workers)
+            self._hooks = ModelHooks(model, self, after_forward=self._after_forward)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- caches --------------------------------------------------------------------------------
+
+    def new_cache(self) -> HkvCache:
+        """A fresh, empty cache for one sequence; use with ``model.generate(ids, cache=cache)``."""
+        from ..attention import SequenceKV
+
+        self._check_open()
+        spec = self.spec
+        sequence = SequenceKV(
+            self.manager,
+            self.config,
+            num_layers=spec.num_layers,
+            num_kv_heads=spec.num_kv_heads,
+            num_q_heads=spec.num_q_heads,
+            head_dim=spec.head_dim,
+            dtype=self.dtype,
+            fingerprint=self.fingerprint,
+            prefetcher=self.prefetcher,
+        )
+        cache = HkvCache(self, sequence)
+        self._caches.append(cache)
+        return cache
+
+    def _retire(self, cache: HkvCache) -> None:
+        self._last_sequence_stats = cache.sequence.stats()
+        if cache in self._caches:
+            self._caches.remove(cache)
+
+    # -- generation ----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: torch.Tensor, cache: HkvCache, *, progress: bool = False) -> None:
+        """Run ``input_ids`` ``[1, S]`` through the model into ``cache`` in chunks of
+        ``attention.prefill_chunk_tokens`` (only the last position's logits are computed)."""
+        input_ids = _as_batch_one(input_ids)
+        chunk = self.config.attention.prefill_chunk_tokens
+        total = input_ids.shape[1]
+        keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters else {}
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, unit="tok", desc="hkv prefill")
+        start = time.perf_counter()
+        try:
+            for begin in range(0, total, chunk):
+                piece = input_ids[:, begin : begin + chunk].to(self.spec.device)
+                self.model(input_ids=piece, cache=cache, use_cache=True, **keep)
+                if bar is not None:
+                    bar.update(piece.shape[1])
+        finally:
+            if bar is not None:
+                bar.close()
+            self._counters["prefill_s"] += time.perf_counter() - start
+            self._counters["prompt_tokens"] += total
+
+    def generate(self, input_ids: torch.Tensor, *, progress: bool | None = None, **generate_kwargs: Any) -> Any:
+        """Like ``model.generate(input_ids, **generate_kwargs)`` with the KV in hkv.
+
+        The prompt but its last token is prefilled in chunks (``progress``: a tqdm bar; default
+        on for prompts longer than 8 chunks), then the model's own ``generate`` continues with
+        the filled cache. Batch size 1; ``attention_mask`` may be given but must be all ones.
+        Returns what ``generate`` returns (by default ``[1, S + new]`` token ids).
+        """
+        self._check_open()
+        if "cache" in generate_kwargs or "past_key_values" in generate_kwargs:
+            raise ValueError("rt.generate makes its own cache; use model.generate(..., cache=rt.new_cache()) to pass one")
+        input_ids = _as_batch_one(input_ids)
+        mask = generate_kwargs.get("attention_mask")
+        if mask is not None:
+            check_padding(mask)
+        if progress is None:
+            progress = input_ids.shape[1] > 8 * self.config.attention.prefill_chunk_tokens
+        cache = self.new_cache()
+        try:
+            if input_ids.shape[1] > 1:
+                self.prefill(input_ids[:, :-1], cache, progress=progress)
+            start = time.perf_counter()
+            generate_kwargs.setdefault("attention_mask", torch.ones_like(input_ids))
+            with torch.inference_mode():
+                out = self.model.generate(input_ids.to(self.spec.device), cache=cache, **generate_kwargs)
+            self._counters["generate_s"] += time.perf_counter() - start
+            sequences = out if isinstance(out, torch.Tensor) else out.sequences
+            self._counters["generated_tokens"] += sequences.shape[1] - input_ids.shape[1]
+            return out
+        finally:
+            cache.close()
+
+    def _after_forward(self) -> None:
+        self._counters["forwards"] += 1
+        self._device_peak = max(self._device_peak, self.manager.stats().tiers["device"].used_bytes)
+
+    # -- stats and lifetime ----------------------------------------------------------------------
+
+    def stats(self) -> RuntimeStats:
+        """Tier usage, bytes moved, the current (or last) sequence's prefetch stats, token counts."""
+        self._check_open()
+        snapshot = self.manager.stats()
+        tiers = {
+            name: {"used_bytes": u.used_bytes, "capacity_bytes": u.capacity_bytes, "blocks": u.blocks}
+            for name, u in snapshot.tiers.items()
+        }
+        self._device_peak = max(self._device_peak, tiers["device"]["used_bytes"])
+        sequence_stats = self._caches[-1].sequence.stats() if self._caches else self._last_sequence_stats
+        return RuntimeStats(
+            tiers=tiers,
+            device_peak_bytes=self._device_peak,
+            moved_bytes=dict(snapshot.moved_bytes),
+            evictions=dict(snapshot.evictions),
+            prefetch=sequence_stats,
+            **self._counters,
+        )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this hkv Runtime is closed")
+
+    def close(self) -> None:
+        """Close open caches, stop the prefetcher, close the tiers, restore the model. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for cache in list(getattr(self, "_caches", [])):
+            cache.close()
+        if self._hooks is not None:
+            self._hooks.remove()
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+        manager = getattr(self, "manager", None)
+        if manager is not None:
+            manager.close()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        s = self.spec
+        return (
+            f"Runtime({type(self.model).__name__}, {s.num_layers} layers, {s.num_q_heads}/{s.num_kv_heads} heads x "
+            f"{s.head_dim}, mode={self.config.attention.mode}, {'closed' if self._closed else 'open'})"
+        )
+
+
+def wrap(model: torch.nn.Module, config: Config | dict | str | None = None, *, device: torch.device | str | None = None) -> Runtime:
+    """Serve ``model`` (a transformers causal LM) with hkv; refuses models it cannot serve.
+
+    ``config``: a :class:`~hkv.config.Config`, a dict or a TOML path (defaults otherwise).
+    """
+    if config is not None and not isinstance(config, Config):
+        config = Config.load(config)
+    return Runtime(model, config, device=device)
+
+
+def _as_batch_one(input_ids: torch.Tensor) -> torch.Tensor:
+    if not isinstance(input_ids, torch.Tensor):
+        input_ids = torch.as_tensor(input_ids)
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"hkv serves batch size 1, got input_ids of shape {tuple(input_ids.shape)} (batch size {input_ids.shape[0]})")
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids is empty")
+    return input_ids

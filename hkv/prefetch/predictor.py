@@ -1,0 +1,147 @@
+"""Block summaries and query-aware block selection (Quest).
+
+Per sealed block and KV head the elementwise min and max of the block's keys form its summary.
+The upper bound of a query ``q``'s logit on any key of the block is
+``sum_d max(q_d * kmin_d, q_d * kmax_d) = relu(q) . kmax + min(q, 0) . kmin`` -- two batched
+matmuls over all blocks at once, no Python loop per block.
+
+Scores: per KV head the max over the query heads of its GQA group and over the queries of the
+chunk (in pieces, so a 1024-query prefill chunk never builds more than ``_SCORE_ELEMENTS``
+floats), then, after subtracting each head's best score (``normalize``), the max over KV heads:
+one score per block. The top-k blocks by score are attended; sink and local blocks are always
+included and never scored.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+_SCORE_ELEMENTS = 1 << 22  # fp32 scores built at once while scoring a chunk (16 MiB)
+
+
+class BlockSummaries:
+    """Min/max key summaries of every sealed block, per layer, on the device.
+
+    ``summary(layer)``: ``[2, kv_heads, head_dim, n_blocks]`` fp32 (index 0 min, 1 max), blocks
+    last so scoring is a plain batched matmul on a view, without a copy. Storage grows
+    geometrically (doubling), so appending a block is amortised O(1) and nothing is
+    re-concatenated per step. Costs ``2 * 4 / (block_tokens * itemsize)`` of the KV's bytes
+    (fp32, for exact scoring); lives outside the device tier's budget.
+    """
+
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, device: torch.device, initial_blocks: int = 64) -> None:
+        self.kv_heads = kv_heads
+        self.head_dim = head_dim
+        self.device = torch.device(device)
+        self._buffers = [torch.empty(2, kv_heads, head_dim, initial_blocks, device=self.device) for _ in range(num_layers)]
+        self._counts = [0] * num_layers
+
+    def count(self, layer: int) -> int:
+        return self._counts[layer]
+
+    def summary(self, layer: int) -> torch.Tensor:
+        """``[2, kv_heads, head_dim, n_blocks]`` fp32 view (min, max)."""
+        return self._buffers[layer][..., : self._counts[layer]]
+
+    def add(self, layer: int, block_keys: torch.Tensor) -> None:
+        """Summarise new blocks; ``block_keys``: ``[n, kv_heads, block_tokens, head_dim]``."""
+        n = block_keys.shape[0]
+        if n == 0:
+            return
+        count = self._counts[layer]
+        buffer = self._buffers[layer]
+        if count + n > buffer.shape[3]:
+            grown = torch.empty(*buffer.shape[:3], max(2 * buffer.shape[3], count + n), device=self.device)
+            grown[..., :count] = buffer[..., :count]
+            self._buffers[layer] = buffer = grown
+        keys = block_keys.to(device=self.device, dtype=torch.float32)
+        buffer[0, :, :, count : count + n] = keys.amin(dim=2).permute(1, 2, 0)
+        buffer[1, :, :, count : count + n] = keys.amax(dim=2).permute(1, 2, 0)
+        self._counts[layer] = count + n
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers)
+
+
+def block_scores(query: torch.Tensor, summary: torch.Tensor, *, normalize: bool = True, scaling: float | None = None) -> torch.Tensor:
+    """Quest upper-bound score of each block for ``query``; ``[n_blocks]`` fp32.
+
+    ``query``: ``[q_heads, S, head_dim]`` (any float dtype; GQA: query head ``h`` reads KV head
+    ``h // (q_heads // kv_heads)``). ``summary``: ``[2, kv_heads, head_dim, n_blocks]``.
+    Per KV head: max over the group's query heads and the ``S`` queries. ``normalize`` turns
+    each KV head's bounds into a log-softmax over the blocks (logits scaled by ``scaling``,
+    default ``head_dim ** -0.5``): roughly the log of the attention share a block can take in
+    that head, so a head whose logits are large but flat does not claim every slot while a head
+    with one dominant block does get it.
+    """
+    _, kv_heads, dim, n = summary.shape
+    q_heads, s, _ = query.shape
+    if n == 0:
+        return torch.empty(0, device=summary.device)
+    q = query.to(device=summary.device, dtype=torch.float32).reshape(kv_heads, (q_heads // kv_heads) * s, dim)
+    kmin, kmax = summary[0], summary[1]  # [kv_heads, D, n] views
+    rows = max(1, _SCORE_ELEMENTS // (kv_heads * n))
+    best = None
+    for start in range(0, q.shape[1], rows):
+        piece = q[:, start : start + rows]
+        bound = torch.bmm(piece.clamp(min=0), kmax).add_(torch.bmm(piece.clamp(max=0), kmin))  # [kv_heads, r, n]
+        piece_best = bound.amax(dim=1)
+        best = piece_best if best is None else torch.maximum(best, piece_best)
+    if normalize:
+        best = best * (dim**-0.5 if scaling is None else scaling)
+        best = best - torch.logsumexp(best, dim=1, keepdim=True)
+    return best.amax(dim=0)
+
+
+@dataclass(slots=True)
+class Selection:
+    """Which past blocks one query chunk of one layer reads, and what to prefetch next.
+
+    ``blocks``: sorted block indices to attend (sink + top-k + local), ``LongTensor`` on CPU.
+    ``predicted``: indices of the top ``k + margin`` scored candidates, best first (no sink or
+    local blocks: those are pinned on the device); what the prefetcher brings for the next step.
+    ``scores``: the selected candidates' scores, aligned with ``scored`` (their indices).
+    """
+
+    blocks: torch.Tensor
+    predicted: torch.Tensor
+    scored: torch.Tensor
+    scores: torch.Tensor
+
+
+def select_blocks(
+    query: torch.Tensor,
+    summary: torch.Tensor,
+    *,
+    past_blocks: int,
+    sink_blocks: int,
+    local_blocks: int,
+    topk: int | None,
+    margin: float = 0.0,
+    normalize: bool = True,
+    scaling: float | None = None,
+) -> Selection:
+    """Choose among the ``past_blocks`` oldest sealed blocks of a layer.
+
+    The first ``sink_blocks`` and the last ``local_blocks`` of the past are always read; of the
+    candidates between them the ``topk`` best by :func:`block_scores` (``topk=None``: exact mode,
+    every block, no scoring). ``margin``: extra candidates predicted for prefetch, as a fraction
+    of ``topk``. ``normalize``, ``scaling``: see :func:`block_scores`.
+    """
+    every = torch.arange(past_blocks)
+    low = min(sink_blocks, past_blocks)
+    high = max(low, past_blocks - local_blocks)
+    candidates = high - low
+    empty = torch.empty(0, dtype=torch.long)
+    if topk is None or candidates <= topk:  # every block is read: nothing to score
+        return Selection(every, every[low:high], empty, torch.empty(0))
+    scores = block_scores(query, summary[..., low:high], normalize=normalize, scaling=scaling)
+    want = min(candidates, topk + math.ceil(margin * topk))
+    order = torch.topk(scores, want, sorted=True).indices.cpu()  # best first
+    chosen = order[: min(topk, candidates)]
+    chosen_sorted = torch.sort(chosen).values + low
+    blocks = torch.cat([every[:low], chosen_sorted, every[high:]])
+    return Selection(blocks, order + low, chosen + low, scores[chosen.to(scores.device)].cpu())

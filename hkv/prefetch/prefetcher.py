@@ -1,0 +1,185 @@
+"""The asynchronous prefetcher: moves predicted blocks up to the device on worker threads.
+
+After layer ``l`` of decode step ``t`` has chosen its blocks, :class:`~hkv.sequence.SequenceKV`
+submits the blocks it predicts layer ``l`` reads at step ``t + 1`` (the current query's top-k
+plus a margin). Workers call :meth:`TierManager.promote` (disk -> host -> device; on CUDA the
+host -> device copy runs on the manager's copy stream), while the main thread computes layers
+``l + 1 ...``. When step ``t + 1`` reaches layer ``l``, :meth:`TierManager.gather` waits for
+blocks still in flight and fetches misses on demand, so results never depend on timing.
+
+One prefetcher may serve several sequences (the runtime owns it); it owns its thread pool and
+:meth:`close` joins it. Promotion is best effort: a failed promote is counted, never raised into
+the model's forward.
+
+Why not predict layer ``l + 1`` from layer ``l`` (InfiniGen)? The same-layer, next-step
+prediction starts a whole decode step (all other layers' compute) before the blocks are needed;
+a next-layer prediction has one layer's compute as lead time, and needs the next layer's query,
+which SequenceKV never sees (it would need the hidden state and a partial ``W_q`` of layer
+``l + 1``, i.e. model-specific hooks). Consecutive decode queries of one layer are highly
+similar, so the same-layer prediction is both earlier and cheaper.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from ..blocks import BlockKey
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class PrefetcherStats:
+    """Totals over the prefetcher's life (counts of blocks and jobs)."""
+
+    submitted_blocks: int = 0
+    jobs: int = 0
+    cancelled_jobs: int = 0
+    failed_jobs: int = 0
+
+
+@dataclass(slots=True)
+class StepStats:
+    """Prefetch and movement figures of one decode step / prefill forward (block counts, bytes, seconds).
+
+    ``predicted``: blocks the prefetcher was asked for, for this step. ``needed``: past blocks
+    read that are not pinned. ``hit``: needed blocks that were predicted and already on the device
+    when read. ``late``: blocks a prefetch was still moving (gather waited). ``missed``: blocks
+    fetched on demand. ``resident`` / ``waited`` / ``fetched`` / ``stall_s`` are the manager's
+    :class:`~hkv.tiers.manager.GatherReport` over every gathered block (sink and local included).
+    """
+
+    step: int = 0
+    predicted: int = 0
+    needed: int = 0
+    hit: int = 0
+    late: int = 0
+    missed: int = 0
+    resident: int = 0
+    waited: int = 0
+    fetched: int = 0
+    stall_s: float = 0.0
+    attend_s: float = 0.0
+    moved_bytes: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class SequenceStats(StepStats):
+    """Totals over the sequence's steps (``step`` = number of steps), plus the last step."""
+
+    tokens: int = 0
+    blocks: int = 0  # sealed blocks over all layers
+    last: StepStats | None = None
+
+    @property
+    def hit_rate(self) -> float | None:
+        return self.hit / self.predicted if self.predicted else None
+
+
+COUNTERS = (  # the StepStats fields summed over steps
+    "predicted", "needed", "hit", "late", "missed", "resident", "waited", "fetched", "stall_s", "attend_s")
+
+
+class PrefetchTicket:
+    """One submission: the keys asked for and the futures moving them."""
+
+    __slots__ = ("keys", "_futures")
+
+    def __init__(self, keys: Sequence[BlockKey], futures: list[Future]) -> None:
+        self.keys = list(keys)
+        self._futures = futures
+
+    def done(self) -> bool:
+        """True once every worker job of this ticket has finished (or was cancelled)."""
+        return all(f.done() for f in self._futures)
+
+    def pending_keys(self) -> set[BlockKey]:
+        """Keys whose job has not finished yet (in flight or queued)."""
+        pending: set[BlockKey] = set()
+        for future in self._futures:
+            if not future.done():
+                pending.update(future.hkv_keys)  # type: ignore[attr-defined]
+        return pending
+
+    def cancel(self) -> int:
+        """Cancel the jobs not started yet; returns how many were cancelled."""
+        return sum(1 for f in self._futures if f.cancel())
+
+    def wait(self, timeout: float | None = None) -> None:
+        for future in self._futures:
+            try:
+                future.result(timeout)
+            except Exception:  # noqa: BLE001 -- counted by the job itself; prefetch is best effort
+                pass
+
+
+class Prefetcher:
+    """Promotes blocks to the device tier on ``workers`` threads.
+
+    ``manager``: a :class:`~hkv.tiers.manager.TierManager` (its ``promote`` is thread-safe).
+    """
+
+    def __init__(self, manager, workers: int = 2, *, job_blocks: int = 16) -> None:
+        if workers < 1:
+            raise ValueError(f"workers = {workers}: must be at least 1")
+        self.manager = manager
+        self.workers = workers
+        self.job_blocks = job_blocks  # blocks per promote call: small jobs spread over workers
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hkv-prefetch")
+        self._lock = threading.Lock()
+        self._stats = PrefetcherStats()
+        self._closed = False
+
+    def submit(self, layer: int, keys: Sequence[BlockKey], to: str = "device") -> PrefetchTicket:
+        """Start promoting ``keys`` (best first) to ``to``; returns at once.
+
+        ``layer`` is informational (logs); the caller keeps the ticket to cancel stale work and
+        to tell hits from late blocks."""
+        if self._closed:
+            raise RuntimeError("this Prefetcher is closed")
+        futures: list[Future] = []
+        size = max(1, min(self.job_blocks, -(-len(keys) // self.workers)))
+        for start in range(0, len(keys), size):
+            part = list(keys[start : start + size])
+            future = self._pool.submit(self._promote, layer, part, to)
+            future.hkv_keys = part  # type: ignore[attr-defined]
+            futures.append(future)
+        with self._lock:
+            self._stats.submitted_blocks += len(keys)
+            self._stats.jobs += len(futures)
+        return PrefetchTicket(keys, futures)
+
+    def cancel(self, ticket: PrefetchTicket | None) -> None:
+        if ticket is not None:
+            cancelled = ticket.cancel()
+            if cancelled:
+                with self._lock:
+                    self._stats.cancelled_jobs += cancelled
+
+    def _promote(self, layer: int, keys: list[BlockKey], to: str) -> None:
+        try:
+            self.manager.promote(keys, to)
+        except Exception:  # noqa: BLE001 -- prefetch is best effort; gather fetches on demand
+            log.debug("prefetch of %d blocks of layer %d failed", len(keys), layer, exc_info=True)
+            with self._lock:
+                self._stats.failed_jobs += 1
+
+    def stats(self) -> PrefetcherStats:
+        with self._lock:
+            return PrefetcherStats(**{name: getattr(self._stats, name) for name in PrefetcherStats.__slots__})
+
+    def close(self) -> None:
+        """Cancel queued jobs, wait for running ones, join the threads. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> Prefetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,380 @@
+"""The KV cache of one sequence (batch 1) over all layers, backed by the tier manager.
+
+Per layer, tokens live in three places:
+
+* **sealed blocks** (``block_tokens`` tokens each, ``[2, Hkv, block_tokens, D]``) in the
+  :class:`~hkv.tiers.manager.TierManager`; the first ``sink_tokens`` and the newest
+  ``local_tokens`` worth of blocks are pinned on the device (they count against its budget);
+* **block summaries** (min/max keys, :class:`~hkv.prefetch.predictor.BlockSummaries`) on the
+  device, outside the tier budget;
+* the **fresh window**: the KV of the last :meth:`SequenceKV.append` plus the unsealed tail
+  before it, from the last block boundary up to the newest token, on the device in the storage
+  dtype, outside the tier budget (it is at most one append's tokens plus ``block_tokens - 1``;
+  these are the activations the model just produced).
+
+:meth:`SequenceKV.attend` for queries of the ``S`` newest tokens: each query chunk
+(``attention.prefill_chunk_tokens``) reads the selected past blocks (all in exact mode; sink +
+top-k + local in sparse mode, where the local window is the ``local_tokens // block_tokens``
+blocks ending at the chunk's first query, so a decode step reads at most ``budget_tokens`` plus
+the unsealed tail, i.e. fewer than ``budget_tokens + block_tokens`` tokens), gathered from the manager in pieces of a size fixed by memory and
+in waves of at most ``gather_capacity()`` blocks, then the fresh window with a causal mask, all
+merged with log-sum-exp (:class:`~hkv.attention.AttentionAccumulator`). Piece boundaries
+never depend on the manager's state, so output is bitwise identical with prefetch on or off.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from dataclasses import fields
+
+import numpy as np
+import torch
+
+from .attention import PIECE_KV_ELEMENTS, PIECE_SCORE_ELEMENTS, AttentionAccumulator, causal_mask
+from .blocks import DTYPE_NAMES, BlockKey, chain_hash
+from .config import Config, ConfigError
+from .prefetch.predictor import BlockSummaries, select_blocks
+from .prefetch.prefetcher import COUNTERS, SequenceStats, StepStats
+from .tiers.manager import GatherReport
+
+
+class SequenceKV:
+    """KV of one sequence over ``num_layers`` layers; see the module docstring for where it lives.
+
+    Device memory: the pinned sink / local blocks count against ``tiers.device``; the block
+    summaries, the fresh window (unsealed tail included) and the transient pieces gathered for
+    one attention call do not (they are small and bounded: ``PIECE_*_ELEMENTS``).
+
+    ``dtype``: the model's KV dtype; the storage dtype is ``config.tiers.dtype`` ("auto" =
+    ``dtype``) and must match the manager's layout. ``fingerprint``: the model's identity,
+    part of every block key. ``prefetcher``: a shared :class:`~hkv.prefetch.prefetcher.Prefetcher`
+    or None (not closed here).
+    """
+
+    def __init__(self, manager, config: Config, *, num_layers: int, num_kv_heads: int, num_q_heads: int, head_dim: int,
+                 dtype: torch.dtype, fingerprint: bytes, prefetcher=None) -> None:
+        if num_q_heads % num_kv_heads:
+            raise ValueError(f"num_q_heads = {num_q_heads} must be a multiple of num_kv_heads = {num_kv_heads}")
+        a = config.attention
+        self.manager, self.config, self.prefetcher = manager, config, prefetcher
+        self.num_layers, self.kv_heads, self.q_heads, self.head_dim = num_layers, num_kv_heads, num_q_heads, head_dim
+        self.fingerprint = fingerprint
+        self.dtype = dtype if config.tiers.dtype == "auto" else DTYPE_NAMES[config.tiers.dtype]
+        self.device = torch.device(manager.device)
+        self.block_tokens = a.block_tokens
+        self.sink_blocks = a.sink_tokens // a.block_tokens
+        self.local_blocks = a.local_tokens // a.block_tokens
+        self.topk = None if a.mode == "exact" else (a.budget_tokens - a.sink_tokens - a.local_tokens) // a.block_tokens
+        self.chunk = a.prefill_chunk_tokens
+        self.margin = config.prefetch.margin
+        self.score_policy = config.tiers.policy == "score"
+        layout = manager.layout
+        if (layout.kv_heads, layout.block_tokens, layout.head_dim, layout.dtype) != (num_kv_heads, a.block_tokens, head_dim, self.dtype):
+            raise ValueError(
+                f"the manager's block layout ({layout.describe()}) does not match this sequence: {num_kv_heads} kv heads x "
+                f"{a.block_tokens} tokens x {head_dim} dims x {self.dtype} (tiers.dtype = {config.tiers.dtype!r})"
+            )
+        block_bytes = layout.nbytes
+        capacity = manager.stats().tiers["device"].capacity_bytes
+        pinned = num_layers * (self.sink_blocks + self.local_blocks)
+        if (pinned + 1) * block_bytes > capacity:
+            raise ConfigError(
+                f"tiers.device = {capacity} bytes cannot hold the pinned sink + local blocks of {num_layers} layers "
+                f"({pinned} blocks of {block_bytes} bytes) plus one block; raise tiers.device or lower "
+                f"attention.sink_tokens / attention.local_tokens"
+            )
+        self.summaries = BlockSummaries(num_layers, num_kv_heads, head_dim, self.device)
+        self._tokens = [0] * num_layers
+        self._keys: list[list[BlockKey]] = [[] for _ in range(num_layers)]
+        self._pinned: list[set[int]] = [set() for _ in range(num_layers)]
+        self._fresh: list[tuple[torch.Tensor, torch.Tensor, int] | None] = [None] * num_layers
+        self._ids = np.empty(1024, dtype="<i8")  # token ids noted so far
+        self._noted = 0
+        self._chains: list[bytes] = []
+        self._nonce: bytes | None = None  # set when blocks seal before any note_tokens: random chain
+        self._tickets: list = [None] * num_layers
+        self._share = 0  # prefetch blocks per layer this step
+        self._step: StepStats | None = None
+        self._moved_start: dict[str, int] = {}
+        self._totals = SequenceStats()
+        self.history: deque[StepStats] = deque(maxlen=1024)
+        self._closed = False
+
+    # -- token identity --------------------------------------------------------------------------
+
+    def note_tokens(self, token_ids: torch.Tensor) -> None:
+        """Record the 1-D ids of the tokens the next forward appends (block keys hash them)."""
+        ids = token_ids.detach().reshape(-1).cpu().numpy().astype("<i8", copy=False)
+        if self._nonce is not None:
+            return  # keys already follow the random chain; stay consistent
+        need = self._noted + len(ids)
+        if need > len(self._ids):
+            grown = np.empty(max(need, 2 * len(self._ids)), dtype="<i8")
+            grown[: self._noted] = self._ids[: self._noted]
+            self._ids = grown
+        self._ids[self._noted : need] = ids
+        self._noted = need
+
+    def _chain(self, block: int) -> bytes:
+        bt = self.block_tokens
+        while len(self._chains) <= block:
+            i = len(self._chains)
+            previous = self._chains[-1] if self._chains else None
+            if self._noted == 0 and self._nonce is None:
+                self._nonce = os.urandom(16)
+            if self._nonce is not None:
+                self._chains.append(chain_hash(previous or self._nonce, [i]))
+            elif self._noted >= (i + 1) * bt:
+                self._chains.append(chain_hash(previous or bytes(16), self._ids[i * bt : (i + 1) * bt]))
+            else:
+                raise ValueError(
+                    f"block {i} seals tokens up to {(i + 1) * bt} but note_tokens covered only {self._noted} tokens; "
+                    "call note_tokens(ids) before appending their KV"
+                )
+        return self._chains[block]
+
+    # -- append ----------------------------------------------------------------------------------
+
+    def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Append ``keys``, ``values`` ``[Hkv, S, D]`` (post-RoPE) of ``S`` new tokens to ``layer``.
+
+        Full blocks are sealed into the manager (sink / local blocks pinned), summarised and
+        retained; the rest stays in the fresh window."""
+        self._check_open()
+        if keys.dim() != 3 or keys.shape != values.shape or keys.shape[0] != self.kv_heads or keys.shape[2] != self.head_dim:
+            raise ValueError(f"append expects keys and values [{self.kv_heads}, S, {self.head_dim}], got {tuple(keys.shape)} and {tuple(values.shape)}")
+        bt = self.block_tokens
+        before = self._tokens[layer]
+        if (before + keys.shape[1]) // bt > before // bt:
+            self._chain((before + keys.shape[1]) // bt - 1)  # raises before anything changes
+        k = keys.to(self.device, self.dtype)
+        v = values.to(self.device, self.dtype)
+        aligned = before - before % bt
+        fresh = self._fresh[layer]
+        if fresh is not None and before > aligned:  # prepend the unsealed tail
+            fk, fv, start = fresh
+            k = torch.cat([fk[:, aligned - start :], k], dim=1)
+            v = torch.cat([fv[:, aligned - start :], v], dim=1)
+        self._fresh[layer] = (k, v, aligned)
+        after = before + keys.shape[1]
+        self._tokens[layer] = after
+        sealed_before, sealed_after = before // bt, after // bt
+        if sealed_after > sealed_before:
+            self._seal(layer, k, v, sealed_before, sealed_after)
+
+    def _seal(self, layer: int, k: torch.Tensor, v: torch.Tensor, first: int, end: int) -> None:
+        n, bt = end - first, self.block_tokens
+        shape = (self.kv_heads, n, bt, self.head_dim)
+        blocks = torch.stack([k[:, : n * bt].reshape(shape), v[:, : n * bt].reshape(shape)]).permute(2, 0, 1, 3, 4).contiguous()
+        new_keys = [BlockKey.make(self.fingerprint, self._chain(i), layer) for i in range(first, end)]
+        keys = self._keys[layer]
+        pinned = set(range(min(self.sink_blocks, end))) | set(range(max(0, end - self.local_blocks), end))
+        leaving = sorted(self._pinned[layer] - pinned)
+        if leaving:
+            self.manager.unpin([keys[i] for i in leaving])
+            self._pinned[layer] -= set(leaving)
+        pin = [i - first for i in range(first, end) if i in pinned]
+        loose = [i - first for i in range(first, end) if i not in pinned]  # contiguous: between sink and local
+        if loose:
+            step = max(1, self.manager.gather_capacity())
+            for s in range(0, len(loose), step):
+                part = loose[s : s + step]
+                self.manager.put_many([new_keys[i] for i in part], blocks[part[0] : part[-1] + 1])
+        if pin:
+            self.manager.put_many([new_keys[i] for i in pin], blocks[pin], pin=True)
+        keys.extend(new_keys)
+        self.manager.retain(new_keys)
+        self._pinned[layer] = pinned
+        self.summaries.add(layer, blocks[:, 0])
+
+    # -- attention -------------------------------------------------------------------------------
+
+    def attend(self, layer: int, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Causal attention of the ``S`` newest tokens' queries ``[Hq, S, D]`` (already
+        appended) over the layer's KV; returns ``[Hq, S, D]`` in the query's dtype and device.
+        ``scaling``: the logit scale (usually ``head_dim ** -0.5``)."""
+        self._check_open()
+        started = time.perf_counter()
+        q_heads, s, _ = query.shape
+        if q_heads != self.q_heads:
+            raise ValueError(f"attend expects {self.q_heads} query heads, got {q_heads}")
+        if layer == 0:
+            self._begin_step()
+        step = self._step if self._step is not None else self._begin_step()
+        total = self._tokens[layer]
+        fresh = self._fresh[layer]
+        q_start = total - s
+        if fresh is None or q_start < fresh[2]:
+            raise ValueError(f"attend: the {s} queries of layer {layer} reach past the last append's tokens; append their KV first")
+        fk, fv, f_start = fresh
+        past = f_start // self.block_tokens
+        out_device = query.device
+        query = query.to(self.device)
+        summary = self.summaries.summary(layer)
+        outputs = []
+        selection = None
+        for c0 in range(0, s, self.chunk):
+            q = query[:, c0 : c0 + self.chunk]
+            q_pos = q_start + c0
+            # the local window ends at the query: sealed fresh blocks before it count towards it
+            local = max(0, self.local_blocks - (q_pos + 1 - f_start) // self.block_tokens)
+            selection = select_blocks(q, summary, past_blocks=past, sink_blocks=self.sink_blocks, local_blocks=local,
+                                      topk=self.topk, margin=self.margin, scaling=scaling)
+            acc = AttentionAccumulator(q, scaling, self.kv_heads)
+            self._read_blocks(layer, acc, selection.blocks.tolist(), q.shape[1], step)
+            visible = q_pos + q.shape[1] - f_start
+            self._add_keys(acc, fk[:, :visible], fv[:, :visible], f_start, q_pos, q.shape[1])
+            outputs.append(acc.result())
+        if selection is not None and self.score_policy and selection.scored.numel():
+            keys = self._keys[layer]
+            self.manager.note_scores([keys[i] for i in selection.scored.tolist()], selection.scores)
+        if self.prefetcher is not None and selection is not None:
+            self._prefetch(layer, selection.predicted)
+        step.attend_s += time.perf_counter() - started
+        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+        return out.to(out_device)
+
+    def _add_keys(self, acc: AttentionAccumulator, k: torch.Tensor, v: torch.Tensor, k_start: int, q_pos: int, nq: int) -> None:
+        """Feed keys at positions ``k_start ...`` to ``acc`` in memory-bounded pieces, causally masked."""
+        step = max(1, PIECE_SCORE_ELEMENTS // (self.q_heads * nq))
+        for p0 in range(0, k.shape[1], step):
+            p1 = min(k.shape[1], p0 + step)
+            acc.add(k[:, p0:p1], v[:, p0:p1], causal_mask(q_pos, nq, k_start + p0, p1 - p0, self.device))
+
+    def _read_blocks(self, layer: int, acc: AttentionAccumulator, indices: list[int], nq: int, step: StepStats) -> None:
+        """Gather the blocks ``indices`` (sorted) of ``layer`` and feed them to ``acc``."""
+        if not indices:
+            return
+        keys = self._keys[layer]
+        wanted = [keys[i] for i in indices]
+        self._count_prefetch(layer, wanted, indices, step)
+        bt, d = self.block_tokens, self.head_dim
+        # Piece size is fixed by memory only (never by the manager's state), so results never
+        # depend on timing; gathered pieces are transient, outside the tier budget.
+        per_piece = max(1, min(PIECE_SCORE_ELEMENTS // (self.q_heads * nq * bt), PIECE_KV_ELEMENTS // (2 * self.kv_heads * bt * d)))
+        report = GatherReport()
+        for p0 in range(0, len(wanted), per_piece):
+            blocks = self._gather(wanted[p0 : p0 + per_piece], report)  # [n, 2, Hkv, bt, D]
+            n = blocks.shape[0]
+            k = blocks[:, 0].transpose(0, 1).reshape(self.kv_heads, n * bt, d)
+            v = blocks[:, 1].transpose(0, 1).reshape(self.kv_heads, n * bt, d)
+            acc.add(k, v)
+        step.resident += report.resident
+        step.waited += report.waited
+        step.fetched += report.fetched
+        step.late += report.waited
+        step.missed += report.fetched
+        step.stall_s += report.stall_s
+
+    def _gather(self, keys: list[BlockKey], report: GatherReport) -> torch.Tensor:
+        """``[n, 2, Hkv, bt, D]`` on the device, in waves of at most ``gather_capacity()`` blocks."""
+        capacity = self.manager.gather_capacity()
+        if capacity < 1:
+            raise RuntimeError("the device tier has no unpinned room to read blocks into; raise tiers.device")
+        if len(keys) <= capacity:
+            return self.manager.gather(keys, report=report)
+        return torch.cat([self.manager.gather(keys[w : w + capacity], report=report) for w in range(0, len(keys), capacity)])
+
+    # -- prefetch --------------------------------------------------------------------------------
+
+    def _count_prefetch(self, layer: int, wanted: list[BlockKey], indices: list[int], step: StepStats) -> None:
+        pinned = self._pinned[layer]
+        needed = [key for key, i in zip(wanted, indices) if i not in pinned]
+        step.needed += len(needed)
+        ticket = self._tickets[layer]
+        if ticket is None:
+            return
+        self._tickets[layer] = None
+        step.predicted += len(ticket.keys)
+        predicted = set(ticket.keys)
+        pending = ticket.pending_keys()
+        step.hit += sum(1 for key in needed if key in predicted and key not in pending and "device" in self.manager.where(key))
+
+    def _prefetch(self, layer: int, predicted: torch.Tensor) -> None:
+        self.prefetcher.cancel(self._tickets[layer])
+        count = min(predicted.numel(), self._share)
+        if count == 0:
+            self._tickets[layer] = None
+            return
+        keys = self._keys[layer]
+        self._tickets[layer] = self.prefetcher.submit(layer, [keys[i] for i in predicted[:count].tolist()])
+
+    # -- stats -----------------------------------------------------------------------------------
+
+    def _begin_step(self) -> StepStats:
+        moved = dict(self.manager.stats().moved_bytes)
+        if self._step is not None:
+            self._step.moved_bytes = {k: moved.get(k, 0) - self._moved_start.get(k, 0) for k in moved}
+            self._finish_step(self._step)
+        self._moved_start = moved
+        # Each layer may prefetch its share of the blocks a gather can take (other layers' reads
+        # would otherwise evict what was prefetched before it is used).
+        self._share = max(0, self.manager.gather_capacity() // max(1, self.num_layers))
+        self._step = StepStats(step=self._totals.step)
+        return self._step
+
+    def _finish_step(self, step: StepStats) -> None:
+        totals = self._totals
+        for name in COUNTERS:
+            setattr(totals, name, getattr(totals, name) + getattr(step, name))
+        for key, value in step.moved_bytes.items():
+            totals.moved_bytes[key] = totals.moved_bytes.get(key, 0) + value
+        totals.step += 1
+        self.history.append(step)
+
+    def step_stats(self) -> StepStats:
+        """A copy of the current step's figures (bytes moved so far in it, by every user of the manager)."""
+        step = self._step if self._step is not None else StepStats()
+        copy = StepStats(**{f.name: getattr(step, f.name) for f in fields(StepStats)})
+        if self._step is not None and not self._closed:
+            moved = self.manager.stats().moved_bytes
+            copy.moved_bytes = {k: v - self._moved_start.get(k, 0) for k, v in moved.items()}
+        return copy
+
+    def stats(self) -> SequenceStats:
+        """Totals over every step so far, the current step included."""
+        out = SequenceStats(**{f.name: getattr(self._totals, f.name) for f in fields(StepStats)})
+        out.moved_bytes = dict(self._totals.moved_bytes)
+        if self._step is not None:
+            current = self.step_stats()
+            for name in COUNTERS:
+                setattr(out, name, getattr(out, name) + getattr(current, name))
+            out.step += 1
+            out.last = current
+        out.tokens = self.seq_length()
+        out.blocks = sum(len(k) for k in self._keys)
+        return out
+
+    def block_keys(self, layer: int) -> list[BlockKey]:
+        """Keys of the layer's sealed blocks, oldest first (a copy)."""
+        return list(self._keys[layer])
+
+    def seq_length(self) -> int:
+        """Tokens appended so far (to the most advanced layer)."""
+        return max(self._tokens) if self._tokens else 0
+
+    # -- lifetime --------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this SequenceKV is closed")
+
+    def close(self) -> None:
+        """Cancel this sequence's prefetches, unpin its blocks and release its references (the
+        blocks stay in the tiers for reuse). Idempotent; closes neither manager nor prefetcher."""
+        if self._closed:
+            return
+        self._closed = True
+        for layer in range(self.num_layers):
+            if self.prefetcher is not None:
+                self.prefetcher.cancel(self._tickets[layer])
+            self._tickets[layer] = None
+            keys = self._keys[layer]
+            if self._pinned[layer]:
+                self.manager.unpin([keys[i] for i in sorted(self._pinned[layer])])
+            if keys:
+                self.manager.release(keys)
+            self._pinned[layer] = set()
+            self._fresh[layer] = None

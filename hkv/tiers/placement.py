@@ -1,0 +1,310 @@
+"""Residency bookkeeping and the moves *down* the tiers: eviction, demotion, spills, disk budget.
+
+:class:`Placement` is the half of the tier manager that decides where a block may live and
+makes room: it keeps one :class:`Entry` per block, each tier's blocks in recency order, the
+disk tier's block count against its budget, and it frees slots by dropping copies that exist
+elsewhere or moving the last copy one tier down. Every method here runs with ``_cond`` (the
+manager's lock) held. :mod:`hkv.tiers.manager` adds the public API and the moves up.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import Future
+
+import torch
+
+from ..blocks import BlockKey
+from .base import BlockNotFoundError, TierError, TierFullError
+from .copies import CopyEngine
+from .disk import DiskTier
+from .policy import EvictionPolicy, LRUPolicy
+from .pool import SlotPool, copy_slots
+
+Digest = bytes  # a block's 16-byte key digest: how the manager knows blocks internally (cached hash)
+DIRECTIONS = ("host->device", "device->host", "disk->host", "host->disk")
+
+
+class Entry:
+    """What the manager knows of one block besides the pools' slot maps."""
+
+    __slots__ = ("on_disk", "disk_pending", "pinned", "refs", "busy", "holds", "event", "host_guard")
+
+    def __init__(self) -> None:
+        self.on_disk = False  # a disk record exists or is being written (``disk_pending``)
+        self.disk_pending: Future | None = None  # the write-through not yet known durable
+        self.pinned = False  # never evicted from the device
+        self.refs = 0  # live sequences that reference it (retain / release)
+        self.busy = False  # being moved up or read from disk without the lock: nobody else touches it
+        self.holds = 0  # gathers / pins reading it: not evicted meanwhile
+        self.event = None  # CUDA event of the copy that filled its device slot
+        self.host_guard = None  # CUDA event of a copy still reading its host slot
+
+
+class Placement:
+    """Blocks' residency across the pools and the disk tier, and making room (lock held)."""
+
+    def __init__(self, device_pool: SlotPool, host_pool: SlotPool, copies: CopyEngine, policy: EvictionPolicy, *, disk_capacity: int) -> None:
+        self.device_pool, self.host_pool, self.copies, self.policy = device_pool, host_pool, copies, policy
+        self.disk_capacity = disk_capacity
+        self._disk: DiskTier | None = None
+        self._entries: dict[Digest, Entry] = {}
+        self._recent: dict[str, OrderedDict[Digest, None]] = {name: OrderedDict() for name in ("device", "host", "disk")}
+        self._cond = threading.Condition(threading.RLock())
+        self._disk_count = 0  # records stored, being written, or reserved
+        self._pinned_count = 0
+        self._pending: list[tuple[list[Digest], Future]] = []  # write-through futures
+        self.moved = dict.fromkeys(DIRECTIONS, 0)
+        self.evictions = {"device": 0, "host": 0, "disk": 0}
+
+    # -- to be provided by the manager ------------------------------------------------------------
+    def _open_disk(self) -> DiskTier:
+        raise NotImplementedError
+
+    # -- lookups ----------------------------------------------------------------------------------
+    def _get(self, key: Digest) -> Entry:
+        entry = self._entries.get(key)
+        if entry is None:
+            raise BlockNotFoundError(f"block {key.hex()} is not in the tier manager")
+        return entry
+
+    def _entry_for(self, key: Digest) -> Entry:
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._entries[key] = Entry()
+        return entry
+
+    def _where(self, key: Digest) -> frozenset[str]:
+        entry = self._entries.get(key)
+        if entry is None:
+            return frozenset()
+        tiers = [name for name, pool in (("device", self.device_pool), ("host", self.host_pool)) if pool.contains(key)]
+        return frozenset(tiers + (["disk"] if entry.on_disk else []))
+
+    def _pool(self, tier: str) -> SlotPool:
+        return self.device_pool if tier == "device" else self.host_pool
+
+    def _touch(self, key: Digest) -> None:
+        for recent in self._recent.values():
+            if key in recent:
+                recent.move_to_end(key)
+
+    # -- writing pools --------------------------------------------------------------------------
+    def _pool_write(self, tier: str, keys: Sequence[Digest], slots: list[int], blocks: torch.Tensor, rows: list[int]) -> None:
+        """Assign reserved ``slots`` to ``keys`` and copy ``blocks[rows]`` into them."""
+        pool = self._pool(tier)
+        pool.assign_many(keys, slots)
+        self._recent[tier].update(dict.fromkeys(keys))
+        copy_slots(pool.data, slots, blocks, rows)
+
+    # -- dropping copies ------------------------------------------------------------------------
+    def _drop(self, tier: str, key: Digest) -> None:
+        """Remove ``key``'s copy from a pool (the caller made sure another copy exists)."""
+        self._drop_many(tier, [key])
+
+    def _drop_many(self, tier: str, keys: Sequence[Digest]) -> None:
+        if not keys:
+            return
+        if tier == "device":
+            entries = [self._entries[key] for key in keys]
+            if self.copies.cuda:  # the slots' next writers must run after their fills
+                self.copies.order_after([entry.event for entry in entries])
+            for entry in entries:
+                entry.event = None
+                if entry.pinned:
+                    entry.pinned = False
+                    self._pinned_count -= 1
+        elif self.copies.cuda:
+            for key in keys:
+                entry = self._entries[key]
+                if entry.host_guard is not None:
+                    CopyEngine.wait_host(entry.host_guard)  # a DMA may still read the slot
+                    entry.host_guard = None
+        self._pool(tier).remove_many(keys)
+        recent = self._recent[tier]
+        for key in keys:
+            del recent[key]
+
+    def _forget(self, key: Digest) -> None:
+        """The block has no copy left (deleted or evicted from disk): drop its entry."""
+        self._entries.pop(key, None)
+        for recent in self._recent.values():
+            recent.pop(key, None)
+        self.policy.forget(key)
+
+    def _safe_on_disk(self, entry: Entry, key: Digest) -> bool:
+        """Whether a durable disk copy exists (waits for a pending write-through of it)."""
+        if not entry.on_disk:
+            return False
+        if entry.disk_pending is not None:
+            try:
+                entry.disk_pending.result()  # the writer thread never takes our lock
+            except TierError:
+                entry.on_disk = False
+                self._disk_count -= 1
+                self._recent["disk"].pop(key, None)
+                return False
+            finally:
+                entry.disk_pending = None
+        return True
+
+    def _copy_elsewhere(self, tier: str, key: Digest) -> bool:
+        other = self.host_pool if tier == "device" else self.device_pool
+        return other.contains(key) or self._safe_on_disk(self._entries[key], key)
+
+    # -- making room ----------------------------------------------------------------------------
+    def _candidates(self, tier: str, exclude: set[Digest], limit: int | None) -> tuple[list[Digest], bool]:
+        """Eligible victims of ``tier``, least recently used first; and whether the list is complete."""
+        found: list[Digest] = []
+        for key in self._recent[tier]:
+            entry = self._entries[key]
+            if entry.busy or entry.holds or entry.pinned or key in exclude:
+                continue
+            found.append(key)
+            if limit is not None and len(found) >= limit:
+                return found, False
+        return found, True
+
+    def _make_room(
+        self, tier: str, n: int, exclude: set[Digest], *, count: bool = True, move: bool = True, full: bool = False
+    ) -> list[int]:
+        """Reserve up to ``n`` slots of ``tier`` (free ones first, then by evicting victims by
+        policy). Victims with a copy elsewhere are dropped; the others move one tier down
+        (unless not ``move``: then only drops). Returns the reserved slots (fewer than ``n``
+        when nothing more can be freed)."""
+        pool = self._pool(tier)
+        got = pool.alloc_many(n)
+        if len(got) == n:
+            return got
+        limit = None if full or not isinstance(self.policy, LRUPolicy) else 2 * (n - len(got)) + 16
+        candidates, complete = self._candidates(tier, exclude, limit)
+        ranked = list(self.policy.rank(candidates))
+        movers: list[Digest] = []
+        i = 0
+        while i < len(ranked) and len(got) + len(movers) < n:
+            key, i = ranked[i], i + 1
+            if self._copy_elsewhere(tier, key):
+                self._drop(tier, key)
+                self.evictions[tier] += count
+                got.append(pool.alloc())  # type: ignore[arg-type]
+            elif move:
+                movers.append(key)
+        moved = self._move_down(tier, movers, exclude | set(movers), count=count) if movers else []
+        got.extend(pool.alloc() for _ in moved)  # type: ignore[misc]
+        while len(got) < n and i < len(ranked):  # the move down fell short: drops only
+            key, i = ranked[i], i + 1
+            if key not in moved and self._copy_elsewhere(tier, key):
+                self._drop(tier, key)
+                self.evictions[tier] += count
+                got.append(pool.alloc())  # type: ignore[arg-type]
+        if len(got) < n and not complete:
+            got.extend(self._make_room(tier, n - len(got), exclude | set(movers), count=count, move=move, full=True))
+        return got
+
+    def _move_down(self, tier: str, keys: list[Digest], exclude: set[Digest], *, count: bool = True) -> list[Digest]:
+        """Move the only copies of ``keys`` from ``tier`` one tier down, as many as fit; the moved keys."""
+        nbytes = self.layout.nbytes  # type: ignore[attr-defined]
+        if tier == "device":
+            slots = self._make_room("host", len(keys), exclude)  # pressure on the host counts as evictions
+            moved = keys[: len(slots)]
+            events = [self._entries[key].event for key in moved] if self.copies.cuda else ()
+            self.copies.to_host(self.host_pool.data, slots, self.device_pool.data, self.device_pool.slots(moved), events)
+            self.host_pool.assign_many(moved, slots)
+            self._recent["host"].update(dict.fromkeys(moved))
+            self._drop_many("device", moved)
+            self.moved["device->host"] += nbytes * len(moved)
+        else:
+            moved = keys[: self._disk_reserve(len(keys), exclude, partial=True)]
+            if moved:
+                data = self.host_pool.data.index_select(0, self.host_pool.index(self.host_pool.slots(moved)))
+                self._write_disk(moved, data, sync=True)
+                self._drop_many("host", moved)
+        self.evictions[tier] += count * len(moved)
+        return moved
+
+    # -- the disk tier --------------------------------------------------------------------------
+    @property
+    def disk_capacity_blocks(self) -> int:
+        return self.disk_capacity // self.layout.record_nbytes  # type: ignore[attr-defined]
+
+    def _disk_reserve(self, n: int, exclude: set[Digest], *, partial: bool = False) -> int:
+        """Reserve room for ``n`` disk records, evicting unreferenced blocks (LRU) if the policy
+        allows. All or TierFullError (nothing evicted); with ``partial``, as many as possible."""
+        self._open_disk()
+        free = self.disk_capacity_blocks - self._disk_count
+        victims: list[Digest] = []
+        if free < n and self.disk_full == "evict":  # type: ignore[attr-defined]
+            for key in self._recent["disk"]:
+                entry = self._entries[key]
+                if entry.refs == 0 and not entry.busy and not entry.holds and key not in exclude:
+                    victims.append(key)
+                    if free + len(victims) >= n:
+                        break
+        if free + len(victims) < n and not partial:
+            how = "no unreferenced block to evict" if self.disk_full == "evict" else 'tiers.disk_full = "refuse"'  # type: ignore[attr-defined]
+            raise TierFullError(
+                f"disk tier full: {n} blocks do not fit in tiers.disk = {self.disk_capacity} bytes "
+                f"({self._disk_count} of {self.disk_capacity_blocks} records used, {len(victims)} evictable; {how})"
+            )
+        if victims:
+            self._disk.delete_many([BlockKey(key) for key in victims])  # type: ignore[union-attr]
+            for key in victims:
+                entry = self._entries[key]
+                entry.on_disk, entry.disk_pending = False, None
+                self._recent["disk"].pop(key, None)
+                if not self._where(key):
+                    self._forget(key)
+            self._disk_count -= len(victims)
+            self.evictions["disk"] += len(victims)
+        take = max(0, min(n, self.disk_capacity_blocks - self._disk_count))
+        self._disk_count += take
+        return take
+
+    def _write_disk(self, keys: list[Digest], blocks: torch.Tensor, *, sync: bool) -> None:
+        """Write reserved records; ``sync`` waits until durable (raising, reservation returned)."""
+        disk = self._open_disk()
+        if sync:
+            try:
+                disk.put_many([BlockKey(key) for key in keys], blocks.cpu())
+            except BaseException:
+                self._disk_count -= len(keys)
+                raise
+            future = None
+        else:
+            future = disk.submit_put_many([BlockKey(key) for key in keys], blocks)
+            self._pending.append((list(keys), future))
+        for key in keys:
+            entry = self._entries[key]
+            entry.on_disk, entry.disk_pending = True, future
+            self._recent["disk"][key] = None
+        self.moved["host->disk"] += self.layout.nbytes * len(keys)  # type: ignore[attr-defined]
+
+    def _wait_disk_write(self, entry: Entry) -> None:
+        """Before reading a block from disk: its write-through must have landed (no lock needed)."""
+        future = entry.disk_pending
+        if future is not None:
+            future.result()
+
+    def _flush_pending(self) -> None:
+        """Wait for every write-through; a failed one un-marks its blocks (they are still above)."""
+        with self._cond:
+            pending, self._pending = self._pending, []
+        errors = []
+        for keys, future in pending:
+            try:
+                future.result()
+            except TierError as error:
+                errors.append(error)
+            with self._cond:
+                for key in keys:
+                    entry = self._entries.get(key)
+                    if entry is not None and entry.disk_pending is future:
+                        entry.disk_pending = None
+                        if future.exception() is not None:
+                            entry.on_disk = False
+                            self._disk_count -= 1
+                            self._recent["disk"].pop(key, None)
+        if errors:
+            raise errors[0]

@@ -1,0 +1,240 @@
+"""Moving blocks *up* the tiers: on-demand fetches for :meth:`gather` and the prefetcher's
+:meth:`promote`.
+
+A move up has three phases. Plan, under the manager's lock: mark the blocks busy and reserve
+their destination slots (evicting by policy, see :mod:`hkv.tiers.placement`). Copy, without the
+lock: disk reads into a staging buffer (pinned on CUDA) and from there into host slots, then
+host -> device copies -- on CUDA queued on the copy stream, which records one event per move.
+Commit, under the lock: assign the slots, clear busy, store the event, notify waiters. A busy
+block is never evicted, deleted or moved by anyone else, so the copy phase needs no lock; a
+gather that needs a busy block waits on the manager's condition, then orders its read after
+the block's event with ``wait_event`` (no ``synchronize()``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..blocks import BlockKey
+from .base import TierError
+from .placement import Digest, Entry, Placement
+
+
+@dataclass(slots=True)
+class GatherReport:
+    """What one or more :meth:`TierManager.gather` calls found (block counts, seconds)."""
+
+    resident: int = 0  # already on the device
+    waited: int = 0  # in flight (being promoted by another thread), waited for
+    fetched: int = 0  # not on the device, fetched on demand
+    stall_s: float = 0.0  # time spent waiting for or fetching blocks
+
+
+@dataclass(slots=True)
+class _Plan:
+    """Blocks being moved up: slots reserved under the lock, copied without it."""
+
+    keys: list[Digest]  # the blocks moved (marked busy)
+    entries: list[Entry]  # their entries
+    disk_keys: list[Digest]  # those read from disk into ``staging``
+    host_dst: dict[Digest, int]  # reserved host slot of a disk read
+    dev_dst: dict[Digest, int]  # reserved device slot
+    staging: torch.Tensor | None = None  # [len(disk_keys), *shape], CPU (pinned on CUDA)
+    event: object = None  # CUDA event of the host -> device copies
+    done: bool = False  # the copies finished; False on failure (reservations are returned)
+
+
+class Promotion(Placement):
+    """The moves up of the tier manager (see the module docstring)."""
+
+    # -- moving up ------------------------------------------------------------------------------
+    def gather(self, keys: Sequence[BlockKey], *, report: GatherReport | None = None) -> torch.Tensor:
+        """The blocks as one new tensor ``[n, 2, kv_heads, block_tokens, head_dim]`` on the device.
+
+        Blocks not on the device are promoted on demand (disk -> host -> device); blocks that a
+        concurrent :meth:`promote` (the prefetcher's threads) is moving are waited for, not
+        read twice. Raises ValueError if ``n`` exceeds :meth:`gather_capacity` (pinned blocks
+        among ``keys`` do not count). If ``report`` is given, its counters are increased.
+        """
+        start = time.perf_counter()
+        keys = [key.digest for key in keys]  # internally blocks are known by their digest
+        unique = list(dict.fromkeys(keys))
+        with self._cond:
+            self._check_open()
+            entries = [self._get(key) for key in unique]
+            unpinned = sum(not entry.pinned for entry in entries)
+            if unpinned > self.device_pool.n_slots - self._pinned_count:
+                raise ValueError(
+                    f"gather of {unpinned} unpinned blocks exceeds gather_capacity() = {self.device_pool.n_slots - self._pinned_count}"
+                )
+            for entry in entries:
+                entry.holds += 1
+        try:
+            busy, resident, missing, plan = self._fetch(unique, entries)
+            stalled = time.perf_counter() - start if (busy or missing) else 0.0
+            with self._cond:
+                on_device = {key: self.device_pool.slot(key) for key in unique if self.device_pool.contains(key)}
+                direct = {key: self.host_pool.slot(key) for key in unique if key not in on_device}
+                events = [entry.event for entry in entries]
+            out = self._assemble(keys, on_device, direct, plan, events)
+        finally:
+            with self._cond:
+                for entry in entries:
+                    entry.holds -= 1
+        if report is not None:
+            report.resident += resident
+            report.waited += busy
+            report.fetched += len(missing)
+            report.stall_s += stalled
+        return out
+
+    def _fetch(self, unique: list[Digest], entries: list[Entry]) -> tuple[int, int, list[Digest], _Plan | None]:
+        """Bring held blocks to the device (as far as room allows): wait for the busy ones, fetch
+        the rest. Returns (blocks waited for, resident at once, blocks fetched, the fetch plan)."""
+        with self._cond:
+            self._check_open()
+            busy = [key for key, entry in zip(unique, entries) if entry.busy]
+            if busy:
+                self._cond.wait_for(lambda: not any(entry.busy for entry in entries))
+            missing = [key for key in unique if not self.device_pool.contains(key)]
+            plan = self._plan_up(missing, "device", must=True, exclude=set(unique)) if missing else None
+        if plan is not None:
+            try:
+                self._run_plan(plan)
+            finally:
+                with self._cond:
+                    self._commit_plan(plan)
+        waited = set(busy)
+        fetched = [key for key in missing if key not in waited]
+        return len(busy), len(unique) - len(busy) - len(fetched), fetched, plan
+
+    def _assemble(self, keys, on_device, direct, plan, events) -> torch.Tensor:
+        """``out[i]`` = block ``keys[i]``: device slots by one ``index_select``, the rest (no device
+        room) copied from their staging row or host slot."""
+        self.copies.order_after(events)
+        pool = self.device_pool
+        rows_dev = [i for i, key in enumerate(keys) if key in on_device]
+        if len(rows_dev) == len(keys):
+            out = pool.data.index_select(0, pool.index([on_device[key] for key in keys]))
+        else:
+            out = torch.empty((len(keys), *self.layout.shape), dtype=self.layout.dtype, device=self.device)
+            if rows_dev:
+                picked = pool.data.index_select(0, pool.index([on_device[keys[i]] for i in rows_dev]))
+                out.index_copy_(0, torch.as_tensor(rows_dev, dtype=torch.long, device=self.device), picked)
+            staged = {key: i for i, key in enumerate(plan.disk_keys)} if plan is not None else {}
+            for i, key in enumerate(keys):
+                if key in on_device:
+                    continue
+                if key in staged:
+                    out[i].copy_(plan.staging[staged[key]], non_blocking=True)
+                elif direct.get(key) is not None:  # blocking: the host slot may be reused once we return
+                    out[i].copy_(self.host_pool.data[direct[key]])
+                else:  # held blocks cannot vanish; this would be a bug, so say so loudly
+                    raise TierError(f"gather: block {key.hex()} vanished while held")
+        self.copies.mark_use()
+        return out
+
+    def promote(self, keys: Sequence[BlockKey], to: str = "device") -> None:
+        """Bring blocks up to ``to`` ("host" or "device"); blocks already there are skipped.
+
+        Called from the prefetcher's worker threads: the disk read and the copy run without
+        holding the manager's lock, blocks being moved are marked in flight so :meth:`gather`
+        waits for them. On CUDA the host -> device copy runs on the manager's copy stream and
+        :meth:`gather` orders on its event. If the device has no unpinned room the block stops
+        at host (prefetch is best effort; never raises for lack of room). Unknown keys are skipped."""
+        if to not in ("host", "device"):
+            raise ValueError(f"promote: to = {to!r} must be 'host' or 'device'")
+        with self._cond:
+            self._check_open()
+            get, on_device, on_host = self._entries.get, self.device_pool.slot_map, self.host_pool.slot_map
+            todo = []
+            for key in dict.fromkeys(key.digest for key in keys):
+                entry = get(key)
+                if entry is None or entry.busy or key in on_device or (to == "host" and key in on_host):
+                    continue  # deleted, moved by someone else, or already there
+                todo.append(key)
+            plan = self._plan_up(todo, to, must=False, exclude=set(todo)) if todo else None
+            if plan is None or not plan.keys:
+                return
+        try:
+            self._run_plan(plan)
+        finally:
+            with self._cond:
+                self._commit_plan(plan)
+
+    def _plan_up(self, keys: list[Digest], to: str, *, must: bool, exclude: set[Digest]) -> _Plan:
+        """Reserve slots and mark the moved blocks busy (lock held). Device slots are best effort;
+        a disk-only block gets a host slot when there is room, else (``must``) a staging row."""
+        dev = self._make_room("device", len(keys), exclude) if to == "device" else []
+        dev_dst = dict(zip(keys, dev))
+        on_host = self.host_pool.slot_map
+        on_disk_only = [key for key in keys if key not in on_host]
+        # A disk read also fills a host slot. A gather takes one only when it is free or freed by
+        # a drop, never by a spill (a disk write on its critical path); a promotion may spill.
+        host = self._make_room("host", len(on_disk_only), exclude, move=not must) if on_disk_only else []
+        host_dst = dict(zip(on_disk_only, host))
+        if not must:  # nothing to do for blocks that got no slot at all
+            keys = [key for key in keys if key in dev_dst or key in host_dst]
+            on_disk_only = [key for key in on_disk_only if key in dev_dst or key in host_dst]
+        entries = [self._entries[key] for key in keys]
+        for entry in entries:
+            entry.busy = True
+        return _Plan(keys, entries, on_disk_only, host_dst, dev_dst)
+
+    def _run_plan(self, plan: _Plan) -> None:
+        """The copies of a plan, without the lock: disk -> staging -> host slots, then -> device."""
+        if plan.disk_keys:
+            for key in plan.disk_keys:
+                self._wait_disk_write(self._entries[key])
+            plan.staging = self.copies.staging(len(plan.disk_keys))
+            self._disk.get_many_into([BlockKey(key) for key in plan.disk_keys], plan.staging)  # type: ignore[union-attr]
+            rows = [i for i, key in enumerate(plan.disk_keys) if key in plan.host_dst]
+            self.copies.to_host(self.host_pool.data, [plan.host_dst[plan.disk_keys[i]] for i in rows], plan.staging, rows)
+        from_disk = set(plan.disk_keys)
+        from_host = [key for key in plan.dev_dst if key not in from_disk] if from_disk else list(plan.dev_dst)
+        host_slot = self.host_pool.slot_map
+        slots = [host_slot[key] for key in from_host]  # busy: these slots cannot change
+        event = self.copies.to_device(self.device_pool.data, [plan.dev_dst[key] for key in from_host], self.host_pool.data, slots)
+        staged = [i for i, key in enumerate(plan.disk_keys) if key in plan.dev_dst]
+        if staged:
+            dst = [plan.dev_dst[plan.disk_keys[i]] for i in staged]
+            event = self.copies.to_device(self.device_pool.data, dst, plan.staging, staged) or event  # in order on the stream
+        plan.event, plan.done = event, True
+
+    def _commit_plan(self, plan: _Plan) -> None:
+        """Assign the reserved slots of a finished plan, or return them if it failed (lock held)."""
+        for entry in plan.entries:
+            entry.busy = False
+        host_keys, dev_keys = list(plan.host_dst), list(plan.dev_dst)
+        if not plan.done:
+            for slot in plan.host_dst.values():
+                self.host_pool.unreserve(slot)
+            for slot in plan.dev_dst.values():
+                self.device_pool.unreserve(slot)
+            self._cond.notify_all()
+            return
+        nbytes = self.layout.nbytes
+        self.host_pool.assign_many(host_keys, list(plan.host_dst.values()))
+        self._recent["host"].update(dict.fromkeys(host_keys))
+        self.device_pool.assign_many(dev_keys, list(plan.dev_dst.values()))
+        self._recent["device"].update(dict.fromkeys(dev_keys))
+        host_recent, on_host, dev_dst = self._recent["host"], self.host_pool.slot_map, plan.dev_dst
+        for key, entry in zip(plan.keys, plan.entries):
+            if key in dev_dst:
+                entry.event = plan.event
+                if key in on_host:
+                    if plan.event is not None:
+                        entry.host_guard = plan.event  # the copy reads the host slot until then
+                    host_recent.move_to_end(key)
+        if self._recent["disk"]:
+            disk_recent = self._recent["disk"]
+            for key in plan.keys:
+                if key in disk_recent:
+                    disk_recent.move_to_end(key)
+        self.moved["host->device"] += nbytes * len(dev_keys)
+        self.moved["disk->host"] += nbytes * len(plan.disk_keys)
+        self._cond.notify_all()

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# GPU check for hkv: the `cuda`-marked tests and the decode benchmark on the GPU.
+#
+# Run from anywhere on a CUDA machine (no network needed):   OUT=/some/folder scripts/gpu_check.sh
+# Writes under $OUT (default ./gpu-results): env.txt, pytest_cuda.txt, pytest_cuda.xml,
+# decode_cuda.json, decode_cuda.txt, summary.txt. Every stage has its own timeout so the whole
+# script ends inside 8 minutes on an H100 (budget: setup 1 min, tests 3 min, benchmark 3.5 min).
+# Exit status: 0 when the tests passed and the benchmark wrote its JSON, 1 otherwise.
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+OUT="${OUT:-$ROOT/gpu-results}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"   # hkv from this tree, installed or not
+export PYTHONUNBUFFERED=1
+START=$(date +%s)
+status=0
+
+log() { echo "[gpu_check $(( $(date +%s) - START ))s] $*" | tee -a "$OUT/summary.txt"; }
+
+# --- environment ------------------------------------------------------------------------------
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv 2>&1 || echo "nvidia-smi failed"
+  "$PY" - <<'EOF'
+import sys, torch
+print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda,
+      "available", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+EOF
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  log "no CUDA device visible to torch; nothing to check"
+  exit 1
+fi
+
+# --- install what is missing, from the carried wheels only (the GPU machine has no network) ----
+WHEELS=()
+for dir in "$ROOT/shared/wheels" "$ROOT/.wheels" "$ROOT/../shared/wheels"; do
+  [ -d "$dir" ] && WHEELS+=(--find-links "$dir")
+done
+missing=()
+for mod in lmdb xxhash pydantic typer tqdm msgpack psutil transformers pytest hypothesis; do
+  "$PY" -c "import $mod" 2>/dev/null || missing+=("$mod")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  log "installing missing: ${missing[*]}"
+  # Never let pip touch torch (the machine's CUDA build stays as it is).
+  timeout 60 "$PY" -m pip install -q --no-index ${WHEELS[@]+"${WHEELS[@]}"} --no-deps "${missing[@]}" >> "$OUT/summary.txt" 2>&1 \
+    || log "pip could not install some of: ${missing[*]} (carry their wheels in shared/wheels/ or .wheels/)"
+fi
+"$PY" -c "import hkv, lmdb, transformers; print('hkv', hkv.__version__, 'transformers', transformers.__version__)" \
+  >> "$OUT/env.txt" 2>&1 || { log "hkv or its dependencies do not import; see env.txt"; tail -5 "$OUT/env.txt"; exit 1; }
+
+# --- tests under the cuda marker --------------------------------------------------------------
+log "pytest -m cuda"
+timeout 180 "$PY" -m pytest -m cuda -q -p no:cacheprovider --junitxml="$OUT/pytest_cuda.xml" tests \
+  > "$OUT/pytest_cuda.txt" 2>&1
+rc=$?
+tail -15 "$OUT/pytest_cuda.txt"
+if [ $rc -eq 0 ]; then log "cuda tests passed"; elif [ $rc -eq 5 ]; then log "no cuda tests collected"; status=1
+else log "cuda tests FAILED (rc $rc; 124 = timeout)"; status=1; fi
+
+# --- decode benchmark on the GPU --------------------------------------------------------------
+log "decode benchmark on cuda (contexts 8K, 32K, 128K; 16 steps)"
+HKV_BENCH_OUT="$OUT/decode_cuda.json" timeout 210 "$PY" - > "$OUT/decode_cuda.txt" 2>&1 <<'EOF'
+import json, os
+from hkv.bench.decode import print_table, run_decode_bench
+from hkv.config import Config
+
+config = Config.load(tiers={"device": "512MiB", "host": "8GiB", "disk": "16GiB"})
+figures = run_decode_bench(config, contexts=(8192, 32768, 131072), steps=16, device="cuda")
+print_table(figures)
+with open(os.environ["HKV_BENCH_OUT"], "w") as handle:
+    json.dump(figures, handle, indent=2, default=str)
+EOF
+rc=$?
+cat "$OUT/decode_cuda.txt" | tail -12
+if [ $rc -eq 0 ] && [ -s "$OUT/decode_cuda.json" ]; then log "benchmark written to decode_cuda.json"
+else log "benchmark FAILED (rc $rc; 124 = timeout)"; status=1; fi
+
+log "done, status $status"
+exit $status

@@ -1,0 +1,122 @@
+"""Block summaries, Quest upper-bound scores and top-k selection."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hkv.prefetch.predictor as predictor
+from hkv.prefetch.predictor import BlockSummaries, block_scores, select_blocks
+
+
+def _summaries(blocks: torch.Tensor) -> BlockSummaries:
+    """``blocks``: ``[n, Hkv, bt, D]`` keys; one layer."""
+    s = BlockSummaries(1, blocks.shape[1], blocks.shape[3], torch.device("cpu"), initial_blocks=2)
+    s.add(0, blocks[:3])
+    s.add(0, blocks[3:])  # grows past the initial capacity
+    return s
+
+
+def brute_bound(query: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """Per block: max over KV heads of (max over group heads and queries of the bound), by loops."""
+    hq, s, _ = query.shape
+    n, hkv, _, _ = blocks.shape
+    group = hq // hkv
+    out = torch.empty(n, hkv)
+    for b in range(n):
+        for h in range(hkv):
+            kmin, kmax = blocks[b, h].amin(0), blocks[b, h].amax(0)
+            best = -float("inf")
+            for j in range(group):
+                for t in range(s):
+                    q = query[h * group + j, t]
+                    best = max(best, float(torch.maximum(q * kmin, q * kmax).sum()))
+            out[b, h] = best
+    return out
+
+
+def test_summary_is_min_max_and_grows() -> None:
+    blocks = torch.randn(9, 2, 4, 8)
+    s = _summaries(blocks)
+    assert s.count(0) == 9
+    summary = s.summary(0)
+    assert summary.shape == (2, 2, 8, 9)  # min/max, kv heads, dims, blocks
+    assert torch.equal(summary[0], blocks.amin(2).permute(1, 2, 0)) and torch.equal(summary[1], blocks.amax(2).permute(1, 2, 0))
+
+
+@pytest.mark.parametrize("hq,hkv,s", [(4, 2, 1), (6, 3, 5), (2, 2, 3)])
+def test_scores_match_brute_force_bound(hq: int, hkv: int, s: int) -> None:
+    torch.manual_seed(hq + s)
+    blocks = torch.randn(7, hkv, 4, 8)
+    query = torch.randn(hq, s, 8)
+    expected = brute_bound(query, blocks)
+    summary = _summaries(blocks).summary(0)
+    torch.testing.assert_close(block_scores(query, summary, normalize=False), expected.amax(1), atol=1e-5, rtol=1e-5)
+    normalized = torch.log_softmax(expected * 0.5, dim=0)
+    torch.testing.assert_close(block_scores(query, summary, scaling=0.5), normalized.amax(1), atol=1e-5, rtol=1e-5)
+
+
+def test_bound_is_an_upper_bound_of_every_logit() -> None:
+    torch.manual_seed(3)
+    blocks = torch.randn(5, 1, 16, 8)
+    query = torch.randn(1, 1, 8)
+    scores = block_scores(query, _summaries(blocks).summary(0), normalize=False)
+    logits = torch.einsum("d,bnd->bn", query[0, 0], blocks[:, 0])
+    assert bool((scores + 1e-5 >= logits.amax(1)).all())
+
+
+def test_scores_in_pieces_equal_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(4)
+    summary = _summaries(torch.randn(11, 2, 4, 8)).summary(0)
+    query = torch.randn(4, 37, 8)
+    whole = block_scores(query, summary)
+    monkeypatch.setattr(predictor, "_SCORE_ELEMENTS", 50)  # a few query rows per piece
+    torch.testing.assert_close(block_scores(query, summary), whole)
+
+
+def _planted(n: int, hot: list[int], d: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(5)
+    blocks = torch.randn(n, 2, 4, d) * 0.1
+    direction = torch.randn(d)
+    direction /= direction.norm()
+    for b in hot:
+        blocks[b, 1, 2] = 10 * direction  # one key of KV head 1 points at the query
+    query = direction.repeat(4, 1, 1) * 3  # [Hq=4, S=1, D]
+    return query, blocks
+
+
+def test_planted_blocks_win_and_sink_local_always_included() -> None:
+    query, blocks = _planted(20, hot=[7, 12])
+    summary = _summaries(blocks).summary(0)
+    sel = select_blocks(query, summary, past_blocks=20, sink_blocks=1, local_blocks=2, topk=2, margin=0.5)
+    assert sel.blocks.tolist() == [0, 7, 12, 18, 19]
+    assert sel.predicted.tolist()[:2] in ([7, 12], [12, 7]) and len(sel.predicted) == 3
+    assert set(sel.scored.tolist()) == {7, 12} and sel.scores.shape == (2,)
+    # the planted block in the sink or local window is not double counted
+    query, blocks = _planted(20, hot=[0, 19])
+    sel = select_blocks(query, _summaries(blocks).summary(0), past_blocks=20, sink_blocks=1, local_blocks=2, topk=3)
+    assert len(sel.blocks) == 6 and sel.blocks[0] == 0 and sel.blocks[-2:].tolist() == [18, 19]
+    assert torch.equal(sel.blocks, torch.sort(sel.blocks).values)
+
+
+def test_only_past_blocks_are_candidates() -> None:
+    query, blocks = _planted(20, hot=[15])
+    summary = _summaries(blocks).summary(0)
+    sel = select_blocks(query, summary, past_blocks=12, sink_blocks=1, local_blocks=2, topk=2)
+    assert max(sel.blocks.tolist()) == 11 and 15 not in sel.blocks.tolist()
+
+
+@pytest.mark.parametrize("past", [0, 1, 2, 3, 5])
+def test_short_pasts_and_exact_mode(past: int) -> None:
+    query, blocks = _planted(8, hot=[3])
+    summary = _summaries(blocks).summary(0)
+    sparse = select_blocks(query, summary, past_blocks=past, sink_blocks=1, local_blocks=2, topk=4)
+    assert sparse.blocks.tolist() == list(range(past))  # everything fits the budget
+    exact = select_blocks(query, summary, past_blocks=past, sink_blocks=1, local_blocks=2, topk=None)
+    assert exact.blocks.tolist() == list(range(past))
+
+
+def test_exact_mode_selects_every_block_without_scoring() -> None:
+    query, blocks = _planted(30, hot=[3])
+    sel = select_blocks(query, _summaries(blocks).summary(0), past_blocks=30, sink_blocks=1, local_blocks=2, topk=None)
+    assert sel.blocks.tolist() == list(range(30)) and sel.predicted.tolist() == list(range(1, 28))
