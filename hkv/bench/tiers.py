@@ -5,7 +5,8 @@ fp16 = 48 KiB) go through a :class:`~hkv.tiers.manager.TierManager` -- ``demote`
 host) and ``promote`` (host -> device), bookkeeping included -- and are compared with one plain
 ``copy_`` of the same bytes between the manager's own host pool (pinned on CUDA) and device
 pool tensors, interleaved in the same run. Each figure is the median of ``repeats`` runs after a
-warm-up round (a best-of picks the plain copy's lucky outliers on a shared VM). Without a GPU the "device" is the CPU and both figures are memory-to-memory copies.
+warm-up round (a best-of picks the plain copy's lucky outliers on a shared VM). Without a GPU
+the "device" is the CPU and both figures are memory-to-memory copies.
 
 Disk: :func:`hkv.bench.disk.measure_disk` (the disk tier's reads and writes of the same blocks
 against raw sequential file I/O; see that module for how the figures are made cold and durable).

@@ -58,6 +58,12 @@ class Runtime:
         self.layout = BlockLayout(self.spec.num_kv_heads, self.config.attention.block_tokens, self.spec.head_dim, self.dtype)
         if device is None and self.config.tiers.accelerator == "auto":
             device = self.spec.device
+        wanted = torch.device(device if device is not None else self.config.tiers.accelerator)
+        if wanted.type != self.spec.device.type:
+            raise ValueError(
+                f"the model is on {self.spec.device} but the device tier would be on {wanted} "
+                f"(tiers.accelerator = {self.config.tiers.accelerator!r}); move the model or set tiers.accelerator = \"auto\""
+            )
         self.manager = TierManager(self.config, self.layout, device=device)
         self.prefetcher = None
         self._hooks: ModelHooks | None = None
@@ -70,6 +76,8 @@ class Runtime:
             if self.config.prefetch.enabled:
                 self.prefetcher = Prefetcher(self.manager, workers=self.config.prefetch.workers)
             self._hooks = ModelHooks(model, self, after_forward=self._after_forward)
+            self.new_cache().close()  # a config whose device tier cannot hold the pinned blocks fails here
+            self._last_sequence_stats = None
         except BaseException:
             self.close()
             raise

@@ -301,3 +301,12 @@ def check_padding(mask: torch.Tensor) -> None:
         raise ValueError(f"hkv serves batch size 1, got an attention_mask of batch size {mask.shape[0]}")
     if not bool(mask.bool().all()):
         raise ValueError("hkv does not support padding: attention_mask has zeros (batch size 1, no padding tokens)")
+
+
+def __getattr__(name: str) -> Any:
+    # The design map puts wrap() here; it lives in .runtime (which imports this module).
+    if name in ("wrap", "Runtime", "RuntimeStats"):
+        from . import runtime
+
+        return getattr(runtime, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

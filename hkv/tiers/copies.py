@@ -39,7 +39,9 @@ class CopyEngine:
         alive until the copies reading it complete)."""
         return torch.empty((n, *self.layout.shape), dtype=self.layout.dtype, pin_memory=self.cuda)
 
-    def to_device(self, dst: torch.Tensor, dst_slots: Sequence[int], src: torch.Tensor, src_slots: Sequence[int]) -> torch.cuda.Event | None:
+    def to_device(
+        self, dst: torch.Tensor, dst_slots: Sequence[int], src: torch.Tensor, src_slots: Sequence[int]
+    ) -> torch.cuda.Event | None:
         """``dst[dst_slots] = src[src_slots]`` (host -> device); returns the event that marks its end.
 
         On CUDA the copy is queued on the copy stream (callable from any thread) and the returned
@@ -60,7 +62,14 @@ class CopyEngine:
             event.record(self.stream)
         return event
 
-    def to_host(self, dst: torch.Tensor, dst_slots: Sequence[int], src: torch.Tensor, src_slots: Sequence[int], events: Iterable[torch.cuda.Event | None] = ()) -> None:
+    def to_host(
+        self,
+        dst: torch.Tensor,
+        dst_slots: Sequence[int],
+        src: torch.Tensor,
+        src_slots: Sequence[int],
+        events: Iterable[torch.cuda.Event | None] = (),
+    ) -> None:
         """``dst[dst_slots] = src[src_slots]`` (device -> host), complete on return."""
         if not dst_slots:
             return

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..blocks import BlockKey, BlockLayout
-from ..config import Config
+from ..config import Config, ConfigError
 from .base import TierError, TierFullError
 from .copies import CopyEngine
 from .device import DeviceTier, resolve_device
@@ -71,21 +71,26 @@ class TierManager(Promotion):
     """
 
     def __init__(self, config: Config, layout: BlockLayout, *, device: torch.device | str | None = None) -> None:
+        """Budgets from ``config.tiers`` (ConfigError naming the key when one is smaller than a
+        block; HostMemoryError with the figures when the host budget exceeds free RAM). The device
+        tier lives on ``device``, else ``tiers.accelerator`` (auto: cuda if available, else cpu).
+        The disk store at ``tiers.path`` is opened now if it exists, else when first needed."""
         tiers = config.tiers
         layout.check_budgets({"device": int(tiers.device), "host": int(tiers.host), "disk": int(tiers.disk)})
         if int(tiers.disk) < layout.record_nbytes:
-            raise TierError(f"tiers.disk = {int(tiers.disk)} bytes: smaller than one disk record ({layout.record_nbytes} bytes)")
+            raise ConfigError(f"tiers.disk = {int(tiers.disk)} bytes: smaller than one disk record ({layout.record_nbytes} bytes)")
         self.config, self.layout = config, layout
         self.device = torch.device(device) if device is not None else resolve_device(tiers.accelerator)
         self.persist = config.store.persist
-        self.disk_full = tiers.disk_full
         self.path = Path(tiers.path)
         super().__init__(
             DeviceTier(layout, int(tiers.device), self.device),
             HostTier(layout, int(tiers.host), pin_memory=self.device.type == "cuda"),
             CopyEngine(self.device, layout),
             make_policy(tiers.policy),
+            layout=layout,
             disk_capacity=int(tiers.disk),
+            disk_full=tiers.disk_full,
         )
         self._closed = False
         if (self.path / "data.mdb").exists():  # a store from an earlier run: its blocks are known
@@ -248,12 +253,14 @@ class TierManager(Promotion):
             if any(entry.busy for entry in entries.values()):
                 self._cond.wait_for(lambda: not any(entry.busy for entry in entries.values()))
             alive = self._entries
-            todo = [key for key, entry in entries.items() if not entry.pinned and not entry.holds and key in alive]
+            todo = [key for key, entry in entries.items() if not (entry.pinned or entry.holds) and key in alive]
             exclude = set(todo)
             if to == "host":
                 on_device, on_host = self.device_pool.slot_map, self.host_pool.slot_map
-                drops = [key for key in todo if key in on_device and key in on_host]
-                movers = [key for key in todo if key in on_device and key not in on_host]
+                drops, movers = [], []
+                for key in todo:
+                    if key in on_device:
+                        (drops if key in on_host else movers).append(key)
                 self._drop_many("device", drops)
                 moved = self._move_down("device", movers, exclude, count=False) if movers else []
                 if len(moved) < len(movers):
@@ -268,21 +275,6 @@ class TierManager(Promotion):
                 for tier in ("device", "host"):
                     if self._pool(tier).contains(key):
                         self._drop(tier, key)
-
-    def _entries_of(self, keys: Sequence[Digest]) -> dict[Digest, Entry]:
-        """The entries of the distinct ``keys`` (lock held); BlockNotFoundError for an unknown one."""
-        get = self._entries.get
-        entries = {key: get(key) for key in keys}
-        if None in entries.values():
-            self._get(next(key for key, entry in entries.items() if entry is None))
-        return entries  # type: ignore[return-value]
-
-    def _cpu_copy(self, key: Digest) -> torch.Tensor:
-        """A CPU copy from the device or host pool (lock held)."""
-        if self.device_pool.contains(key):
-            self.copies.order_after([self._entries[key].event])
-            return self.device_pool.view(key).to("cpu", copy=True)
-        return self.host_pool.view(key).clone()
 
     def pin(self, keys: Sequence[BlockKey]) -> None:
         """Bring blocks to the device and keep them there until :meth:`unpin`. Raises
@@ -358,19 +350,6 @@ class TierManager(Promotion):
                 self._cond.wait_for(lambda: not any(self._entries[key].busy for key in drop if key in self._entries))
                 drop = [key for key in dict.fromkeys(drop) if key in self._entries and self._entries[key].refs == 0]
                 self._delete_disk_copies(drop)
-
-    def _delete_disk_copies(self, keys: list[Digest]) -> None:
-        keys = [key for key in keys if self._entries[key].on_disk]
-        if not keys:
-            return
-        self._disk.delete_many([BlockKey(key) for key in keys])  # type: ignore[union-attr]
-        self._disk_count -= len(keys)
-        for key in keys:
-            entry = self._entries[key]
-            entry.on_disk, entry.disk_pending = False, None
-            self._recent["disk"].pop(key, None)
-            if not self._where(key):
-                self._forget(key)
 
     def delete(self, keys: Sequence[BlockKey]) -> None:
         """Remove blocks from every tier; unknown keys are ignored. Waits for moves of them."""

@@ -10,13 +10,12 @@ manager's lock) held. :mod:`hkv.tiers.manager` adds the public API and the moves
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future
 
 import torch
 
-from ..blocks import BlockKey
+from ..blocks import BlockKey, BlockLayout
 from .base import BlockNotFoundError, TierError, TierFullError
 from .copies import CopyEngine
 from .disk import DiskTier
@@ -46,12 +45,17 @@ class Entry:
 class Placement:
     """Blocks' residency across the pools and the disk tier, and making room (lock held)."""
 
-    def __init__(self, device_pool: SlotPool, host_pool: SlotPool, copies: CopyEngine, policy: EvictionPolicy, *, disk_capacity: int) -> None:
+    def __init__(
+        self, device_pool: SlotPool, host_pool: SlotPool, copies: CopyEngine, policy: EvictionPolicy, *,
+        layout: BlockLayout, disk_capacity: int, disk_full: str,
+    ) -> None:  # fmt: skip
         self.device_pool, self.host_pool, self.copies, self.policy = device_pool, host_pool, copies, policy
-        self.disk_capacity = disk_capacity
+        self.layout, self.disk_capacity, self.disk_full = layout, disk_capacity, disk_full
         self._disk: DiskTier | None = None
         self._entries: dict[Digest, Entry] = {}
-        self._recent: dict[str, OrderedDict[Digest, None]] = {name: OrderedDict() for name in ("device", "host", "disk")}
+        # Each tier's blocks, least recently used first (a plain dict keeps insertion order and
+        # its bulk update runs in C; "move to end" is pop + insert).
+        self._recent: dict[str, dict[Digest, None]] = {name: {} for name in ("device", "host", "disk")}
         self._cond = threading.Condition(threading.RLock())
         self._disk_count = 0  # records stored, being written, or reserved
         self._pinned_count = 0
@@ -83,13 +87,29 @@ class Placement:
         tiers = [name for name, pool in (("device", self.device_pool), ("host", self.host_pool)) if pool.contains(key)]
         return frozenset(tiers + (["disk"] if entry.on_disk else []))
 
+    def _entries_of(self, keys: Sequence[Digest]) -> dict[Digest, Entry]:
+        """The entries of the distinct ``keys`` (lock held); BlockNotFoundError for an unknown one."""
+        get = self._entries.get
+        entries = {key: get(key) for key in keys}
+        if None in entries.values():
+            self._get(next(key for key, entry in entries.items() if entry is None))
+        return entries  # type: ignore[return-value]
+
+    def _cpu_copy(self, key: Digest) -> torch.Tensor:
+        """A CPU copy from the device or host pool (lock held)."""
+        if self.device_pool.contains(key):
+            self.copies.order_after([self._entries[key].event])
+            return self.device_pool.view(key).to("cpu", copy=True)
+        return self.host_pool.view(key).clone()
+
     def _pool(self, tier: str) -> SlotPool:
         return self.device_pool if tier == "device" else self.host_pool
 
     def _touch(self, key: Digest) -> None:
         for recent in self._recent.values():
             if key in recent:
-                recent.move_to_end(key)
+                del recent[key]
+                recent[key] = None
 
     # -- writing pools --------------------------------------------------------------------------
     def _pool_write(self, tier: str, keys: Sequence[Digest], slots: list[int], blocks: torch.Tensor, rows: list[int]) -> None:
@@ -205,7 +225,7 @@ class Placement:
 
     def _move_down(self, tier: str, keys: list[Digest], exclude: set[Digest], *, count: bool = True) -> list[Digest]:
         """Move the only copies of ``keys`` from ``tier`` one tier down, as many as fit; the moved keys."""
-        nbytes = self.layout.nbytes  # type: ignore[attr-defined]
+        nbytes = self.layout.nbytes
         if tier == "device":
             slots = self._make_room("host", len(keys), exclude)  # pressure on the host counts as evictions
             moved = keys[: len(slots)]
@@ -227,7 +247,7 @@ class Placement:
     # -- the disk tier --------------------------------------------------------------------------
     @property
     def disk_capacity_blocks(self) -> int:
-        return self.disk_capacity // self.layout.record_nbytes  # type: ignore[attr-defined]
+        return self.disk_capacity // self.layout.record_nbytes
 
     def _disk_reserve(self, n: int, exclude: set[Digest], *, partial: bool = False) -> int:
         """Reserve room for ``n`` disk records, evicting unreferenced blocks (LRU) if the policy
@@ -235,7 +255,7 @@ class Placement:
         self._open_disk()
         free = self.disk_capacity_blocks - self._disk_count
         victims: list[Digest] = []
-        if free < n and self.disk_full == "evict":  # type: ignore[attr-defined]
+        if free < n and self.disk_full == "evict":
             for key in self._recent["disk"]:
                 entry = self._entries[key]
                 if entry.refs == 0 and not entry.busy and not entry.holds and key not in exclude:
@@ -243,7 +263,7 @@ class Placement:
                     if free + len(victims) >= n:
                         break
         if free + len(victims) < n and not partial:
-            how = "no unreferenced block to evict" if self.disk_full == "evict" else 'tiers.disk_full = "refuse"'  # type: ignore[attr-defined]
+            how = "no unreferenced block to evict" if self.disk_full == "evict" else 'tiers.disk_full = "refuse"'
             raise TierFullError(
                 f"disk tier full: {n} blocks do not fit in tiers.disk = {self.disk_capacity} bytes "
                 f"({self._disk_count} of {self.disk_capacity_blocks} records used, {len(victims)} evictable; {how})"
@@ -262,6 +282,19 @@ class Placement:
         self._disk_count += take
         return take
 
+    def _delete_disk_copies(self, keys: list[Digest]) -> None:
+        keys = [key for key in keys if self._entries[key].on_disk]
+        if not keys:
+            return
+        self._disk.delete_many([BlockKey(key) for key in keys])  # type: ignore[union-attr]
+        self._disk_count -= len(keys)
+        for key in keys:
+            entry = self._entries[key]
+            entry.on_disk, entry.disk_pending = False, None
+            self._recent["disk"].pop(key, None)
+            if not self._where(key):
+                self._forget(key)
+
     def _write_disk(self, keys: list[Digest], blocks: torch.Tensor, *, sync: bool) -> None:
         """Write reserved records; ``sync`` waits until durable (raising, reservation returned)."""
         disk = self._open_disk()
@@ -279,7 +312,7 @@ class Placement:
             entry = self._entries[key]
             entry.on_disk, entry.disk_pending = True, future
             self._recent["disk"][key] = None
-        self.moved["host->disk"] += self.layout.nbytes * len(keys)  # type: ignore[attr-defined]
+        self.moved["host->disk"] += self.layout.nbytes * len(keys)
 
     def _wait_disk_write(self, entry: Entry) -> None:
         """Before reading a block from disk: its write-through must have landed (no lock needed)."""

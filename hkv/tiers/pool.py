@@ -6,6 +6,10 @@ map and a free list that hands out the lowest free slot first (blocks put togeth
 consecutive slots, so batched moves copy long runs). Gathers are ``index_select`` over slots,
 moves between pools are run-coalesced ``copy_`` calls (see :func:`copy_slots`).
 
+Keys are any hashable block identity: a :class:`~hkv.blocks.BlockKey` when a pool is used as a
+:class:`~hkv.tiers.base.Tier`, the key's 16-byte digest inside the tier manager (a bytes
+object caches its hash, which makes bulk bookkeeping several times cheaper).
+
 The tensor is allocated on first use, not at construction: a 2 GiB default host budget costs
 nothing until blocks arrive. A pool is not thread-safe on its own; the tier manager serialises
 every metadata change under its lock.
@@ -25,7 +29,9 @@ from .base import BlockNotFoundError, Tier, TierFullError
 class SlotPool(Tier):
     """Blocks of one layout in preallocated slots of one tensor on ``device``."""
 
-    def __init__(self, name: str, layout: BlockLayout, capacity_bytes: int, device: torch.device | str, *, pin_memory: bool = False) -> None:
+    def __init__(
+        self, name: str, layout: BlockLayout, capacity_bytes: int, device: torch.device | str, *, pin_memory: bool = False
+    ) -> None:
         if capacity_bytes < layout.nbytes:
             raise ValueError(f"{name} tier: capacity {capacity_bytes} bytes is smaller than one block ({layout.describe()})")
         self.name, self.layout, self.capacity_bytes = name, layout, int(capacity_bytes)
@@ -47,7 +53,8 @@ class SlotPool(Tier):
         return self._data
 
     def _allocate(self) -> torch.Tensor:
-        return torch.empty((self.n_slots, *self.layout.shape), dtype=self.layout.dtype, device=self.device, pin_memory=self.pin_memory)
+        shape = (self.n_slots, *self.layout.shape)
+        return torch.empty(shape, dtype=self.layout.dtype, device=self.device, pin_memory=self.pin_memory)
 
     @property
     def allocated(self) -> bool:
@@ -107,10 +114,12 @@ class SlotPool(Tier):
     def remove_many(self, keys: Sequence[BlockKey]) -> None:
         """:meth:`remove` for many keys held here."""
         slot_of, key_of = self._slot_of, self._key_of
-        slots = [slot_of.pop(key) for key in keys]
-        for slot in slots:
+        freed = []
+        for key in keys:
+            slot = slot_of.pop(key)
             key_of[slot] = None
-        self._free.extend(-slot for slot in slots)
+            freed.append(-slot)
+        self._free.extend(freed)
         self._free.sort()
 
     @property
@@ -211,7 +220,9 @@ def runs(dst_slots: Sequence[int], src_slots: Sequence[int]) -> list[tuple[int, 
     return [(int(dst_slots[a]), int(src_slots[a]), b - a) for a, b in zip(starts, ends)]
 
 
-def copy_slots(dst: torch.Tensor, dst_slots: Sequence[int], src: torch.Tensor, src_slots: Sequence[int], *, non_blocking: bool = False) -> None:
+def copy_slots(
+    dst: torch.Tensor, dst_slots: Sequence[int], src: torch.Tensor, src_slots: Sequence[int], *, non_blocking: bool = False
+) -> None:
     """``dst[dst_slots[i]] = src[src_slots[i]]`` for all i, batched.
 
     Consecutive slots are copied as one run (one ``copy_`` each, a single DMA between host and
