@@ -166,6 +166,12 @@ def format_table(result: dict[str, Any]) -> str:
         mark = "" if value is None else (" ok" if value >= target else " LOW")
         cells = f"{num(result.get(ours), 9, '.2f')} {num(result.get(plain), 11, '.2f')} {num(value, 6, '.2f')}"
         lines.append(f"{label:34} {cells} {'>= ' + format(target, '.0%'):>7}{mark}")
+    if result.get("disk_raw_buffered_write_gbps") is not None and result.get("disk_write_gbps") is not None:
+        buffered = result["disk_raw_buffered_write_gbps"]
+        lines.append(
+            f"disk writes vs a raw write through the page cache + fsync ({buffered:.2f} GB/s, the path LMDB must take): "
+            f"{result['disk_write_gbps'] / buffered:.2f}"
+        )
     for key in ("read_cache", "disk_error"):
         if result.get(key) is not None:
             lines.append(f"{key}: {result[key]}")
