@@ -73,13 +73,19 @@ def test_budget_smaller_than_one_block_names_the_key(tmp_path):
         TierManager(config, LAYOUT)
 
 
+def test_disk_budget_smaller_than_one_record(tmp_path):
+    config = Config(tiers={"disk": NB, "path": str(tmp_path / "s")})
+    with pytest.raises(ConfigError, match=rf"tiers.disk = {NB} bytes: smaller than one disk record"):
+        TierManager(config, LAYOUT)
+
+
 def test_device_from_config_and_lazy_disk(tmp_path):
     config = Config(tiers={"device": 2 * NB, "host": 2 * NB, "path": str(tmp_path / "s"), "accelerator": "cpu"})
     with TierManager(config, LAYOUT) as manager:
         assert manager.device == torch.device("cpu")
         manager.put(key_of(0), block_of(0))
         assert not (tmp_path / "s").exists()  # nothing spilled, no store yet
-    assert manager.stats is not None
+    manager.close()  # idempotent after the context manager closed it
 
 
 # -- placement and round trips ------------------------------------------------------------------
@@ -437,3 +443,59 @@ def test_tiers_bench_smoke(tmp_path):
     table = bench.format_table(result)
     assert "host -> device" in table and "n/a" in table
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("hkv-bench-")]  # its scratch folder is removed
+
+
+def test_write_back_gives_dirty_device_blocks_a_host_copy_so_eviction_is_a_drop(make):
+    manager = make(device=4, host=8, disk=16)
+    put_range(manager, range(4))  # on the device only: evicting them means copying them down
+    assert all(manager.where(key_of(i)) == frozenset({"device"}) for i in range(4))
+    assert manager.write_back(2) == 2  # the two least recently used
+    assert [sorted(manager.where(key_of(i))) for i in range(4)] == [["device", "host"]] * 2 + [["device"]] * 2
+    assert manager.stats().moved_bytes["device->host"] == 2 * NB
+    assert manager.write_back(2, scan=2) == 0  # the next victims are clean now; nothing looked at beyond them
+    check_all(manager, range(4))
+    put_range(manager, range(4, 6))  # evicts blocks 0 and 1: drops, no copy down
+    assert manager.stats().moved_bytes["device->host"] == 2 * NB
+    assert [sorted(manager.where(key_of(i))) for i in range(2)] == [["host"]] * 2
+    assert manager.write_back(8) == 4  # 2 .. 5: every evictable device block is clean now
+    assert all("host" in manager.where(key_of(i)) for i in range(6))
+    check_all(manager, range(6))
+    check_budgets(manager)
+
+
+def test_missing_from_device_is_a_lock_free_hint(make):
+    manager = make(device=2, host=8, disk=16)
+    put_range(manager, range(4))
+    keys = [key_of(i) for i in range(4)]
+    assert manager.missing_from_device(keys) == keys[:2]
+    assert manager.missing_from_device([]) == []
+
+
+def test_gather_of_resident_blocks_reports_no_stall_even_when_the_lock_is_contended(make):
+    manager = make(device=4, host=8, disk=16)
+    put_range(manager, range(4))
+    report = GatherReport()
+    release = threading.Event()
+
+    def hold_the_lock():
+        with manager._cond:
+            release.wait(1.0)
+
+    holder = threading.Thread(target=hold_the_lock)
+    holder.start()
+    threading.Timer(0.05, release.set).start()
+    out = manager.gather([key_of(i) for i in range(4)], report=report)  # waits for the lock: not a stall
+    holder.join()
+    assert torch.equal(out, blocks_of(range(4)))
+    assert (report.resident, report.fetched, report.stall_s) == (4, 0, 0.0)
+
+
+def test_write_back_never_spills_the_host_to_disk(make):
+    manager = make(device=4, host=2, disk=16)
+    put_range(manager, range(6))  # 0 and 1 moved down to the host, which is now full
+    assert [sorted(manager.where(key_of(i))) for i in range(2)] == [["host"]] * 2
+    disk_before = manager.stats().moved_bytes.get("host->disk", 0)
+    assert manager.write_back(4) == 0  # the host has no free or droppable slot
+    assert manager.stats().moved_bytes.get("host->disk", 0) == disk_before
+    check_all(manager, range(6))
+    check_budgets(manager)

@@ -100,3 +100,43 @@ def test_prefetch_never_changes_results(tmp_path, mode: str, device: str) -> Non
     if mode == "sparse":
         assert stats_on.predicted > 0 and stats_on.hit > 0, stats_on
         assert stats_on.hit + stats_on.late <= stats_on.needed
+
+
+class ResidencyManager(RecordingManager):
+    """A manager that also answers the prefetcher's residency hint and write-back calls."""
+
+    def __init__(self, resident: set[BlockKey]) -> None:
+        super().__init__()
+        self.resident = resident
+        self.write_backs: list[int] = []
+
+    def missing_from_device(self, keys):
+        return [key for key in keys if key not in self.resident]
+
+    def write_back(self, limit: int) -> int:
+        with self.lock:
+            self.write_backs.append(limit)
+        return 1
+
+
+def test_submit_skips_resident_blocks_and_keeps_victims_clean() -> None:
+    keys = _keys(10)
+    manager = ResidencyManager(set(keys[::2]))
+    with Prefetcher(manager, workers=2, job_blocks=4) as prefetcher:
+        ticket = prefetcher.submit(0, keys)
+        ticket.wait()
+        assert ticket.keys == keys  # the ticket still names every predicted block (hit counting)
+        assert sorted(manager.promoted) == sorted(keys[1::2])
+        stats = prefetcher.stats()
+        assert (stats.submitted_blocks, stats.skipped_blocks) == (5, 5)
+        assert manager.write_backs and stats.written_back_blocks == len(manager.write_backs)
+        manager.resident.update(keys)
+        assert prefetcher.submit(0, keys).wait() is None and sorted(manager.promoted) == sorted(keys[1::2])
+
+
+def test_hit_rate_is_hits_over_blocks_read_not_over_blocks_predicted() -> None:
+    from hkv.prefetch.prefetcher import SequenceStats
+
+    stats = SequenceStats(predicted=40, needed=30, hit=30)
+    assert stats.hit_rate == 1.0 and stats.precision == 0.75
+    assert SequenceStats().hit_rate is None and SequenceStats().precision is None

@@ -10,8 +10,10 @@ timed is the decode step: one forward of the model for one token, ``steps`` time
 warm-up, median reported.
 
 Figures: ``hkv_ms`` and ``baseline_ms`` (median ms per token; ``None`` where the baseline's KV
-does not fit in RAM), ``hit_rate`` (prefetched blocks resident in time / blocks predicted),
-``stall_frac`` (time attention waited for blocks / decode time).
+does not fit in RAM), ``hit_rate`` (blocks read that the prefetcher had on the device in time /
+unpinned blocks read), ``precision`` (the same hits / blocks predicted, margin included),
+``missed_per_step`` (blocks fetched on demand per step), ``stall_frac`` (time attention waited
+for blocks that were not on the device / decode time). All over the timed steps only.
 """
 
 from __future__ import annotations
@@ -42,12 +44,25 @@ SMOLLM2_SHAPE = dict(
     tie_word_embeddings=True,
 )
 FILL_CHUNK = 8192  # tokens appended per layer at a time while filling
+# hkv's tiers when no config is given: 128K tokens of SmolLM2 KV in fp32 are 6 GiB, so the host
+# tier (RAM) holds them and the device tier holds 256 MiB of blocks, as on a GPU with 8 GiB of
+# pinned host memory. A config with a smaller host tier sends the rest to disk.
+BENCH_TIERS = {"device": "256MiB", "host": "8GiB", "disk": "32GiB"}
 
 
-def build_model(weights: str = "random", *, device: str | torch.device = "cpu", max_tokens: int = 131072) -> torch.nn.Module:
-    """SmolLM2-135M: ``weights="smollm2"`` loads the real GGUF (~25 s), ``"random"`` builds the shape."""
+def build_model(weights: str = "auto", *, device: str | torch.device = "cpu", max_tokens: int = 131072) -> tuple[torch.nn.Module, str]:
+    """``(model, weights used)``: SmolLM2-135M with ``weights="smollm2"`` (the real GGUF, ~25 s to
+    load), ``"random"`` (its shape, random weights) or ``"auto"`` (smollm2 if installed)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if weights == "auto":
+        from ..models import ModelNotInstalledError, default_model_dir
+
+        try:
+            default_model_dir()
+            weights = "smollm2"
+        except ModelNotInstalledError:
+            weights = "random"
     if weights == "smollm2":
         from ..models import load_default_model
 
@@ -58,8 +73,8 @@ def build_model(weights: str = "random", *, device: str | torch.device = "cpu", 
         config = LlamaConfig(**SMOLLM2_SHAPE, max_position_embeddings=max_tokens + 64)
         model = LlamaForCausalLM(config)
     else:
-        raise ValueError(f"weights = {weights!r}: expected 'random' or 'smollm2'")
-    return model.to(device).eval()
+        raise ValueError(f"weights = {weights!r}: expected 'auto', 'random' or 'smollm2'")
+    return model.to(device).eval(), weights
 
 
 def synthetic_kv(layer: int, start: int, length: int, *, kv_heads: int, head_dim: int, dtype: torch.dtype, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,12 +112,15 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def _time_steps(model: torch.nn.Module, cache: Any, steps: int, warmup: int = 2) -> list[float]:
-    """Seconds per decode step (greedy next token), ``steps`` timed after ``warmup``."""
+def _time_steps(model: torch.nn.Module, cache: Any, steps: int, warmup: int = 2, on_warm: Any = None) -> list[float]:
+    """Seconds per decode step (greedy next token), ``steps`` timed after ``warmup``.
+    ``on_warm()`` is called once the warm-up steps are done (to snapshot statistics)."""
     device = next(model.parameters()).device
     token = torch.tensor([[1]], device=device)
     times = []
     for i in range(warmup + steps):
+        if i == warmup and on_warm is not None:
+            on_warm()
         _sync(device)
         start = time.perf_counter()
         logits = model(input_ids=token, cache=cache, use_cache=True).logits
@@ -138,19 +156,24 @@ def _hkv_run(model: torch.nn.Module, config: Config, context: int, steps: int, s
             n = min(FILL_CHUNK, context - begin)
             cache.append_kv(ids[begin : begin + n], lambda layer: synthetic_kv(layer, begin, n, **shape), None)
         fill_s = time.perf_counter() - start
-        before = sequence.stats()
-        times = _time_steps(model, cache, steps)
-        after = sequence.stats()
+        # Prefetch figures over the timed steps only, like the times they are divided by.
+        snapshot: dict[str, Any] = {}
+        times = _time_steps(model, cache, steps, on_warm=lambda: snapshot.setdefault("before", sequence.stats()))
+        before, after = snapshot.get("before"), sequence.stats()
         tiers = rt.stats().tiers
         cache.close()
     predicted = _stat(after, "predicted") - _stat(before, "predicted")
+    needed = _stat(after, "needed") - _stat(before, "needed")
     hits = _stat(after, "hit", "hits") - _stat(before, "hit", "hits")
+    missed = _stat(after, "missed") - _stat(before, "missed")
     stall = _stat(after, "stall_s") - _stat(before, "stall_s")
     median = statistics.median(times)
     return {
         "ms": 1000 * median,
         "fill_s": fill_s,
-        "hit_rate": hits / predicted if predicted else None,
+        "hit_rate": hits / needed if needed else None,
+        "precision": hits / predicted if predicted else None,
+        "missed_per_step": missed / steps,
         "stall_frac": stall / sum(times) if times else None,
         "tiers": tiers,
     }
@@ -184,7 +207,7 @@ def run_decode_bench(
     *,
     contexts: tuple[int, ...] = (8192, 32768, 131072),
     steps: int = 16,
-    weights: str = "random",
+    weights: str = "auto",
     device: str | torch.device | None = None,
     baseline: bool = True,
     ram_fraction: float = 0.6,
@@ -192,23 +215,26 @@ def run_decode_bench(
     """Decode latency per token of hkv sparse mode and of ``DynamicCache`` at each context length.
 
     ``config``: hkv's config (its attention/tier settings; mode is forced to sparse, prefetch
-    on, and the disk store goes to a temporary folder). ``weights``: "random" (SmolLM2's shape,
-    no download) or "smollm2" (the real model). ``device``: default cuda if available, else cpu.
+    on, and the disk store goes to a temporary folder); None: defaults with :data:`BENCH_TIERS`.
+    ``weights``: "smollm2" (the real model, so decode queries are realistic), "random"
+    (SmolLM2's shape) or "auto" (smollm2 when installed). ``device``: default cuda if available, else cpu.
     The baseline is skipped (``None``) where its KV would exceed ``ram_fraction`` of free RAM
     (or of free GPU memory on cuda). Returns a dict with at least ``contexts``, ``hkv_ms``,
     ``baseline_ms``, ``hit_rate``, ``stall_frac``.
     """
     if steps < 1:
         raise ValueError(f"steps = {steps} must be at least 1")
-    config = config if config is not None else Config()
+    config = config if config is not None else Config.load(tiers=BENCH_TIERS)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = build_model(weights, device=device, max_tokens=max(contexts))
+    model, weights = build_model(weights, device=device, max_tokens=max(contexts))
     figures: dict[str, Any] = {
         "contexts": list(contexts),
         "hkv_ms": [],
         "baseline_ms": [],
         "hit_rate": [],
         "stall_frac": [],
+        "precision": [],
+        "missed_per_step": [],
         "hkv_fill_s": [],
         "baseline_fill_s": [],
         "tiers": [],
@@ -230,6 +256,8 @@ def run_decode_bench(
         figures["hkv_ms"].append(run["ms"])
         figures["hit_rate"].append(run["hit_rate"])
         figures["stall_frac"].append(run["stall_frac"])
+        figures["precision"].append(run["precision"])
+        figures["missed_per_step"].append(run["missed_per_step"])
         figures["hkv_fill_s"].append(run["fill_s"])
         figures["tiers"].append({name: usage for name, usage in run["tiers"].items()})
         need = _kv_bytes(model, context) * 2  # the cache plus one concatenated copy per step
@@ -257,13 +285,14 @@ def print_table(figures: dict[str, Any]) -> None:
 
     print(f"decode latency per token, {figures['model']} on {figures['device']} ({figures['threads']} threads)")
     print(f"KV: {figures['fill']}; timed: {figures['timed']}")
-    print(f"{'context':>9} {'hkv ms':>9} {'Dynamic ms':>11} {'speedup':>8} {'hit rate':>9} {'stall':>7}")
+    print(f"{'context':>9} {'hkv ms':>9} {'Dynamic ms':>11} {'speedup':>8} {'hit rate':>9} {'miss/step':>10} {'stall':>7}")
     for i, context in enumerate(figures["contexts"]):
         hkv, base = figures["hkv_ms"][i], figures["baseline_ms"][i]
         speed = base / hkv if base else None
         print(
             f"{context:>9} {fmt(hkv, '9.2f')} {fmt(base, '11.2f')} {fmt(speed, '7.1f') + ('x' if speed else ''):>8} "
-            f"{fmt(figures['hit_rate'][i], '9.1%')} {fmt(figures['stall_frac'][i], '7.1%')}"
+            f"{fmt(figures['hit_rate'][i], '9.1%')} {fmt(figures.get('missed_per_step', [None] * (i + 1))[i], '10.0f')} "
+            f"{fmt(figures['stall_frac'][i], '7.1%')}"
         )
     if figures.get("hkv_growth") is not None:
         print(f"hkv latency at {figures['contexts'][-1]} / at {figures['contexts'][0]}: {figures['hkv_growth']:.2f}x")

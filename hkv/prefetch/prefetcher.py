@@ -36,8 +36,10 @@ log = logging.getLogger(__name__)
 class PrefetcherStats:
     """Totals over the prefetcher's life (counts of blocks and jobs)."""
 
-    submitted_blocks: int = 0
-    jobs: int = 0
+    submitted_blocks: int = 0  # blocks queued for promotion
+    skipped_blocks: int = 0  # blocks asked for that were already on the device
+    written_back_blocks: int = 0  # device blocks given a host copy ahead of their eviction
+    jobs: int = 0  # promotion and write-back jobs queued
     cancelled_jobs: int = 0
     failed_jobs: int = 0
 
@@ -50,7 +52,11 @@ class StepStats:
     read that are not pinned. ``hit``: needed blocks that were predicted and already on the device
     when read. ``late``: blocks a prefetch was still moving (gather waited). ``missed``: blocks
     fetched on demand. ``resident`` / ``waited`` / ``fetched`` / ``stall_s`` are the manager's
-    :class:`~hkv.tiers.manager.GatherReport` over every gathered block (sink and local included).
+    :class:`~hkv.tiers.manager.GatherReport` over every gathered block (sink and local included);
+    ``stall_s`` counts only time spent because a block was not on the device (waiting for its
+    promotion, or fetching it on demand), never the lock waits and bookkeeping every gather pays.
+    Hit rate: ``hit / needed`` (:attr:`SequenceStats.hit_rate`); ``hit / predicted`` is the
+    prediction's precision.
     """
 
     step: int = 0
@@ -77,6 +83,17 @@ class SequenceStats(StepStats):
 
     @property
     def hit_rate(self) -> float | None:
+        """Share of the blocks read (``needed``) that the prefetcher had on the device in time.
+
+        Not ``hit / predicted``: the prediction includes a margin of extra candidates
+        (``prefetch.margin``), so that ratio stays below ``1 / (1 + margin)`` even when every
+        block read was prefetched, and it falls when the margin grows although fewer blocks
+        are then fetched on demand."""
+        return self.hit / self.needed if self.needed else None
+
+    @property
+    def precision(self) -> float | None:
+        """Share of the predicted blocks that were read and on the device in time."""
         return self.hit / self.predicted if self.predicted else None
 
 
@@ -142,14 +159,26 @@ class Prefetcher:
         if self._closed:
             raise RuntimeError("this Prefetcher is closed")
         futures: list[Future] = []
-        size = max(1, min(self.job_blocks, -(-len(keys) // self.workers)))
-        for start in range(0, len(keys), size):
-            part = list(keys[start : start + size])
+        # Skip blocks already there before queueing anything (a lock-free hint; promote checks
+        # again under the manager's lock): consecutive steps predict mostly the same blocks, and
+        # a job per resident block would only cost the main thread GIL and lock time.
+        todo = self.manager.missing_from_device(keys) if to == "device" and hasattr(self.manager, "missing_from_device") else list(keys)
+        size = max(1, self.job_blocks)
+        for start in range(0, len(todo), size):
+            part = todo[start : start + size]
             future = self._pool.submit(self._promote, layer, part, to)
             future.hkv_keys = part  # type: ignore[attr-defined]
             futures.append(future)
+        if to == "device" and hasattr(self.manager, "write_back"):
+            # Keep the device's next eviction victims clean (a host copy below them), so that
+            # making room for these blocks, or for a gather's misses, drops instead of copying
+            # down on the critical path. Cheap when there is nothing to clean.
+            future = self._pool.submit(self._write_back, layer, max(len(todo), 4 * self.job_blocks))
+            future.hkv_keys = []  # type: ignore[attr-defined]
+            futures.append(future)
         with self._lock:
-            self._stats.submitted_blocks += len(keys)
+            self._stats.submitted_blocks += len(todo)
+            self._stats.skipped_blocks += len(keys) - len(todo)
             self._stats.jobs += len(futures)
         return PrefetchTicket(keys, futures)
 
@@ -167,6 +196,18 @@ class Prefetcher:
             log.debug("prefetch of %d blocks of layer %d failed", len(keys), layer, exc_info=True)
             with self._lock:
                 self._stats.failed_jobs += 1
+
+    def _write_back(self, layer: int, limit: int) -> None:
+        try:
+            cleaned = self.manager.write_back(limit)
+        except Exception:  # noqa: BLE001 -- best effort, like promotion
+            log.debug("write-back for layer %d failed", layer, exc_info=True)
+            with self._lock:
+                self._stats.failed_jobs += 1
+            return
+        if cleaned:
+            with self._lock:
+                self._stats.written_back_blocks += cleaned
 
     def stats(self) -> PrefetcherStats:
         with self._lock:

@@ -22,6 +22,7 @@ import torch
 from ..blocks import BlockKey
 from .base import TierError
 from .placement import Digest, Entry, Placement
+from .pool import runs
 
 
 @dataclass(slots=True)
@@ -31,7 +32,7 @@ class GatherReport:
     resident: int = 0  # already on the device
     waited: int = 0  # in flight (being promoted by another thread), waited for
     fetched: int = 0  # not on the device, fetched on demand
-    stall_s: float = 0.0  # time spent waiting for or fetching blocks
+    stall_s: float = 0.0  # time spent because blocks were not on the device: waiting for a promotion in flight, or fetching on demand (not lock waits or per-gather bookkeeping)
 
 
 @dataclass(slots=True)
@@ -60,7 +61,6 @@ class Promotion(Placement):
         read twice. Raises ValueError if ``n`` exceeds :meth:`gather_capacity` (pinned blocks
         among ``keys`` do not count). If ``report`` is given, its counters are increased.
         """
-        start = time.perf_counter()
         keys = [key.digest for key in keys]  # internally blocks are known by their digest
         unique = list(dict.fromkeys(keys))
         with self._cond:
@@ -74,8 +74,7 @@ class Promotion(Placement):
             for entry in entries:
                 entry.holds += 1
         try:
-            busy, resident, missing, plan = self._fetch(unique, entries)
-            stalled = time.perf_counter() - start if (busy or missing) else 0.0
+            busy, resident, missing, plan, stalled = self._fetch(unique, entries)
             with self._cond:
                 on_device = {key: self.device_pool.slot(key) for key in unique if self.device_pool.contains(key)}
                 direct = {key: self.host_pool.slot(key) for key in unique if key not in on_device}
@@ -92,15 +91,26 @@ class Promotion(Placement):
             report.stall_s += stalled
         return out
 
-    def _fetch(self, unique: list[Digest], entries: list[Entry]) -> tuple[int, int, list[Digest], _Plan | None]:
+    def _fetch(self, unique: list[Digest], entries: list[Entry]) -> tuple[int, int, list[Digest], _Plan | None, float]:
         """Bring held blocks to the device (as far as room allows): wait for the busy ones, fetch
-        the rest. Returns (blocks waited for, resident at once, blocks fetched, the fetch plan)."""
+        the rest. Returns (blocks waited for, resident at once, blocks fetched, the fetch plan,
+        seconds stalled).
+
+        Stalled time is only the time spent because data was not on the device: from the moment
+        a block is found busy or missing until it is there (waiting for a promotion in flight,
+        planning, copying and committing an on-demand fetch). Taking the lock and the
+        bookkeeping every gather does (holds, slot lookups, assembling the output) are not
+        stalls: they cost the same when every block is resident."""
         with self._cond:
             self._check_open()
             busy = [key for key, entry in zip(unique, entries) if entry.busy]
+            start = time.perf_counter() if busy else None
             if busy:
                 self._cond.wait_for(lambda: not any(entry.busy for entry in entries))
-            missing = [key for key in unique if not self.device_pool.contains(key)]
+            on_device = self.device_pool.slot_map
+            missing = [key for key in unique if key not in on_device]
+            if missing and start is None:
+                start = time.perf_counter()
             plan = self._plan_up(missing, "device", must=True, exclude=set(unique)) if missing else None
         if plan is not None:
             try:
@@ -108,9 +118,18 @@ class Promotion(Placement):
             finally:
                 with self._cond:
                     self._commit_plan(plan)
+        stalled = time.perf_counter() - start if start is not None else 0.0
         waited = set(busy)
         fetched = [key for key in missing if key not in waited]
-        return len(busy), len(unique) - len(busy) - len(fetched), fetched, plan
+        return len(busy), len(unique) - len(busy) - len(fetched), fetched, plan, stalled
+
+    def missing_from_device(self, keys: Sequence[BlockKey]) -> list[BlockKey]:
+        """The ``keys`` not on the device now, in order, without taking the lock: a hint for the
+        prefetcher (skip resident blocks before queueing work), never for correctness -- the
+        answer may be stale by the time it is used, and :meth:`promote` checks again under the
+        lock. (One dict lookup per key; the GIL makes each lookup atomic.)"""
+        on_device = self.device_pool.slot_map
+        return [key for key in keys if key.digest not in on_device]
 
     def _assemble(self, keys, on_device, direct, plan, events) -> torch.Tensor:
         """``out[i]`` = block ``keys[i]``: device slots by one ``index_select``, the rest (no device
@@ -166,6 +185,64 @@ class Promotion(Placement):
             with self._cond:
                 self._commit_plan(plan)
 
+    def write_back(self, limit: int, *, scan: int | None = None) -> int:
+        """Give host copies to up to ``limit`` of the device's least recently used evictable
+        blocks that have no copy below (the device copy stays); returns how many.
+
+        Such a block must be *moved* down when it is evicted, a synchronous device -> host copy
+        under the lock; when the victim is chosen by a gather's on-demand fetch, that copy lands
+        on the decode step's critical path (after a prefill the device is full of such blocks).
+        The prefetcher's workers call this off the critical path, so later evictions are plain
+        drops. Only the ``scan`` (default ``4 * limit + 64``) next victims in LRU order are
+        looked at, so a call is cheap when there is nothing to clean. The blocks are held (not
+        busy) while copied: gathers read them meanwhile, nobody evicts or deletes them."""
+        if limit < 1:
+            return 0
+        scan = 4 * limit + 64 if scan is None else scan
+        with self._cond:
+            self._check_open()
+            cleaning = self.__dict__.setdefault("_cleaning", set())
+            on_host, entries = self.host_pool.slot_map, self._entries
+            todo: list[Digest] = []
+            for i, key in enumerate(self._recent["device"]):
+                if i >= scan or len(todo) >= limit:
+                    break
+                entry = entries[key]
+                if entry.busy or entry.pinned or entry.on_disk or key in on_host or key in cleaning:
+                    continue
+                todo.append(key)
+            if not todo:
+                return 0
+            # free host slots or drops only: never spill to disk under the lock for a clean-up
+            slots = self._make_room("host", len(todo), set(todo), move=False)
+            todo = todo[: len(slots)]
+            if not todo:
+                return 0
+            held = [entries[key] for key in todo]
+            for entry in held:
+                entry.holds += 1
+            cleaning.update(todo)
+            src = self.device_pool.slots(todo)
+            events = [entry.event for entry in held] if self.copies.cuda else ()
+        done = False
+        try:
+            self.copies.to_host(self.host_pool.data, slots, self.device_pool.data, src, events)
+            done = True
+        finally:
+            with self._cond:
+                for entry in held:
+                    entry.holds -= 1
+                cleaning.difference_update(todo)
+                if done:
+                    self.host_pool.assign_many(todo, slots)
+                    self._recent["host"].update(dict.fromkeys(todo))
+                    self.moved["device->host"] += self.layout.nbytes * len(todo)
+                else:
+                    for slot in slots:
+                        self.host_pool.unreserve(slot)
+                self._cond.notify_all()
+        return len(todo)
+
     def _plan_up(self, keys: list[Digest], to: str, *, must: bool, exclude: set[Digest]) -> _Plan:
         """Reserve slots and mark the moved blocks busy (lock held). Device slots are best effort;
         a disk-only block gets a host slot when there is room, else (``must``) a staging row."""
@@ -198,12 +275,26 @@ class Promotion(Placement):
         from_host = [key for key in plan.dev_dst if key not in from_disk] if from_disk else list(plan.dev_dst)
         host_slot = self.host_pool.slot_map
         slots = [host_slot[key] for key in from_host]  # busy: these slots cannot change
-        event = self.copies.to_device(self.device_pool.data, [plan.dev_dst[key] for key in from_host], self.host_pool.data, slots)
+        event = self._to_device([plan.dev_dst[key] for key in from_host], self.host_pool.data, slots)
         staged = [i for i, key in enumerate(plan.disk_keys) if key in plan.dev_dst]
         if staged:
             dst = [plan.dev_dst[plan.disk_keys[i]] for i in staged]
-            event = self.copies.to_device(self.device_pool.data, dst, plan.staging, staged) or event  # in order on the stream
+            event = self._to_device(dst, plan.staging, staged) or event  # in order on the stream
         plan.event, plan.done = event, True
+
+    def _to_device(self, dst_slots: list[int], src: torch.Tensor, src_slots: list[int]):
+        """Copy ``src[src_slots]`` into the device slots ``dst_slots``; the CUDA event or None.
+
+        Without a GPU both pools are RAM and the copy is a memcpy whose cost is memory traffic:
+        copy each run of consecutive slots straight across (one pass over the bytes) instead of
+        the batched gather + scatter of :func:`copy_slots` for scattered slots (two passes and a
+        temporary), which pays off for DMA but doubles an on-demand fetch's traffic on a CPU."""
+        if self.copies.cuda or not dst_slots:
+            return self.copies.to_device(self.device_pool.data, dst_slots, src, src_slots)
+        dst = self.device_pool.data
+        for d, s, n in runs(dst_slots, src_slots):
+            dst[d : d + n].copy_(src[s : s + n])
+        return None
 
     def _commit_plan(self, plan: _Plan) -> None:
         """Assign the reserved slots of a finished plan, or return them if it failed (lock held)."""
@@ -229,12 +320,14 @@ class Promotion(Placement):
                 if key in on_host:
                     if plan.event is not None:
                         entry.host_guard = plan.event  # the copy reads the host slot until then
-                    host_recent.move_to_end(key)
+                    del host_recent[key]
+                    host_recent[key] = None
         if self._recent["disk"]:
             disk_recent = self._recent["disk"]
             for key in plan.keys:
                 if key in disk_recent:
-                    disk_recent.move_to_end(key)
+                    del disk_recent[key]
+                    disk_recent[key] = None
         self.moved["host->device"] += nbytes * len(dev_keys)
         self.moved["disk->host"] += nbytes * len(plan.disk_keys)
         self._cond.notify_all()
