@@ -67,18 +67,24 @@ else log "cuda tests FAILED (rc $rc; 124 = timeout)"; status=1; fi
 log "decode benchmark on cuda (contexts 8K, 32K, 128K; 16 steps)"
 GPU_CHECK_BENCH_JSON="$OUT/decode_cuda.json" timeout 210 "$PY" - > "$OUT/decode_cuda.txt" 2>&1 <<'EOF'
 import json, os
-from hkv.bench.decode import print_table, run_decode_bench
+from hkv.bench.decode import build_model, print_table, run_decode_bench
 from hkv.config import Config
 
 config = Config.load(tiers={"device": "512MiB", "host": "8GiB", "disk": "16GiB"})
+contexts = (8192, 32768, 131072)
+model, weights = build_model("auto", device="cuda", max_tokens=max(contexts))  # loaded once
 merged = None
-for context in (8192, 32768, 131072):  # one context at a time: a timeout still leaves the JSON so far
-    figures = run_decode_bench(config, contexts=(context,), steps=16, device="cuda")
+for context in contexts:  # one context at a time: a timeout still leaves the JSON so far
+    figures = run_decode_bench(config, contexts=(context,), steps=16, device="cuda", model=model, weights=weights)
     if merged is None:
         merged = figures
     else:
-        for key in ("contexts", "hkv_ms", "baseline_ms", "hit_rate", "stall_frac", "hkv_fill_s", "baseline_fill_s", "tiers"):
-            merged[key] += figures[key]
+        # every per-context list (one entry per context), so new figures are merged too
+        n = len(figures["contexts"])
+        for key, value in figures.items():
+            if key != "contexts" and isinstance(value, list) and len(value) == n and isinstance(merged.get(key), list):
+                merged[key] += value
+        merged["contexts"] += figures["contexts"]
         merged["hkv_growth"] = merged["hkv_ms"][-1] / merged["hkv_ms"][0]
         base = merged["baseline_ms"][-1]
         merged["speedup_at_max"] = base / merged["hkv_ms"][-1] if base else None

@@ -251,14 +251,23 @@ def test_concurrent_reads_from_threads(tier: DiskTier) -> None:
     def reader(seed: int) -> None:
         rng = random.Random(seed)
         out = torch.empty(4, *LAYOUT.shape, dtype=LAYOUT.dtype)
-        for _ in range(50):
-            picks = rng.sample(range(32), 4)
-            tier.get_many_into([key_of(i) for i in picks], out)
-            if not torch.equal(out, expected[picks]):
-                failures.append(f"thread {seed} read wrong data for {picks}")
+        try:
+            for _ in range(50):
+                picks = rng.sample(range(32), 4)
+                tier.get_many_into([key_of(i) for i in picks], out)
+                if not torch.equal(out, expected[picks]):
+                    failures.append(f"thread {seed} read wrong data for {picks}")
+        except BaseException as error:  # a reader that raises is a failure, not a silent early exit
+            failures.append(f"thread {seed} raised {error!r}")
+
+    def write() -> None:
+        try:
+            tier.put_many([key_of(i) for i in range(100, 130)], blocks_of(range(100, 130)))
+        except BaseException as error:
+            failures.append(f"writer raised {error!r}")
 
     threads = [threading.Thread(target=reader, args=(seed,)) for seed in range(8)]
-    writer = threading.Thread(target=lambda: tier.put_many([key_of(i) for i in range(100, 130)], blocks_of(range(100, 130))))
+    writer = threading.Thread(target=write)
     for thread in [*threads, writer]:
         thread.start()
     for thread in [*threads, writer]:
@@ -364,3 +373,50 @@ def test_verify_reports_a_record_missing_from_the_key_index(store_path: Path) ->
     with DiskTier(store_path, LAYOUT, 16 * REC) as tier:
         problems = tier.verify()
         assert [key for key, _ in problems] == [key_of(2)] and "not in the key index" in problems[0][1]
+
+
+def _in_thread(call, timeout: float = 10.0):
+    """Run ``call`` in a thread; its result or exception (the test fails if it hangs)."""
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(("ok", call()))
+        except BaseException as error:
+            outcome.append(("error", error))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), "the call hung"
+    return outcome[0]
+
+
+def test_a_submission_once_the_writer_is_closing_raises_instead_of_hanging(tier: DiskTier) -> None:
+    tier.put_many([key_of(0)], blocks_of([0]))
+    tier._writer.close()  # as DiskTier.close does first; a racing put/flush/delete must not hang
+    for call in (
+        lambda: tier.put_many([key_of(1)], blocks_of([1])),
+        tier.flush,
+        lambda: tier.delete_many([key_of(0)]),
+    ):
+        status, error = _in_thread(call)
+        assert status == "error" and isinstance(error, TierError) and "writer is closed" in str(error)
+
+
+class _WriterCrash(BaseException):
+    pass
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_jobs_fail_when_the_writer_thread_dies(tier: DiskTier, monkeypatch) -> None:
+    def crash(batch):
+        raise _WriterCrash("boom")
+
+    monkeypatch.setattr(tier._writer, "_apply", crash)
+    status, error = _in_thread(lambda: tier.put_many([key_of(1)], blocks_of([1])))
+    assert status == "error" and isinstance(error, TierError) and "writer stopped" in str(error)
+    tier._writer._thread.join(5)
+    status, error = _in_thread(lambda: tier.put_many([key_of(2)], blocks_of([2])))
+    assert status == "error" and isinstance(error, TierError) and "writer is closed" in str(error)
+    tier.close()  # still closes cleanly

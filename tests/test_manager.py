@@ -499,3 +499,73 @@ def test_write_back_never_spills_the_host_to_disk(make):
     assert manager.stats().moved_bytes.get("host->disk", 0) == disk_before
     check_all(manager, range(6))
     check_budgets(manager)
+
+
+def test_a_disk_write_failure_while_making_room_returns_the_reserved_slots(make, monkeypatch):
+    manager = make(device=2, host=1, disk=8)
+    put_range(manager, range(3))  # device: 1, 2; host: 0
+    manager.delete([key_of(1)])  # one device slot free
+    disk = manager._open_disk()
+
+    def failing_put_many(keys, blocks):
+        raise TierError("disk write failed")
+
+    monkeypatch.setattr(disk, "put_many", failing_put_many)
+    used = {name: usage.used_bytes for name, usage in manager.stats().tiers.items()}
+    with pytest.raises(TierError, match="disk write failed"):
+        put_range(manager, [5, 6])  # one free device slot reserved, then the spill host -> disk fails
+    assert {name: usage.used_bytes for name, usage in manager.stats().tiers.items()} == used
+    assert not manager.contains(key_of(5)) and not manager.contains(key_of(6))
+    monkeypatch.undo()
+    put_range(manager, [5, 6])
+    check_all(manager, [0, 2, 5, 6])
+    check_budgets(manager)
+
+
+def test_release_waits_for_a_gather_holding_the_block(make):
+    manager = make(device=1, host=1, disk=8)
+    put_range(manager, range(3))  # block 0 is on disk only
+    manager.retain([key_of(0)])
+    entry = manager._entries[key_of(0).digest]
+    with manager._cond:
+        entry.holds += 1  # as a gather does while it fetches the block
+    releaser = threading.Thread(target=manager.release, args=([key_of(0)],))
+    releaser.start()
+    releaser.join(0.3)
+    assert releaser.is_alive() and manager.contains(key_of(0))  # not deleted under the gather
+    with manager._cond:
+        entry.holds -= 1
+        manager._cond.notify_all()
+    releaser.join(5)
+    assert not releaser.is_alive()
+    assert not manager.contains(key_of(0))
+
+
+def test_write_through_futures_that_landed_are_pruned_and_failures_still_reported(make, monkeypatch):
+    from concurrent.futures import Future
+
+    manager = make(device=4, host=4, disk=64, store={"persist": True})
+    disk = manager._open_disk()
+    for i in range(20):
+        manager.put(key_of(i), block_of(i))
+        disk.flush()  # the write-through has landed
+    assert len(manager._pending) <= 1  # not one entry per put until flush()
+    real = disk.submit_put_many
+
+    def failing_submit(keys, blocks):
+        future: Future = Future()
+        future.set_exception(TierError("write-through failed"))
+        return future
+
+    monkeypatch.setattr(disk, "submit_put_many", failing_submit)
+    manager.put(key_of(30), block_of(30))
+    monkeypatch.setattr(disk, "submit_put_many", real)
+    for i in range(31, 34):
+        manager.put(key_of(i), block_of(i))
+        disk.flush()
+    with pytest.raises(TierError, match="write-through failed"):
+        manager.flush()
+    assert manager.where(key_of(30)) == {"device"}  # un-marked: it never reached the disk
+    assert manager.stats().tiers["disk"].blocks == 23
+    manager.flush()
+    assert manager._pending == []

@@ -120,3 +120,22 @@ def test_exact_mode_selects_every_block_without_scoring() -> None:
     query, blocks = _planted(30, hot=[3])
     sel = select_blocks(query, _summaries(blocks).summary(0), past_blocks=30, sink_blocks=1, local_blocks=2, topk=None)
     assert sel.blocks.tolist() == list(range(30)) and sel.predicted.tolist() == list(range(1, 28))
+
+
+def test_selection_scores_are_the_chosen_blocks_scores_with_one_transfer(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(3)
+    query, blocks = torch.randn(4, 2, 8), torch.randn(30, 2, 4, 8)
+    summary = _summaries(blocks).summary(0)
+    sel = select_blocks(query, summary, past_blocks=30, sink_blocks=1, local_blocks=2, topk=5, margin=0.4)
+    scores = block_scores(query, summary[..., 1:28])
+    order = torch.topk(scores, 7, sorted=True).indices
+    assert sel.predicted.tolist() == (order + 1).tolist()
+    assert sel.scored.tolist() == (order[:5] + 1).tolist()
+    assert sel.scores.dtype == scores.dtype and torch.equal(sel.scores, scores[order[:5]])
+    assert sel.blocks.tolist() == [0, *sorted((order[:5] + 1).tolist()), 28, 29]
+    # one device -> host copy per selection (CPU tensors count their .cpu() calls here)
+    calls = []
+    cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: calls.append(1) or cpu(self, *a, **k))
+    select_blocks(query, summary, past_blocks=30, sink_blocks=1, local_blocks=2, topk=5, margin=0.4)
+    assert len(calls) == 1

@@ -15,13 +15,23 @@ from test_sequence_kv import Driver, make_config, open_sequence
 
 
 class RecordingManager:
-    """Only what the prefetcher calls: ``promote``."""
+    """Only what the prefetcher calls: ``missing_from_device`` (nothing resident), ``promote``
+    and ``write_back`` (nothing to clean)."""
 
     def __init__(self, *, delay: float = 0.0, fail: bool = False) -> None:
         self.promoted: list[BlockKey] = []
         self.threads: set[str] = set()
         self.delay, self.fail = delay, fail
         self.lock = threading.Lock()
+        self.write_backs: list[int] = []
+
+    def missing_from_device(self, keys):
+        return list(keys)
+
+    def write_back(self, limit: int) -> int:
+        with self.lock:
+            self.write_backs.append(limit)
+        return 0
 
     def promote(self, keys, to="device") -> None:
         time.sleep(self.delay)
@@ -108,7 +118,6 @@ class ResidencyManager(RecordingManager):
     def __init__(self, resident: set[BlockKey]) -> None:
         super().__init__()
         self.resident = resident
-        self.write_backs: list[int] = []
 
     def missing_from_device(self, keys):
         return [key for key in keys if key not in self.resident]
@@ -130,8 +139,16 @@ def test_submit_skips_resident_blocks_and_keeps_victims_clean() -> None:
         stats = prefetcher.stats()
         assert (stats.submitted_blocks, stats.skipped_blocks) == (5, 5)
         assert manager.write_backs and stats.written_back_blocks == len(manager.write_backs)
+        # Everything resident: no promotion and no write-back job is queued.
         manager.resident.update(keys)
-        assert prefetcher.submit(0, keys).wait() is None and sorted(manager.promoted) == sorted(keys[1::2])
+        jobs, write_backs = stats.jobs, len(manager.write_backs)
+        ticket = prefetcher.submit(0, keys)
+        ticket.wait()
+        assert ticket.done() and not ticket.pending_keys()
+        assert sorted(manager.promoted) == sorted(keys[1::2])
+        stats = prefetcher.stats()
+        assert stats.jobs == jobs and len(manager.write_backs) == write_backs
+        assert (stats.submitted_blocks, stats.skipped_blocks) == (5, 15)
 
 
 def test_hit_rate_is_hits_over_blocks_read_not_over_blocks_predicted() -> None:

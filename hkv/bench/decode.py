@@ -131,13 +131,9 @@ def _time_steps(model: torch.nn.Module, cache: Any, steps: int, warmup: int = 2,
     return times
 
 
-def _stat(stats: Any, *names: str) -> float:
-    for name in names:
-        if stats is not None and hasattr(stats, name):
-            return float(getattr(stats, name))
-        if isinstance(stats, dict) and name in stats:
-            return float(stats[name])
-    return 0.0
+def _stat(stats: Any, name: str) -> float:
+    """A counter of a :class:`~hkv.prefetch.prefetcher.SequenceStats` (0 for no stats yet)."""
+    return 0.0 if stats is None else float(getattr(stats, name))
 
 
 def _hkv_run(model: torch.nn.Module, config: Config, context: int, steps: int, store: Path) -> dict[str, Any]:
@@ -164,7 +160,7 @@ def _hkv_run(model: torch.nn.Module, config: Config, context: int, steps: int, s
         cache.close()
     predicted = _stat(after, "predicted") - _stat(before, "predicted")
     needed = _stat(after, "needed") - _stat(before, "needed")
-    hits = _stat(after, "hit", "hits") - _stat(before, "hit", "hits")
+    hits = _stat(after, "hit") - _stat(before, "hit")
     missed = _stat(after, "missed") - _stat(before, "missed")
     stall = _stat(after, "stall_s") - _stat(before, "stall_s")
     median = statistics.median(times)
@@ -211,6 +207,7 @@ def run_decode_bench(
     device: str | torch.device | None = None,
     baseline: bool = True,
     ram_fraction: float = 0.6,
+    model: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
     """Decode latency per token of hkv sparse mode and of ``DynamicCache`` at each context length.
 
@@ -219,14 +216,19 @@ def run_decode_bench(
     ``weights``: "smollm2" (the real model, so decode queries are realistic), "random"
     (SmolLM2's shape) or "auto" (smollm2 when installed). ``device``: default cuda if available, else cpu.
     The baseline is skipped (``None``) where its KV would exceed ``ram_fraction`` of free RAM
-    (or of free GPU memory on cuda). Returns a dict with at least ``contexts``, ``hkv_ms``,
+    (or of free GPU memory on cuda). ``model``: an already built model (from :func:`build_model`,
+    on ``device``) to reuse across calls instead of building one; ``weights`` then only labels it.
+    Returns a dict with at least ``contexts``, ``hkv_ms``,
     ``baseline_ms``, ``hit_rate``, ``stall_frac``.
     """
     if steps < 1:
         raise ValueError(f"steps = {steps} must be at least 1")
     config = config if config is not None else Config.load(tiers=BENCH_TIERS)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, weights = build_model(weights, device=device, max_tokens=max(contexts))
+    if model is None:
+        model, weights = build_model(weights, device=device, max_tokens=max(contexts))
+    elif next(model.parameters()).device.type != device.type:
+        raise ValueError(f"the model is on {next(model.parameters()).device}, the benchmark runs on {device}")
     figures: dict[str, Any] = {
         "contexts": list(contexts),
         "hkv_ms": [],

@@ -27,8 +27,8 @@ import mmap
 import os
 import random
 import shutil
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -146,11 +146,10 @@ def _tier_read(store: Path, layout: BlockLayout, keys: list[BlockKey], read_batc
             for batch in mine:
                 tier.get_many_into(batch, out[: len(batch)])
 
-        workers = [threading.Thread(target=reader, args=(batches[i::threads],)) for i in range(threads)]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="hkv bench reader") as pool:
+            futures = [pool.submit(reader, batches[i::threads]) for i in range(threads)]
+            for future in futures:
+                future.result()  # a reader that failed fails the measurement (it would look faster)
         return time.perf_counter() - start
 
 

@@ -18,7 +18,6 @@ import shutil
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import torch
 from ..blocks import BlockKey, BlockLayout
 from ..config import Config
 from ..tiers.manager import TierManager
+from .disk import measure_disk
 
 SMOL_LAYOUT = BlockLayout(kv_heads=3, block_tokens=64, head_dim=64, dtype=torch.float16)  # 48 KiB
 DISK_KEYS = ("disk_read_gbps", "disk_write_gbps", "raw_disk_read_gbps", "raw_disk_write_gbps")
@@ -87,12 +87,7 @@ def measure_block_moves(
 
 
 def _disk_figures(folder: Path, disk_bytes: int) -> dict[str, Any]:
-    try:
-        from .disk import measure_disk
-    except ImportError as error:  # the disk half is a separate module; say so instead of failing the rest
-        return {**dict.fromkeys(DISK_KEYS), "disk_error": f"disk benchmark unavailable: {error}"}
-    result = measure_disk(folder, total_bytes=disk_bytes)
-    raw = asdict(result) if is_dataclass(result) else dict(result)
+    raw = measure_disk(folder, total_bytes=disk_bytes).as_dict()
     # The headline keys stay as they are; the disk run's setup gets a ``disk_`` prefix.
     return {key if key in DISK_KEYS or key == "read_cache" else f"disk_{key}": value for key, value in raw.items()}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 from ..blocks import BlockLayout
 from ..config import Config
 from .model import ModelSpec, model_fingerprint, storage_dtype
-from .transformers import HkvCache, ModelHooks, check_padding
+from .transformers import HkvCache, ModelHooks, check_not_wrapped, check_padding
 
 
 @dataclass(slots=True)
@@ -50,7 +51,8 @@ class Runtime:
         from ..prefetch.prefetcher import Prefetcher
         from ..tiers.manager import TierManager
 
-        self.spec = ModelSpec.of(model)  # refusals happen here, before anything changes
+        check_not_wrapped(model)  # refusals happen here, before anything changes
+        self.spec = ModelSpec.of(model)
         self.model = model
         self.config = config if config is not None else Config()
         self.dtype = storage_dtype(self.config, self.spec.dtype)
@@ -67,7 +69,9 @@ class Runtime:
         self.manager = TierManager(self.config, self.layout, device=device)
         self.prefetcher = None
         self._hooks: ModelHooks | None = None
-        self._caches: list[HkvCache] = []
+        self._caches: weakref.WeakSet[HkvCache] = weakref.WeakSet()  # open caches, held weakly
+        self._current: weakref.ref[HkvCache] | None = None  # the newest open cache
+        self._orphans: list[Any] = []  # SequenceKVs of caches collected unclosed, closed by _drain_orphans
         self._last_sequence_stats: Any = None
         self._closed = False
         self._device_peak = 0
@@ -85,10 +89,17 @@ class Runtime:
     # -- caches --------------------------------------------------------------------------------
 
     def new_cache(self) -> HkvCache:
-        """A fresh, empty cache for one sequence; use with ``model.generate(ids, cache=cache)``."""
+        """A fresh, empty cache for one sequence; use with ``model.generate(ids, cache=cache)``.
+
+        Close it when done, best with ``with rt.new_cache() as cache: model.generate(ids, cache=cache)``.
+        The runtime holds caches weakly: the blocks of a cache garbage collected unclosed are
+        released at the next ``new_cache`` / :meth:`stats` / :meth:`close` (so
+        ``model.generate(ids, cache=rt.new_cache())`` works repeatedly), and :meth:`close` closes
+        the caches still open."""
         from ..attention import SequenceKV
 
         self._check_open()
+        self._drain_orphans()
         spec = self.spec
         sequence = SequenceKV(
             self.manager,
@@ -102,13 +113,27 @@ class Runtime:
             prefetcher=self.prefetcher,
         )
         cache = HkvCache(self, sequence)
-        self._caches.append(cache)
+        # A cache collected unclosed only queues its sequence (list.append is safe wherever the
+        # garbage collector runs, even inside a lock); the next new_cache / stats / close closes it.
+        cache._finalizer = weakref.finalize(cache, self._orphans.append, sequence)
+        cache._finalizer.atexit = False
+        self._caches.add(cache)
+        self._current = weakref.ref(cache)
         return cache
 
     def _retire(self, cache: HkvCache) -> None:
+        """Called by ``cache.close()`` (which then closes the sequence)."""
+        self._caches.discard(cache)
+        if cache._finalizer is not None:
+            cache._finalizer.detach()
         self._last_sequence_stats = cache.sequence.stats()
-        if cache in self._caches:
-            self._caches.remove(cache)
+
+    def _drain_orphans(self) -> None:
+        while self._orphans:
+            sequence = self._orphans.pop()
+            if not sequence._closed:
+                self._last_sequence_stats = sequence.stats()
+                sequence.close()
 
     # -- generation ----------------------------------------------------------------------------
 
@@ -149,10 +174,11 @@ class Runtime:
         self._check_open()
         if "cache" in generate_kwargs or "past_key_values" in generate_kwargs:
             raise ValueError("rt.generate makes its own cache; use model.generate(..., cache=rt.new_cache()) to pass one")
-        input_ids = _as_batch_one(input_ids)
+        input_ids = _as_batch_one(input_ids).to(self.spec.device)
         mask = generate_kwargs.get("attention_mask")
         if mask is not None:
             check_padding(mask)
+            generate_kwargs["attention_mask"] = mask.to(self.spec.device)
         if progress is None:
             progress = input_ids.shape[1] > 8 * self.config.attention.prefill_chunk_tokens
         cache = self.new_cache()
@@ -162,7 +188,7 @@ class Runtime:
             start = time.perf_counter()
             generate_kwargs.setdefault("attention_mask", torch.ones_like(input_ids))
             with torch.inference_mode():
-                out = self.model.generate(input_ids.to(self.spec.device), cache=cache, **generate_kwargs)
+                out = self.model.generate(input_ids, cache=cache, **generate_kwargs)
             self._counters["generate_s"] += time.perf_counter() - start
             sequences = out if isinstance(out, torch.Tensor) else out.sequences
             self._counters["generated_tokens"] += sequences.shape[1] - input_ids.shape[1]
@@ -179,13 +205,15 @@ class Runtime:
     def stats(self) -> RuntimeStats:
         """Tier usage, bytes moved, the current (or last) sequence's prefetch stats, token counts."""
         self._check_open()
+        self._drain_orphans()
         snapshot = self.manager.stats()
         tiers = {
             name: {"used_bytes": u.used_bytes, "capacity_bytes": u.capacity_bytes, "blocks": u.blocks}
             for name, u in snapshot.tiers.items()
         }
         self._device_peak = max(self._device_peak, tiers["device"]["used_bytes"])
-        sequence_stats = self._caches[-1].sequence.stats() if self._caches else self._last_sequence_stats
+        current = self._current() if self._current is not None else None
+        sequence_stats = current.sequence.stats() if current is not None and not current._closed else self._last_sequence_stats
         return RuntimeStats(
             tiers=tiers,
             device_peak_bytes=self._device_peak,
@@ -204,8 +232,10 @@ class Runtime:
         if self._closed:
             return
         self._closed = True
-        for cache in list(getattr(self, "_caches", [])):
+        for cache in list(getattr(self, "_caches", ())):
             cache.close()
+        if hasattr(self, "_orphans"):
+            self._drain_orphans()
         if self._hooks is not None:
             self._hooks.remove()
         if self.prefetcher is not None:

@@ -173,7 +173,11 @@ class HkvCache(Cache):
 
     Create it with ``rt.new_cache()`` and pass it as ``cache=`` to the wrapped model's
     ``forward`` or ``generate``. Batch size 1 only; no padding, beam search or cropping.
+    Close it when done (``with rt.new_cache() as cache: ...``); a cache garbage collected
+    unclosed has its blocks released by the runtime's next ``new_cache`` / ``stats`` / ``close``.
     """
+
+    _finalizer: Any = None  # set by Runtime.new_cache: closes the SequenceKV once
 
     def __init__(self, runtime: Runtime, sequence: Any) -> None:
         super().__init__(layers=[HkvLayer(sequence, i) for i in range(runtime.spec.num_layers)])
@@ -236,10 +240,11 @@ class ModelHooks:
     """
 
     def __init__(self, model: torch.nn.Module, owner: Any, after_forward: Callable[[], None] | None = None) -> None:
+        check_not_wrapped(model)
         self.model, self.owner, self.after_forward = model, owner, after_forward
+        self._handles: list[Any] = []
         self.original = model.config._attn_implementation or "sdpa"
         _FALLBACK[id(model.config)] = (model.config, self.original)
-        self._handles: list[Any] = []
         try:
             model.set_attn_implementation(ATTN_IMPLEMENTATION)
             self._handles.append(model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
@@ -291,6 +296,16 @@ class ModelHooks:
         entry = _FALLBACK.get(id(self.model.config))
         if entry is not None and entry[0] is self.model.config:
             del _FALLBACK[id(self.model.config)]
+
+
+def check_not_wrapped(model: torch.nn.Module) -> None:
+    """Refuse a model that an open hkv runtime already serves (its attention implementation is "hkv")."""
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "_attn_implementation", None) == ATTN_IMPLEMENTATION:
+        raise ValueError(
+            "this model is already wrapped by hkv (its attention implementation is \"hkv\"); "
+            "close the existing runtime (rt.close()) before wrapping it again"
+        )
 
 
 def check_padding(mask: torch.Tensor) -> None:

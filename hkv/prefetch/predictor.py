@@ -7,8 +7,9 @@ matmuls over all blocks at once, no Python loop per block.
 
 Scores: per KV head the max over the query heads of its GQA group and over the queries of the
 chunk (in pieces, so a 1024-query prefill chunk never builds more than ``_SCORE_ELEMENTS``
-floats), then, after subtracting each head's best score (``normalize``), the max over KV heads:
-one score per block. The top-k blocks by score are attended; sink and local blocks are always
+floats), then, after subtracting each KV head's logsumexp over the candidate blocks
+(``normalize``: a log-softmax per KV head, so heads with sharper score distributions are not
+drowned out by heads with larger logits), the max over KV heads: one score per block. The top-k blocks by score are attended; sink and local blocks are always
 included and never scored.
 """
 
@@ -140,8 +141,12 @@ def select_blocks(
         return Selection(every, every[low:high], empty, torch.empty(0))
     scores = block_scores(query, summary[..., low:high], normalize=normalize, scaling=scaling)
     want = min(candidates, topk + math.ceil(margin * topk))
-    order = torch.topk(scores, want, sorted=True).indices.cpu()  # best first
-    chosen = order[: min(topk, candidates)]
+    top = torch.topk(scores, want, sorted=True)  # best first
+    # One device -> host transfer for both (float64 holds every fp32 score and index exactly).
+    both = torch.stack([top.values.to(torch.float64), top.indices.to(torch.float64)]).cpu()
+    order = both[1].to(torch.long)
+    k = min(topk, candidates)
+    chosen = order[:k]
     chosen_sorted = torch.sort(chosen).values + low
     blocks = torch.cat([every[:low], chosen_sorted, every[high:]])
-    return Selection(blocks, order + low, chosen + low, scores[chosen.to(scores.device)].cpu())
+    return Selection(blocks, order + low, chosen + low, both[0, :k].to(scores.dtype))

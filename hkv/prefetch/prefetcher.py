@@ -50,8 +50,11 @@ class StepStats:
 
     ``predicted``: blocks the prefetcher was asked for, for this step. ``needed``: past blocks
     read that are not pinned. ``hit``: needed blocks that were predicted and already on the device
-    when read. ``late``: blocks a prefetch was still moving (gather waited). ``missed``: blocks
-    fetched on demand. ``resident`` / ``waited`` / ``fetched`` / ``stall_s`` are the manager's
+    when read. ``late``: the same count as ``waited`` -- gathered blocks that a concurrent
+    promotion was still moving when read (gather waited for it). ``missed``: the same count as
+    ``fetched`` -- gathered blocks fetched on demand. Both copies cover every gathered block,
+    not only ``needed`` ones (pinned blocks are on the device, so in practice they are needed
+    blocks). ``resident`` / ``waited`` / ``fetched`` / ``stall_s`` are the manager's
     :class:`~hkv.tiers.manager.GatherReport` over every gathered block (sink and local included);
     ``stall_s`` counts only time spent because a block was not on the device (waiting for its
     promotion, or fetching it on demand), never the lock waits and bookkeeping every gather pays.
@@ -137,7 +140,8 @@ class PrefetchTicket:
 class Prefetcher:
     """Promotes blocks to the device tier on ``workers`` threads.
 
-    ``manager``: a :class:`~hkv.tiers.manager.TierManager` (its ``promote`` is thread-safe).
+    ``manager``: a :class:`~hkv.tiers.manager.TierManager`; the prefetcher calls its
+    ``missing_from_device``, ``promote`` and ``write_back`` (thread-safe).
     """
 
     def __init__(self, manager, workers: int = 2, *, job_blocks: int = 16) -> None:
@@ -162,17 +166,18 @@ class Prefetcher:
         # Skip blocks already there before queueing anything (a lock-free hint; promote checks
         # again under the manager's lock): consecutive steps predict mostly the same blocks, and
         # a job per resident block would only cost the main thread GIL and lock time.
-        todo = self.manager.missing_from_device(keys) if to == "device" and hasattr(self.manager, "missing_from_device") else list(keys)
+        todo = self.manager.missing_from_device(keys) if to == "device" else list(keys)
         size = max(1, self.job_blocks)
         for start in range(0, len(todo), size):
             part = todo[start : start + size]
             future = self._pool.submit(self._promote, layer, part, to)
             future.hkv_keys = part  # type: ignore[attr-defined]
             futures.append(future)
-        if to == "device" and hasattr(self.manager, "write_back"):
+        if to == "device" and todo:
             # Keep the device's next eviction victims clean (a host copy below them), so that
             # making room for these blocks, or for a gather's misses, drops instead of copying
-            # down on the critical path. Cheap when there is nothing to clean.
+            # down on the critical path. Only when something is promoted: with nothing to
+            # promote, nothing is evicted for the prefetch.
             future = self._pool.submit(self._write_back, layer, max(len(todo), 4 * self.job_blocks))
             future.hkv_keys = []  # type: ignore[attr-defined]
             futures.append(future)

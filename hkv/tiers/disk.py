@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import mmap
+import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from pathlib import Path
@@ -113,6 +114,7 @@ class DiskTier(Tier):
             raise
         self._hints = ReadHints(KEY_BYTES, layout.record_nbytes)
         self._closed = False
+        self._close_lock = threading.Lock()
         self._writer: BatchWriter | None = None
         if not readonly:
             self._writer = BatchWriter(
@@ -344,10 +346,13 @@ class DiskTier(Tier):
         """Commit what was submitted, stop and join the writer, close the environment. Idempotent."""
         if getattr(self, "_closed", True):
             return
-        if self._writer is not None:
-            self._writer.close()
-        self._closed = True
-        self._env.close()
+        with self._close_lock:
+            if self._closed:
+                return
+            if self._writer is not None:
+                self._writer.close()  # first: a submit from now on raises TierError instead of hanging
+            self._closed = True
+            self._env.close()
 
     def __enter__(self) -> DiskTier:
         return self

@@ -63,21 +63,49 @@ class BatchWriter:
         self._env, self._apply, self._full_error, self._touch = env, apply, full_error, touch
         self.max_blocks, self.name = max_blocks, name
         self._jobs: queue.SimpleQueue[WriteJob | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # orders submissions against closing
+        self._closing = False  # set by close() or when the thread ends: no more submissions
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
     def submit(self, job: WriteJob) -> Future:
-        self._jobs.put(job)
+        """Queue ``job``; raises TierError once the writer is closing or its thread has ended."""
+        with self._lock:
+            if self._closing:
+                raise TierError(f"{self.name}: the writer is closed (closing, or its thread ended)")
+            self._jobs.put(job)
         return job.future
 
     def close(self) -> None:
         """Finish every job submitted so far, then stop and join the thread."""
-        if self._thread.is_alive():
-            self._jobs.put(None)
+        with self._lock:
+            if not self._closing:
+                self._closing = True
+                self._jobs.put(None)  # after every job already queued; none can follow
+        if self._thread is not threading.current_thread():
             self._thread.join()
 
     def _loop(self) -> None:
         durable: list[Outcome] = []  # committed; resolved once a later fsync covers their meta page
+        batch: list[WriteJob] = []
+        try:
+            self._run(durable, batch)
+        finally:  # normal stop or a crash: no job may be left waiting forever
+            with self._lock:
+                self._closing = True
+            stranded = [job for job, _ in durable] + batch
+            while True:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None:
+                    stranded.append(job)
+            for job in stranded:
+                if not job.future.done():
+                    job.future.set_exception(TierError(f"{self.name}: the writer stopped before this job was done"))
+
+    def _run(self, durable: list[Outcome], batch: list[WriteJob]) -> None:
         while True:
             if durable:
                 try:
@@ -90,7 +118,7 @@ class BatchWriter:
             if job is None:
                 self._sync(durable)
                 return
-            batch, count = [job], job.size
+            batch[:], count = [job], job.size
             while count < self.max_blocks:  # gather what is already waiting, up to a batch
                 try:
                     job = self._jobs.get_nowait()
@@ -103,7 +131,8 @@ class BatchWriter:
                 count += job.size
             committed = self._commit([job for job in batch if job.future.set_running_or_notify_cancel()])
             self._resolve(durable)  # this commit's fdatasync also flushed the previous meta page
-            durable = committed
+            durable[:] = committed
+            batch.clear()
 
     def _commit(self, batch: list[WriteJob], retry: bool = True) -> list[Outcome]:
         """Do ``batch`` in one transaction; on a full map, commit one small transaction (LMDB

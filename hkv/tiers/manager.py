@@ -172,13 +172,15 @@ class TierManager(Promotion):
             rest = len(keys) - len(dev) - len(host)
             if rest and not self.persist:
                 reserved_disk = self._disk_reserve(rest, exclude)
-        except TierFullError as error:
+        except BaseException as error:  # a disk write failing while making room too: give all back
             for slot in dev:
                 self.device_pool.unreserve(slot)
             for slot in host:
                 self.host_pool.unreserve(slot)
             self._disk_count -= reserved_disk
-            raise TierFullError(f"cannot insert {len(keys)} blocks: {error}") from None
+            if isinstance(error, TierFullError):
+                raise TierFullError(f"cannot insert {len(keys)} blocks: {error}") from None
+            raise
         for key in keys:
             self._entries[key] = Entry()
         # The newest blocks of the batch go highest: disk gets the oldest, the device the newest.
@@ -302,6 +304,7 @@ class TierManager(Promotion):
             with self._cond:
                 for entry in entries:
                     entry.holds -= 1
+                self._cond.notify_all()  # release/delete wait for holds to drop
 
     def unpin(self, keys: Sequence[BlockKey]) -> None:
         """Let blocks be evicted again; unknown or unpinned keys are ignored."""
@@ -347,7 +350,10 @@ class TierManager(Promotion):
                 if entry.refs == 0 and not self.persist and entry.on_disk:
                     drop.append(key)
             if drop:
-                self._cond.wait_for(lambda: not any(self._entries[key].busy for key in drop if key in self._entries))
+                # like delete: not while a gather/pin holds one or a move has it busy (it would vanish under them)
+                self._cond.wait_for(
+                    lambda: not any(self._entries[k].busy or self._entries[k].holds for k in drop if k in self._entries)
+                )
                 drop = [key for key in dict.fromkeys(drop) if key in self._entries and self._entries[key].refs == 0]
                 self._delete_disk_copies(drop)
 

@@ -60,6 +60,7 @@ class Placement:
         self._disk_count = 0  # records stored, being written, or reserved
         self._pinned_count = 0
         self._pending: list[tuple[list[Digest], Future]] = []  # write-through futures
+        self._cleaning: set[Digest] = set()  # device blocks a clean-up is copying to the host
         self.moved = dict.fromkeys(DIRECTIONS, 0)
         self.evictions = {"device": 0, "host": 0, "disk": 0}
 
@@ -198,29 +199,34 @@ class Placement:
         got = pool.alloc_many(n)
         if len(got) == n:
             return got
-        limit = None if full or not isinstance(self.policy, LRUPolicy) else 2 * (n - len(got)) + 16
-        candidates, complete = self._candidates(tier, exclude, limit)
-        ranked = list(self.policy.rank(candidates))
-        movers: list[Digest] = []
-        i = 0
-        while i < len(ranked) and len(got) + len(movers) < n:
-            key, i = ranked[i], i + 1
-            if self._copy_elsewhere(tier, key):
-                self._drop(tier, key)
-                self.evictions[tier] += count
-                got.append(pool.alloc())  # type: ignore[arg-type]
-            elif move:
-                movers.append(key)
-        moved = self._move_down(tier, movers, exclude | set(movers), count=count) if movers else []
-        got.extend(pool.alloc() for _ in moved)  # type: ignore[misc]
-        while len(got) < n and i < len(ranked):  # the move down fell short: drops only
-            key, i = ranked[i], i + 1
-            if key not in moved and self._copy_elsewhere(tier, key):
-                self._drop(tier, key)
-                self.evictions[tier] += count
-                got.append(pool.alloc())  # type: ignore[arg-type]
-        if len(got) < n and not complete:
-            got.extend(self._make_room(tier, n - len(got), exclude | set(movers), count=count, move=move, full=True))
+        try:
+            limit = None if full or not isinstance(self.policy, LRUPolicy) else 2 * (n - len(got)) + 16
+            candidates, complete = self._candidates(tier, exclude, limit)
+            ranked = list(self.policy.rank(candidates))
+            movers: list[Digest] = []
+            i = 0
+            while i < len(ranked) and len(got) + len(movers) < n:
+                key, i = ranked[i], i + 1
+                if self._copy_elsewhere(tier, key):
+                    self._drop(tier, key)
+                    self.evictions[tier] += count
+                    got.append(pool.alloc())  # type: ignore[arg-type]
+                elif move:
+                    movers.append(key)
+            moved = self._move_down(tier, movers, exclude | set(movers), count=count) if movers else []
+            got.extend(pool.alloc() for _ in moved)  # type: ignore[misc]
+            while len(got) < n and i < len(ranked):  # the move down fell short: drops only
+                key, i = ranked[i], i + 1
+                if key not in moved and self._copy_elsewhere(tier, key):
+                    self._drop(tier, key)
+                    self.evictions[tier] += count
+                    got.append(pool.alloc())  # type: ignore[arg-type]
+            if len(got) < n and not complete:
+                got.extend(self._make_room(tier, n - len(got), exclude | set(movers), count=count, move=move, full=True))
+        except BaseException:  # e.g. a disk write failing in the move down: give the slots back
+            for slot in got:
+                pool.unreserve(slot)
+            raise
         return got
 
     def _move_down(self, tier: str, keys: list[Digest], exclude: set[Digest], *, count: bool = True) -> list[Digest]:
@@ -307,6 +313,8 @@ class Placement:
             future = None
         else:
             future = disk.submit_put_many([BlockKey(key) for key in keys], blocks)
+            # drop write-throughs that landed; failed ones stay for _flush_pending to un-mark and report
+            self._pending = [(ks, f) for ks, f in self._pending if not (f.done() and f.exception() is None)]
             self._pending.append((list(keys), future))
         for key in keys:
             entry = self._entries[key]

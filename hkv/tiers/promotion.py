@@ -84,6 +84,7 @@ class Promotion(Placement):
             with self._cond:
                 for entry in entries:
                     entry.holds -= 1
+                self._cond.notify_all()  # release/delete wait for holds to drop
         if report is not None:
             report.resident += resident
             report.waited += busy
@@ -201,7 +202,7 @@ class Promotion(Placement):
         scan = 4 * limit + 64 if scan is None else scan
         with self._cond:
             self._check_open()
-            cleaning = self.__dict__.setdefault("_cleaning", set())
+            cleaning = self._cleaning
             on_host, entries = self.host_pool.slot_map, self._entries
             todo: list[Digest] = []
             for i, key in enumerate(self._recent["device"]):
@@ -251,7 +252,9 @@ class Promotion(Placement):
         on_host = self.host_pool.slot_map
         on_disk_only = [key for key in keys if key not in on_host]
         # A disk read also fills a host slot. A gather takes one only when it is free or freed by
-        # a drop, never by a spill (a disk write on its critical path); a promotion may spill.
+        # a drop, not by a spill; a promotion may spill. A gather can still write to disk: making
+        # device room above moves a device-only victim to the host, which may spill a host-only
+        # block to disk (a synchronous write on the gather's path).
         host = self._make_room("host", len(on_disk_only), exclude, move=not must) if on_disk_only else []
         host_dst = dict(zip(on_disk_only, host))
         if not must:  # nothing to do for blocks that got no slot at all
