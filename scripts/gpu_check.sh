@@ -36,27 +36,26 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
   exit 1
 fi
 
-# --- install what is missing, from the carried wheels only (the GPU machine has no network) ----
-WHEELS=()
-for dir in "$ROOT/shared/wheels" "$ROOT/.wheels" "$ROOT/../shared/wheels"; do
-  [ -d "$dir" ] && WHEELS+=(--find-links "$dir")
-done
+# --- install what is missing, from carried wheels only (the GPU machine has no network) -------
+# Carry the wheels in .whl/ (see docs/benchmarks.md, "GPU check"): they go to /tmp/site, ahead of
+# the machine's own packages, never touching its CUDA torch.
+if compgen -G "$ROOT/.whl/*.whl" > /dev/null; then
+  log "installing carried wheels: $(ls "$ROOT"/.whl | tr '\n' ' ')"
+  timeout 90 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$ROOT"/.whl/*.whl \
+    >> "$OUT/summary.txt" 2>&1 || log "pip could not install the carried wheels"
+  export PYTHONPATH="$ROOT:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 missing=()
 for mod in lmdb xxhash pydantic typer tqdm msgpack psutil transformers pytest hypothesis; do
   "$PY" -c "import $mod" 2>/dev/null || missing+=("$mod")
 done
-if [ "${#missing[@]}" -gt 0 ]; then
-  log "installing missing: ${missing[*]}"
-  # Never let pip touch torch (the machine's CUDA build stays as it is).
-  timeout 60 "$PY" -m pip install -q --no-index ${WHEELS[@]+"${WHEELS[@]}"} --no-deps "${missing[@]}" >> "$OUT/summary.txt" 2>&1 \
-    || log "pip could not install some of: ${missing[*]} (carry their wheels in shared/wheels/ or .wheels/)"
-fi
+[ "${#missing[@]}" -gt 0 ] && log "still missing: ${missing[*]} (carry their wheels in .whl/)"
 "$PY" -c "import hkv, lmdb, transformers; print('hkv', hkv.__version__, 'transformers', transformers.__version__)" \
   >> "$OUT/env.txt" 2>&1 || { log "hkv or its dependencies do not import; see env.txt"; tail -5 "$OUT/env.txt"; exit 1; }
 
 # --- tests under the cuda marker --------------------------------------------------------------
 log "pytest -m cuda"
-timeout 180 "$PY" -m pytest -m cuda -q -p no:cacheprovider --junitxml="$OUT/pytest_cuda.xml" tests \
+timeout 150 "$PY" -m pytest -m cuda -q -p no:cacheprovider --junitxml="$OUT/pytest_cuda.xml" tests \
   > "$OUT/pytest_cuda.txt" 2>&1
 rc=$?
 tail -15 "$OUT/pytest_cuda.txt"
@@ -65,7 +64,7 @@ else log "cuda tests FAILED (rc $rc; 124 = timeout)"; status=1; fi
 
 # --- decode benchmark on the GPU --------------------------------------------------------------
 log "decode benchmark on cuda (contexts 8K, 32K, 128K; 16 steps)"
-GPU_CHECK_BENCH_JSON="$OUT/decode_cuda.json" timeout 210 "$PY" - > "$OUT/decode_cuda.txt" 2>&1 <<'EOF'
+GPU_CHECK_BENCH_JSON="$OUT/decode_cuda.json" timeout 170 "$PY" - > "$OUT/decode_cuda.txt" 2>&1 <<'EOF'
 import json, os
 from hkv.bench.decode import build_model, print_table, run_decode_bench
 from hkv.config import Config
