@@ -7,11 +7,27 @@ from .config import Config, ConfigError
 
 if TYPE_CHECKING:
     from .integrations.runtime import Runtime, wrap
+    from .sessions import (
+        CorruptSessionError,
+        Session,
+        SessionError,
+        SessionLockedError,
+        SessionMismatchError,
+        SessionNameError,
+        SessionNotFoundError,
+    )
 
-__all__ = ["BlockKey", "BlockLayout", "Config", "ConfigError", "Runtime", "wrap"]
+__all__ = [
+    "BlockKey", "BlockLayout", "Config", "ConfigError", "CorruptSessionError", "Runtime", "Session", "SessionError",
+    "SessionLockedError", "SessionMismatchError", "SessionNameError", "SessionNotFoundError", "wrap",
+]  # fmt: skip
 __version__ = "0.1.0"
 
 _LAZY = {"wrap", "Runtime"}  # imported on first use: they pull in transformers
+_LAZY_SESSIONS = {
+    "Session", "SessionError", "SessionLockedError", "SessionMismatchError", "SessionNameError", "SessionNotFoundError",
+    "CorruptSessionError",
+}  # fmt: skip
 
 
 def __getattr__(name: str) -> Any:
@@ -19,4 +35,8 @@ def __getattr__(name: str) -> Any:
         from .integrations import runtime as _integration
 
         return getattr(_integration, name)
+    if name in _LAZY_SESSIONS:
+        from . import sessions as _sessions
+
+        return getattr(_sessions, name)
     raise AttributeError(f"module 'hkv' has no attribute {name!r}")

@@ -1,12 +1,16 @@
-"""The ``hkv`` command: config checks and benchmarks.
+"""The ``hkv`` command: config checks, persistent chats and their sessions, benchmarks.
 
-Heavy imports (the benchmarks, transformers) happen inside the commands, so ``hkv config``
-answers at once.
+Heavy imports (the benchmarks, transformers, the store) happen inside the commands, so
+``hkv config`` answers at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -18,9 +22,12 @@ app = typer.Typer(help="hkv: tiered, attention-guided KV cache for long contexts
 config_app = typer.Typer(help="Check and show configuration files.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks that print a table and, with --json, write their figures.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+sessions_app = typer.Typer(help="List, inspect, verify and delete the persistent sessions of a store.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+app.add_typer(sessions_app, name="sessions")
 
 ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file")]
+StoreOption = Annotated[Optional[Path], typer.Option("--store", help="store folder (default: tiers.path of --config)")]
 JsonOption = Annotated[Optional[Path], typer.Option("--json", help="write the figures to this JSON file")]
 
 
@@ -75,16 +82,299 @@ def bench_tiers(
 def bench_decode(
     json_path: JsonOption = None,
     config: ConfigOption = None,
-    contexts: Annotated[str, typer.Option(help="comma-separated context lengths in tokens")] = "8192,32768,131072",
+    contexts: Annotated[
+        Optional[str], typer.Option(help="comma-separated context lengths in tokens (default 8192,32768,131072; with --preset million 8192,524288,1048576)")
+    ] = None,
     steps: Annotated[int, typer.Option(help="decode steps timed per context (median reported)")] = 16,
+    preset: Annotated[
+        Optional[str], typer.Option(help="million: 8K/512K/1M tokens, device 1GiB, host 4GiB, rest on disk, float16 blocks, a fresh process per context")
+    ] = None,
+    device_budget: Annotated[Optional[str], typer.Option(help="tiers.device for the run, e.g. 1GiB")] = None,
+    host_budget: Annotated[Optional[str], typer.Option(help="tiers.host for the run, e.g. 4GiB")] = None,
+    disk_budget: Annotated[Optional[str], typer.Option(help="tiers.disk (raised to the KV + 2% + 1GiB where smaller)")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="tiers.dtype, the blocks' storage dtype: float16, bfloat16, float32, auto")] = None,
+    weights: Annotated[str, typer.Option(help="auto (SmolLM2 if installed), smollm2 or random")] = "auto",
+    store_dir: Annotated[Optional[Path], typer.Option(help="folder for the temporary disk store (default: the system temp folder)")] = None,
+    isolate: Annotated[Optional[bool], typer.Option("--isolate/--no-isolate", help="each context in a fresh process (its own peak RSS)")] = None,
+    baseline_max: Annotated[Optional[str], typer.Option(help="skip DynamicCache where its KV exceeds this, e.g. 8GiB")] = None,
 ) -> None:
     """Decode latency per token, hkv sparse vs transformers' DynamicCache, same model shape."""
-    from .bench.decode import print_table, run_decode_bench
+    from pydantic import ByteSize, TypeAdapter
+
+    from .bench.decode import bench_options, print_table, run_decode_bench
 
     # Without --config the benchmark sizes the host tier itself so that 128K tokens fit in RAM.
     cfg = _load(config) if config is not None else None
-    lengths = tuple(int(part) for part in contexts.split(",") if part.strip())
-    figures = run_decode_bench(cfg, contexts=lengths, steps=steps)
+    lengths = tuple(int(part) for part in contexts.split(",") if part.strip()) if contexts else None
+    try:
+        limit = int(TypeAdapter(ByteSize).validate_python(baseline_max)) if baseline_max is not None else None
+        options = bench_options(cfg, preset=preset, contexts=lengths, device_budget=device_budget, host_budget=host_budget,
+                                disk_budget=disk_budget, dtype=dtype, baseline_max_bytes=limit, isolate=isolate)
+    except (ConfigError, ValueError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    figures = run_decode_bench(**options, steps=steps, weights=weights, store_dir=store_dir)
+    print_table(figures)
+    _write_json(json_path, figures)
+
+
+@bench_app.command("peers")
+def bench_peers(
+    json_path: JsonOption = None,
+    tokens: Annotated[int, typer.Option(help="passkey prompt length in tokens")] = 4096,
+    trials: Annotated[int, typer.Option(help="prompts per task and method (depths cycle 0.1/0.5/0.9)")] = 3,
+    venv: Annotated[Path, typer.Option(help="kvpress's own virtualenv, created on first use")] = Path(".venv-peers"),
+    peers: Annotated[bool, typer.Option("--peers/--no-peers", help="also run kvpress (in --venv)")] = True,
+    parallel: Annotated[bool, typer.Option(help="run kvpress while the local methods run (faster; shared CPU)")] = False,
+    png: Annotated[Optional[Path], typer.Option(help="accuracy bar chart (needs matplotlib; default: beside --json)")] = None,
+    max_minutes: Annotated[Optional[float], typer.Option(help="start no new prompt after this long (partial figures kept)")] = None,
+) -> None:
+    """hkv vs DynamicCache, its fp8/sliding caches and kvpress presses at 25% of the KV, same prompts."""
+    from .bench.peers import plot, print_table, run_peers_bench
+
+    def save_partial(rows: list, records: list) -> None:  # --json holds the figures so far while it runs
+        if json_path is not None:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps({"partial": True, "rows": rows, "records": records}, indent=2, default=str) + "\n")
+
+    figures = run_peers_bench(tokens=tokens, trials=trials, venv=venv, peers=peers, parallel=parallel,
+                              max_minutes=max_minutes, on_prompt=save_partial)  # fmt: skip
+    print_table(figures)
+    _write_json(json_path, figures)
+    png = png if png is not None else (json_path.with_suffix(".png") if json_path is not None else None)
+    if png is not None:
+        typer.echo(f"wrote {png}" if plot(figures, png) else "no PNG: matplotlib is not installed")
+
+
+# -- chat and sessions -------------------------------------------------------------------------
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    """Print ``error: message`` on stderr; the caller raises the returned Exit."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn the store's and sessions' errors into one line on stderr and exit 1 (no traceback)."""
+    from .tiers.base import TierError
+
+    try:
+        yield
+    except (TierError, FileNotFoundError, PermissionError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        raise _fail(str(message)) from None
+
+
+def _store_path(store: Path | None, config: Path | None) -> Path:
+    return store if store is not None else Path(_load(config).tiers.path)
+
+
+@contextlib.contextmanager
+def _open_store(path: Path, *, readonly: bool = True) -> Iterator[Any]:
+    """The :class:`~hkv.tiers.session_store.SessionStore` at ``path``, opened without a model."""
+    from .tiers.session_store import SessionStore
+
+    if not path.is_dir():
+        raise _fail(f"no hkv store at {str(path)!r} (set --store or tiers.path in --config)")
+    with _user_errors():
+        store = SessionStore.open(path, readonly=readonly)
+        try:
+            yield store
+        finally:
+            store.close()
+
+
+def _size(nbytes: int) -> str:
+    value = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{nbytes} B"  # pragma: no cover
+
+
+def _when(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds)) if seconds else "-"
+
+
+@app.command("chat")
+def chat(
+    session: Annotated[str, typer.Option("--session", "-s", help="session name: the conversation persists under it")],
+    config: ConfigOption = None,
+    max_new_tokens: Annotated[int, typer.Option(help="most tokens per reply")] = 256,
+    system: Annotated[Optional[str], typer.Option(help="system prompt (first turn of a new session only)")] = None,
+) -> None:
+    """Chat with the default model (SmolLM2-135M-Instruct); the conversation persists in the store.
+
+    Reads one user turn per line from stdin (an interactive prompt on a terminal). Running it
+    again with the same --session resumes the conversation from the store instead of recomputing it.
+    """
+    from .chat import run_chat, stdin_lines
+    from .models import ModelNotInstalledError, load_default_model
+    from .tiers.session_store import check_name
+
+    cfg = _load(config)
+    with _user_errors():
+        check_name(session)  # before the model loads
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the GGUF conversion bars; hkv's own prefill bar stays
+    try:
+        model, tokenizer = load_default_model()
+    except ModelNotInstalledError as error:
+        raise _fail(str(error)) from None
+    tty = sys.stdout.isatty()
+    with _user_errors():
+        run_chat(model, tokenizer, stdin_lines(), session=session, config=cfg, max_new_tokens=max_new_tokens,
+                 system=system, echo=typer.echo, stream=tty)  # fmt: skip
+
+
+@app.command("demo")
+def demo(
+    tokens: Annotated[int, typer.Option(min=128, help="passkey prompt length in tokens (first run only)")] = 4096,  # hkv.demo.DEFAULT_TOKENS
+    config: ConfigOption = None,
+    store: StoreOption = None,
+    session: Annotated[str, typer.Option("--session", "-s", help="session the conversation is saved under")] = "demo",
+    depth: Annotated[float, typer.Option(min=0.0, max=1.0, help="where the passkey sits in the prompt, 0 (start) to 1 (end)")] = 0.5,
+    fresh: Annotated[bool, typer.Option("--fresh", help="delete the saved session first and start over")] = False,
+    json_path: JsonOption = None,
+) -> None:
+    """The main job: a long passkey prompt on the default model, saved as a session a second run resumes.
+
+    First run: prefill a passkey prompt of --tokens tokens (progress bar), answer it, print tier
+    occupancy, prefetch statistics and timings, save the session. Later runs resume the session
+    from the store and ask a follow-up question instead of prefilling again.
+    """
+    from .demo import demo_config, drop_session, report_lines, run_demo
+    from .models import ModelNotInstalledError, load_default_model
+    from .tiers.session_store import check_name
+
+    cfg = demo_config(_load(config), store)
+    with _user_errors():
+        check_name(session)  # before the model loads
+        if fresh and drop_session(cfg, session):
+            typer.echo(f"deleted session {session!r} from {cfg.tiers.path}")
+    start = time.perf_counter()
+    try:
+        model, tokenizer = load_default_model()
+    except ModelNotInstalledError as error:
+        raise _fail(str(error)) from None
+    load_s = time.perf_counter() - start
+    with _user_errors():
+        result = run_demo(model, tokenizer, cfg, name=session, tokens=tokens, depth=depth, progress=True)
+    result.load_s = load_s
+    for line in report_lines(result):
+        typer.echo(line)
+    _write_json(json_path, result.as_dict())
+
+
+@sessions_app.command("ls")
+def sessions_ls(store: StoreOption = None, config: ConfigOption = None) -> None:
+    """A table of the store's sessions, most recently used first (read without a model)."""
+    path = _store_path(store, config)
+    with _open_store(path) as opened, _user_errors():
+        infos = opened.list()
+    if not infos:
+        typer.echo(f"no sessions in {path}")
+        return
+    headers = ("name", "tokens", "kv tokens", "blocks", "bytes", "shared", "model", "last used")
+    rows = []
+    for info in infos:
+        if info.tokens < 0:
+            rows.append((info.name, "CORRUPT", "-", "-", "-", "-", f"run `hkv sessions verify {info.name}`", "-"))
+            continue
+        rows.append((info.name, str(info.tokens), str(info.kv_tokens), str(info.kv_blocks * info.num_layers),
+                     _size(info.stored_bytes), str(info.shared_blocks), info.model, _when(info.last_used)))  # fmt: skip
+    for line in _table(headers, rows, right=(1, 2, 3, 4, 5)):
+        typer.echo(line)
+
+
+def _table(headers: tuple[str, ...], rows: list[tuple[str, ...]], right: tuple[int, ...]) -> list[str]:
+    """Lines of a plain text table, each column as wide as its widest cell."""
+    widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(len(headers))]
+
+    def line(row: tuple[str, ...]) -> str:
+        cells = [cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))]
+        return "  ".join(cells).rstrip()
+
+    return [line(headers)] + [line(row) for row in rows]
+
+
+@sessions_app.command("show")
+def sessions_show(
+    name: Annotated[str, typer.Argument(help="session name")], store: StoreOption = None, config: ConfigOption = None
+) -> None:
+    """One session: tokens, blocks (on disk: no process holds them here), bytes, model, times."""
+    with _open_store(_store_path(store, config)) as opened, _user_errors():
+        info = opened.info(name)
+    blocks = info.kv_blocks * info.num_layers
+    rows = [
+        ("name", info.name),
+        ("tokens", f"{info.tokens} ({info.kv_tokens} with stored KV)"),
+        ("blocks", f"{blocks} on disk ({info.kv_blocks} per layer x {info.num_layers} layers), {info.shared_blocks} shared"
+                   + (f", {info.missing_blocks} MISSING" if info.missing_blocks else "")),  # fmt: skip
+        ("bytes", f"{info.stored_bytes} ({_size(info.stored_bytes)})"),
+        ("model", info.model),
+        ("created", _when(info.created)),
+        ("updated", _when(info.updated)),
+        ("last used", _when(info.last_used)),
+        ("commits", str(info.commits)),
+    ]
+    for label, value in rows:
+        typer.echo(f"{label + ':':<12} {value}")
+
+
+@sessions_app.command("rm")
+def sessions_rm(
+    name: Annotated[str, typer.Argument(help="session name")],
+    store: StoreOption = None,
+    config: ConfigOption = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False,
+) -> None:
+    """Delete a session; blocks no other session references are freed."""
+    with _open_store(_store_path(store, config), readonly=False) as opened, _user_errors():
+        info = opened.info(name)  # SessionNotFoundError before asking
+        if not yes and sys.stdin.isatty() and not typer.confirm(f"delete session {name!r} ({info.tokens} tokens)?"):
+            raise typer.Exit(1)
+        result = opened.delete(name)
+    typer.echo(f"deleted session {name!r}: {len(result.deleted)} blocks freed ({_size(result.freed_bytes)})")
+
+
+@sessions_app.command("verify")
+def sessions_verify(
+    name: Annotated[Optional[str], typer.Argument(help="session name (all sessions if omitted)")] = None,
+    store: StoreOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Re-check every checksum (records, tails, summaries, blocks); exit 1 listing any problem."""
+    with _open_store(_store_path(store, config)) as opened, _user_errors():
+        report = opened.verify(name)
+    if not report.ok:
+        for session, problems in sorted(report.problems.items()):
+            for problem in problems:
+                typer.echo(f"{session}: {problem}")
+        bad = sum(1 for problems in report.problems.values() if problems)
+        raise _fail(f"{bad} session(s) failed verification ({report.checked_blocks} blocks checked)")
+    typer.echo(f"ok, {report.checked_blocks} blocks, {report.checked_bytes} bytes checked")
+
+
+@bench_app.command("resume")
+def bench_resume(
+    json_path: JsonOption = None,
+    config: ConfigOption = None,
+    tokens: Annotated[str, typer.Option(help="comma-separated conversation lengths in tokens")] = "2048,8192,32768",
+    weights: Annotated[str, typer.Option(help="auto, smollm2 (real weights) or random (SmolLM2's shape)")] = "auto",
+    fill: Annotated[str, typer.Option(help="how the saved conversation is built: real (prefill), synthetic (KV of the right shape), auto (real up to 2048 tokens)")] = "auto",
+    reprefill_max: Annotated[int, typer.Option(help="skip the re-prefill baseline above this many tokens (0: never skip)")] = 0,
+) -> None:
+    """Time to first token resuming a saved conversation in a fresh process vs re-prefilling it."""
+    from .bench.resume import print_table, run_resume_bench
+
+    cfg = _load(config) if config is not None else None
+    lengths = tuple(int(part) for part in tokens.split(",") if part.strip())
+    figures = run_resume_bench(cfg, tokens=lengths, weights=weights, fill=fill, reprefill_max=reprefill_max or None)
     print_table(figures)
     _write_json(json_path, figures)
 

@@ -80,6 +80,11 @@ class AttentionConfig(_Section):
     sink_tokens: int = Field(64, description="first tokens always attended and kept on the device")
     local_tokens: int = Field(256, description="newest tokens always attended and kept on the device")
     prefill_chunk_tokens: int = Field(1024, description="prompt tokens processed per chunk during prefill")
+    positions: Literal["original", "remap"] = Field(
+        "original",
+        description='rotary positions of far blocks: "original" keeps them; "remap" (sparse mode only) moves the selected '
+        "far blocks just before the local window, so distances stay within the model's trained length (InfLLM)",
+    )
 
     @field_validator("block_tokens")
     @classmethod
@@ -112,6 +117,11 @@ class AttentionConfig(_Section):
             raise ValueError(
                 f"budget_tokens = {self.budget_tokens} must be at least sink_tokens + local_tokens + block_tokens = {floor}"
             )
+        if self.positions == "remap" and self.mode != "sparse":
+            raise ValueError(
+                f'positions = "remap" needs mode = "sparse" (mode = {self.mode!r} reads every block at its original position); '
+                'set attention.mode = "sparse" or attention.positions = "original"'
+            )
         return self
 
 
@@ -143,6 +153,10 @@ class StoreConfig(_Section):
 
     persist: bool = Field(False, description="write every sealed block through to disk")
     writer_batch: int = Field(64, description="blocks per LMDB write transaction")
+    reuse_prefix: bool = Field(True, description="adopt the longest stored prefix of a prompt instead of prefilling it")
+    evict_sessions: bool = Field(
+        True, description='with tiers.disk_full = "evict": when unreferenced blocks are not enough, drop the KV of least-recently-used sessions'
+    )
 
     @field_validator("writer_batch")
     @classmethod

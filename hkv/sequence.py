@@ -33,8 +33,9 @@ import numpy as np
 import torch
 
 from .attention import PIECE_KV_ELEMENTS, PIECE_SCORE_ELEMENTS, AttentionAccumulator, causal_mask
-from .blocks import DTYPE_NAMES, BlockKey, chain_hash
+from .blocks import DTYPE_NAMES, ROOT_CHAIN, BlockKey, chain_hash
 from .config import Config, ConfigError
+from .positions import far_block_deltas
 from .prefetch.predictor import BlockSummaries, select_blocks
 from .prefetch.prefetcher import COUNTERS, SequenceStats, StepStats
 from .tiers.manager import GatherReport
@@ -50,15 +51,17 @@ class SequenceKV:
     ``dtype``: the model's KV dtype; the storage dtype is ``config.tiers.dtype`` ("auto" =
     ``dtype``) and must match the manager's layout. ``fingerprint``: the model's identity,
     part of every block key. ``prefetcher``: a shared :class:`~hkv.prefetch.prefetcher.Prefetcher`
-    or None (not closed here).
+    or None (not closed here). ``persist``: write every sealed block (and its summary) through
+    to the disk store whatever ``store.persist`` says (a session's sequence).
     """
 
     def __init__(self, manager, config: Config, *, num_layers: int, num_kv_heads: int, num_q_heads: int, head_dim: int,
-                 dtype: torch.dtype, fingerprint: bytes, prefetcher=None) -> None:
+                 dtype: torch.dtype, fingerprint: bytes, prefetcher=None, persist: bool = False, rotary=None) -> None:
         if num_q_heads % num_kv_heads:
             raise ValueError(f"num_q_heads = {num_q_heads} must be a multiple of num_kv_heads = {num_kv_heads}")
         a = config.attention
         self.manager, self.config, self.prefetcher = manager, config, prefetcher
+        self.persist = persist  # sealed blocks written through to disk with their summaries (sessions)
         self.num_layers, self.kv_heads, self.q_heads, self.head_dim = num_layers, num_kv_heads, num_q_heads, head_dim
         self.fingerprint = fingerprint
         self.dtype = dtype if config.tiers.dtype == "auto" else DTYPE_NAMES[config.tiers.dtype]
@@ -70,6 +73,10 @@ class SequenceKV:
         self.chunk = a.prefill_chunk_tokens
         self.margin = config.prefetch.margin
         self.score_policy = config.tiers.policy == "score"
+        # attention.positions = "remap": a hkv.positions.RotaryShift re-rotates the selected far blocks
+        self.rotary = rotary if a.positions == "remap" else None
+        if a.positions == "remap" and rotary is None:
+            raise ValueError('attention.positions = "remap" needs rotary= (hkv.positions.RotaryShift.of(model))')
         layout = manager.layout
         if (layout.kv_heads, layout.block_tokens, layout.head_dim, layout.dtype) != (num_kv_heads, a.block_tokens, head_dim, self.dtype):
             raise ValueError(
@@ -177,24 +184,100 @@ class SequenceKV:
             self._pinned[layer] -= set(leaving)
         pin = [i - first for i in range(first, end) if i in pinned]
         loose = [i - first for i in range(first, end) if i not in pinned]  # contiguous: between sink and local
+        persist = {"persist": True} if self.persist else {}
         if loose:
             step = max(1, self.manager.gather_capacity())
             for s in range(0, len(loose), step):
                 part = loose[s : s + step]
-                self.manager.put_many([new_keys[i] for i in part], blocks[part[0] : part[-1] + 1])
+                self.manager.put_many([new_keys[i] for i in part], blocks[part[0] : part[-1] + 1], **persist)
         if pin:
-            self.manager.put_many([new_keys[i] for i in pin], blocks[pin], pin=True)
+            self.manager.put_many([new_keys[i] for i in pin], blocks[pin], pin=True, **persist)
         keys.extend(new_keys)
         self.manager.retain(new_keys)
         self._pinned[layer] = pinned
         self.summaries.add(layer, blocks[:, 0])
+        if self.persist or self.manager.persist:  # stored blocks carry their summaries (sessions, prefix reuse)
+            count = self.summaries.count(layer)
+            self.manager.sessions.put_summaries(new_keys, self.summaries.export(layer, count - n, count))
+
+    # -- sessions: adopting stored blocks, exporting what a commit needs ---------------------------
+
+    def adopt(self, n_blocks: int, summaries: list[torch.Tensor]) -> None:
+        """Take the next ``n_blocks`` complete blocks of the noted tokens as sealed blocks of every
+        layer WITHOUT reading them: they are already stored (a restored session, a reused prefix).
+
+        ``summaries[layer]``: ``[n_blocks, 2, Hkv, D]`` fp32 (min, max of each block's keys), as
+        stored. Every layer must be at the same block boundary (no unsealed tail) and
+        :meth:`note_tokens` must cover the adopted tokens. The blocks are retained; the sink /
+        local ones are pinned (read now, from wherever they are); the others stay where they are
+        until attention or the prefetcher needs them."""
+        self._check_open()
+        bt, first = self.block_tokens, len(self._keys[0])
+        if any(t != first * bt for t in self._tokens) or any(len(k) != first for k in self._keys):
+            raise ValueError(f"adopt needs every layer at the same block boundary; tokens per layer: {self._tokens}")
+        if len(summaries) != self.num_layers or any(tuple(s.shape) != (n_blocks, 2, self.kv_heads, self.head_dim) for s in summaries):
+            raise ValueError(f"adopt expects {self.num_layers} summaries of [{n_blocks}, 2, {self.kv_heads}, {self.head_dim}]")
+        if n_blocks <= 0:
+            return
+        end = first + n_blocks
+        self._chain(end - 1)  # raises (nothing changed) when note_tokens does not cover them
+        for layer in range(self.num_layers):
+            new_keys = [BlockKey.make(self.fingerprint, self._chain(i), layer) for i in range(first, end)]
+            self.manager.retain(new_keys)
+            keys = self._keys[layer]
+            keys.extend(new_keys)
+            self.summaries.extend(layer, summaries[layer])
+            self._tokens[layer] = end * bt
+            self._fresh[layer] = None
+            pinned = set(range(min(self.sink_blocks, end))) | set(range(max(0, end - self.local_blocks), end))
+            leaving = sorted(self._pinned[layer] - pinned)
+            if leaving:
+                self.manager.unpin([keys[i] for i in leaving])
+            self._pinned[layer] = self._pinned[layer] & pinned
+            pin = sorted(pinned - self._pinned[layer])
+            if pin:
+                self.manager.pin([keys[i] for i in pin])
+            self._pinned[layer] = pinned
+
+    def prefix_chain(self) -> bytes:
+        """Chain hash of the last sealed block (``ROOT_CHAIN`` before the first): the ``previous``
+        from which the chain hashes of the next blocks follow (``hkv.blocks.chain_hashes``)."""
+        n = self.sealed_blocks()
+        return self._chain(n - 1) if n else ROOT_CHAIN
+
+    def sealed_blocks(self) -> int:
+        """Complete blocks per layer (the least advanced layer's count)."""
+        return min(len(k) for k in self._keys) if self._keys else 0
+
+    def tail_kv(self) -> torch.Tensor | None:
+        """The unsealed tail of every layer: ``[layers, 2, Hkv, tail, D]`` (storage dtype, CPU),
+        ``tail = seq_length() - sealed_blocks() * block_tokens``; None when there is none.
+        Every layer must hold the same number of tokens (between forwards)."""
+        total = self.seq_length()
+        if any(t != total for t in self._tokens):
+            raise ValueError(f"tail_kv: layers hold different token counts {self._tokens} (in the middle of a forward?)")
+        start = (total // self.block_tokens) * self.block_tokens
+        if total == start:
+            return None
+        out = torch.empty(self.num_layers, 2, self.kv_heads, total - start, self.head_dim, dtype=self.dtype)
+        for layer in range(self.num_layers):
+            fk, fv, f_start = self._fresh[layer]
+            out[layer, 0] = fk[:, start - f_start :]
+            out[layer, 1] = fv[:, start - f_start :]
+        return out
+
+    def block_summaries(self, layer: int, start: int, end: int) -> torch.Tensor:
+        """Summaries of the layer's blocks ``[start, end)``: ``[end - start, 2, Hkv, D]`` fp32, CPU."""
+        return self.summaries.export(layer, start, end)
 
     # -- attention -------------------------------------------------------------------------------
 
     def attend(self, layer: int, query: torch.Tensor, scaling: float) -> torch.Tensor:
         """Causal attention of the ``S`` newest tokens' queries ``[Hq, S, D]`` (already
         appended) over the layer's KV; returns ``[Hq, S, D]`` in the query's dtype and device.
-        ``scaling``: the logit scale (usually ``head_dim ** -0.5``)."""
+        ``scaling``: the logit scale (usually ``head_dim ** -0.5``). With ``attention.positions
+        = "remap"`` the selected far blocks are read re-rotated to positions just before the local
+        window (:meth:`_remap_deltas`, docs/positions.md); the stored keys never change."""
         self._check_open()
         started = time.perf_counter()
         q_heads, s, _ = query.shape
@@ -223,7 +306,8 @@ class SequenceKV:
             selection = select_blocks(q, summary, past_blocks=past, sink_blocks=self.sink_blocks, local_blocks=local,
                                       topk=self.topk, margin=self.margin, scaling=scaling)
             acc = AttentionAccumulator(q, scaling, self.kv_heads)
-            self._read_blocks(layer, acc, selection.blocks.tolist(), q.shape[1], step)
+            blocks = selection.blocks.tolist()
+            self._read_blocks(layer, acc, blocks, q.shape[1], step, self._remap_deltas(blocks, past, local))
             visible = q_pos + q.shape[1] - f_start
             self._add_keys(acc, fk[:, :visible], fv[:, :visible], f_start, q_pos, q.shape[1])
             outputs.append(acc.result())
@@ -243,8 +327,25 @@ class SequenceKV:
             p1 = min(k.shape[1], p0 + step)
             acc.add(k[:, p0:p1], v[:, p0:p1], causal_mask(q_pos, nq, k_start + p0, p1 - p0, self.device))
 
-    def _read_blocks(self, layer: int, acc: AttentionAccumulator, indices: list[int], nq: int, step: StepStats) -> None:
-        """Gather the blocks ``indices`` (sorted) of ``layer`` and feed them to ``acc``."""
+    def _remap_deltas(self, blocks: list[int], past: int, local: int) -> list[int] | None:
+        """With positions = "remap": per selected block, the positions (in blocks) it moves by.
+
+        The far blocks (sink + top-k: those below the local window's first block) go, in their
+        order, to contiguous slots ending just before the local window; the local window and the
+        fresh window keep their positions. None when nothing moves (positions = "original", or
+        every far block already sits there), so that case reads exactly as "original" does."""
+        if self.rotary is None:
+            return None
+        low = min(self.sink_blocks, past)
+        boundary = max(low, past - local)  # the local window's first block (as in select_blocks)
+        far = [i for i in blocks if i < boundary]
+        deltas = far_block_deltas(far, boundary) + [0] * (len(blocks) - len(far))
+        return deltas if any(deltas) else None
+
+    def _read_blocks(self, layer: int, acc: AttentionAccumulator, indices: list[int], nq: int, step: StepStats,
+                     deltas: list[int] | None = None) -> None:
+        """Gather the blocks ``indices`` (sorted) of ``layer`` and feed them to ``acc``; ``deltas``
+        (positions = "remap"): per block, the blocks' worth of positions its keys move by."""
         if not indices:
             return
         keys = self._keys[layer]
@@ -260,6 +361,8 @@ class SequenceKV:
             n = blocks.shape[0]
             k = blocks[:, 0].transpose(0, 1).reshape(self.kv_heads, n * bt, d)
             v = blocks[:, 1].transpose(0, 1).reshape(self.kv_heads, n * bt, d)
+            if deltas is not None:
+                k = self.rotary.rotate_blocks(k, [x * bt for x in deltas[p0 : p0 + n]], bt)
             acc.add(k, v)
         step.resident += report.resident
         step.waited += report.waited

@@ -91,7 +91,8 @@ def test_batched_put_get_delete_and_accounting(tier: DiskTier) -> None:
     assert torch.equal(out[0], block_of(50)) and tier.delete(key_of(50))
     assert tier.used_bytes() == 20 * REC
     assert tier.delete(keys[0]) is True and tier.delete(keys[0]) is False
-    assert tier.delete_many(keys[1:4] + [key_of(999)]) == 3
+    result = tier.delete_many(keys[1:4] + [key_of(999)])
+    assert result.deleted == [bytes(k) for k in keys[1:4]] and result.kept == [] and result.freed_bytes == 3 * REC
     assert not tier.contains(keys[0]) and keys[0] not in tier and keys[5] in tier
     assert len(tier) == 16 and tier.used_bytes() == 16 * REC
     with pytest.raises(BlockNotFoundError, match=keys[0].hex()):

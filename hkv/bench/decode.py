@@ -14,6 +14,14 @@ does not fit in RAM), ``hit_rate`` (blocks read that the prefetcher had on the d
 unpinned blocks read), ``precision`` (the same hits / blocks predicted, margin included),
 ``missed_per_step`` (blocks fetched on demand per step), ``stall_frac`` (time attention waited
 for blocks that were not on the device / decode time). All over the timed steps only.
+Memory and placement: ``tier_bytes`` (bytes per tier once the fill is done: every block in
+exactly one tier; the disk's count 64-byte record headers; ``tiers`` is the same after decode,
+when blocks read from below also have a copy above), ``kv_bytes`` (the KV in the storage dtype),
+``rss_peak_bytes`` (resident set sampled every 50 ms during hkv's fill and decode, see
+:mod:`hkv.bench.rss`), ``rss_lifetime_peak_bytes`` (``ru_maxrss`` before the baseline runs:
+with ``isolate`` a fresh process per context, model and imports included),
+``rss_teardown_peak_bytes`` (sampled from the runtime's creation to its close), ``rss_limit_bytes``
+(device + host budgets + 2 GiB, issue 5's bound).
 """
 
 from __future__ import annotations
@@ -43,11 +51,57 @@ SMOLLM2_SHAPE = dict(
     rope_theta=100000.0,
     tie_word_embeddings=True,
 )
+GiB = 2**30
 FILL_CHUNK = 8192  # tokens appended per layer at a time while filling
 # hkv's tiers when no config is given: 128K tokens of SmolLM2 KV in fp32 are 6 GiB, so the host
 # tier (RAM) holds them and the device tier holds 256 MiB of blocks, as on a GPU with 8 GiB of
 # pinned host memory. A config with a smaller host tier sends the rest to disk.
 BENCH_TIERS = {"device": "256MiB", "host": "8GiB", "disk": "32GiB"}
+# Issue 5's run ("--preset million"): 8K, 512K and 1M tokens with device 1 GiB, host 4 GiB and
+# the rest on disk; blocks stored in float16 (half the bytes of the fp32 model's KV: 22.5 KiB per
+# token, 22.5 GiB at 1M); each context in a fresh process (its own ru_maxrss); DynamicCache
+# only where its fp32 KV is at most 8 GiB (about 186K tokens of SmolLM2).
+MILLION_PRESET: dict[str, Any] = {
+    "contexts": (8192, 524288, 1048576),
+    "tiers": {"device": "1GiB", "host": "4GiB", "dtype": "float16"},
+    "baseline_max_bytes": 8 * 2**30,
+    "isolate": True,
+}
+
+
+def bench_options(
+    config: Config | None,
+    *,
+    preset: str | None = None,
+    contexts: tuple[int, ...] | None = None,
+    device_budget: str | int | None = None,
+    host_budget: str | int | None = None,
+    disk_budget: str | int | None = None,
+    dtype: str | None = None,
+    baseline_max_bytes: int | None = None,
+    isolate: bool | None = None,
+) -> dict[str, Any]:
+    """Keyword arguments of :func:`run_decode_bench` (``config``, ``contexts``,
+    ``baseline_max_bytes``, ``isolate``) from the command's options: ``preset`` ("million":
+    :data:`MILLION_PRESET`) first, then the explicit options over it. Tier options apply over
+    ``config`` (or :data:`BENCH_TIERS` without one); with none given, ``config`` is returned as
+    is (None: the benchmark's defaults). Raises ConfigError for a bad budget or dtype."""
+    if preset not in (None, "million"):
+        raise ValueError(f"preset = {preset!r}: expected 'million' or none")
+    base: dict[str, Any] = dict(MILLION_PRESET) if preset == "million" else {}
+    tiers = dict(base.get("tiers", {}))
+    for name, value in (("device", device_budget), ("host", host_budget), ("disk", disk_budget), ("dtype", dtype)):
+        if value is not None:
+            tiers[name] = value
+    if tiers:
+        start = config if config is not None else Config.load(tiers=BENCH_TIERS)
+        config = Config.load(start, tiers=tiers)
+    return {
+        "config": config,
+        "contexts": tuple(contexts) if contexts else tuple(base.get("contexts", (8192, 32768, 131072))),
+        "baseline_max_bytes": baseline_max_bytes if baseline_max_bytes is not None else base.get("baseline_max_bytes"),
+        "isolate": isolate if isolate is not None else base.get("isolate", False),
+    }
 
 
 def build_model(weights: str = "auto", *, device: str | torch.device = "cpu", max_tokens: int = 131072) -> tuple[torch.nn.Module, str]:
@@ -136,34 +190,63 @@ def _stat(stats: Any, name: str) -> float:
     return 0.0 if stats is None else float(getattr(stats, name))
 
 
+def storage_kv_bytes(model_config: Any, config: Config, tokens: int, model_dtype: torch.dtype) -> int:
+    """Bytes of ``tokens`` tokens of KV in hkv's storage dtype (``tiers.dtype``, "auto" = the model's)."""
+    from ..blocks import DTYPE_NAMES
+
+    c = model_config
+    dtype = model_dtype if config.tiers.dtype == "auto" else DTYPE_NAMES[config.tiers.dtype]
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * torch.empty(0, dtype=dtype).element_size() * tokens
+
+
+def _disk_budget(config: Config, kv_bytes: int) -> int:
+    """The disk budget for a run: the config's, raised to the KV's bytes + 2% (64-byte record
+    headers are 0.13%) + 1 GiB where that is smaller, so the whole KV can spill to disk."""
+    return max(int(config.tiers.disk), int(kv_bytes * 1.02) + GiB)
+
+
 def _hkv_run(model: torch.nn.Module, config: Config, context: int, steps: int, store: Path) -> dict[str, Any]:
     from ..integrations.runtime import wrap
+    from .rss import RssSampler, rss_bytes
 
     spec_cfg = model.config
     device = next(model.parameters()).device
-    config = Config.load(config, tiers={"path": str(store)}, attention={"mode": "sparse"}, prefetch={"enabled": True})
+    kv_bytes = storage_kv_bytes(spec_cfg, config, context, next(model.parameters()).dtype)
+    tiers = {"path": str(store), "disk": _disk_budget(config, kv_bytes)}
+    config = Config.load(config, tiers=tiers, attention={"mode": "sparse"}, prefetch={"enabled": True})
+    rss_start = rss_bytes()
+    whole_rss = RssSampler().start()  # fill, decode and teardown (stats, closing cache and runtime)
+    fill_rss = RssSampler().start()
     with wrap(model, config) as rt:
         cache = rt.new_cache()
         sequence = cache.sequence
         start = time.perf_counter()
         ids = torch.randint(0, spec_cfg.vocab_size, (context,), generator=torch.Generator().manual_seed(context))
         shape = dict(kv_heads=spec_cfg.num_key_value_heads, head_dim=spec_cfg.head_dim, dtype=rt.dtype, device=device)
+        # One chunk of one layer at a time: synthetic_kv makes [Hkv, FILL_CHUNK, D] and append_kv
+        # seals it into the tiers before the next layer's is made, so the fill holds no whole KV.
         for begin in range(0, context, FILL_CHUNK):
             n = min(FILL_CHUNK, context - begin)
             cache.append_kv(ids[begin : begin + n], lambda layer: synthetic_kv(layer, begin, n, **shape), None)
+        rt.manager.flush()  # disk writes durable: the fill time includes them
         fill_s = time.perf_counter() - start
+        filled = rt.stats().tiers  # where the KV lives before decode copies blocks up
+        fill_peak = fill_rss.stop()
         # Prefetch figures over the timed steps only, like the times they are divided by.
         snapshot: dict[str, Any] = {}
-        times = _time_steps(model, cache, steps, on_warm=lambda: snapshot.setdefault("before", sequence.stats()))
+        with RssSampler() as decode_rss:
+            times = _time_steps(model, cache, steps, on_warm=lambda: snapshot.setdefault("before", sequence.stats()))
         before, after = snapshot.get("before"), sequence.stats()
-        tiers = rt.stats().tiers
+        stats = rt.stats()
         cache.close()
+    whole_peak = whole_rss.stop()
     predicted = _stat(after, "predicted") - _stat(before, "predicted")
     needed = _stat(after, "needed") - _stat(before, "needed")
     hits = _stat(after, "hit") - _stat(before, "hit")
     missed = _stat(after, "missed") - _stat(before, "missed")
     stall = _stat(after, "stall_s") - _stat(before, "stall_s")
     median = statistics.median(times)
+    peak = {name: max(fill_peak[name], decode_rss.peak[name]) for name in fill_peak}
     return {
         "ms": 1000 * median,
         "fill_s": fill_s,
@@ -171,7 +254,13 @@ def _hkv_run(model: torch.nn.Module, config: Config, context: int, steps: int, s
         "precision": hits / predicted if predicted else None,
         "missed_per_step": missed / steps,
         "stall_frac": stall / sum(times) if times else None,
-        "tiers": tiers,
+        "tiers": stats.tiers,
+        "tiers_after_fill": filled,
+        "moved_bytes": stats.moved_bytes,
+        "kv_bytes": kv_bytes,
+        "disk_budget": tiers["disk"],
+        "rss": {"start": rss_start["rss"], "fill_peak": fill_peak["rss"], "decode_peak": decode_rss.peak["rss"],
+                "peak": peak["rss"], "peak_anon": peak["anon"], "peak_file": peak["file"], "with_teardown": whole_peak["rss"]},
     }
 
 
@@ -198,6 +287,59 @@ def _baseline_run(model: torch.nn.Module, context: int, steps: int) -> dict[str,
     return {"ms": 1000 * statistics.median(times), "fill_s": fill_s}
 
 
+def _context_run(model: torch.nn.Module, config: Config, context: int, steps: int, *, baseline: bool,
+                 ram_fraction: float, baseline_max_bytes: int | None, store_dir: Path | None) -> dict[str, Any]:
+    """hkv, then the baseline where it fits, at one context length."""
+    from .rss import lifetime_peak_bytes
+
+    device = next(model.parameters()).device
+    if store_dir is not None:
+        Path(store_dir).mkdir(parents=True, exist_ok=True)
+    store = Path(tempfile.mkdtemp(prefix="hkv-bench-", dir=store_dir))
+    try:
+        run = _hkv_run(model, config, context, steps, store)
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
+    gc.collect()
+    run["rss"]["lifetime_peak"] = lifetime_peak_bytes()  # before the baseline runs
+    kv = _kv_bytes(model, context)
+    need = kv * 2  # the cache plus one concatenated copy per step
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _available_ram()
+    run["baseline_skipped"] = None
+    if not baseline:
+        run["baseline_skipped"] = "not run"
+    elif baseline_max_bytes is not None and kv > baseline_max_bytes:
+        run["baseline_skipped"] = f"KV {kv / GiB:.1f} GiB > {baseline_max_bytes / GiB:.1f} GiB"
+    elif need > ram_fraction * free:
+        run["baseline_skipped"] = f"2 x KV {need / GiB:.1f} GiB > {ram_fraction:.0%} of free memory {free / GiB:.1f} GiB"
+    run["baseline"] = _baseline_run(model, context, steps) if run["baseline_skipped"] is None else None
+    gc.collect()
+    return run
+
+
+def _isolated_context(args: dict[str, Any]) -> dict[str, Any]:
+    """:func:`_context_run` in a fresh process (spawned), so ``ru_maxrss`` is this context's alone."""
+    device = torch.device(args["device"])
+    model, weights = build_model(args["weights"], device=device, max_tokens=args["context"])
+    run = _context_run(model, Config.load(args["config"]), args["context"], args["steps"], baseline=args["baseline"],
+                       ram_fraction=args["ram_fraction"], baseline_max_bytes=args["baseline_max_bytes"], store_dir=args["store_dir"])
+    run["weights"], run["model_dtype"], run["threads"] = weights, str(next(model.parameters()).dtype), torch.get_num_threads()
+    return run
+
+
+def _run_isolated(args: dict[str, Any]) -> dict[str, Any]:
+    """:func:`_isolated_context` in a fresh interpreter (``python -m hkv.bench.decode``): the
+    arguments go in as JSON on stdin, the figures come back as JSON in a temporary file."""
+    import json
+    import subprocess
+    import sys
+
+    with tempfile.TemporaryDirectory(prefix="hkv-bench-run-") as folder:
+        result = Path(folder) / "result.json"
+        subprocess.run([sys.executable, "-m", "hkv.bench.decode", str(result)], input=json.dumps(args), text=True, check=True)
+        return json.loads(result.read_text())
+
+
 def run_decode_bench(
     config: Config | None = None,
     *,
@@ -208,27 +350,43 @@ def run_decode_bench(
     baseline: bool = True,
     ram_fraction: float = 0.6,
     model: torch.nn.Module | None = None,
+    baseline_max_bytes: int | None = None,
+    isolate: bool = False,
+    store_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Decode latency per token of hkv sparse mode and of ``DynamicCache`` at each context length.
 
     ``config``: hkv's config (its attention/tier settings; mode is forced to sparse, prefetch
-    on, and the disk store goes to a temporary folder); None: defaults with :data:`BENCH_TIERS`.
-    ``weights``: "smollm2" (the real model, so decode queries are realistic), "random"
-    (SmolLM2's shape) or "auto" (smollm2 when installed). ``device``: default cuda if available, else cpu.
-    The baseline is skipped (``None``) where its KV would exceed ``ram_fraction`` of free RAM
-    (or of free GPU memory on cuda). ``model``: an already built model (from :func:`build_model`,
-    on ``device``) to reuse across calls instead of building one; ``weights`` then only labels it.
-    Returns a dict with at least ``contexts``, ``hkv_ms``,
-    ``baseline_ms``, ``hit_rate``, ``stall_frac``.
+    on, the disk store goes to a temporary folder, under ``store_dir`` if given, removed after
+    each context, and the disk budget is raised to the KV + 2% + 1 GiB where it is smaller);
+    None: defaults with :data:`BENCH_TIERS`. ``weights``: "smollm2" (the real model, so decode
+    queries are realistic), "random" (SmolLM2's shape) or "auto" (smollm2 when installed).
+    ``device``: default cuda if available, else cpu. The baseline is skipped (``None``, the
+    reason in ``baseline_skipped``) where its KV (model dtype) exceeds ``baseline_max_bytes`` or
+    twice it exceeds ``ram_fraction`` of free RAM (or of free GPU memory on cuda). ``model``:
+    an already built model (from :func:`build_model`, on ``device``) to reuse across calls
+    instead of building one; ``weights`` then only labels it. ``isolate``: each context runs in
+    a fresh (spawned) process that builds its own model, so ``rss_lifetime_peak_bytes``
+    (``ru_maxrss``) is that context's peak, model and imports included; without it that figure
+    is the peak of the whole process so far, and ``rss_peak_bytes`` (sampled every 50 ms during
+    hkv's fill and decode) is the one to read.
+    Returns a dict with at least ``contexts``, ``hkv_ms``, ``baseline_ms``, ``hit_rate``,
+    ``stall_frac``, ``rss_peak_bytes``, ``tier_bytes``.
     """
     if steps < 1:
         raise ValueError(f"steps = {steps} must be at least 1")
+    if isolate and model is not None:
+        raise ValueError("isolate=True builds the model in each context's process; do not pass model=")
     config = config if config is not None else Config.load(tiers=BENCH_TIERS)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if model is None:
-        model, weights = build_model(weights, device=device, max_tokens=max(contexts))
-    elif next(model.parameters()).device.type != device.type:
-        raise ValueError(f"the model is on {next(model.parameters()).device}, the benchmark runs on {device}")
+    model_dtype = None
+    if not isolate:
+        if model is None:
+            model, weights = build_model(weights, device=device, max_tokens=max(contexts))
+        elif next(model.parameters()).device.type != device.type:
+            raise ValueError(f"the model is on {next(model.parameters()).device}, the benchmark runs on {device}")
+        model_dtype = next(model.parameters()).dtype
+    t = config.tiers
     figures: dict[str, Any] = {
         "contexts": list(contexts),
         "hkv_ms": [],
@@ -239,43 +397,70 @@ def run_decode_bench(
         "missed_per_step": [],
         "hkv_fill_s": [],
         "baseline_fill_s": [],
+        "baseline_skipped": [],
         "tiers": [],
+        "tiers_after_fill": [],
+        "tier_bytes": [],
+        "kv_bytes": [],
+        "disk_budget": [],
+        "moved_bytes": [],
+        "rss_peak_bytes": [],
+        "rss_peak_anon_bytes": [],
+        "rss_peak_file_bytes": [],
+        "rss_start_bytes": [],
+        "rss_teardown_peak_bytes": [],
+        "rss_lifetime_peak_bytes": [],
+        "rss_limit_bytes": int(t.device) + int(t.host) + 2 * GiB,
         "steps": steps,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "threads": torch.get_num_threads(),
-        "model": f"SmolLM2-135M shape ({weights} weights), {next(model.parameters()).dtype}",
+        "storage_dtype": t.dtype,
+        "isolated": isolate,
         "fill": "synthetic KV appended per layer without a prefill (keys: per-head mean + noise; values: Gaussian)",
         "timed": "one decode forward per token (median of steps after 2 warm-up steps)",
         "hkv_config": {k: v for k, v in config.as_dict().items() if k in ("tiers", "attention", "prefetch")},
     }
     for context in contexts:
-        store = Path(tempfile.mkdtemp(prefix="hkv-bench-"))
-        try:
-            run = _hkv_run(model, config, context, steps, store)
-        finally:
-            shutil.rmtree(store, ignore_errors=True)
-        gc.collect()
+        if isolate:
+            run = _run_isolated(dict(config=config.as_dict(), context=context, steps=steps, weights=weights, device=str(device),
+                                     baseline=baseline, ram_fraction=ram_fraction, baseline_max_bytes=baseline_max_bytes,
+                                     store_dir=None if store_dir is None else str(store_dir)))
+            figures["threads"], used, model_dtype = run["threads"], run["weights"], run["model_dtype"]
+        else:
+            run = _context_run(model, config, context, steps, baseline=baseline, ram_fraction=ram_fraction,
+                               baseline_max_bytes=baseline_max_bytes, store_dir=None if store_dir is None else Path(store_dir))
+            used = weights
+        figures["model"] = f"SmolLM2-135M shape ({used} weights), {model_dtype}"
         figures["hkv_ms"].append(run["ms"])
         figures["hit_rate"].append(run["hit_rate"])
         figures["stall_frac"].append(run["stall_frac"])
         figures["precision"].append(run["precision"])
         figures["missed_per_step"].append(run["missed_per_step"])
         figures["hkv_fill_s"].append(run["fill_s"])
-        figures["tiers"].append({name: usage for name, usage in run["tiers"].items()})
-        need = _kv_bytes(model, context) * 2  # the cache plus one concatenated copy per step
-        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _available_ram()
-        if baseline and need <= ram_fraction * free:
-            base = _baseline_run(model, context, steps)
-            figures["baseline_ms"].append(base["ms"])
-            figures["baseline_fill_s"].append(base["fill_s"])
-        else:
-            figures["baseline_ms"].append(None)
-            figures["baseline_fill_s"].append(None)
+        figures["tiers"].append(dict(run["tiers"]))
+        figures["tiers_after_fill"].append(dict(run["tiers_after_fill"]))
+        figures["tier_bytes"].append({name: usage["used_bytes"] for name, usage in run["tiers_after_fill"].items()})
+        figures["kv_bytes"].append(run["kv_bytes"])
+        figures["disk_budget"].append(run["disk_budget"])
+        figures["moved_bytes"].append(run["moved_bytes"])
+        rss = run["rss"]
+        figures["rss_peak_bytes"].append(rss["peak"])
+        figures["rss_peak_anon_bytes"].append(rss["peak_anon"])
+        figures["rss_peak_file_bytes"].append(rss["peak_file"])
+        figures["rss_start_bytes"].append(rss["start"])
+        figures["rss_teardown_peak_bytes"].append(rss.get("with_teardown"))
+        figures["rss_lifetime_peak_bytes"].append(rss["lifetime_peak"])
+        base = run["baseline"]
+        figures["baseline_ms"].append(None if base is None else base["ms"])
+        figures["baseline_fill_s"].append(None if base is None else base["fill_s"])
+        figures["baseline_skipped"].append(run["baseline_skipped"])
         gc.collect()
     hkv = figures["hkv_ms"]
     figures["hkv_growth"] = hkv[-1] / hkv[0] if len(hkv) > 1 else None
     base_last = figures["baseline_ms"][-1]
     figures["speedup_at_max"] = base_last / hkv[-1] if base_last else None
+    peak_key = "rss_lifetime_peak_bytes" if isolate else "rss_peak_bytes"
+    figures["rss_within_limit"] = [peak <= figures["rss_limit_bytes"] for peak in figures[peak_key]]
     return figures
 
 
@@ -287,14 +472,37 @@ def print_table(figures: dict[str, Any]) -> None:
 
     print(f"decode latency per token, {figures['model']} on {figures['device']} ({figures['threads']} threads)")
     print(f"KV: {figures['fill']}; timed: {figures['timed']}")
-    print(f"{'context':>9} {'hkv ms':>9} {'Dynamic ms':>11} {'speedup':>8} {'hit rate':>9} {'miss/step':>10} {'stall':>7}")
+    tiers = figures.get("hkv_config", {}).get("tiers", {})
+    if tiers:
+        print(f"tiers: device {tiers['device'] / GiB:.2f} GiB, host {tiers['host'] / GiB:.2f} GiB, rest on disk; storage dtype {tiers['dtype']}")
+    print(f"{'context':>9} {'hkv ms':>9} {'Dynamic ms':>11} {'speedup':>8} {'hit rate':>9} {'miss/step':>10} {'stall':>7}"
+          f" {'fill s':>8} {'peak RSS':>9} {'dev/host/disk GiB':>19}")
     for i, context in enumerate(figures["contexts"]):
         hkv, base = figures["hkv_ms"][i], figures["baseline_ms"][i]
         speed = base / hkv if base else None
+        peaks = figures.get("rss_lifetime_peak_bytes" if figures.get("isolated") else "rss_peak_bytes")
+        peak = peaks[i] / GiB if peaks else None
+        per_tier = figures.get("tier_bytes", [None] * (i + 1))[i]
+        tier_text = "/".join(f"{per_tier[name] / GiB:.2f}" for name in ("device", "host", "disk")) if per_tier else "-"
         print(
             f"{context:>9} {fmt(hkv, '9.2f')} {fmt(base, '11.2f')} {fmt(speed, '7.1f') + ('x' if speed else ''):>8} "
             f"{fmt(figures['hit_rate'][i], '9.1%')} {fmt(figures.get('missed_per_step', [None] * (i + 1))[i], '10.0f')} "
-            f"{fmt(figures['stall_frac'][i], '7.1%')}"
+            f"{fmt(figures['stall_frac'][i], '7.1%')} {fmt(figures['hkv_fill_s'][i], '8.1f')} "
+            f"{fmt(peak, '8.2f') + ('G' if peak is not None else ''):>9} {tier_text:>19}"
         )
+    for i, reason in enumerate(figures.get("baseline_skipped", [])):
+        if reason and reason != "not run":
+            print(f"DynamicCache skipped at {figures['contexts'][i]}: {reason}")
     if figures.get("hkv_growth") is not None:
         print(f"hkv latency at {figures['contexts'][-1]} / at {figures['contexts'][0]}: {figures['hkv_growth']:.2f}x")
+    if figures.get("rss_limit_bytes"):
+        which = "ru_maxrss of a fresh process per context" if figures.get("isolated") else "sampled during hkv's fill and decode"
+        print(f"peak RSS ({which}) limit device + host + 2 GiB = {figures['rss_limit_bytes'] / GiB:.2f} GiB: "
+              f"within at {[c for c, ok in zip(figures['contexts'], figures['rss_within_limit']) if ok]}")
+
+
+if __name__ == "__main__":  # one context in a fresh process, for run_decode_bench(isolate=True)
+    import json
+    import sys
+
+    Path(sys.argv[1]).write_text(json.dumps(_isolated_context(json.loads(sys.stdin.read())), default=str))

@@ -57,17 +57,75 @@ def model_fingerprint(model: torch.nn.Module, *, dtype: torch.dtype | None = Non
     shapes["class"] = type(model).__name__
     hasher = xxhash.xxh3_128()
     hasher.update(json.dumps(shapes, sort_keys=True, default=str).encode())
-    if params:
-        count = min(8, len(params))
-        picks = sorted({round(i * (len(params) - 1) / max(count - 1, 1)) for i in range(count)})
-        for index in picks:
-            name, tensor = params[index]
-            flat = tensor.detach().reshape(-1)
-            sample = torch.cat([flat[:64], flat[-64:]]).to("cpu", torch.float32).contiguous()
-            hasher.update(name.encode())
-            hasher.update(str(tuple(tensor.shape)).encode())
-            hasher.update(sample.numpy().tobytes())
+    _hash_weight_sample(params, hasher)
     return hasher.digest()
+
+
+def _hash_weight_sample(params: list[tuple[str, torch.Tensor]], hasher) -> None:
+    """Feed the first and last 64 values of up to 8 parameter tensors spread over the model
+    (with their names and shapes) to ``hasher``."""
+    if not params:
+        return
+    count = min(8, len(params))
+    picks = sorted({round(i * (len(params) - 1) / max(count - 1, 1)) for i in range(count)})
+    for index in picks:
+        name, tensor = params[index]
+        flat = tensor.detach().reshape(-1)
+        sample = torch.cat([flat[:64], flat[-64:]]).to("cpu", torch.float32).contiguous()
+        hasher.update(name.encode())
+        hasher.update(str(tuple(tensor.shape)).encode())
+        hasher.update(sample.numpy().tobytes())
+
+
+def model_description(model: torch.nn.Module, *, dtype: torch.dtype | None = None) -> dict[str, object]:
+    """The fields a session records about the model that produced its KV (JSON-able): class,
+    model_type, num_layers, num_q_heads, num_kv_heads, head_dim, hidden_size, vocab_size,
+    weights_dtype, kv_dtype and weights_sample (xxh3-64 hex of the weight sample
+    :func:`model_fingerprint` hashes). ``dtype``: the KV storage dtype (default: the weights')."""
+    config = getattr(model, "config", None)
+    params = list(model.named_parameters())
+    model_dtype = params[0][1].dtype if params else torch.float32
+    q_heads = getattr(config, "num_attention_heads", None)
+    hidden = getattr(config, "hidden_size", None)
+    head_dim = getattr(config, "head_dim", None) or (hidden // q_heads if hidden and q_heads else None)
+    sample = xxhash.xxh3_64()
+    _hash_weight_sample(params, sample)
+    return {
+        "class": type(model).__name__,
+        "model_type": getattr(config, "model_type", None),
+        "num_layers": getattr(config, "num_hidden_layers", None),
+        "num_q_heads": q_heads,
+        "num_kv_heads": getattr(config, "num_key_value_heads", None) or q_heads,
+        "head_dim": head_dim,
+        "hidden_size": hidden,
+        "vocab_size": getattr(config, "vocab_size", None),
+        "weights_dtype": str(model_dtype).removeprefix("torch."),
+        "kv_dtype": str(dtype or model_dtype).removeprefix("torch."),
+        "weights_sample": sample.hexdigest(),
+    }
+
+
+def tokenizer_hash(tokenizer) -> str | None:
+    """xxh3-64 hex of a tokenizer's vocabulary (sorted ``token -> id`` pairs) and special tokens;
+    None when ``tokenizer`` is None."""
+    if tokenizer is None:
+        return None
+    vocab = sorted((str(token), int(index)) for token, index in tokenizer.get_vocab().items())
+    special = sorted(str(token) for token in getattr(tokenizer, "all_special_tokens", []))
+    data = json.dumps({"vocab": vocab, "special": special}, ensure_ascii=False, separators=(",", ":"))
+    return xxhash.xxh3_64_hexdigest(data.encode())
+
+
+def model_identity(model: torch.nn.Module, dtype: torch.dtype | None = None, tokenizer=None):
+    """The :class:`~hkv.tiers.session_store.ModelIdentity` a session records and checks:
+    :func:`model_fingerprint` (hex), :func:`model_description`, :func:`tokenizer_hash`."""
+    from ..tiers.session_store import ModelIdentity
+
+    return ModelIdentity(
+        fingerprint=model_fingerprint(model, dtype=dtype).hex(),
+        description=model_description(model, dtype=dtype),
+        tokenizer=tokenizer_hash(tokenizer),
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ import torch
 
 from ..blocks import BlockLayout
 from ..config import Config
+from ..positions import RotaryShift
 from .model import ModelSpec, model_fingerprint, storage_dtype
 from .transformers import HkvCache, ModelHooks, check_not_wrapped, check_padding
 
@@ -53,8 +54,11 @@ class Runtime:
 
         check_not_wrapped(model)  # refusals happen here, before anything changes
         self.spec = ModelSpec.of(model)
-        self.model = model
         self.config = config if config is not None else Config()
+        # attention.positions = "remap" re-rotates keys with the model's own RoPE frequencies;
+        # refused here (RemapUnsupportedError) for models whose rotation is not shift-invariant
+        self.rotary = RotaryShift.of(model) if self.config.attention.positions == "remap" else None
+        self.model = model
         self.dtype = storage_dtype(self.config, self.spec.dtype)
         self.fingerprint = model_fingerprint(model, dtype=self.dtype)
         self.layout = BlockLayout(self.spec.num_kv_heads, self.config.attention.block_tokens, self.spec.head_dim, self.dtype)
@@ -76,6 +80,9 @@ class Runtime:
         self._closed = False
         self._device_peak = 0
         self._counters = {"prompt_tokens": 0, "generated_tokens": 0, "prefill_s": 0.0, "generate_s": 0.0, "forwards": 0}
+        self._reused_tokens = 0  # prompt tokens adopted from the store instead of prefilled (prefix reuse)
+        self._sessions: dict[str, Any] = {}  # name -> open hkv.sessions.Session
+        self._reclaimer_set = False
         try:
             if self.config.prefetch.enabled:
                 self.prefetcher = Prefetcher(self.manager, workers=self.config.prefetch.workers)
@@ -88,14 +95,15 @@ class Runtime:
 
     # -- caches --------------------------------------------------------------------------------
 
-    def new_cache(self) -> HkvCache:
+    def new_cache(self, *, persist: bool = False) -> HkvCache:
         """A fresh, empty cache for one sequence; use with ``model.generate(ids, cache=cache)``.
 
         Close it when done, best with ``with rt.new_cache() as cache: model.generate(ids, cache=cache)``.
         The runtime holds caches weakly: the blocks of a cache garbage collected unclosed are
         released at the next ``new_cache`` / :meth:`stats` / :meth:`close` (so
         ``model.generate(ids, cache=rt.new_cache())`` works repeatedly), and :meth:`close` closes
-        the caches still open."""
+        the caches still open. ``persist``: its sealed blocks are written through to the store
+        (a session's cache)."""
         from ..attention import SequenceKV
 
         self._check_open()
@@ -111,6 +119,8 @@ class Runtime:
             dtype=self.dtype,
             fingerprint=self.fingerprint,
             prefetcher=self.prefetcher,
+            rotary=self.rotary,
+            persist=persist,
         )
         cache = HkvCache(self, sequence)
         # A cache collected unclosed only queues its sequence (list.append is safe wherever the
@@ -183,8 +193,9 @@ class Runtime:
             progress = input_ids.shape[1] > 8 * self.config.attention.prefill_chunk_tokens
         cache = self.new_cache()
         try:
-            if input_ids.shape[1] > 1:
-                self.prefill(input_ids[:, :-1], cache, progress=progress)
+            reused = self.reuse_prefix(cache, input_ids[0, :-1])
+            if input_ids.shape[1] - 1 > reused:
+                self.prefill(input_ids[:, reused:-1], cache, progress=progress)
             start = time.perf_counter()
             generate_kwargs.setdefault("attention_mask", torch.ones_like(input_ids))
             with torch.inference_mode():
@@ -195,6 +206,41 @@ class Runtime:
             return out
         finally:
             cache.close()
+
+    def reuse_prefix(self, cache: HkvCache, token_ids: torch.Tensor) -> int:
+        """Adopt into ``cache`` the longest stored prefix of complete blocks of ``token_ids``
+        (``[S]``, the tokens whose KV the caller is about to compute, starting at the cache's
+        current length) instead of prefilling it; returns the tokens adopted (0 when
+        ``store.reuse_prefix`` is off, no store exists, or nothing matches)."""
+        if not self.config.store.reuse_prefix or not (self.manager.path / "data.mdb").exists():
+            return 0
+        from ..sessions import adopt_stored_prefix
+
+        adopted = adopt_stored_prefix(self.session_store(), cache, token_ids)
+        self._reused_tokens += adopted
+        return adopted
+
+    def session(self, name: str, *, tokenizer: Any = None, autocommit: bool = True) -> Any:
+        """Open (or create) the persistent conversation ``name`` in the store: a
+        :class:`hkv.sessions.Session` (a context manager). ``tokenizer``: recorded (a hash of its
+        vocabulary) and checked on resume when given. Raises SessionNameError, SessionLockedError,
+        SessionMismatchError, CorruptSessionError (see :mod:`hkv.sessions`)."""
+        from ..sessions import Session
+
+        self._check_open()
+        return Session(self, name, tokenizer=tokenizer, autocommit=autocommit)
+
+    def session_store(self) -> Any:
+        """The store's :class:`~hkv.tiers.session_store.SessionStore` (opens or creates the disk
+        store); registers, once, the disk-budget reclaimer that drops the KV of least-recently-used
+        sessions not open here (``store.evict_sessions``)."""
+        store = self.manager.sessions
+        if not self._reclaimer_set:
+            self._reclaimer_set = True
+            if self.config.store.evict_sessions:
+                manager, open_names = self.manager, self._sessions
+                manager.set_reclaimer(lambda need: store.reclaim(need, skip=set(open_names), in_use=manager.in_use))
+        return store
 
     def _after_forward(self) -> None:
         self._counters["forwards"] += 1
@@ -221,6 +267,7 @@ class Runtime:
             evictions=dict(snapshot.evictions),
             prefetch=sequence_stats,
             **self._counters,
+            extra={"reused_tokens": self._reused_tokens},
         )
 
     def _check_open(self) -> None:
@@ -228,10 +275,23 @@ class Runtime:
             raise RuntimeError("this hkv Runtime is closed")
 
     def close(self) -> None:
-        """Close open caches, stop the prefetcher, close the tiers, restore the model. Idempotent."""
+        """Close open sessions (committing those with autocommit) and caches, stop the prefetcher,
+        close the tiers, restore the model. Idempotent; a failed commit is raised after all that."""
         if self._closed:
             return
         self._closed = True
+        errors = []
+        for session in list(getattr(self, "_sessions", {}).values()):
+            try:
+                session.close()  # commits (autocommit) while the manager is still open
+            except Exception as error:  # the others still close; the first failure is raised below
+                errors.append(error)
+        self._close_rest()
+        if errors:
+            raise errors[0]
+
+    def _close_rest(self) -> None:
+        """Everything :meth:`close` does after the sessions."""
         for cache in list(getattr(self, "_caches", ())):
             cache.close()
         if hasattr(self, "_orphans"):

@@ -209,6 +209,15 @@ class HkvCache(Cache):
             self.sequence.append(layer, k, v)
             hkv_layer.length += k.shape[-2]
 
+    def sync_lengths(self) -> None:
+        """Make every layer's token count the sequence's, after KV was adopted into the sequence
+        directly (a restored session, a reused prefix; see ``SequenceKV.adopt``)."""
+        spec, tokens = self.runtime.spec, self.sequence.seq_length()
+        for hkv_layer in self.layers:
+            if not hkv_layer.is_initialized:
+                hkv_layer.device, hkv_layer.dtype, hkv_layer.is_initialized = spec.device, spec.dtype, True
+            hkv_layer.length = tokens
+
     @property
     def is_compileable(self) -> bool:
         return False

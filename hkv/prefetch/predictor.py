@@ -52,16 +52,41 @@ class BlockSummaries:
         n = block_keys.shape[0]
         if n == 0:
             return
+        buffer = self._reserve(layer, n)
+        count = self._counts[layer]
+        keys = block_keys.to(device=self.device, dtype=torch.float32)
+        buffer[0, :, :, count : count + n] = keys.amin(dim=2).permute(1, 2, 0)
+        buffer[1, :, :, count : count + n] = keys.amax(dim=2).permute(1, 2, 0)
+        self._counts[layer] = count + n
+
+    def extend(self, layer: int, summaries: torch.Tensor) -> None:
+        """Append precomputed summaries ``[n, 2, kv_heads, head_dim]`` fp32 (min, max; e.g. read
+        from the store). Bitwise what :meth:`add` computes from the same blocks."""
+        n = summaries.shape[0]
+        if tuple(summaries.shape[1:]) != (2, self.kv_heads, self.head_dim):
+            raise ValueError(f"extend expects summaries [n, 2, {self.kv_heads}, {self.head_dim}], got {tuple(summaries.shape)}")
+        if n == 0:
+            return
+        buffer = self._reserve(layer, n)
+        count = self._counts[layer]
+        buffer[..., count : count + n] = summaries.to(device=self.device, dtype=torch.float32).permute(1, 2, 3, 0)
+        self._counts[layer] = count + n
+
+    def export(self, layer: int, start: int, end: int) -> torch.Tensor:
+        """Summaries of blocks ``[start, end)``: ``[end - start, 2, kv_heads, head_dim]`` fp32 on the CPU."""
+        if not 0 <= start <= end <= self._counts[layer]:
+            raise ValueError(f"export: blocks [{start}, {end}) outside the {self._counts[layer]} summarised")
+        return self._buffers[layer][..., start:end].permute(3, 0, 1, 2).to("cpu").contiguous()
+
+    def _reserve(self, layer: int, n: int) -> torch.Tensor:
+        """The layer's buffer, grown (doubling) to hold ``n`` more blocks."""
         count = self._counts[layer]
         buffer = self._buffers[layer]
         if count + n > buffer.shape[3]:
             grown = torch.empty(*buffer.shape[:3], max(2 * buffer.shape[3], count + n), device=self.device)
             grown[..., :count] = buffer[..., :count]
             self._buffers[layer] = buffer = grown
-        keys = block_keys.to(device=self.device, dtype=torch.float32)
-        buffer[0, :, :, count : count + n] = keys.amin(dim=2).permute(1, 2, 0)
-        buffer[1, :, :, count : count + n] = keys.amax(dim=2).permute(1, 2, 0)
-        self._counts[layer] = count + n
+        return buffer
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self._buffers)

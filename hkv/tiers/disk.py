@@ -1,17 +1,24 @@
 """The disk tier: blocks as records in an LMDB environment.
 
-Store layout (one folder): LMDB files ``data.mdb`` / ``lock.mdb`` with named sub-databases
-``blocks`` (key: the 16-byte :class:`~hkv.blocks.BlockKey`; value: a record, 64-byte header +
-raw payload, see :mod:`hkv.blocks`), ``keys`` (the same keys, value: the record's length, u64
-little-endian; listing or sizing them reads no record page, while listing ``blocks`` costs a
-4 KiB read per block) and
-``meta`` (JSON values, no pickle): ``format`` holds the format version and block layout,
-``usage`` the bytes and count of stored records. All are updated in the same write
-transaction, so they agree and are exact after a kill -9.
+Store layout (one folder, format version :data:`STORE_VERSION`, docs/store.md): LMDB files
+``data.mdb`` / ``lock.mdb`` with named sub-databases ``blocks`` (key: the 16-byte
+:class:`~hkv.blocks.BlockKey`; value: a record, 64-byte header + raw payload, see
+:mod:`hkv.blocks`), ``keys`` (the same keys, value: the record's length, u64 little-endian;
+listing or sizing them reads no record page, while listing ``blocks`` costs a 4 KiB read per
+block), ``meta`` (JSON values, no pickle): ``format`` holds the format version and block layout,
+``usage`` the bytes and count of stored records; and, for persistent sessions
+(:mod:`.session_store`), ``refs`` (block key -> u32 LE: how many committed sessions reference
+the block), ``summaries`` (block key -> checksummed fp32 key summaries) and ``sessions``
+(session records and tails). All are updated in the same write transaction, so they agree and
+are exact after a kill -9. A block whose ``refs`` count is > 0 is never deleted by
+:meth:`DiskTier.delete_many` (checked inside the deleting transaction, so a process with a stale
+view cannot delete it either).
 
 Writes go through one writer thread (:mod:`.lmdb_writer`): each submission is one unit (all of
 it is stored, or none), a future that resolves once its transaction is durable (kill -9 and
-power loss). The environment uses ``sync=True, metasync=False``: one fdatasync per commit, the
+power loss). Besides puts and deletes, a submission may be any function of the write
+transaction (:meth:`DiskTier.submit_apply`, used by the session store); it runs in a nested
+transaction, so one that raises changes nothing and does not disturb the others of its batch. The environment uses ``sync=True, metasync=False``: one fdatasync per commit, the
 meta page made durable by the next commit or an explicit sync before any future resolves.
 Measured here: ``metasync=True`` (two fsyncs per commit) halved the write rate, ``writemap``
 was slower still.
@@ -34,15 +41,17 @@ import json
 import math
 import mmap
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import lmdb
 import torch
 
 from ..blocks import (
-    FORMAT_VERSION,
+    DTYPE_NAMES,
     HEADER_SIZE,
     KEY_BYTES,
     BlockKey,
@@ -55,8 +64,14 @@ from ..blocks import (
 from .base import BlockNotFoundError, Tier, TierError, TierFullError
 from .lmdb_hints import ReadHints
 from .lmdb_writer import BatchWriter, WriteJob
+from .store_txn import DeleteResult, StoreTxn
 
-MAX_DBS = 8  # blocks, meta, and room for later sub-databases (sessions, ...)
+T = TypeVar("T")
+
+STORE_VERSION = 2  # of the store's layout (meta ``format``); block records have their own (hkv.blocks)
+MAX_DBS = 8  # the six below, and room for two more
+DB_NAMES = ("blocks", "keys", "meta", "refs", "summaries", "sessions")
+_V1_DBS = {b"blocks", b"keys", b"meta"}  # format 1 had these (and maybe an empty ``sessions``)
 _PAGE = mmap.PAGESIZE
 _PAGE_HEADER = 16  # LMDB's page header, in bytes
 _LEAF_BYTES = 64  # B-tree leaf bytes per block (node + key + overflow pgno, half-full pages)
@@ -81,6 +96,52 @@ def _layout_json(layout: BlockLayout) -> dict[str, object]:
     return {"kv_heads": layout.kv_heads, "block_tokens": layout.block_tokens, "head_dim": layout.head_dim, "dtype": dtype}
 
 
+def _open_env(path: Path, map_size: int, readonly: bool) -> lmdb.Environment:
+    try:
+        return lmdb.open(
+            str(path), map_size=map_size, max_dbs=MAX_DBS, subdir=True, readonly=readonly, lock=True, sync=True,
+            metasync=False, readahead=False, create=not readonly, max_readers=256,
+        )  # fmt: skip
+    except lmdb.Error as error:
+        raise StoreError(f"{path}: cannot open as an LMDB store: {error}") from None
+
+
+def _db_names(env: lmdb.Environment) -> set[bytes]:
+    with env.begin() as txn:
+        return {bytes(k) for k, _ in txn.cursor()}
+
+
+def _read_format(env: lmdb.Environment, path: Path) -> dict[str, object]:
+    """The store's ``format`` record; StoreError if unreadable or newer than this hkv."""
+    with env.begin() as txn:
+        meta = env.open_db(b"meta", txn=txn, create=False)
+        raw = txn.get(b"format", db=meta)
+    try:
+        stored = json.loads(raw)
+        version, layout = int(stored["format_version"]), stored["layout"]
+        if not isinstance(layout, dict):
+            raise TypeError(layout)
+    except (TypeError, ValueError, KeyError):
+        raise StoreError(f"{path}: unreadable store metadata {raw!r}") from None
+    if version > STORE_VERSION:
+        raise StoreError(f"{path}: store format version {version} is newer than this hkv ({STORE_VERSION}); upgrade hkv")
+    return stored
+
+
+def _read_layout(env: lmdb.Environment, path: Path) -> tuple[BlockLayout, int]:
+    """The block layout an existing store records, and its used record bytes."""
+    if not _V1_DBS <= _db_names(env):
+        raise StoreError(f"{path} is not an hkv store (no blocks / keys / meta databases)")
+    layout = _read_format(env, path)["layout"]
+    try:
+        parsed = BlockLayout(int(layout["kv_heads"]), int(layout["block_tokens"]), int(layout["head_dim"]), DTYPE_NAMES[layout["dtype"]])
+    except (KeyError, TypeError, ValueError):
+        raise StoreError(f"{path}: unreadable block layout {layout!r}") from None
+    with env.begin() as txn:
+        usage = json.loads(txn.get(b"usage", db=env.open_db(b"meta", txn=txn, create=False)))
+    return parsed, int(usage["used_bytes"])
+
+
 class DiskTier(Tier):
     """Blocks of one layout in an LMDB store at ``path``; ``capacity_bytes`` bounds the record bytes.
 
@@ -90,28 +151,25 @@ class DiskTier(Tier):
     name = "disk"
 
     def __init__(
-        self, path: str | Path, layout: BlockLayout, capacity_bytes: int, *, writer_batch: int = 64, readonly: bool = False
-    ) -> None:
+        self, path: str | Path, layout: BlockLayout, capacity_bytes: int, *, writer_batch: int = 64, readonly: bool = False,
+        _env: lmdb.Environment | None = None,
+    ) -> None:  # fmt: skip
         if capacity_bytes < layout.record_nbytes:
             raise ValueError(f"capacity_bytes = {capacity_bytes} is smaller than one record ({layout.record_nbytes} bytes)")
         if writer_batch < 1:
             raise ValueError(f"writer_batch = {writer_batch} must be at least 1")
         self.path, self.layout, self.capacity_bytes = Path(path), layout, int(capacity_bytes)
         self.writer_batch, self.readonly = writer_batch, readonly
-        self._check_folder()
+        if _env is None:
+            self._check_folder()
+            _env = _open_env(self.path, map_size_for(self.capacity_bytes, layout, writer_batch), readonly)
+        self._env = _env
         try:
-            self._env = lmdb.open(
-                str(self.path), map_size=map_size_for(self.capacity_bytes, layout, writer_batch), max_dbs=MAX_DBS,
-                subdir=True, readonly=readonly, lock=True, sync=True, metasync=False, readahead=False, create=not readonly,
-                max_readers=256,
-            )  # fmt: skip
-        except lmdb.Error as error:
-            raise StoreError(f"{self.path}: cannot open as an LMDB store: {error}") from None
-        try:
-            self._blocks, self._index, self._meta = self._open_dbs()
+            self._dbs, self.format_version = self._open_dbs()
         except BaseException:
             self._env.close()
             raise
+        self._blocks, self._index, self._meta = self._dbs["blocks"], self._dbs["keys"], self._dbs["meta"]
         self._hints = ReadHints(KEY_BYTES, layout.record_nbytes)
         self._closed = False
         self._close_lock = threading.Lock()
@@ -123,11 +181,35 @@ class DiskTier(Tier):
             )  # fmt: skip
 
     # -- opening --------------------------------------------------------------------------------
+    @classmethod
+    def open_existing(
+        cls, path: str | Path, *, readonly: bool = True, capacity_bytes: int | None = None, writer_batch: int = 64
+    ) -> DiskTier:
+        """Open the store at ``path`` with the block layout it records (for tools such as
+        ``hkv sessions``, which do not know the model). ``capacity_bytes`` defaults to the larger
+        of the record bytes stored and the size of ``data.mdb`` (enough to delete, not to grow
+        much). StoreError if ``path`` is not an hkv store or its format is newer than this hkv."""
+        path = Path(path)
+        data = path / "data.mdb"
+        if not data.is_file():
+            raise StoreError(f"{path} is not an hkv store (no data.mdb)")
+        file_bytes = data.stat().st_size
+        env = _open_env(path, 0, readonly)  # LMDB maps at least the file; resized below
+        try:
+            layout, used = _read_layout(env, path)
+            capacity = int(capacity_bytes) if capacity_bytes is not None else max(used, file_bytes, layout.record_nbytes)
+            room = 2 * file_bytes + 2**30 if readonly else file_bytes + _SLACK  # readers: room for the store to grow
+            env.set_mapsize(math.ceil(max(map_size_for(capacity, layout, writer_batch), room) / _PAGE) * _PAGE)
+        except BaseException:
+            env.close()
+            raise
+        return cls(path, layout, capacity, writer_batch=writer_batch, readonly=readonly, _env=env)
+
     def _check_folder(self) -> None:
         if self.path.exists() and not self.path.is_dir():
             raise StoreError(f"{self.path} exists and is not a folder; the disk tier needs a folder")
         if self.path.is_dir() and not (self.path / "data.mdb").exists():
-            others = sorted(p.name for p in self.path.iterdir() if p.name != "lock.mdb")
+            others = sorted(p.name for p in self.path.iterdir() if p.name not in ("lock.mdb", "sessions.lock"))
             if others:
                 raise StoreError(f"{self.path} is not an hkv store: it holds {', '.join(others[:5])} but no data.mdb")
         if not self.path.exists():
@@ -135,38 +217,43 @@ class DiskTier(Tier):
                 raise StoreError(f"{self.path} does not exist (opened read-only)")
             self.path.mkdir(parents=True)
 
-    def _open_dbs(self) -> tuple[object, object, object]:
-        want = {"format_version": FORMAT_VERSION, "layout": _layout_json(self.layout)}
-        with self._env.begin() as txn:
-            names = {bytes(k) for k, _ in txn.cursor()}
-        if names - {b"blocks", b"keys", b"meta", b"sessions"}:
+    def _open_dbs(self) -> tuple[dict[str, object], int]:
+        """The databases (name -> handle; None for one a read-only format-1 store lacks) and the
+        store's format version. Creates a new store, upgrades a format-1 store opened writable
+        (the new databases and format_version 2 in one transaction), refuses anything else."""
+        want = {"format_version": STORE_VERSION, "layout": _layout_json(self.layout)}
+        names = _db_names(self._env)
+        if names - {name.encode() for name in DB_NAMES}:
             raise StoreError(f"{self.path} is an LMDB store but not an hkv store (databases {sorted(names)})")
         if not names:  # a new store
             if self.readonly:
                 raise StoreError(f"{self.path} is an empty LMDB store (opened read-only)")
-            blocks, index, meta = (self._env.open_db(name) for name in (b"blocks", b"keys", b"meta"))
-            with self._env.begin(write=True, db=meta) as txn:
-                txn.put(b"format", json.dumps(want).encode())
-                txn.put(b"usage", json.dumps({"used_bytes": 0, "blocks": 0}).encode())
-            return blocks, index, meta
-        if not {b"blocks", b"keys", b"meta"} <= names:
+            with self._env.begin(write=True) as txn:
+                dbs = {name: self._env.open_db(name.encode(), txn=txn) for name in DB_NAMES}
+                txn.put(b"format", json.dumps(want).encode(), db=dbs["meta"])
+                txn.put(b"usage", json.dumps({"used_bytes": 0, "blocks": 0}).encode(), db=dbs["meta"])
+            return dbs, STORE_VERSION
+        if not _V1_DBS <= names:
             raise StoreError(f"{self.path} is not an hkv store (no blocks / keys / meta databases)")
-        meta = self._env.open_db(b"meta", create=False)
-        with self._env.begin(db=meta) as txn:
-            raw = txn.get(b"format")
-        try:
-            stored = json.loads(raw)
-            version, layout = int(stored["format_version"]), stored["layout"]
-        except (TypeError, ValueError, KeyError):
-            raise StoreError(f"{self.path}: unreadable store metadata {raw!r}") from None
-        if version > FORMAT_VERSION:
-            raise StoreError(
-                f"{self.path}: store format version {version} is newer than this hkv ({FORMAT_VERSION}); upgrade hkv"
-            )
+        stored = _read_format(self._env, self.path)
+        layout = stored["layout"]
         diffs = [f"{k} {layout.get(k)} != {v}" for k, v in want["layout"].items() if layout.get(k) != v]
         if diffs:
             raise StoreError(f"{self.path}: block layout differs from the store's (store != requested): {', '.join(diffs)}")
-        return self._env.open_db(b"blocks", create=False), self._env.open_db(b"keys", create=False), meta
+        version = int(stored["format_version"])
+        if self.readonly:
+            dbs = {name: self._env.open_db(name.encode(), create=False) if name.encode() in names else None for name in DB_NAMES}
+            return dbs, version
+        with self._env.begin(write=True) as txn:  # creates the databases a format-1 store lacks
+            dbs = {name: self._env.open_db(name.encode(), txn=txn) for name in DB_NAMES}
+            if version < STORE_VERSION:
+                txn.put(b"format", json.dumps({**stored, "format_version": STORE_VERSION}).encode(), db=dbs["meta"])
+        return dbs, STORE_VERSION
+
+    @property
+    def has_sessions(self) -> bool:
+        """Whether the session databases exist (False only for a format-1 store opened read-only)."""
+        return self._dbs["sessions"] is not None
 
     # -- reading --------------------------------------------------------------------------------
     def _where(self, key: BlockKey) -> str:
@@ -211,6 +298,14 @@ class DiskTier(Tier):
     def used_bytes(self) -> int:
         """Bytes of stored records (header + payload), as committed."""
         return self._usage()["used_bytes"]
+
+    @contextmanager
+    def reading(self, *, buffers: bool = False) -> Iterator[StoreTxn]:
+        """A read transaction over every database (a consistent snapshot); with ``buffers``,
+        values are memoryviews into the map, valid only inside the block."""
+        self._check_open()
+        with self._env.begin(buffers=buffers) as txn:
+            yield StoreTxn(txn, self._dbs, None)
 
     def _usage(self, txn: lmdb.Transaction | None = None) -> dict[str, int]:
         self._check_open()
@@ -270,13 +365,28 @@ class DiskTier(Tier):
     def put(self, key: BlockKey, block: torch.Tensor) -> None:
         self.put_many([key], block.unsqueeze(0))
 
-    def delete_many(self, keys: Sequence[BlockKey]) -> int:
-        """Drop blocks durably; returns how many were stored."""
+    def delete_many(self, keys: Sequence[BlockKey]) -> DeleteResult:
+        """Drop blocks durably, except those a committed session references (refs > 0, read in
+        the deleting transaction): they are reported as ``kept``."""
         self._check_writable()
         return self._writer.submit(WriteJob(deletes=[bytes(k) for k in keys])).result()
 
     def delete(self, key: BlockKey) -> bool:
-        return self.delete_many([key]) == 1
+        """Drop one block; whether it was deleted (False: not stored, or referenced)."""
+        return bool(self.delete_many([key]).deleted)
+
+    def submit_apply(self, apply: Callable[[StoreTxn], T]) -> Future[T]:
+        """Run ``apply(store_txn)`` in the writer thread, inside a nested write transaction of the
+        writer's next batch. The future resolves with its result once that transaction is
+        durable, or raises what it raised (nothing it did is kept; other jobs are unaffected).
+        ``apply`` must only read and write through the transaction (it may run twice, after a
+        full map) and must never wait for anything that waits for the writer."""
+        self._check_writable()
+        return self._writer.submit(WriteJob(apply=apply))
+
+    def apply(self, apply: Callable[[StoreTxn], T]) -> T:
+        """:meth:`submit_apply` and wait: the change is durable on return."""
+        return self.submit_apply(apply).result()
 
     def flush(self) -> None:
         """Wait until everything submitted so far is committed (or failed)."""
@@ -292,40 +402,45 @@ class DiskTier(Tier):
             pass  # the retry reports the full map
 
     def _apply(self, batch: list[WriteJob]) -> list[object]:
-        """Do ``batch`` in one write transaction (runs in the writer thread); a result per job."""
+        """Do ``batch`` in one write transaction (runs in the writer thread); a result per job.
+        Raises lmdb.MapFullError (nothing committed; the writer retries each job alone)."""
         results: list[object] = []
         with self._env.begin(write=True, db=self._blocks) as txn:
-            usage = self._usage(txn)
+            store = StoreTxn(txn, self._dbs, self._usage(txn))
             for job in batch:
-                sizes = [self._stored_nbytes(txn, key) for key, _ in job.puts]  # old records, if any
-                delta = sum(len(record) - (old or 0) for (_, record), old in zip(job.puts, sizes))
-                if usage["used_bytes"] + delta > self.capacity_bytes:
-                    results.append(self._full_error(job, f"{usage['used_bytes']} bytes used"))
-                    continue
-                for key, record in job.puts:
-                    txn.put(key, record, db=self._blocks)
-                    txn.put(key, len(record).to_bytes(8, "little"), db=self._index)
-                usage["used_bytes"] += delta
-                usage["blocks"] += sum(old is None for old in sizes)
-                deleted = 0
-                for key in job.deletes:
-                    old = self._stored_nbytes(txn, key)
-                    if old is not None:
-                        usage["used_bytes"] -= old
-                        txn.delete(key, db=self._blocks)
-                        txn.delete(key, db=self._index)
-                        deleted += 1
-                usage["blocks"] -= deleted
-                results.append(deleted if job.deletes else None)
-            txn.put(b"usage", json.dumps(usage).encode(), db=self._meta)
+                results.append(self._apply_job(store, job) if job.apply is not None else self._put_delete(store, job))
+            txn.put(b"usage", json.dumps(store.usage).encode(), db=self._meta)
         return results
 
-    def _stored_nbytes(self, txn: lmdb.Transaction, key: bytes) -> int | None:
-        """Bytes of the record stored under ``key`` (from the key index: no record page is read)."""
-        size = txn.get(key, db=self._index)
-        return None if size is None else int.from_bytes(size, "little")
+    def _put_delete(self, store: StoreTxn, job: WriteJob) -> object:
+        """A puts / deletes job: checked against the budget before anything is written."""
+        sizes = [store.record_nbytes(key) for key, _ in job.puts]  # old records, if any
+        delta = sum(len(record) - (old or 0) for (_, record), old in zip(job.puts, sizes))
+        if store.usage["used_bytes"] + delta > self.capacity_bytes:
+            return self._full_error(job, f"{store.usage['used_bytes']} bytes used")
+        for key, record in job.puts:
+            store.put_block(key, record)
+        return store.delete_unreferenced(job.deletes) if job.deletes else None
+
+    def _apply_job(self, store: StoreTxn, job: WriteJob) -> object:
+        """An ``apply`` job in a nested transaction: if it raises, its changes are dropped and
+        the exception is its result (a full map still aborts the whole batch)."""
+        outer, usage = store.txn, dict(store.usage)
+        try:
+            with self._env.begin(write=True, parent=outer, db=self._blocks) as child:
+                store.txn = child
+                return job.apply(store)
+        except lmdb.MapFullError:
+            raise
+        except Exception as error:
+            store.usage = usage
+            return error
+        finally:
+            store.txn = outer
 
     def _full_error(self, job: WriteJob, why: str) -> TierFullError:
+        if job.apply is not None:
+            return TierFullError(f"disk tier {self.path}: cannot update the store: {why}, capacity {self.capacity_bytes} bytes")
         need = sum(len(record) for _, record in job.puts)
         return TierFullError(
             f"disk tier {self.path}: cannot store {len(job.puts)} blocks ({need} bytes): {why}, "

@@ -24,18 +24,25 @@ from .base import TierError
 
 
 class WriteJob:
-    """One submission: records to put and / or keys to delete, done in one transaction, and its future."""
+    """One submission, done in one transaction, and its future: records to put and / or keys to
+    delete, or ``apply``, any work on the store's write transaction (the owner passes it its view
+    of the transaction; what it returns is the future's result, what it raises the future's
+    exception). ``apply`` must depend only on what it reads in the transaction: a job may be run
+    again in a fresh transaction after a full map."""
 
-    __slots__ = ("puts", "deletes", "future")
+    __slots__ = ("puts", "deletes", "apply", "future")
 
-    def __init__(self, puts: list[tuple[bytes, bytearray]] | None = None, deletes: list[bytes] | None = None) -> None:
-        self.puts, self.deletes = puts or [], deletes or []
+    def __init__(
+        self, puts: list[tuple[bytes, bytearray]] | None = None, deletes: list[bytes] | None = None,
+        apply: Callable[[object], object] | None = None,
+    ) -> None:  # fmt: skip
+        self.puts, self.deletes, self.apply = puts or [], deletes or [], apply
         self.future: Future = Future()
 
     @property
     def size(self) -> int:
-        """Blocks this job touches."""
-        return len(self.puts) + len(self.deletes)
+        """Blocks this job touches (an ``apply`` job counts as one)."""
+        return len(self.puts) + len(self.deletes) + (self.apply is not None)
 
 
 Outcome = tuple[WriteJob, object]  # the job and its result, or the exception to raise

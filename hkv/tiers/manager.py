@@ -5,7 +5,10 @@ places it on the device; when a tier is full, the eviction policy picks a victim
 tier's unpinned, idle blocks and the victim is *dropped* if it has a copy elsewhere, else
 *moved down* (device -> host -> disk). Nothing is dropped without a copy: a move that finds no
 room anywhere raises TierFullError. The disk budget evicts (``tiers.disk_full = "evict"``)
-only blocks that no live sequence references (refcount 0, see :meth:`retain`), LRU first.
+only blocks that no live sequence references (refcount 0, see :meth:`retain`) and no committed
+session references (``Entry.stored``, loaded from the store's ``refs`` when it is opened; the
+store itself also refuses to delete them), LRU first; then, with ``store.evict_sessions``, the
+KV of least-recently-used sessions through the reclaimer the session layer sets.
 
 Concurrency. One lock (a Condition) guards the metadata: pools' slot maps, entries, counters.
 Moving blocks *up* (``promote`` from the prefetcher's threads, and ``gather``'s on-demand
@@ -21,7 +24,7 @@ Moves down (evictions, demotions, spills) are rarer and run under the lock.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +40,7 @@ from .host import HostTier
 from .placement import Digest, Entry
 from .promotion import GatherReport, Promotion
 from .policy import make_policy
+from .session_store import CommitResult, SessionStore
 
 TIER_NAMES = ("device", "host", "disk")
 __all__ = ["GatherReport", "ManagerStats", "TIER_NAMES", "TierManager", "TierUsage"]
@@ -91,8 +95,10 @@ class TierManager(Promotion):
             layout=layout,
             disk_capacity=int(tiers.disk),
             disk_full=tiers.disk_full,
+            evict_sessions=config.store.evict_sessions,
         )
         self._closed = False
+        self._sessions: SessionStore | None = None
         if (self.path / "data.mdb").exists():  # a store from an earlier run: its blocks are known
             self._open_disk()
 
@@ -104,7 +110,40 @@ class TierManager(Promotion):
                 self._entry_for(key.digest).on_disk = True
                 self._recent["disk"][key.digest] = None
                 self._disk_count += 1
+            self._sessions = SessionStore(self._disk)
+            for key in self._sessions.referenced_keys():
+                entry = self._entries.get(key)
+                if entry is not None:
+                    entry.stored = True
         return self._disk
+
+    @property
+    def sessions(self) -> SessionStore:
+        """The session records of the disk store (opened now if it was not yet)."""
+        with self._cond:
+            self._check_open()
+            self._open_disk()
+            return self._sessions  # type: ignore[return-value]
+
+    def apply_store_changes(self, result: CommitResult) -> None:
+        """Follow a session commit / delete / reclaim: blocks newly referenced are ``stored``
+        (never evicted from disk), unreferenced ones evictable again, deleted ones no longer on
+        disk (forgotten when that was their only copy)."""
+        with self._cond:
+            self._apply_store_changes(result)
+
+    def in_use(self, key: Digest) -> bool:
+        """Whether a live sequence references the block (digest), or a move or gather has it.
+        Reads without the lock (the disk writer thread calls it while the lock may be held)."""
+        entry = self._entries.get(key)
+        return entry is not None and (entry.refs > 0 or entry.busy or entry.holds > 0)
+
+    def set_reclaimer(self, reclaimer: Callable[[int], CommitResult] | None) -> None:
+        """``reclaimer(need_bytes)``: frees disk records by dropping sessions' KV (the session
+        layer binds SessionStore.reclaim with its open sessions as ``skip`` and :meth:`in_use`);
+        called with the manager's lock held when unreferenced blocks cannot make room."""
+        with self._cond:
+            self._reclaimer = reclaimer
 
     # -- insert ---------------------------------------------------------------------------------
     def put(self, key: BlockKey, block: torch.Tensor, *, pin: bool = False) -> None:
@@ -114,9 +153,12 @@ class TierManager(Promotion):
         no-op apart from pinning and recency."""
         self.put_many([key], block.unsqueeze(0), pin=pin)
 
-    def put_many(self, keys: Sequence[BlockKey], blocks: torch.Tensor, *, pin: bool = False) -> None:
+    def put_many(self, keys: Sequence[BlockKey], blocks: torch.Tensor, *, pin: bool = False, persist: bool = False) -> None:
         """``blocks``: ``[n, 2, kv_heads, block_tokens, head_dim]``. Raises TierFullError (and
-        stores none of the new blocks) when they fit nowhere, or the write-through is refused."""
+        stores none of the new blocks) when they fit nowhere, or the write-through is refused.
+        ``persist``: write these blocks through to disk even without ``store.persist`` (known
+        ones too, if they have no disk copy); the write is durable before any later disk
+        transaction (a session commit) of this process."""
         if tuple(blocks.shape) != (len(keys), *self.layout.shape) or blocks.dtype != self.layout.dtype:
             raise ValueError(
                 f"put_many: {len(keys)} keys and blocks {tuple(blocks.shape)} {blocks.dtype}; expected "
@@ -146,20 +188,35 @@ class TierManager(Promotion):
             with self._cond:
                 self._check_open()
                 new = [key for key in first if key not in self._entries]
+                if persist:  # first: a refusal leaves nothing new stored
+                    self._write_through_known([key for key in first if key not in new], blocks, first)
                 if new:
-                    self._insert(new, blocks, [first[key] for key in new], pin)
+                    keep = set(first) if persist else set()  # the known blocks just written through
+                    self._insert(new, blocks, [first[key] for key in new], pin, persist or self.persist, keep)
         except BaseException:
             if pin and newly_pinned:
                 self._unpin(newly_pinned)
             raise
 
-    def _insert(self, keys: list[Digest], blocks: torch.Tensor, rows: list[int], pin: bool) -> None:
-        """Place new blocks (lock held): device first, then host, then disk; all or none."""
-        exclude, reserved_disk = set(keys), 0
+    def _write_through_known(self, keys: list[Digest], blocks: torch.Tensor, first: dict[Digest, int]) -> None:
+        """Write known blocks without a disk copy through to disk (lock held). TierFullError.
+        A busy block (being moved up) is written too: the data comes from ``blocks``, and a
+        session about to commit it needs its disk copy."""
+        keys = [key for key in keys if not self._entries[key].on_disk]
+        if keys:
+            self._disk_reserve(len(keys), set(first))
+            self._write_disk(keys, blocks[[first[key] for key in keys]], sync=False)
+
+    def _insert(
+        self, keys: list[Digest], blocks: torch.Tensor, rows: list[int], pin: bool, persist: bool, keep: set[Digest]
+    ) -> None:
+        """Place new blocks (lock held): device first, then host, then disk; all or none.
+        ``persist``: write them all through to disk too. ``keep``: known blocks not to evict meanwhile."""
+        exclude, reserved_disk = set(keys) | keep, 0
         dev: list[int] = []
         host: list[int] = []
         try:
-            if self.persist:
+            if persist:
                 reserved_disk = self._disk_reserve(len(keys), exclude)  # refused before anything changes
             dev = self._make_room("device", len(keys), exclude)
             if pin and len(dev) < len(keys):
@@ -170,14 +227,10 @@ class TierManager(Promotion):
             if len(dev) < len(keys):
                 host = self._make_room("host", len(keys) - len(dev), exclude)
             rest = len(keys) - len(dev) - len(host)
-            if rest and not self.persist:
+            if rest and not persist:
                 reserved_disk = self._disk_reserve(rest, exclude)
         except BaseException as error:  # a disk write failing while making room too: give all back
-            for slot in dev:
-                self.device_pool.unreserve(slot)
-            for slot in host:
-                self.host_pool.unreserve(slot)
-            self._disk_count -= reserved_disk
+            self._unreserve(dev, host, reserved_disk)
             if isinstance(error, TierFullError):
                 raise TierFullError(f"cannot insert {len(keys)} blocks: {error}") from None
             raise
@@ -185,21 +238,30 @@ class TierManager(Promotion):
             self._entries[key] = Entry()
         # The newest blocks of the batch go highest: disk gets the oldest, the device the newest.
         n, low = len(keys), len(keys) - len(dev) - len(host)
+        if low:  # only the disk has room: write them first, durably, so a failure leaves nothing stored
+            try:
+                self._write_disk(keys[:low], blocks[rows[:low]], sync=True)  # returns its `low` reservation on failure
+            except BaseException:
+                for key in keys:
+                    self._forget(key)
+                self._unreserve(dev, host, reserved_disk - low)
+                raise
         self._pool_write("device", keys[n - len(dev) :], dev, blocks, rows[n - len(dev) :])
         self._pool_write("host", keys[low : n - len(dev)], host, blocks, rows[low : n - len(dev)])
         if pin:
             for key in keys:
                 self._entries[key].pinned = True
             self._pinned_count += len(keys)
-        if low:  # only the disk has room: write them now, durably
-            try:
-                self._write_disk(keys[:low], blocks[rows[:low]], sync=True)
-            except BaseException:
-                for key in keys[:low]:
-                    self._forget(key)
-                raise
-        if self.persist and low < n:
+        if persist and low < n:
             self._write_disk(keys[low:], blocks[rows[low:]], sync=False)
+
+    def _unreserve(self, dev: list[int], host: list[int], disk_records: int) -> None:
+        """Give back slots and disk records reserved for an insert that failed (lock held)."""
+        for slot in dev:
+            self.device_pool.unreserve(slot)
+        for slot in host:
+            self.host_pool.unreserve(slot)
+        self._disk_count -= disk_records
 
     # -- lookups --------------------------------------------------------------------------------
     def contains(self, key: BlockKey) -> bool:
@@ -347,18 +409,20 @@ class TierManager(Promotion):
             drop = []
             for key, entry, n in entries:
                 entry.refs -= n
-                if entry.refs == 0 and not self.persist and entry.on_disk:
+                if entry.refs == 0 and not self.persist and entry.on_disk and not entry.stored:
                     drop.append(key)
             if drop:
                 # like delete: not while a gather/pin holds one or a move has it busy (it would vanish under them)
                 self._cond.wait_for(
                     lambda: not any(self._entries[k].busy or self._entries[k].holds for k in drop if k in self._entries)
                 )
-                drop = [key for key in dict.fromkeys(drop) if key in self._entries and self._entries[key].refs == 0]
+                entries_now = self._entries
+                drop = [k for k in dict.fromkeys(drop) if k in entries_now and entries_now[k].refs == 0 and not entries_now[k].stored]
                 self._delete_disk_copies(drop)
 
     def delete(self, keys: Sequence[BlockKey]) -> None:
-        """Remove blocks from every tier; unknown keys are ignored. Waits for moves of them."""
+        """Remove blocks from every tier; unknown keys are ignored. Waits for moves of them.
+        The disk copy of a block a committed session references stays (and so does the block)."""
         with self._cond:
             self._check_open()
             unique = [key for key in dict.fromkeys(key.digest for key in keys) if key in self._entries]
@@ -368,9 +432,10 @@ class TierManager(Promotion):
                 for tier in ("device", "host"):
                     if self._pool(tier).contains(key):
                         self._drop(tier, key)
-            self._delete_disk_copies(unique)
+            kept = self._delete_disk_copies(unique)
             for key in unique:
-                self._forget(key)
+                if key not in kept:
+                    self._forget(key)
 
     def flush(self) -> None:
         """Wait until every write-through to disk is committed (raises the first failure)."""

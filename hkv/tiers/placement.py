@@ -10,7 +10,7 @@ manager's lock) held. :mod:`hkv.tiers.manager` adds the public API and the moves
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
 import torch
@@ -29,10 +29,11 @@ DIRECTIONS = ("host->device", "device->host", "disk->host", "host->disk")
 class Entry:
     """What the manager knows of one block besides the pools' slot maps."""
 
-    __slots__ = ("on_disk", "disk_pending", "pinned", "refs", "busy", "holds", "event", "host_guard")
+    __slots__ = ("on_disk", "disk_pending", "stored", "pinned", "refs", "busy", "holds", "event", "host_guard")
 
     def __init__(self) -> None:
         self.on_disk = False  # a disk record exists or is being written (``disk_pending``)
+        self.stored = False  # a committed session references it: its disk copy is never evicted or dropped
         self.disk_pending: Future | None = None  # the write-through not yet known durable
         self.pinned = False  # never evicted from the device
         self.refs = 0  # live sequences that reference it (retain / release)
@@ -47,10 +48,14 @@ class Placement:
 
     def __init__(
         self, device_pool: SlotPool, host_pool: SlotPool, copies: CopyEngine, policy: EvictionPolicy, *,
-        layout: BlockLayout, disk_capacity: int, disk_full: str,
+        layout: BlockLayout, disk_capacity: int, disk_full: str, evict_sessions: bool = False,
     ) -> None:  # fmt: skip
         self.device_pool, self.host_pool, self.copies, self.policy = device_pool, host_pool, copies, policy
         self.layout, self.disk_capacity, self.disk_full = layout, disk_capacity, disk_full
+        self.evict_sessions = evict_sessions
+        # reclaimer(need_bytes) -> CommitResult: drops sessions' KV when unreferenced blocks are not
+        # enough (SessionStore.reclaim, bound by the session layer); runs with the lock held.
+        self._reclaimer: Callable[[int], object] | None = None
         self._disk: DiskTier | None = None
         self._entries: dict[Digest, Entry] = {}
         # Each tier's blocks, least recently used first (a plain dict keeps insertion order and
@@ -256,50 +261,84 @@ class Placement:
         return self.disk_capacity // self.layout.record_nbytes
 
     def _disk_reserve(self, n: int, exclude: set[Digest], *, partial: bool = False) -> int:
-        """Reserve room for ``n`` disk records, evicting unreferenced blocks (LRU) if the policy
-        allows. All or TierFullError (nothing evicted); with ``partial``, as many as possible."""
+        """Reserve room for ``n`` disk records, evicting blocks that no live sequence and no
+        committed session references (LRU) if the policy allows, then, if that is not enough,
+        sessions' KV through the reclaimer (``store.evict_sessions``). All or TierFullError
+        (nothing evicted); with ``partial``, as many as possible."""
         self._open_disk()
-        free = self.disk_capacity_blocks - self._disk_count
-        victims: list[Digest] = []
-        if free < n and self.disk_full == "evict":
-            for key in self._recent["disk"]:
-                entry = self._entries[key]
-                if entry.refs == 0 and not entry.busy and not entry.holds and key not in exclude:
-                    victims.append(key)
-                    if free + len(victims) >= n:
-                        break
-        if free + len(victims) < n and not partial:
-            how = "no unreferenced block to evict" if self.disk_full == "evict" else 'tiers.disk_full = "refuse"'
-            raise TierFullError(
-                f"disk tier full: {n} blocks do not fit in tiers.disk = {self.disk_capacity} bytes "
-                f"({self._disk_count} of {self.disk_capacity_blocks} records used, {len(victims)} evictable; {how})"
-            )
-        if victims:
-            self._disk.delete_many([BlockKey(key) for key in victims])  # type: ignore[union-attr]
-            for key in victims:
-                entry = self._entries[key]
-                entry.on_disk, entry.disk_pending = False, None
-                self._recent["disk"].pop(key, None)
-                if not self._where(key):
-                    self._forget(key)
-            self._disk_count -= len(victims)
-            self.evictions["disk"] += len(victims)
+        reclaimed = False
+        while True:
+            free = self.disk_capacity_blocks - self._disk_count
+            victims = self._disk_victims(n - free, exclude) if free < n and self.disk_full == "evict" else []
+            short = n - free - len(victims)
+            if short > 0 and not reclaimed and self._reclaimer is not None and self.disk_full == "evict" and self.evict_sessions:
+                reclaimed = True
+                self._apply_store_changes(self._reclaimer(short * self.layout.record_nbytes))
+                continue  # the freed blocks are no longer counted; unreferenced ones may be victims now
+            if short > 0 and not partial:
+                how = "no unreferenced block to evict" if self.disk_full == "evict" else 'tiers.disk_full = "refuse"'
+                raise TierFullError(
+                    f"disk tier full: {n} blocks do not fit in tiers.disk = {self.disk_capacity} bytes "
+                    f"({self._disk_count} of {self.disk_capacity_blocks} records used, {len(victims)} evictable; {how})"
+                )
+            if not victims or not self._delete_disk_copies(victims, evicting=True):
+                break  # else some victims turned out to be referenced by a session: choose again
         take = max(0, min(n, self.disk_capacity_blocks - self._disk_count))
         self._disk_count += take
         return take
 
-    def _delete_disk_copies(self, keys: list[Digest]) -> None:
+    def _disk_victims(self, count: int, exclude: set[Digest]) -> list[Digest]:
+        """Up to ``count`` evictable disk blocks, least recently used first: no live reference, no
+        session reference, not busy or held, not in ``exclude``."""
+        victims: list[Digest] = []
+        for key in self._recent["disk"]:
+            entry = self._entries[key]
+            if entry.refs == 0 and not entry.stored and not entry.busy and not entry.holds and key not in exclude:
+                victims.append(key)
+                if len(victims) >= count:
+                    break
+        return victims
+
+    def _delete_disk_copies(self, keys: list[Digest], *, evicting: bool = False) -> set[Digest]:
+        """Delete the disk copies of ``keys``; returns those the store kept because a committed
+        session references them (maybe committed by another process): they stay on disk, marked
+        ``stored``."""
         keys = [key for key in keys if self._entries[key].on_disk]
         if not keys:
-            return
-        self._disk.delete_many([BlockKey(key) for key in keys])  # type: ignore[union-attr]
-        self._disk_count -= len(keys)
+            return set()
+        kept = set(self._disk.delete_many([BlockKey(key) for key in keys]).kept)  # type: ignore[union-attr]
         for key in keys:
-            entry = self._entries[key]
-            entry.on_disk, entry.disk_pending = False, None
-            self._recent["disk"].pop(key, None)
-            if not self._where(key):
-                self._forget(key)
+            if key in kept:
+                self._entries[key].stored = True
+            else:
+                self._disk_gone(key)
+        if evicting:
+            self.evictions["disk"] += len(keys) - len(kept)
+        return kept
+
+    def _disk_gone(self, key: Digest) -> None:
+        """The disk copy of ``key`` was deleted: un-count it, forget the block if no copy is left."""
+        entry = self._entries[key]
+        entry.on_disk, entry.disk_pending = False, None
+        self._recent["disk"].pop(key, None)
+        self._disk_count -= 1
+        if not self._where(key):
+            self._forget(key)
+
+    def _apply_store_changes(self, result) -> None:  # result: session_store.CommitResult
+        """Follow what a session commit / delete / reclaim changed in the store (lock held)."""
+        get = self._entries.get
+        for key in result.newly_referenced:
+            if (entry := get(key)) is not None:
+                entry.stored = True
+        for key in result.unreferenced:
+            if (entry := get(key)) is not None:
+                entry.stored = False
+        for key in result.deleted:
+            if (entry := get(key)) is not None:
+                entry.stored = False
+                if entry.on_disk:
+                    self._disk_gone(key)
 
     def _write_disk(self, keys: list[Digest], blocks: torch.Tensor, *, sync: bool) -> None:
         """Write reserved records; ``sync`` waits until durable (raising, reservation returned)."""

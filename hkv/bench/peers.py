@@ -1,0 +1,502 @@
+"""hkv beside the caches a user would otherwise pick, at equal device memory, on the same prompts.
+
+Every method answers the same passkey prompts (token ids built once, here) with the same model
+(SmolLM2-135M-Instruct, fp32, CPU by default) and greedy decoding. The memory given to the
+methods that bound it is 25% of the full KV of the context (``DEVICE_FRACTION``):
+
+- ``hkv sparse`` / ``hkv exact``: device tier = 25% of the context's KV, host tier 50%, the rest
+  on disk; sparse mode reads ``budget_tokens`` = 25% of the context per step (sink and local
+  window included), exact mode streams every block through the device tier.
+- ``DynamicCache``: full attention, 100% of the KV (the reference, not memory-bounded).
+- ``QuantizedCache fp8``: transformers' built-in fp8 backend (1 byte per value: 25% of fp32).
+- ``SlidingWindow``: transformers' ``DynamicSlidingWindowLayer`` with a window of 25% of the context.
+- ``kvpress SnapKV`` / ``StreamingLLM`` / ``ExpectedAttention`` at ``compression_ratio`` 0.75
+  (keep 25%), in their own virtualenv (kvpress 0.5.5 pins ``transformers<5.3``): see
+  :mod:`hkv.bench.peers_child`, which documents exactly how each press is applied.
+
+Tasks: ``single`` -- the passkey prompt at depths 0.1/0.5/0.9; all but its last token is the
+context (compressed by the eviction methods, question included), then the last token and the
+answer are decoded. ``late`` -- the multi-turn late question: the context is the same document
+followed by a decoy question (``DECOY``); the eviction methods compress it then, not knowing the
+real question; the model answers the decoy (``DECOY_TOKENS`` tokens), and only then the passkey
+question arrives and is answered on whatever the cache kept.
+
+The prefill of the transformers caches is shared: one full-attention prefill, from which the fp8
+and sliding-window caches are built exactly as their own ``update`` would (one forward of the
+context into them stores the same tensors). kvpress's presses share one prefill likewise.
+Figures per (method, task): accuracy over the trials, decode ms per token (median of every
+single-token forward after the context), peak process RSS while answering (VmHWM reset after
+the context prefill), KV bytes on the device (the bounded tier; all of the cache for the others)
+and in all tiers.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+DEVICE_FRACTION = 0.25  # memory given to every bounded method, a fraction of the context's full KV
+COMPRESSION_RATIO = 1 - DEVICE_FRACTION  # kvpress: fraction of the KV pruned
+DEPTHS = (0.1, 0.5, 0.9)
+ANSWER_TOKENS = 6  # " " + 5 digits
+DECOY = "\nSummarise the text above in one word. Answer:"
+DECOY_TOKENS = 3
+QUESTION = "\nWhat is the pass key? The pass key is"
+TASKS = ("late", "single")
+LOCAL_METHODS = ("hkv sparse", "hkv exact", "DynamicCache", "QuantizedCache fp8", "SlidingWindow")
+PRESSES = ("SnapKV", "StreamingLLM", "ExpectedAttention")
+KVPRESS_REQUIREMENTS = ("kvpress==0.5.5", "transformers<5.3")
+NOT_RUN = {
+    "QuantizedCache quanto/hqq": "not installed here; the fp8 backend built into transformers needs no extra "
+    "package and stores exactly 25% of the fp32 KV, the budget every bounded method gets",
+}
+
+
+# -- prompts -----------------------------------------------------------------------------------
+
+
+def build_prompts(tokenizer: Any, tokens: int, trials: int, tasks: tuple[str, ...] = TASKS) -> list[dict[str, Any]]:
+    """The prompts every method answers: ``{"id", "task", "trial", "depth", "key", "context", "turns"}``.
+
+    ``context``: token ids of the first forward; ``turns``: ``[{"input": ids, "new_tokens": n}]``
+    fed after it (the last turn's output is the answer).
+    """
+    from ..models import passkey_prompt
+
+    question = tokenizer.encode(QUESTION, add_special_tokens=False)
+    decoy = tokenizer.encode(DECOY, add_special_tokens=False)
+    prompts = []
+    unknown = set(tasks) - set(TASKS)
+    if unknown:
+        raise ValueError(f"tasks {sorted(unknown)}: expected some of {TASKS}")
+    for trial in range(trials):  # trial-major, so that a run stopped early has every task
+        for task in tasks:
+            depth = DEPTHS[trial % len(DEPTHS)]
+            ids, key = passkey_prompt(tokenizer, tokens, depth, seed=trial)
+            if task == "single":
+                context, turns = ids[:-1], [{"input": ids[-1:], "new_tokens": ANSWER_TOKENS}]
+            else:
+                if ids[-len(question) :] == question:
+                    document = ids[: -len(question)]
+                else:  # the question merged with the text before it: re-encode the document alone
+                    text = tokenizer.decode(ids, skip_special_tokens=True)
+                    document = tokenizer.encode(text[: text.rindex(QUESTION)], add_special_tokens=False)
+                first = document + decoy
+                context = first[:-1]
+                turns = [{"input": first[-1:], "new_tokens": DECOY_TOKENS}, {"input": question, "new_tokens": ANSWER_TOKENS}]
+            prompts.append({"id": f"{task}-{trial}", "task": task, "trial": trial, "depth": depth, "key": key,
+                            "context": context, "turns": turns})  # fmt: skip
+    return prompts
+
+
+# -- measuring ---------------------------------------------------------------------------------
+
+
+def reset_peak_rss() -> None:
+    """Reset the process's peak RSS (Linux VmHWM) so the next read covers only what follows."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_bytes() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def cache_bytes(cache: Any) -> int:
+    """Bytes of the tensors a transformers cache holds (full precision, quantized and scales)."""
+
+    def size(value: Any) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.nbytes
+        if isinstance(value, (tuple, list)):
+            return sum(size(v) for v in value)
+        return 0
+
+    names = ("keys", "values", "_quantized_keys", "_quantized_values")
+    return sum(size(getattr(layer, name, None)) for layer in cache.layers for name in names)
+
+
+def full_kv_bytes(model: torch.nn.Module, tokens: int) -> int:
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * next(model.parameters()).element_size() * tokens
+
+
+@torch.inference_mode()
+def answer_turns(model: torch.nn.Module, cache: Any, context_len: int, turns: list[dict]) -> tuple[list[list[int]], list[float]]:
+    """Feed each turn then decode greedily on ``cache``; ``(ids generated per turn, seconds per decode step)``.
+
+    The same loop as :func:`hkv.bench.peers_child.answer_turns` (position ids continue from
+    the uncompressed length, as kvpress's pipeline does)."""
+    position, pending = context_len, []
+    generated: list[list[int]] = []
+    steps: list[float] = []
+    for turn in turns:
+        ids = torch.tensor([pending + list(turn["input"])])
+        start = time.perf_counter()
+        logits = model(input_ids=ids, cache=cache, position_ids=torch.arange(position, position + ids.shape[1])[None],
+                       use_cache=True, logits_to_keep=1).logits  # fmt: skip
+        if ids.shape[1] == 1:
+            steps.append(time.perf_counter() - start)
+        position += ids.shape[1]
+        out = [int(logits[0, -1].argmax())]
+        for _ in range(int(turn["new_tokens"]) - 1):
+            start = time.perf_counter()
+            logits = model(input_ids=torch.tensor([[out[-1]]]), cache=cache, position_ids=torch.tensor([[position]]), use_cache=True).logits
+            steps.append(time.perf_counter() - start)
+            position += 1
+            out.append(int(logits[0, -1].argmax()))
+        generated.append(out)
+        pending = [out[-1]]
+    return generated, steps
+
+
+def _record(prompt: dict, method: str, generated: list, steps: list, kv_device: int, kv_total: int, rss: int, prefill_s: float) -> dict:
+    return {"id": prompt["id"], "task": prompt["task"], "method": method, "generated": generated, "step_s": steps,
+            "kv_device_bytes": kv_device, "kv_total_bytes": kv_total, "peak_rss_bytes": rss, "prefill_s": prefill_s}  # fmt: skip
+
+
+# -- the methods run here ----------------------------------------------------------------------
+
+
+def hkv_config(mode: str, context_tokens: int, kv_bytes: int, store: Path) -> Any:
+    """hkv's config at the shared budget: device tier = DEVICE_FRACTION of the context's KV."""
+    from ..config import Config
+
+    block = 64 if context_tokens >= 1024 else 8  # small blocks for the smoke test's short prompts
+    sink, local = block, 4 * block
+    budget = max(sink + local + block, int(DEVICE_FRACTION * context_tokens) // block * block)
+    return Config.load({
+        "tiers": {"device": int(DEVICE_FRACTION * kv_bytes), "host": kv_bytes // 2, "disk": max(4 * kv_bytes, 2**28), "path": str(store)},
+        "attention": {"mode": mode, "block_tokens": block, "budget_tokens": budget, "sink_tokens": sink, "local_tokens": local,
+                      "prefill_chunk_tokens": max(block, min(1024, context_tokens // 4 // block * block))},
+        "prefetch": {"enabled": True},
+    })  # fmt: skip
+
+
+def run_hkv(model: torch.nn.Module, prompts: list[dict], mode: str) -> list[dict]:
+    from ..integrations.runtime import wrap
+
+    context_tokens = max(len(p["context"]) for p in prompts)
+    store = Path(tempfile.mkdtemp(prefix="hkv-peers-"))
+    records = []
+    try:
+        with wrap(model, hkv_config(mode, context_tokens, full_kv_bytes(model, context_tokens), store)) as rt:
+            for prompt in prompts:
+                with rt.new_cache() as cache:
+                    start = time.perf_counter()
+                    rt.prefill(torch.tensor([prompt["context"]]), cache)
+                    prefill_s = time.perf_counter() - start
+                    gc.collect()
+                    reset_peak_rss()
+                    generated, steps = answer_turns(model, cache, len(prompt["context"]), prompt["turns"])
+                    rss = peak_rss_bytes()
+                    stats = rt.stats()
+                total = sum(t["used_bytes"] for t in stats.tiers.values())
+                records.append(_record(prompt, f"hkv {mode}", generated, steps, stats.device_peak_bytes, total, rss, prefill_s))
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
+    return records
+
+
+def run_transformers(model: torch.nn.Module, prompts: list[dict], methods: tuple[str, ...]) -> list[dict]:
+    """DynamicCache, QuantizedCache (fp8) and the sliding window, from one full prefill per prompt."""
+    from transformers import DynamicCache, QuantizedCache
+
+    records = []
+    for prompt in prompts:
+        n = len(prompt["context"])
+        full = DynamicCache(config=model.config)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model.model(input_ids=torch.tensor([prompt["context"]]), cache=full, use_cache=True)
+        prefill_s = time.perf_counter() - start
+        runs: list[tuple[str, Any]] = []
+        if "DynamicCache" in methods:
+            gc.collect()
+            reset_peak_rss()
+            generated, steps = answer_turns(model, full, n, prompt["turns"])
+            size = cache_bytes(full)
+            records.append(_record(prompt, "DynamicCache", generated, steps, size, size, peak_rss_bytes(), prefill_s))
+            full.crop(n - full.get_seq_length())  # back to the context (a negative count removes tokens)
+        if "SlidingWindow" in methods:
+            config = copy.deepcopy(model.config)
+            config.sliding_window = max(2, int(DEVICE_FRACTION * n))
+            config.layer_types = ["sliding_attention"] * config.num_hidden_layers
+            window = DynamicCache(config=config)
+            for i, layer in enumerate(full.layers):
+                window.layers[i].update(layer.keys, layer.values)
+                window.layers[i].keys = window.layers[i].keys.clone()  # not a view of the full prefill
+                window.layers[i].values = window.layers[i].values.clone()
+            runs.append(("SlidingWindow", window))
+        if "QuantizedCache fp8" in methods:
+            quantized = QuantizedCache(backend="fp8", config=model.config)
+            for i, layer in enumerate(full.layers):
+                quantized.layers[i].update(layer.keys, layer.values)
+            runs.append(("QuantizedCache fp8", quantized))
+        del full
+        while runs:
+            name, cache = runs.pop(0)
+            gc.collect()
+            reset_peak_rss()
+            generated, steps = answer_turns(model, cache, n, prompt["turns"])
+            size = cache_bytes(cache)
+            records.append(_record(prompt, name, generated, steps, size, size, peak_rss_bytes(), prefill_s))
+            del cache
+    return records
+
+
+# -- kvpress in its own virtualenv -------------------------------------------------------------
+
+
+def _venv_python(venv: Path) -> Path:
+    return venv / ("Scripts/python.exe" if sys.platform == "win32" else "bin/python")
+
+
+def ensure_peers_venv(venv: Path, log: Callable[[str], None]) -> Path:
+    """The peers' virtualenv's python, creating the venv and installing kvpress on first use.
+
+    ``python -m venv --system-site-packages`` (to reuse this environment's CPU torch and gguf),
+    then ``pip install kvpress==0.5.5 'transformers<5.3' torch==<this torch>`` (the torch pin
+    keeps pip from pulling another build)."""
+    python = _venv_python(venv)
+    probe = "import kvpress, transformers; print(transformers.__version__)"
+    if python.exists() and subprocess.run([str(python), "-c", probe], capture_output=True).returncode == 0:
+        return python
+    log(f"peers: creating the virtualenv {venv} for kvpress (first use; pip install {' '.join(KVPRESS_REQUIREMENTS)}; a few minutes)")
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    pins = [*KVPRESS_REQUIREMENTS, f"torch=={torch.__version__}"]
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", *pins], check=True)
+    return python
+
+
+def start_kvpress(python: Path, prompts: list[dict], workdir: Path, threads: int) -> tuple[subprocess.Popen, Path]:
+    """Start :mod:`hkv.bench.peers_child` in the venv on ``prompts``; ``(process, result path)``."""
+    from ..models import DEFAULT_GGUF, default_model_dir
+
+    job = {"model_dir": str(default_model_dir()), "gguf_file": DEFAULT_GGUF, "presses": list(PRESSES),
+           "compression_ratio": COMPRESSION_RATIO, "threads": threads,
+           "prompts": [{"id": p["id"], "context": p["context"], "turns": p["turns"]} for p in prompts]}  # fmt: skip
+    (workdir / "job.json").write_text(json.dumps(job))
+    result = workdir / "result.json"
+    child = Path(__file__).with_name("peers_child.py")
+    process = subprocess.Popen([str(python), str(child), str(workdir / "job.json"), str(result)], cwd=workdir)
+    return process, result
+
+
+# -- the benchmark -----------------------------------------------------------------------------
+
+
+def summarise(records: list[dict], prompts: list[dict], tokenizer: Any) -> list[dict]:
+    """One row per (method, task): accuracy, decode ms per token, peak RSS, KV bytes."""
+    from ..models import passkey_answer
+
+    by_id = {p["id"]: p for p in prompts}
+    for record in records:
+        prompt = by_id[record["id"]]
+        record["answer"] = passkey_answer(tokenizer, record["generated"][-1])
+        record["correct"] = record["answer"] == prompt["key"]
+        record["key"], record["depth"] = prompt["key"], prompt["depth"]
+    rows = []
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    for method in methods:
+        for task in TASKS:
+            mine = [r for r in records if r["method"] == method and r["task"] == task]
+            if not mine:
+                continue
+            steps = [s for r in mine for s in r["step_s"]]
+            rows.append({
+                "method": method, "task": task, "trials": len(mine),
+                "correct": sum(r["correct"] for r in mine), "accuracy": sum(r["correct"] for r in mine) / len(mine),
+                "decode_ms": 1000 * statistics.median(steps) if steps else None,
+                "peak_rss_mib": max(r["peak_rss_bytes"] for r in mine) / 2**20,
+                "kv_device_bytes": max(r["kv_device_bytes"] for r in mine),
+                "kv_total_bytes": max(r["kv_total_bytes"] for r in mine),
+            })  # fmt: skip
+    return rows
+
+
+def run_peers_bench(
+    *,
+    tokens: int = 4096,
+    trials: int = 3,
+    venv: Path | str = ".venv-peers",
+    peers: bool = True,
+    parallel: bool = False,
+    methods: tuple[str, ...] = LOCAL_METHODS,
+    tasks: tuple[str, ...] = TASKS,
+    model: torch.nn.Module | None = None,
+    tokenizer: Any = None,
+    max_minutes: float | None = None,
+    on_prompt: Callable[[list[dict], list[dict]], None] | None = None,
+    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
+) -> dict[str, Any]:
+    """Accuracy, decode latency and memory of hkv and its peers on the same passkey prompts.
+
+    ``tokens``: prompt length; ``trials``: prompts per task (depths cycle through 0.1/0.5/0.9,
+    the key changes with the trial). ``peers``: also run kvpress in the virtualenv ``venv``
+    (created on first use); ``parallel``: run it while the local methods run (quicker; timings
+    then share the CPU). ``methods``: the local methods to run (of :data:`LOCAL_METHODS`).
+    ``model``/``tokenizer``: default SmolLM2-135M-Instruct (kvpress needs that default model).
+    ``max_minutes``: start no new prompt after that long (and stop waiting for kvpress 10
+    minutes later, keeping the prompts it finished); ``on_prompt(rows, records)``: called after
+    each prompt with the figures so far. Prompts go trial by trial, each task in turn.
+    Returns ``{"rows": [...], "records": [...], "not_run": {...}, ...}``.
+    """
+    if trials < 1 or tokens < 64:
+        raise ValueError(f"trials = {trials}, tokens = {tokens}: need trials >= 1 and tokens >= 64")
+    unknown = set(methods) - set(LOCAL_METHODS)
+    if unknown:
+        raise ValueError(f"methods {sorted(unknown)}: expected some of {LOCAL_METHODS}")
+    started = time.perf_counter()
+    if model is None:
+        from ..models import load_default_model
+
+        log("peers: loading SmolLM2-135M-Instruct")
+        model, tokenizer = load_default_model()
+    elif tokenizer is None:
+        raise ValueError("a tokenizer must come with the model")
+    prompts = build_prompts(tokenizer, tokens, trials, tasks)
+    not_run = dict(NOT_RUN)
+    workdir = Path(tempfile.mkdtemp(prefix="hkv-peers-job-"))
+    child = None
+    records: list[dict] = []
+    versions: dict[str, Any] = {}
+    try:
+        if peers:
+            python = ensure_peers_venv(Path(venv).absolute(), log)
+            log(f"peers: kvpress runs in {venv} ({'in parallel with' if parallel else 'after'} the local methods)")
+            if parallel:
+                child, _ = start_kvpress(python, prompts, workdir, torch.get_num_threads())
+        else:
+            for press in PRESSES:
+                not_run[f"kvpress {press}"] = "skipped (--no-peers)"
+        local = tuple(m for m in methods if not m.startswith("hkv"))
+        failed: set[str] = set()
+        for number, prompt in enumerate(prompts):
+            if max_minutes is not None and time.perf_counter() - started > 60 * max_minutes:
+                log(f"peers: --max-minutes {max_minutes} reached after {number} of {len(prompts)} prompts")
+                break
+            groups = [(f"hkv {mode}", (f"hkv {mode}",), lambda mode=mode: run_hkv(model, [prompt], mode)) for mode in ("sparse", "exact")]
+            groups.append((", ".join(local), local, lambda: run_transformers(model, [prompt], local)))
+            for label, names, run in groups:
+                if not set(names) & set(methods) or label in failed:
+                    continue
+                log(f"peers: prompt {prompt['id']}: {label}")
+                try:
+                    records += run()
+                except Exception as error:  # one method failing must not lose the others' figures
+                    log(f"peers: {label} failed:\n{traceback.format_exc()}")
+                    failed.add(label)
+                    not_run.update({name: f"failed: {type(error).__name__}: {error}" for name in names})
+            if on_prompt is not None:
+                on_prompt(summarise(records, prompts, tokenizer), records)
+        if peers:
+            if child is None:
+                child, _ = start_kvpress(python, prompts, workdir, torch.get_num_threads())
+            try:
+                child.wait(timeout=None if max_minutes is None else max(60.0, 60 * max_minutes + 600 - (time.perf_counter() - started)))
+            except subprocess.TimeoutExpired:
+                log("peers: stopped waiting for kvpress; its prompts done so far are kept")
+                child.kill()
+                child.wait()
+            if child.returncode != 0 and not (workdir / "result.json").exists():
+                not_run.update({f"kvpress {p}": f"the kvpress run failed (exit {child.returncode}; its output is above)" for p in PRESSES})
+        if peers and (workdir / "result.json").exists():
+            out = json.loads((workdir / "result.json").read_text())
+            versions = out["versions"]
+            for record in out["results"]:
+                task = next(p["task"] for p in prompts if p["id"] == record["id"])
+                records.append(_record({"id": record["id"], "task": task}, record["method"], record["generated"], record["step_s"],
+                                       record["kv_bytes"], record["kv_bytes"], record["peak_rss_bytes"], record["prefill_s"]))  # fmt: skip
+    finally:
+        if child is not None and child.poll() is None:
+            child.kill()
+            child.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
+    context_tokens = max(len(p["context"]) for p in prompts)
+    import transformers
+
+    return {
+        "rows": summarise(records, prompts, tokenizer),
+        "records": records,
+        "not_run": not_run,
+        "tokens": tokens,
+        "context_tokens": context_tokens,
+        "full_kv_bytes": full_kv_bytes(model, context_tokens),
+        "device_fraction": DEVICE_FRACTION,
+        "trials": trials,
+        "depths": list(DEPTHS),
+        "decoy": DECOY,
+        "question": QUESTION,
+        "model": f"{type(model).__name__} ({model.config.num_hidden_layers} layers), {next(model.parameters()).dtype}",
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "parallel": parallel,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "kvpress_env": versions},
+        "wall_s": time.perf_counter() - started,
+    }
+
+
+def print_table(figures: dict[str, Any]) -> None:
+    def fmt(value: Any, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    mib = 2**20
+    print(f"peers at {figures['device_fraction']:.0%} of the context's KV ({figures['full_kv_bytes'] / mib:.1f} MiB full), "
+          f"{figures['context_tokens']} context tokens, {figures['model']} on {figures['device']} ({figures['threads']} threads)")  # fmt: skip
+    print(f"{'method':<24} {'task':<7} {'accuracy':>9} {'trials':>6} {'ms/token':>9} {'peak RSS MiB':>13} {'KV device MiB':>14} {'KV all MiB':>11}")
+    for row in figures["rows"]:
+        print(
+            f"{row['method']:<24} {row['task']:<7} {row['accuracy']:>9.0%} {row['trials']:>6} {fmt(row['decode_ms'], '9.1f')} "
+            f"{row['peak_rss_mib']:>13.0f} {row['kv_device_bytes'] / mib:>14.1f} {row['kv_total_bytes'] / mib:>11.1f}"
+        )
+    for method, why in figures["not_run"].items():
+        print(f"not run: {method}: {why}")
+
+
+def plot(figures: dict[str, Any], path: Path) -> Path | None:
+    """A bar chart of accuracy per method and task at ``path`` (None when matplotlib is missing)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    methods = list(dict.fromkeys(r["method"] for r in figures["rows"]))
+    fig, ax = plt.subplots(figsize=(10, 4))
+    width = 0.8 / len(TASKS)
+    for t, task in enumerate(TASKS):
+        values = [next((r["accuracy"] for r in figures["rows"] if r["method"] == m and r["task"] == task), 0) for m in methods]
+        ax.bar([i + t * width for i in range(len(methods))], values, width, label=task)
+    ax.set_xticks([i + width / 2 for i in range(len(methods))], methods, rotation=30, ha="right")
+    ax.set_ylabel("passkey accuracy")
+    ax.set_title(f"{figures['context_tokens']} tokens, {figures['device_fraction']:.0%} of the KV on the device")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,350 @@
+"""Persistent conversations: a sequence's KV committed to the LMDB store, resumable in any process.
+
+``with rt.session("name") as s: s.generate(ids, max_new_tokens=...)``. Design and store layout:
+docs/sessions-design.md; user guide: docs/sessions.md.
+
+A session owns one long-lived :class:`~hkv.integrations.transformers.HkvCache` whose sealed
+blocks are written through to the store (with their summaries). A commit makes the conversation
+durable in one store transaction: token ids, the block keys it references (refcounted, so
+sessions sharing a prefix store its blocks once), the new blocks' summaries and the unsealed
+tail's KV. Opening a session restores it lazily: the blocks are *adopted*
+(:meth:`hkv.sequence.SequenceKV.adopt`: keys and summaries, no block data read but the pinned
+sink / local blocks), so resuming costs a few reads, not a prefill.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .blocks import BlockKey, CorruptRecordError, chain_hashes
+from .integrations.model import model_identity
+from .tiers.session_store import (  # noqa: F401  (re-exported: the errors users catch)
+    CorruptSessionError,
+    SessionError,
+    SessionInfo,
+    SessionLockedError,
+    SessionMismatchError,
+    SessionNameError,
+    SessionNotFoundError,
+    SessionRecord,
+    check_name,
+)
+
+__all__ = [
+    "CorruptSessionError",
+    "RestoreReport",
+    "Session",
+    "SessionError",
+    "SessionInfo",
+    "SessionLockedError",
+    "SessionMismatchError",
+    "SessionNameError",
+    "SessionNotFoundError",
+    "adopt_stored_prefix",
+]
+
+
+@dataclass(slots=True)
+class RestoreReport:
+    """How a session was opened. Times in seconds."""
+
+    tokens: int  # conversation tokens in the record
+    kv_tokens: int  # tokens whose KV was restored from the store (lazily: blocks stay on disk)
+    adopted_blocks: int  # per layer, referenced without reading (plus the pinned sink / local ones, read)
+    tail_tokens: int  # tokens of the unsealed tail restored from the tail record
+    pending_tokens: int  # tokens whose KV is missing (evicted, or never computed) and is prefilled at the next call
+    seconds: float
+    new: bool  # True when the session did not exist before
+
+
+@torch.inference_mode()
+def adopt_stored_prefix(store: Any, cache: Any, token_ids: torch.Tensor | np.ndarray, *, limit_blocks: int | None = None) -> int:
+    """Adopt into ``cache`` the longest run of stored blocks that continues it with ``token_ids``.
+
+    ``token_ids``: ``[S]``, the tokens that follow the cache's current length (which must be a
+    block boundary, else nothing is adopted). A block is adopted when every layer's block and
+    summary are in ``store`` (a :class:`~hkv.tiers.session_store.SessionStore`); at most
+    ``limit_blocks``. Returns the tokens adopted (a multiple of ``block_tokens``)."""
+    seq = cache.sequence
+    bt, first = seq.block_tokens, seq.sealed_blocks()
+    if seq.seq_length() != first * bt:
+        return 0
+    ids = _as_ids(token_ids)
+    count = len(ids) // bt if limit_blocks is None else min(len(ids) // bt, limit_blocks)
+    if count <= 0:
+        return 0
+    chains = chain_hashes(ids[: count * bt], bt, previous=seq.prefix_chain())
+    keys = []
+    for layer in range(seq.num_layers):  # each layer can only shorten the run
+        layer_keys = [BlockKey.make(seq.fingerprint, chain, layer) for chain in chains[:count]]
+        count = store.present(layer_keys)
+        # the manager knows the blocks of the store as it was when it opened it (plus its own)
+        count = next((i for i, key in enumerate(layer_keys[:count]) if not seq.manager.contains(key)), count)
+        if count == 0:
+            return 0
+        keys.append(layer_keys)
+    summaries = []
+    for layer in range(seq.num_layers):
+        out = torch.empty(count, 2, seq.kv_heads, seq.head_dim, dtype=torch.float32)
+        count = min(count, store.read_summaries(keys[layer][:count], out))
+        if count == 0:
+            return 0
+        summaries.append(out)
+    seq.note_tokens(torch.from_numpy(ids[: count * bt]))
+    seq.adopt(count, [s[:count] for s in summaries])
+    cache.sync_lengths()
+    return count * bt
+
+
+def _as_ids(token_ids: torch.Tensor | np.ndarray | list[int]) -> np.ndarray:
+    """1-D int64 numpy ids (a copy on the CPU)."""
+    if isinstance(token_ids, torch.Tensor):
+        token_ids = token_ids.detach().to("cpu").reshape(-1).numpy()
+    return np.array(token_ids, dtype=np.int64).reshape(-1)
+
+
+class Session:
+    """One named conversation: its tokens, its cache, its writer lock. Create with ``rt.session(name)``.
+
+    ``tokens``: ``[n]`` int64 on the CPU, the whole conversation (prompts and replies). The KV of
+    every token but the last is in the cache (after a call returns); the last one's KV is
+    computed by the next call. Not thread-safe (one conversation, one caller).
+
+    After an error in the middle of a call (a corrupt block, a full store...) the session is
+    *broken*: its cache may hold part of a forward, so it is never committed again; close it and
+    reopen it to continue from its last commit.
+    """
+
+    name: str
+    restored: RestoreReport
+
+    def __init__(self, runtime: Any, name: str, *, tokenizer: Any = None, autocommit: bool = True) -> None:
+        started = time.perf_counter()
+        self.name = check_name(name)
+        self.runtime, self.autocommit = runtime, autocommit
+        self._closed, self._broken, self._cache, self._lock = True, None, None, None
+        if name in runtime._sessions:
+            raise SessionLockedError(f"session {name!r} is already open in this process; close it before opening it again")
+        self._store = runtime.session_store()
+        self._lock = self._store.lock(name)
+        try:
+            record = self._store.get(name)
+            self._identity = model_identity(runtime.model, runtime.dtype, tokenizer)
+            if record is not None:
+                self._check(record)
+                if self._identity.tokenizer is None:
+                    self._identity.tokenizer = record.identity.tokenizer  # keep what was recorded
+            self._record = record
+            self._cache = runtime.new_cache(persist=True)
+            self.restored = self._restore(record, started)
+        except BaseException:
+            if self._cache is not None:
+                self._cache.close()
+            self._lock.release()
+            raise
+        runtime._sessions[name] = self
+        self._closed = False
+
+    # -- opening ---------------------------------------------------------------------------------
+
+    def _layout(self) -> dict[str, object]:
+        layout = self.runtime.layout
+        return {"kv_heads": layout.kv_heads, "block_tokens": layout.block_tokens, "head_dim": layout.head_dim,
+                "dtype": str(layout.dtype).removeprefix("torch.")}  # fmt: skip
+
+    def _check(self, record: SessionRecord) -> None:
+        """SessionMismatchError naming every field in which the record's model or layout differs."""
+        lines = record.identity.differences(self._identity)
+        layout = self._layout()
+        lines += [f"layout {key}: stored {record.layout.get(key)}, this runtime {value}"
+                  for key, value in layout.items() if record.layout.get(key) != value]  # fmt: skip
+        if lines:
+            raise SessionMismatchError(
+                f"session {self.name!r} was saved by another model or block layout; refusing to use its KV:\n  " + "\n  ".join(lines)
+            )
+
+    @torch.inference_mode()
+    def _restore(self, record: SessionRecord | None, started: float) -> RestoreReport:
+        """Adopt the record's blocks (up to the first missing one) and its tail."""
+        if record is None:
+            self._tokens = torch.empty(0, dtype=torch.long)
+            self._committed = (0, 0)  # (tokens, kv_blocks) of the last commit
+            return RestoreReport(0, 0, 0, 0, 0, time.perf_counter() - started, True)
+        self._tokens = torch.from_numpy(np.asarray(record.token_ids, dtype=np.int64).copy())
+        bt = self.runtime.layout.block_tokens
+        adopted = adopt_stored_prefix(self._store, self._cache, self._tokens[: record.kv_blocks * bt]) // bt
+        tail = 0
+        if adopted == record.kv_blocks and record.tail_tokens:
+            tail = record.tail_tokens
+            kv = torch.empty(self.runtime.spec.num_layers, 2, self.runtime.layout.kv_heads, tail, self.runtime.layout.head_dim,
+                             dtype=self.runtime.layout.dtype)  # fmt: skip
+            self._store.read_tail(record, kv)
+            start = adopted * bt
+            self._cache.append_kv(self._tokens[start : start + tail], lambda layer: (kv[layer, 0], kv[layer, 1]))
+        self._committed = (len(self._tokens), adopted)
+        kv_tokens = self.kv_tokens
+        return RestoreReport(len(self._tokens), kv_tokens, adopted, tail, max(0, len(self._tokens) - 1 - kv_tokens),
+                             time.perf_counter() - started, False)  # fmt: skip
+
+    # -- state -----------------------------------------------------------------------------------
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        return self._tokens.clone()
+
+    @property
+    def kv_tokens(self) -> int:
+        """Tokens whose KV is in the cache (at most ``len(tokens) - 1`` after a call)."""
+        return self._cache.sequence.seq_length() if self._cache is not None else 0
+
+    # -- calls -----------------------------------------------------------------------------------
+
+    def generate(self, input_ids: torch.Tensor, *, progress: bool | None = None, **generate_kwargs: Any) -> Any:
+        """Append ``input_ids`` (``[1, S]`` or ``[S]``, the new turn) and generate the reply like
+        ``model.generate`` (same kwargs; batch 1). Returns what generate returns, over the WHOLE
+        conversation (``[1, n_tokens]`` by default); the reply is ``out[:, -new:]``. Commits when
+        ``autocommit``."""
+        self._check_usable()
+        if "cache" in generate_kwargs or "past_key_values" in generate_kwargs:
+            raise ValueError("a session generates with its own cache; do not pass cache / past_key_values")
+        mask = generate_kwargs.pop("attention_mask", None)
+        if mask is not None and not bool(torch.as_tensor(mask).bool().all()):
+            raise ValueError("hkv does not support padding: attention_mask has zeros (batch size 1, no padding tokens)")
+        tokens = torch.cat([self._tokens, torch.from_numpy(_as_ids(input_ids))])
+        if len(tokens) == 0:
+            raise ValueError("input_ids is empty and the session has no tokens yet")
+        rt = self.runtime
+        with self._guard():
+            self._fill(tokens, progress)
+            ids = tokens.unsqueeze(0).to(rt.spec.device)
+            start = time.perf_counter()
+            with torch.inference_mode():
+                out = rt.model.generate(ids, cache=self._cache, attention_mask=torch.ones_like(ids), **generate_kwargs)
+            rt._counters["generate_s"] += time.perf_counter() - start
+            sequences = out if isinstance(out, torch.Tensor) else out.sequences
+            rt._counters["generated_tokens"] += sequences.shape[1] - ids.shape[1]
+            self._tokens = sequences[0].detach().to("cpu", torch.long).clone()
+        if self.autocommit:
+            self.commit()
+        return out
+
+    def append(self, input_ids: torch.Tensor, *, progress: bool | None = None) -> None:
+        """Add tokens (a document, a turn) without generating; their KV is computed now (all but
+        the last token's, like after :meth:`generate`). Commits when ``autocommit``."""
+        self._check_usable()
+        tokens = torch.cat([self._tokens, torch.from_numpy(_as_ids(input_ids))])
+        with self._guard():
+            self._fill(tokens, progress)
+            self._tokens = tokens
+        if self.autocommit:
+            self.commit()
+
+    def _fill(self, tokens: torch.Tensor, progress: bool | None) -> None:
+        """Compute the KV of ``tokens[kv_tokens:-1]``: adopt what the store has (prefix reuse),
+        prefill the rest."""
+        rt, cache = self.runtime, self._cache
+        done = self.kv_tokens
+        todo = tokens[done:-1]
+        if len(todo) and rt.config.store.reuse_prefix:
+            adopted = adopt_stored_prefix(self._store, cache, todo)
+            rt._reused_tokens += adopted
+            done += adopted
+        if len(tokens) - 1 > done:
+            if progress is None:
+                progress = len(tokens) - 1 - done > 8 * rt.config.attention.prefill_chunk_tokens
+            rt.prefill(tokens[done:-1].unsqueeze(0), cache, progress=progress)
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        """Mark the session broken when a call fails midway; a corrupt block becomes a
+        CorruptSessionError naming the session."""
+        try:
+            yield
+        except CorruptRecordError as error:
+            self._broken = f"{type(error).__name__}: {error}"
+            raise CorruptSessionError(f"session {self.name!r}: a stored block is corrupt: {error}") from error
+        except BaseException as error:
+            self._broken = f"{type(error).__name__}: {error}"
+            raise
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise SessionError(f"session {self.name!r} is closed")
+        if self._broken is not None:
+            raise SessionError(f"session {self.name!r} failed ({self._broken}); close it and reopen it to continue from its last commit")
+
+    # -- commit ----------------------------------------------------------------------------------
+
+    def commit(self) -> None:
+        """Make the conversation so far durable (one atomic store transaction). A no-op when
+        nothing changed since the last commit."""
+        self._check_usable()
+        seq = self._cache.sequence
+        n_blocks = seq.sealed_blocks()
+        if (len(self._tokens), n_blocks) == self._committed and self._record is not None and self._record.kv_tokens == self.kv_tokens:
+            return
+        rt = self.runtime
+        rt.manager.flush()  # the written-through blocks (and their summaries) are durable first
+        layers = seq.num_layers
+        keys = [seq.block_keys(layer) for layer in range(layers)]
+        block_keys = [keys[layer][i] for i in range(n_blocks) for layer in range(layers)]
+        first = min(self._committed[1], n_blocks)
+        summary_keys = [keys[layer][i] for layer in range(layers) for i in range(first, n_blocks)]
+        summaries = torch.cat([seq.block_summaries(layer, first, n_blocks) for layer in range(layers)]) if n_blocks > first else None
+        tail = seq.tail_kv()
+        kv_tokens = seq.seq_length()
+        now = time.time()
+        previous = self._record
+        record = SessionRecord(
+            name=self.name,
+            identity=self._identity,
+            layout=self._layout(),
+            token_ids=self._tokens.numpy().astype(np.int64),
+            kv_tokens=kv_tokens,
+            kv_blocks=n_blocks,
+            tail_tokens=kv_tokens - n_blocks * seq.block_tokens,
+            created=previous.created if previous is not None else now,
+            updated=now,
+            last_used=now,
+            commits=previous.commits if previous is not None else 0,
+        )
+        result = self._store.commit(record, block_keys=block_keys, summaries=summaries, summary_keys=summary_keys, tail=tail)
+        rt.manager.apply_store_changes(result)
+        self._record = record
+        self._committed = (len(self._tokens), n_blocks)
+
+    def info(self) -> SessionInfo:
+        """What ``hkv sessions show`` reports, from the store (commit first to see the latest)."""
+        return self._store.info(self.name)
+
+    def close(self) -> None:
+        """Commit (when ``autocommit``), release the cache and the writer lock. Idempotent."""
+        if self._closed:
+            return
+        try:
+            if self.autocommit and self._broken is None:
+                self.commit()
+        finally:
+            self._closed = True
+            self.runtime._sessions.pop(self.name, None)
+            try:
+                self._cache.close()
+            finally:
+                self._lock.release()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("broken" if self._broken else "open")
+        return f"Session({self.name!r}, {len(self._tokens)} tokens, {self.kv_tokens} with KV, {state})"

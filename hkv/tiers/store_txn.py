@@ -1,0 +1,156 @@
+"""A view of one LMDB transaction of the block store: its named databases and its usage record.
+
+The disk tier's writer thread hands a :class:`StoreTxn` to each ``apply`` job (a nested write
+transaction, see :meth:`hkv.tiers.disk.DiskTier.submit_apply`), and readers get one from
+:meth:`hkv.tiers.disk.DiskTier.reading`. It knows the format-2 conventions every writer must keep:
+a block is a ``blocks`` record plus its ``keys`` entry (record length, u64 LE) and maybe a
+``summaries`` entry; ``refs`` holds u32 LE counts, absent meaning 0; ``usage`` (record bytes and
+count) changes with every block put or deleted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import lmdb
+
+REFS_BYTES = 4  # u32 little-endian
+
+
+@dataclass(slots=True)
+class DeleteResult:
+    """What a block delete did. ``deleted``: keys whose records are gone; ``kept``: keys skipped
+    because a committed session references them (refs > 0); ``freed_bytes``: record bytes freed.
+    Keys that were not stored are in neither list."""
+
+    deleted: list[bytes] = field(default_factory=list)
+    kept: list[bytes] = field(default_factory=list)
+    freed_bytes: int = 0
+
+
+class StoreTxn:
+    """One transaction of the store. ``txn``: the LMDB transaction; ``db``: database name
+    (``"blocks"``, ``"keys"``, ``"meta"``, ``"refs"``, ``"summaries"``, ``"sessions"``) -> handle,
+    or None for a database a read-only format-1 store lacks; ``usage``: ``{"used_bytes",
+    "blocks"}`` as this transaction will commit it (None in a read transaction)."""
+
+    __slots__ = ("txn", "db", "usage")
+
+    def __init__(self, txn: lmdb.Transaction, db: dict[str, object], usage: dict[str, int] | None) -> None:
+        self.txn, self.db, self.usage = txn, db, usage
+
+    # -- reading ----------------------------------------------------------------------------------
+    def get(self, db: str, key: bytes) -> bytes | memoryview | None:
+        """The value under ``key`` in database ``db`` (None if absent or the database is)."""
+        handle = self.db.get(db)
+        return None if handle is None else self.txn.get(key, db=handle)
+
+    def items(self, db: str, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes | memoryview]]:
+        """``(key, value)`` of database ``db`` whose key starts with ``prefix``, in key order."""
+        handle = self.db.get(db)
+        if handle is None:
+            return
+        cursor = self.txn.cursor(db=handle)
+        if not (cursor.set_range(prefix) if prefix else cursor.first()):
+            return
+        for key, value in cursor:
+            key = bytes(key)
+            if not key.startswith(prefix):
+                return
+            yield key, value
+
+    def keys(self, db: str) -> list[bytes]:
+        """Every key of database ``db``, in key order (no value is read)."""
+        handle = self.db.get(db)
+        if handle is None:
+            return []
+        return [bytes(key) for key in self.txn.cursor(db=handle).iternext(keys=True, values=False)]
+
+    def record_nbytes(self, key: bytes) -> int | None:
+        """Bytes of the block record under ``key`` (from the ``keys`` index; no record page read)."""
+        size = self.get("keys", key)
+        return None if size is None else int.from_bytes(size, "little")
+
+    def refs(self, key: bytes) -> int:
+        """How many committed sessions reference block ``key``."""
+        raw = self.get("refs", key)
+        return 0 if raw is None else int.from_bytes(raw, "little")
+
+    def found(self, db: str, keys: list[bytes]) -> dict[bytes, bytes | memoryview]:
+        """``key -> value`` for those of ``keys`` that are in database ``db`` (a tight loop: a
+        commit of a long session checks 15K keys; ``Cursor.getmulti`` is no faster, and much
+        slower with ``buffers``)."""
+        handle = self.db.get(db)
+        if handle is None or not keys:
+            return {}
+        get, found = self.txn.get, {}
+        for key in sorted(keys):  # sorted: neighbouring keys share B-tree pages
+            value = get(key, db=handle)
+            if value is not None:
+                found[key] = value
+        return found
+
+    # -- writing (write transactions only) --------------------------------------------------------
+    def put(self, db: str, key: bytes, value: bytes | bytearray | memoryview) -> None:
+        self.txn.put(key, value, db=self.db[db])
+
+    def delete(self, db: str, key: bytes) -> bool:
+        return self.txn.delete(key, db=self.db[db])
+
+    @staticmethod
+    def encode_refs(count: int, key: bytes = b"") -> bytes:
+        """A refs value (u32 LE); ValueError naming the block when out of range."""
+        if count < 0 or count >= 2 ** (8 * REFS_BYTES):
+            raise ValueError(f"refs count {count} of block {key.hex()} out of range")
+        return count.to_bytes(REFS_BYTES, "little")
+
+    def set_refs(self, key: bytes, count: int) -> None:
+        """Store a refs count (0 removes the entry)."""
+        value = self.encode_refs(count, key)
+        if count:
+            self.put("refs", key, value)
+        else:
+            self.txn.delete(key, db=self.db["refs"])
+
+    def put_many(self, db: str, items: list[tuple[bytes, bytes]]) -> None:
+        """Put ``(key, value)`` pairs in database ``db``, replacing existing values."""
+        if items:
+            self.txn.cursor(db=self.db[db]).putmulti(sorted(items))
+
+    def put_block(self, key: bytes, record: bytes | bytearray) -> int:
+        """Store a block record (replacing one under the same key); returns the change in used bytes."""
+        old = self.record_nbytes(key)
+        self.txn.put(key, record, db=self.db["blocks"])
+        self.txn.put(key, len(record).to_bytes(8, "little"), db=self.db["keys"])
+        self.usage["used_bytes"] += len(record) - (old or 0)
+        self.usage["blocks"] += old is None
+        return len(record) - (old or 0)
+
+    def delete_block(self, key: bytes) -> int:
+        """Delete a block record, its index entry and its summary, whatever its refs count (the
+        caller decided); returns the record bytes freed (0 if it was not stored)."""
+        old = self.record_nbytes(key)
+        if old is None:
+            return 0
+        self.txn.delete(key, db=self.db["blocks"])
+        self.txn.delete(key, db=self.db["keys"])
+        if self.db.get("summaries") is not None:
+            self.txn.delete(key, db=self.db["summaries"])
+        self.usage["used_bytes"] -= old
+        self.usage["blocks"] -= 1
+        return old
+
+    def delete_unreferenced(self, keys: list[bytes]) -> DeleteResult:
+        """Delete the blocks of ``keys`` whose refs count is 0; the others are kept."""
+        result = DeleteResult()
+        for key in dict.fromkeys(keys):
+            if self.refs(key):
+                if self.record_nbytes(key) is not None:
+                    result.kept.append(key)
+                continue
+            freed = self.delete_block(key)
+            if freed:
+                result.deleted.append(key)
+                result.freed_bytes += freed
+        return result

@@ -1,0 +1,71 @@
+"""Smoke test of `hkv bench peers`' local side on a tiny random Llama: correctness of the figures only.
+
+The kvpress side (its own virtualenv) is not created here: ``peers=False``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hkv.bench.peers import LOCAL_METHODS, TASKS, build_prompts, print_table, run_peers_bench
+
+
+class ByteTokenizer:
+    """One token per byte: enough for passkey_prompt / passkey_answer."""
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(text.encode())
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return bytes(int(i) for i in ids).decode(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)  # fmt: skip
+    return LlamaForCausalLM(config).eval(), ByteTokenizer()
+
+
+def test_prompts_late_question_keeps_the_document():
+    tok = ByteTokenizer()
+    prompts = build_prompts(tok, 600, 2)
+    single = [p for p in prompts if p["task"] == "single"]
+    late = [p for p in prompts if p["task"] == "late"]
+    assert len(single) == len(late) == 2
+    for s, l in zip(single, late):
+        assert s["key"] == l["key"] and s["key"] in tok.decode(l["context"])
+        assert "pass key?" not in tok.decode(l["context"]), "the late task's context must not hold the question"
+        assert tok.decode(l["turns"][-1]["input"]).endswith("The pass key is")
+        assert tok.decode(s["context"] + s["turns"][0]["input"]).endswith("The pass key is")
+
+
+def test_peers_bench_local_side(tiny, capsys):
+    model, tok = tiny
+    figures = run_peers_bench(tokens=300, trials=1, peers=False, model=model, tokenizer=tok, log=lambda line: None)
+    json.dumps(figures)  # what --json writes
+    rows = figures["rows"]
+    assert {(r["method"], r["task"]) for r in rows} == {(m, t) for m in LOCAL_METHODS for t in TASKS}
+    full = figures["full_kv_bytes"]
+    for row in rows:
+        assert set(row) >= {"method", "task", "accuracy", "trials", "decode_ms", "peak_rss_mib", "kv_device_bytes", "kv_total_bytes"}
+        assert row["trials"] == 1 and 0.0 <= row["accuracy"] <= 1.0
+        assert row["decode_ms"] > 0 and row["peak_rss_mib"] > 0
+        assert 0 < row["kv_device_bytes"] <= row["kv_total_bytes"]
+        if row["method"] != "DynamicCache":  # every bounded method holds at most ~25% (+ the turns) on the device
+            assert row["kv_device_bytes"] <= 0.3 * full, row
+    by = {(r["method"], r["task"]): r for r in rows}
+    assert by[("DynamicCache", "late")]["kv_device_bytes"] >= full
+    # hkv exact computes what full attention computes: same answers on the same prompts.
+    answers = {(r["method"], r["id"]): r["answer"] for r in figures["records"]}
+    for record in figures["records"]:
+        if record["method"] == "hkv exact":
+            assert record["answer"] == answers[("DynamicCache", record["id"])]
+    assert set(figures["not_run"]) >= {"kvpress SnapKV", "kvpress StreamingLLM", "kvpress ExpectedAttention"}
+    print_table(figures)
+    assert "hkv sparse" in capsys.readouterr().out

@@ -1,0 +1,133 @@
+"""``hkv demo``: a first run prefills and saves a session, a second run resumes it (tiny random
+Llama, fast); the real command on SmolLM2 finds the passkey and resumes (slow)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+
+from hkv import Config
+from hkv.demo import drop_session, read_record, report_lines, run_demo
+
+transformers = pytest.importorskip("transformers")
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+BLOCK = 16
+PROMPT_TOKENS = 600
+
+
+class ByteTokenizer:
+    """One token per UTF-8 byte (vocabulary 256): enough for passkey prompts on a tiny model."""
+
+    name_or_path = "bytes"
+    eos_token_id = None
+    chat_template = None
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+    def get_vocab(self) -> dict[str, int]:
+        return {bytes([i]).decode("latin-1"): i for i in range(256)}
+
+    def __len__(self) -> int:
+        return 256
+
+
+def _tiny_llama(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False,
+    ))  # fmt: skip
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)  # sharper logits: greedy decoding well defined
+    return model.eval()
+
+
+def _config(tmp_path: Path) -> Config:
+    """Tiny blocks; a device tier of a few blocks beyond the pinned ones, so the host tier fills."""
+    block_bytes = 2 * 2 * BLOCK * 16 * 4  # [2, kv_heads 2, BLOCK, head_dim 16] fp32
+    return Config(
+        tiers={"device": 16 * block_bytes, "host": 256 * block_bytes, "disk": 64 * 2**20, "path": str(tmp_path / "store")},
+        attention={"mode": "sparse", "block_tokens": BLOCK, "sink_tokens": BLOCK, "local_tokens": 2 * BLOCK,
+                   "budget_tokens": 6 * BLOCK, "prefill_chunk_tokens": 64},
+    )  # fmt: skip
+
+
+def test_second_run_resumes_instead_of_prefilling(tmp_path: Path) -> None:
+    model, tokenizer, config = _tiny_llama(), ByteTokenizer(), _config(tmp_path)
+    first = run_demo(model, tokenizer, config, tokens=PROMPT_TOKENS, progress=False)
+    assert not first.resumed and first.restored_kv_tokens == 0
+    assert first.prefilled_tokens == first.turn_tokens - 2  # the prompt but the two tokens generate computes
+    assert first.reply_tokens > 0 and first.conversation_tokens == first.turn_tokens + first.reply_tokens
+    assert len(first.key) == 5 and read_record(config, "demo")["key"] == first.key
+    assert {tier.name for tier in first.tiers} == {"device", "host", "disk"}
+    assert any(tier.name == "disk" and tier.used_bytes > 0 for tier in first.tiers)  # the session's blocks
+
+    second = run_demo(model, tokenizer, config, tokens=PROMPT_TOKENS, progress=False)
+    assert second.resumed
+    assert second.restored_kv_tokens == first.conversation_tokens - 1  # every token's KV but the last
+    assert second.prefilled_tokens == second.turn_tokens - 1  # only the follow-up turn (its last token: generate)
+    assert second.prefilled_tokens < first.prefilled_tokens // 10
+    assert second.key == first.key
+    assert second.conversation_tokens == first.conversation_tokens + second.turn_tokens + second.reply_tokens
+    assert second.first_prefill_s == pytest.approx(first.prefill_s)
+    text = "\n".join(report_lines(second))
+    assert "resumed" in text and "faster" in text
+
+
+def test_fresh_drops_the_saved_session(tmp_path: Path) -> None:
+    model, tokenizer, config = _tiny_llama(), ByteTokenizer(), _config(tmp_path)
+    assert not drop_session(config, "demo")  # no store yet
+    first = run_demo(model, tokenizer, config, tokens=PROMPT_TOKENS, progress=False)
+    assert drop_session(config, "demo")
+    assert read_record(config, "demo") == {}
+    again = run_demo(model, tokenizer, config, tokens=PROMPT_TOKENS, progress=False)
+    assert not again.resumed and again.conversation_tokens == first.conversation_tokens
+
+
+def test_demo_command_refuses_a_bad_session_name_before_loading_the_model(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from hkv.cli import app
+
+    result = CliRunner().invoke(app, ["demo", "--session", "../x", "--store", str(tmp_path / "store")], env={})
+    assert result.exit_code == 1 and "error:" in result.output
+    assert not (tmp_path / "store").exists()
+
+
+@functools.cache
+def _smollm2():
+    from hkv.models import load_default_model
+
+    return load_default_model()
+
+
+@pytest.mark.slow
+def test_hkv_demo_command_finds_the_passkey_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("gguf")
+    from typer.testing import CliRunner
+
+    import hkv.models
+    from hkv.cli import app
+
+    try:
+        _smollm2()
+    except hkv.models.ModelNotInstalledError as error:
+        pytest.skip(str(error))
+    monkeypatch.setattr(hkv.models, "load_default_model", _smollm2)  # load once for both runs
+    store = str(tmp_path / "store")
+    runner = CliRunner()
+    first = runner.invoke(app, ["demo", "--tokens", "1024", "--store", store], env={})
+    assert first.exit_code == 0, first.output
+    assert "FOUND" in first.output and "NOT found" not in first.output, first.output
+    second = runner.invoke(app, ["demo", "--tokens", "1024", "--store", store], env={})
+    assert second.exit_code == 0, second.output
+    assert "resumed" in second.output and "FOUND" in second.output, second.output
+    assert "faster" in second.output
