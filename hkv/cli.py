@@ -52,6 +52,18 @@ def config_show(file: Annotated[Optional[Path], typer.Argument(help="TOML config
     typer.echo(_load(file).to_toml(), nl=False)
 
 
+def _lengths(text: str, option: str) -> tuple[int, ...]:
+    """Comma-separated token counts; exit 2 with one line if one is not a positive integer."""
+    try:
+        lengths = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        lengths = ()
+    if not lengths or min(lengths) < 1:
+        typer.echo(f"error: {option} {text!r}: expected comma-separated positive token counts, e.g. 2048,8192", err=True)
+        raise typer.Exit(2)
+    return lengths
+
+
 def _write_json(path: Path | None, figures: dict[str, Any]) -> None:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,7 +117,7 @@ def bench_decode(
 
     # Without --config the benchmark sizes the host tier itself so that 128K tokens fit in RAM.
     cfg = _load(config) if config is not None else None
-    lengths = tuple(int(part) for part in contexts.split(",") if part.strip()) if contexts else None
+    lengths = _lengths(contexts, "--contexts") if contexts else None
     try:
         limit = int(TypeAdapter(ByteSize).validate_python(baseline_max)) if baseline_max is not None else None
         options = bench_options(cfg, preset=preset, contexts=lengths, device_budget=device_budget, host_budget=host_budget,
@@ -187,12 +199,9 @@ def _open_store(path: Path, *, readonly: bool = True) -> Iterator[Any]:
 
 
 def _size(nbytes: int) -> str:
-    value = float(nbytes)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{nbytes} B"  # pragma: no cover
+    from .demo import human_bytes  # the sessions commands import torch through the store anyway
+
+    return human_bytes(nbytes)
 
 
 def _when(seconds: float) -> str:
@@ -251,7 +260,10 @@ def demo(
     from .models import ModelNotInstalledError, load_default_model
     from .tiers.session_store import check_name
 
-    cfg = demo_config(_load(config), store)
+    try:
+        cfg = demo_config(_load(config), store)
+    except ConfigError as error:  # --store names a file
+        raise _fail(str(error), 2) from None
     with _user_errors():
         check_name(session)  # before the model loads
         if fresh and drop_session(cfg, session):
@@ -373,7 +385,7 @@ def bench_resume(
     from .bench.resume import print_table, run_resume_bench
 
     cfg = _load(config) if config is not None else None
-    lengths = tuple(int(part) for part in tokens.split(",") if part.strip())
+    lengths = _lengths(tokens, "--tokens")
     figures = run_resume_bench(cfg, tokens=lengths, weights=weights, fill=fill, reprefill_max=reprefill_max or None)
     print_table(figures)
     _write_json(json_path, figures)

@@ -302,7 +302,8 @@ def prefetch_figures(rt: Any) -> PrefetchFigures | None:
 # -- rendering ----------------------------------------------------------------------------------------
 
 
-def _size(nbytes: int) -> str:
+def human_bytes(nbytes: int) -> str:
+    """``512 B``, ``1.5 KiB`` ... ``2.0 GiB`` (also the ``hkv sessions`` tables)."""
     value = float(nbytes)
     for unit in ("B", "KiB", "MiB", "GiB"):
         if value < 1024 or unit == "GiB":
@@ -320,7 +321,7 @@ def report_lines(result: DemoResult) -> list[str]:
     lines.append("tiers (used / capacity):")
     for tier in r.tiers:
         share = f"{100 * tier.used_bytes / tier.capacity_bytes:5.1f}%" if tier.capacity_bytes else "    -"
-        lines.append(f"  {tier.name:<7} {_size(tier.used_bytes):>10} / {_size(tier.capacity_bytes):>10}  {share}  {tier.blocks} blocks")
+        lines.append(f"  {tier.name:<7} {human_bytes(tier.used_bytes):>10} / {human_bytes(tier.capacity_bytes):>10}  {share}  {tier.blocks} blocks")
     lines.extend(_prefetch_lines(r.prefetch))
     lines.extend(_timing_lines(r))
     return lines
@@ -339,7 +340,7 @@ def _prefetch_lines(p: PrefetchFigures | None) -> list[str]:
     if p is None:
         return ["prefetch: no sequence statistics"]
     hit = f"{100 * p.hit_rate:.1f}%" if p.hit_rate is not None else "n/a (no block read beyond the pinned ones)"
-    moved = ", ".join(f"{k} {_size(v)}" for k, v in sorted(p.moved_bytes.items()) if v) or "nothing"
+    moved = ", ".join(f"{k} {human_bytes(v)}" for k, v in sorted(p.moved_bytes.items()) if v) or "nothing"
     return [
         f"prefetch: hit rate {hit} ({p.hit_blocks}/{p.needed_blocks} blocks), {p.on_demand_blocks} fetched on demand, "
         f"{p.promoted_blocks} promoted ahead, stall {p.stall_s:.3f} s",

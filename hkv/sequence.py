@@ -239,10 +239,14 @@ class SequenceKV:
                 self.manager.pin([keys[i] for i in pin])
             self._pinned[layer] = pinned
 
-    def prefix_chain(self) -> bytes:
+    def prefix_chain(self) -> bytes | None:
         """Chain hash of the last sealed block (``ROOT_CHAIN`` before the first): the ``previous``
-        from which the chain hashes of the next blocks follow (``hkv.blocks.chain_hashes``)."""
+        from which the chain hashes of the next blocks follow (``hkv.blocks.chain_hashes``).
+        None when they do not follow from the next noted tokens (keys on a random chain, or ids
+        noted beyond the appended tokens), so that no stored block may be adopted."""
         n = self.sealed_blocks()
+        if self._nonce is not None or self._noted != self.seq_length():
+            return None
         return self._chain(n - 1) if n else ROOT_CHAIN
 
     def sealed_blocks(self) -> int:

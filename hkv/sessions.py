@@ -80,7 +80,10 @@ def adopt_stored_prefix(store: Any, cache: Any, token_ids: torch.Tensor | np.nda
     count = len(ids) // bt if limit_blocks is None else min(len(ids) // bt, limit_blocks)
     if count <= 0:
         return 0
-    chains = chain_hashes(ids[: count * bt], bt, previous=seq.prefix_chain())
+    previous = seq.prefix_chain()
+    if previous is None:
+        return 0
+    chains = chain_hashes(ids[: count * bt], bt, previous=previous)
     keys = []
     for layer in range(seq.num_layers):  # each layer can only shorten the run
         layer_keys = [BlockKey.make(seq.fingerprint, chain, layer) for chain in chains[:count]]
@@ -143,11 +146,16 @@ class Session:
                     self._identity.tokenizer = record.identity.tokenizer  # keep what was recorded
             self._record = record
             self._cache = runtime.new_cache(persist=True)
-            self.restored = self._restore(record, started)
+            try:
+                self.restored = self._restore(record, started)
+            except CorruptRecordError as error:  # a pinned sink / local block read now, or the tail
+                raise CorruptSessionError(f"session {name!r}: a stored block is corrupt: {error}") from error
         except BaseException:
-            if self._cache is not None:
-                self._cache.close()
-            self._lock.release()
+            try:
+                if self._cache is not None:
+                    self._cache.close()
+            finally:
+                self._lock.release()
             raise
         runtime._sessions[name] = self
         self._closed = False
@@ -175,7 +183,7 @@ class Session:
         """Adopt the record's blocks (up to the first missing one) and its tail."""
         if record is None:
             self._tokens = torch.empty(0, dtype=torch.long)
-            self._committed = (0, 0)  # (tokens, kv_blocks) of the last commit
+            self._committed = (0, 0, 0)  # (tokens, kv_blocks, kv_tokens) at the last commit or restore
             return RestoreReport(0, 0, 0, 0, 0, time.perf_counter() - started, True)
         self._tokens = torch.from_numpy(np.asarray(record.token_ids, dtype=np.int64).copy())
         bt = self.runtime.layout.block_tokens
@@ -188,8 +196,11 @@ class Session:
             self._store.read_tail(record, kv)
             start = adopted * bt
             self._cache.append_kv(self._tokens[start : start + tail], lambda layer: (kv[layer, 0], kv[layer, 1]))
-        self._committed = (len(self._tokens), adopted)
         kv_tokens = self.kv_tokens
+        # A partial restore (blocks this process cannot use: evicted, or stored by another process
+        # after this one opened the store) is not a change: committing it would drop the record's
+        # references to intact blocks, so only new tokens or new KV are committed.
+        self._committed = (len(self._tokens), adopted, kv_tokens)
         return RestoreReport(len(self._tokens), kv_tokens, adopted, tail, max(0, len(self._tokens) - 1 - kv_tokens),
                              time.perf_counter() - started, False)  # fmt: skip
 
@@ -288,7 +299,7 @@ class Session:
         self._check_usable()
         seq = self._cache.sequence
         n_blocks = seq.sealed_blocks()
-        if (len(self._tokens), n_blocks) == self._committed and self._record is not None and self._record.kv_tokens == self.kv_tokens:
+        if self._record is not None and (len(self._tokens), n_blocks, self.kv_tokens) == self._committed:
             return
         rt = self.runtime
         rt.manager.flush()  # the written-through blocks (and their summaries) are durable first
@@ -318,7 +329,7 @@ class Session:
         result = self._store.commit(record, block_keys=block_keys, summaries=summaries, summary_keys=summary_keys, tail=tail)
         rt.manager.apply_store_changes(result)
         self._record = record
-        self._committed = (len(self._tokens), n_blocks)
+        self._committed = (len(self._tokens), n_blocks, kv_tokens)
 
     def info(self) -> SessionInfo:
         """What ``hkv sessions show`` reports, from the store (commit first to see the latest)."""

@@ -40,7 +40,9 @@ def test_options_default_unchanged_and_million_preset() -> None:
         bench_options(None, preset="billion")
 
 
-def test_tiny_run_spills_to_disk_and_reports_memory(tmp_path: Path) -> None:
+def test_tiny_run_spills_to_disk_and_reports_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    user_store = tmp_path.parent / f"{tmp_path.name}-user-store"
+    monkeypatch.setenv("HKV_TIERS__PATH", str(user_store))  # must not redirect the benchmark's temporary store
     # 2 layers x 1 KV head x 64 tokens x 16 dims x fp16 x (K, V) = 4 KiB per block; 2,048 tokens
     # are 64 blocks (256 KiB): 64 KiB on the device, 64 KiB on the host, the rest must go to disk.
     # DynamicCache (fp32 KV: 256 KiB at 1,024 tokens, 512 KiB at 2,048) runs only at 1,024.
@@ -62,6 +64,7 @@ def test_tiny_run_spills_to_disk_and_reports_memory(tmp_path: Path) -> None:
     assert figures["baseline_ms"][0] is not None and figures["baseline_ms"][1] is None
     assert figures["baseline_skipped"][0] is None and "GiB" in figures["baseline_skipped"][1]
     assert list(tmp_path.iterdir()) == []  # the temporary store is removed
+    assert not user_store.exists()
 
 
 def test_cli_rejects_bad_options() -> None:
@@ -69,6 +72,9 @@ def test_cli_rejects_bad_options() -> None:
     assert runner.invoke(app, ["bench", "decode", "--preset", "billion"]).exit_code == 2
     assert runner.invoke(app, ["bench", "decode", "--host-budget", "lots"]).exit_code == 2
     assert runner.invoke(app, ["bench", "decode", "--dtype", "int3"]).exit_code == 2
+    for command in (["bench", "decode", "--contexts", "8K"], ["bench", "resume", "--tokens", "2048,x"]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 2 and "positive token counts" in result.output, result.output
 
 
 @pytest.mark.slow

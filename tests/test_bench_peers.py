@@ -69,3 +69,22 @@ def test_peers_bench_local_side(tiny, capsys):
     assert set(figures["not_run"]) >= {"kvpress SnapKV", "kvpress StreamingLLM", "kvpress ExpectedAttention"}
     print_table(figures)
     assert "hkv sparse" in capsys.readouterr().out
+
+
+def test_peers_venv_sees_this_torch_even_without_system_packages(tmp_path):
+    """A venv that does not see this torch (as when hkv itself runs in a virtualenv) gets it via a
+    .pth file, so that the pinned pip install never fetches another (CUDA) build."""
+    import subprocess
+    import venv as venv_module
+    from pathlib import Path
+
+    from hkv.bench.peers import _venv_python, _venv_torch, share_torch
+
+    venv_module.create(tmp_path / "v", system_site_packages=False, with_pip=False)
+    python = _venv_python(tmp_path / "v")
+    assert _venv_torch(python) is None
+    share_torch(python)
+    assert _venv_torch(python) == torch.__version__
+    # the venv's own packages still come first
+    order = subprocess.run([str(python), "-c", "import sys; print(sys.path)"], capture_output=True, text=True, check=True).stdout
+    assert order.index(str(tmp_path / "v")) < order.index(str(Path(torch.__file__).resolve().parents[1]))

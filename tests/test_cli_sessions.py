@@ -62,7 +62,7 @@ def invoke(*args: str) -> Any:
 def assert_clean_error(result: Any, *words: str) -> None:
     """Non-zero exit, one ``error:`` line naming ``words``, no traceback."""
     assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output and (result.exception is None or isinstance(result.exception, SystemExit))
     line = next(line for line in result.output.splitlines() if line.startswith("error:"))
     for word in words:
         assert word in line, result.output
@@ -266,3 +266,9 @@ def test_resume_bench_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert all(s > 0 for s in figures["resume_s"] + figures["reprefill_s"])
     assert figures["restored_kv_tokens"] == [255, 319]
     resume_bench.print_table(figures)
+
+
+def test_resume_bench_stores_stay_temporary_under_hkv_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HKV_TIERS__PATH", str(tmp_path / "user-store"))
+    config = hkv.Config.load()
+    assert resume_bench._config(config, tmp_path / "bench").tiers.path == tmp_path / "bench"

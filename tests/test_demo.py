@@ -100,6 +100,11 @@ def test_demo_command_refuses_a_bad_session_name_before_loading_the_model(tmp_pa
     result = CliRunner().invoke(app, ["demo", "--session", "../x", "--store", str(tmp_path / "store")], env={})
     assert result.exit_code == 1 and "error:" in result.output
     assert not (tmp_path / "store").exists()
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    result = CliRunner().invoke(app, ["demo", "--store", str(a_file)], env={})
+    assert result.exit_code == 2 and "not a folder" in result.output, result.output
+    assert isinstance(result.exception, SystemExit)  # no traceback
 
 
 @functools.cache

@@ -108,6 +108,35 @@ def test_append_then_generate_and_resume_twice(model, tmp_path):
     assert torch.equal(out, _baseline(model, torch.cat([doc, question], dim=1)))
 
 
+def test_resume_when_the_stored_kv_ends_on_a_block_boundary(model, tmp_path):
+    config = _config(model, tmp_path / "s")
+    doc, question = _prompt(8 * BLOCK + 1, seed=5), _prompt(9, seed=6)  # KV of 8 whole blocks, no tail
+    with wrap(model, config) as rt, rt.session("edge") as s:
+        s.append(doc)
+    with wrap(model, config) as rt, rt.session("edge") as s:
+        r = s.restored
+        assert (r.kv_tokens, r.adopted_blocks, r.tail_tokens, r.pending_tokens) == (8 * BLOCK, 8, 0, 0)
+        out = s.generate(question, **_greedy())
+    assert torch.equal(out, _baseline(model, torch.cat([doc, question], dim=1)))
+
+
+def test_no_stored_block_is_adopted_when_noted_ids_run_ahead_of_the_kv(model, tmp_path):
+    from hkv.sessions import adopt_stored_prefix
+
+    ids = _prompt(4 * BLOCK + 1, seed=7)
+    config = _config(model, tmp_path / "s")
+    with wrap(model, config) as rt:
+        with rt.session("p") as s:
+            s.append(ids)
+        with rt.new_cache() as cache:
+            cache.sequence.note_tokens(ids[0, :3])  # noted, never appended: chains would hash the wrong tokens
+            assert cache.sequence.prefix_chain() is None
+            assert adopt_stored_prefix(rt.session_store(), cache, ids[0, :-1]) == 0  # stored, but not what was noted
+            assert cache.sequence.sealed_blocks() == 0
+        with rt.new_cache() as cache:
+            assert adopt_stored_prefix(rt.session_store(), cache, ids[0, :-1]) == 4 * BLOCK
+
+
 def test_foreign_model_is_refused_naming_the_weights(model, tmp_path):
     config = _config(model, tmp_path / "s")
     with wrap(model, config) as rt, rt.session("mine") as s:
@@ -167,6 +196,23 @@ def test_flipped_bytes_in_a_block_are_reported_and_other_sessions_work(model, tm
         with rt.session("b") as s:
             out = s.generate(_prompt(5, seed=9), **_greedy())
     assert torch.equal(out, _baseline(model, torch.cat([b_ids, _prompt(5, seed=9)], dim=1)))
+
+
+def test_a_corrupt_block_read_at_open_names_the_session(model, tmp_path):
+    config = _config(model, tmp_path / "s")
+    ids = _prompt(150, seed=7)
+    with wrap(model, config) as rt:
+        with rt.session("a") as s:
+            s.append(ids)
+        fingerprint = rt.fingerprint
+    _flip_block(tmp_path / "s", BlockKey.make(fingerprint, chain_hashes(ids[0], BLOCK)[0], 1))  # a sink block: read at open
+    with wrap(model, config) as rt:
+        for _ in range(2):  # the lock was released: the second open fails the same way
+            with pytest.raises(CorruptSessionError, match="'a'"):
+                rt.session("a")
+        assert not rt._sessions
+        with rt.session("b") as s:
+            s.append(_prompt(20, seed=1))
 
 
 def test_shared_prefix_is_stored_once(model, tmp_path):

@@ -202,6 +202,54 @@ def test_kill_during_commit_leaves_old_or_new_state(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# a session stored by another process after this one opened the store (tiny model, fast)
+
+OTHER_TOKENS = 150
+
+
+def other_child(store: str) -> None:
+    """Create session ``x`` (``OTHER_TOKENS`` tokens) in the store, then exit."""
+    from test_integration import _prompt
+
+    from hkv import wrap
+
+    model = _kill_model()
+    with wrap(model, _kill_config(model, store)) as rt, rt.session("x") as s:
+        s.append(_prompt(OTHER_TOKENS, seed=1))
+
+
+def test_session_stored_by_another_process_keeps_its_kv_when_opened_and_closed(tmp_path):
+    from test_integration import _prompt
+    from transformers import DynamicCache
+
+    from hkv import wrap
+
+    model = _kill_model()
+    config = _kill_config(model, tmp_path / "s")
+    with wrap(model, config) as rt, rt.session("mine") as s:
+        s.append(_prompt(40, seed=2))
+    with wrap(model, config) as rt:  # opens the existing store now: it knows the blocks stored so far
+        done = subprocess.run(_child("other", str(tmp_path / "s")), env=_env(), cwd=ROOT, capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-4000:]
+        store = rt.session_store()
+        assert store.get("x").kv_tokens == OTHER_TOKENS - 1
+        with rt.session("x") as s:  # may not use blocks it did not know; must not drop them either
+            assert s.restored.tokens == OTHER_TOKENS
+        assert store.get("x").kv_tokens == OTHER_TOKENS - 1
+        assert store.verify("x").ok
+        with rt.session("x") as s:  # a turn recomputes what it could not adopt
+            out = s.generate(torch.tensor([1, 2, 3]), max_new_tokens=3, do_sample=False)
+        assert store.verify().ok
+    ids = torch.cat([_prompt(OTHER_TOKENS, seed=1)[0], torch.tensor([1, 2, 3])]).unsqueeze(0)
+    with torch.inference_mode():
+        base = model.generate(ids, max_new_tokens=3, do_sample=False, cache=DynamicCache(config=model.config))
+    assert torch.equal(out, base)
+    with wrap(model, config) as rt, rt.session("x") as s:
+        assert s.restored.kv_tokens == OTHER_TOKENS + 5 and s.restored.pending_tokens == 0
+
+
+# ---------------------------------------------------------------------------------------------
 # SmolLM2: a conversation of > 2K tokens continued by another process (slow)
 
 SMOL_TOKENS = 2100
@@ -294,6 +342,8 @@ def main(argv: list[str]) -> None:
         zygote()
     elif argv[0] == "smol":
         smol_child(argv[1], argv[2], argv[3])
+    elif argv[0] == "other":
+        other_child(argv[1])
     else:
         raise SystemExit(f"unknown mode {argv[0]!r}")
 

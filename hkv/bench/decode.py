@@ -95,7 +95,7 @@ def bench_options(
             tiers[name] = value
     if tiers:
         start = config if config is not None else Config.load(tiers=BENCH_TIERS)
-        config = Config.load(start, tiers=tiers)
+        config = Config.load(start, env={}, tiers=tiers)  # HKV_* already applied to start: the options win
     return {
         "config": config,
         "contexts": tuple(contexts) if contexts else tuple(base.get("contexts", (8192, 32768, 131072))),
@@ -213,7 +213,8 @@ def _hkv_run(model: torch.nn.Module, config: Config, context: int, steps: int, s
     device = next(model.parameters()).device
     kv_bytes = storage_kv_bytes(spec_cfg, config, context, next(model.parameters()).dtype)
     tiers = {"path": str(store), "disk": _disk_budget(config, kv_bytes)}
-    config = Config.load(config, tiers=tiers, attention={"mode": "sparse"}, prefetch={"enabled": True})
+    # env={}: HKV_* were applied when config was made; again here, HKV_TIERS__PATH would send the KV to the user's store
+    config = Config.load(config, env={}, tiers=tiers, attention={"mode": "sparse"}, prefetch={"enabled": True})
     rss_start = rss_bytes()
     whole_rss = RssSampler().start()  # fill, decode and teardown (stats, closing cache and runtime)
     fill_rss = RssSampler().start()
@@ -334,9 +335,16 @@ def _run_isolated(args: dict[str, Any]) -> dict[str, Any]:
     import subprocess
     import sys
 
+    import os
+
+    env = dict(os.environ)  # the child imports this hkv, not whichever one is installed
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2]) + os.pathsep + env.get("PYTHONPATH", "")
     with tempfile.TemporaryDirectory(prefix="hkv-bench-run-") as folder:
         result = Path(folder) / "result.json"
-        subprocess.run([sys.executable, "-m", "hkv.bench.decode", str(result)], input=json.dumps(args), text=True, check=True)
+        done = subprocess.run([sys.executable, "-m", "hkv.bench.decode", str(result)], input=json.dumps(args), text=True, env=env)
+        if done.returncode != 0:  # its stderr went to ours, above
+            context, code = args["context"], done.returncode
+            raise RuntimeError(f"bench decode: the process for {context} tokens failed (exit {code}; its output is above)")
         return json.loads(result.read_text())
 
 

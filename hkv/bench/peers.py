@@ -193,7 +193,7 @@ def hkv_config(mode: str, context_tokens: int, kv_bytes: int, store: Path) -> An
         "attention": {"mode": mode, "block_tokens": block, "budget_tokens": budget, "sink_tokens": sink, "local_tokens": local,
                       "prefill_chunk_tokens": max(block, min(1024, context_tokens // 4 // block * block))},
         "prefetch": {"enabled": True},
-    })  # fmt: skip
+    }, env={})  # fmt: skip  (every method gets the same budget: no HKV_* override)
 
 
 def run_hkv(model: torch.nn.Module, prompts: list[dict], mode: str) -> list[dict]:
@@ -287,9 +287,34 @@ def ensure_peers_venv(venv: Path, log: Callable[[str], None]) -> Path:
         return python
     log(f"peers: creating the virtualenv {venv} for kvpress (first use; pip install {' '.join(KVPRESS_REQUIREMENTS)}; a few minutes)")
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    share_torch(python)
     pins = [*KVPRESS_REQUIREMENTS, f"torch=={torch.__version__}"]
     subprocess.run([str(python), "-m", "pip", "install", "--quiet", *pins], check=True)
     return python
+
+
+def _venv_torch(python: Path) -> str | None:
+    done = subprocess.run([str(python), "-c", "import torch; print(torch.__version__)"], capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def share_torch(python: Path) -> None:
+    """Make this environment's torch the venv's, so that pip never installs another build.
+
+    ``--system-site-packages`` shows the BASE interpreter's packages: where this environment is
+    itself a virtualenv, its torch is not among them and ``pip install torch==X`` would fetch
+    PyPI's (CUDA) build. A ``.pth`` file in the venv then adds the folder holding this torch
+    (after the venv's own packages, so kvpress's transformers still wins). RuntimeError if the
+    venv still sees no torch of this version."""
+    if _venv_torch(python) == torch.__version__:
+        return
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    Path(site, "hkv-parent-torch.pth").write_text(str(Path(torch.__file__).resolve().parents[1]) + "\n")
+    seen = _venv_torch(python)
+    if seen != torch.__version__:
+        raise RuntimeError(f"the peers virtualenv {python} sees torch {seen}, not this environment's {torch.__version__}; "
+                           "refusing to let pip install another torch build (delete the venv and retry)")  # fmt: skip
 
 
 def start_kvpress(python: Path, prompts: list[dict], workdir: Path, threads: int) -> tuple[subprocess.Popen, Path]:

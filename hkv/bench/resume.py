@@ -120,7 +120,7 @@ def default_config(model: torch.nn.Module, tokens: int) -> Config:
 
 
 def _config(config: Config, path: Path, **store: Any) -> Config:
-    return Config.load(config, tiers={"path": str(path)}, store=store)
+    return Config.load(config, env={}, tiers={"path": str(path)}, store=store)  # HKV_* already in config: the path wins
 
 
 # -- building the saved conversation (this process) --------------------------------------------

@@ -281,12 +281,14 @@ class Runtime:
             return
         self._closed = True
         errors = []
-        for session in list(getattr(self, "_sessions", {}).values()):
-            try:
-                session.close()  # commits (autocommit) while the manager is still open
-            except Exception as error:  # the others still close; the first failure is raised below
-                errors.append(error)
-        self._close_rest()
+        try:
+            for session in list(getattr(self, "_sessions", {}).values()):
+                try:
+                    session.close()  # commits (autocommit) while the manager is still open
+                except Exception as error:  # the others still close; the first failure is raised below
+                    errors.append(error)
+        finally:  # even on KeyboardInterrupt: the hooks come off, the store is closed
+            self._close_rest()
         if errors:
             raise errors[0]
 
