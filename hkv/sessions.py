@@ -88,8 +88,8 @@ def adopt_stored_prefix(store: Any, cache: Any, token_ids: torch.Tensor | np.nda
     for layer in range(seq.num_layers):  # each layer can only shorten the run
         layer_keys = [BlockKey.make(seq.fingerprint, chain, layer) for chain in chains[:count]]
         count = store.present(layer_keys)
-        # the manager knows the blocks of the store as it was when it opened it (plus its own)
-        count = next((i for i, key in enumerate(layer_keys[:count]) if not seq.manager.contains(key)), count)
+        # blocks another process stored after this manager opened the store become known here
+        count = seq.manager.learn_stored(layer_keys[:count])
         if count == 0:
             return 0
         keys.append(layer_keys)
@@ -139,7 +139,7 @@ class Session:
         self._lock = self._store.lock(name)
         try:
             record = self._store.get(name)
-            self._identity = model_identity(runtime.model, runtime.dtype, tokenizer)
+            self._identity = model_identity(runtime.model, runtime.dtype, tokenizer, runtime.config.attention)
             if record is not None:
                 self._check(record)
                 if self._identity.tokenizer is None:

@@ -137,6 +137,20 @@ def test_no_stored_block_is_adopted_when_noted_ids_run_ahead_of_the_kv(model, tm
             assert adopt_stored_prefix(rt.session_store(), cache, ids[0, :-1]) == 4 * BLOCK
 
 
+def test_kv_of_other_attention_settings_is_refused_and_never_reused(model, tmp_path):
+    """Sparse-mode KV is not the model's own KV after the first layer: resuming it in exact mode
+    is refused naming the attention settings, and exact prefix reuse never adopts it."""
+    doc = _prompt(150, seed=7)
+    with wrap(model, _config(model, tmp_path / "s", mode="sparse", persist=True)) as rt, rt.session("mixed") as s:
+        s.append(doc)
+    with wrap(model, _config(model, tmp_path / "s", mode="exact", persist=True)) as rt:
+        with pytest.raises(SessionMismatchError, match="attention: stored sparse .* this model exact"):
+            rt.session("mixed")
+        out = rt.generate(doc, **_greedy())
+        assert rt.stats().extra.get("reused_tokens", 0) == 0
+    assert torch.equal(out, _baseline(model, doc))
+
+
 def test_foreign_model_is_refused_naming_the_weights(model, tmp_path):
     config = _config(model, tmp_path / "s")
     with wrap(model, config) as rt, rt.session("mine") as s:

@@ -218,7 +218,7 @@ def other_child(store: str) -> None:
         s.append(_prompt(OTHER_TOKENS, seed=1))
 
 
-def test_session_stored_by_another_process_keeps_its_kv_when_opened_and_closed(tmp_path):
+def test_session_stored_by_another_process_is_resumed_and_kept(tmp_path):
     from test_integration import _prompt
     from transformers import DynamicCache
 
@@ -234,11 +234,12 @@ def test_session_stored_by_another_process_keeps_its_kv_when_opened_and_closed(t
         assert done.returncode == 0, done.stderr[-4000:]
         store = rt.session_store()
         assert store.get("x").kv_tokens == OTHER_TOKENS - 1
-        with rt.session("x") as s:  # may not use blocks it did not know; must not drop them either
+        with rt.session("x") as s:  # blocks stored after this runtime opened the store are learned, not recomputed
             assert s.restored.tokens == OTHER_TOKENS
+            assert (s.restored.kv_tokens, s.restored.pending_tokens) == (OTHER_TOKENS - 1, 0)
         assert store.get("x").kv_tokens == OTHER_TOKENS - 1
         assert store.verify("x").ok
-        with rt.session("x") as s:  # a turn recomputes what it could not adopt
+        with rt.session("x") as s:
             out = s.generate(torch.tensor([1, 2, 3]), max_new_tokens=3, do_sample=False)
         assert store.verify().ok
     ids = torch.cat([_prompt(OTHER_TOKENS, seed=1)[0], torch.tensor([1, 2, 3])]).unsqueeze(0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import xxhash
@@ -116,14 +117,40 @@ def tokenizer_hash(tokenizer) -> str | None:
     return xxhash.xxh3_64_hexdigest(data.encode())
 
 
-def model_identity(model: torch.nn.Module, dtype: torch.dtype | None = None, tokenizer=None):
+def attention_signature(attention: Any) -> str:
+    """The settings of an ``AttentionConfig`` that change the KV a model computes.
+
+    Exact mode computes the model's own KV (chunking changes rounding only): ``"exact"``. In
+    sparse mode, which blocks each layer attends (budget, sink, local window, prefill chunk) and
+    where far blocks are placed (positions) change every hidden state after the first layer,
+    so the KV of later layers differs: those settings are part of the signature."""
+    if attention.mode == "exact":
+        return "exact"
+    return (
+        f"sparse budget={attention.budget_tokens} sink={attention.sink_tokens} local={attention.local_tokens} "
+        f"chunk={attention.prefill_chunk_tokens} positions={getattr(attention, 'positions', 'original')}"
+    )
+
+
+def kv_fingerprint(model: torch.nn.Module, *, dtype: torch.dtype | None = None, attention: Any = None) -> bytes:
+    """16 bytes that block keys are made from: :func:`model_fingerprint` combined with the
+    :func:`attention_signature` (so KV computed in sparse mode is never taken for exact KV, nor
+    KV of one sparse budget for another's). ``attention``: an AttentionConfig, or None (exact)."""
+    signature = "exact" if attention is None else attention_signature(attention)
+    return xxhash.xxh3_128(model_fingerprint(model, dtype=dtype) + signature.encode()).digest()
+
+
+def model_identity(model: torch.nn.Module, dtype: torch.dtype | None = None, tokenizer=None, attention: Any = None):
     """The :class:`~hkv.tiers.session_store.ModelIdentity` a session records and checks:
-    :func:`model_fingerprint` (hex), :func:`model_description`, :func:`tokenizer_hash`."""
+    :func:`kv_fingerprint` (hex), :func:`model_description` plus the attention signature,
+    :func:`tokenizer_hash`."""
     from ..tiers.session_store import ModelIdentity
 
+    description = model_description(model, dtype=dtype)
+    description["attention"] = "exact" if attention is None else attention_signature(attention)
     return ModelIdentity(
-        fingerprint=model_fingerprint(model, dtype=dtype).hex(),
-        description=model_description(model, dtype=dtype),
+        fingerprint=kv_fingerprint(model, dtype=dtype, attention=attention).hex(),
+        description=description,
         tokenizer=tokenizer_hash(tokenizer),
     )
 

@@ -20,7 +20,7 @@ import torch
 from ..blocks import BlockLayout
 from ..config import Config
 from ..positions import RotaryShift
-from .model import ModelSpec, model_fingerprint, storage_dtype
+from .model import ModelSpec, kv_fingerprint, storage_dtype
 from .transformers import HkvCache, ModelHooks, check_not_wrapped, check_padding
 
 
@@ -60,7 +60,7 @@ class Runtime:
         self.rotary = RotaryShift.of(model) if self.config.attention.positions == "remap" else None
         self.model = model
         self.dtype = storage_dtype(self.config, self.spec.dtype)
-        self.fingerprint = model_fingerprint(model, dtype=self.dtype)
+        self.fingerprint = kv_fingerprint(model, dtype=self.dtype, attention=self.config.attention)  # block keys
         self.layout = BlockLayout(self.spec.num_kv_heads, self.config.attention.block_tokens, self.spec.head_dim, self.dtype)
         if device is None and self.config.tiers.accelerator == "auto":
             device = self.spec.device

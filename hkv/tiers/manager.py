@@ -132,6 +132,26 @@ class TierManager(Promotion):
         with self._cond:
             self._apply_store_changes(result)
 
+    def learn_stored(self, keys: Sequence[BlockKey]) -> int:
+        """Register blocks that another process stored after this manager opened the store.
+
+        ``keys``: blocks known to be in the store (e.g. checked with SessionStore.present). Those
+        unknown here get an entry with their disk copy (``stored`` when a session references
+        them). Returns how many leading ``keys`` the manager now knows."""
+        with self._cond:
+            self._check_open()
+            unknown = [key for key in keys if key.digest not in self._entries]
+            if unknown:
+                disk = self._open_disk()
+                present = [key for key in unknown if disk.contains(key)]
+                refs = self.sessions.refs(present) if present else []
+                for key, count in zip(present, refs):
+                    entry = self._entry_for(key.digest)
+                    entry.on_disk, entry.stored = True, count > 0
+                    self._recent["disk"][key.digest] = None
+                self._disk_count += len(present)
+            return next((i for i, key in enumerate(keys) if key.digest not in self._entries), len(keys))
+
     def in_use(self, key: Digest) -> bool:
         """Whether a live sequence references the block (digest), or a move or gather has it.
         Reads without the lock (the disk writer thread calls it while the lock may be held)."""
