@@ -87,8 +87,8 @@ def adopt_stored_prefix(store: Any, cache: Any, token_ids: torch.Tensor | np.nda
     keys = []
     for layer in range(seq.num_layers):  # each layer can only shorten the run
         layer_keys = [BlockKey.make(seq.fingerprint, chain, layer) for chain in chains[:count]]
-        count = store.present(layer_keys)
-        # blocks another process stored after this manager opened the store become known here
+        # The manager knows every block of the store it opened (and learns, checking the store,
+        # those another process stored since); the summaries, read below, are the other half.
         count = seq.manager.learn_stored(layer_keys[:count])
         if count == 0:
             return 0
