@@ -144,33 +144,12 @@ def full_kv_bytes(model: torch.nn.Module, tokens: int) -> int:
     return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * next(model.parameters()).element_size() * tokens
 
 
-@torch.inference_mode()
 def answer_turns(model: torch.nn.Module, cache: Any, context_len: int, turns: list[dict]) -> tuple[list[list[int]], list[float]]:
-    """Feed each turn then decode greedily on ``cache``; ``(ids generated per turn, seconds per decode step)``.
+    """:func:`hkv.bench.peers_child.answer_turns` (the loop the peers run in their venv) with
+    this transformers' ``cache=`` keyword: the same turns, positions and timing for every method."""
+    from .peers_child import answer_turns as child_answer_turns
 
-    The same loop as :func:`hkv.bench.peers_child.answer_turns` (position ids continue from
-    the uncompressed length, as kvpress's pipeline does)."""
-    position, pending = context_len, []
-    generated: list[list[int]] = []
-    steps: list[float] = []
-    for turn in turns:
-        ids = torch.tensor([pending + list(turn["input"])])
-        start = time.perf_counter()
-        logits = model(input_ids=ids, cache=cache, position_ids=torch.arange(position, position + ids.shape[1])[None],
-                       use_cache=True, logits_to_keep=1).logits  # fmt: skip
-        if ids.shape[1] == 1:
-            steps.append(time.perf_counter() - start)
-        position += ids.shape[1]
-        out = [int(logits[0, -1].argmax())]
-        for _ in range(int(turn["new_tokens"]) - 1):
-            start = time.perf_counter()
-            logits = model(input_ids=torch.tensor([[out[-1]]]), cache=cache, position_ids=torch.tensor([[position]]), use_cache=True).logits
-            steps.append(time.perf_counter() - start)
-            position += 1
-            out.append(int(logits[0, -1].argmax()))
-        generated.append(out)
-        pending = [out[-1]]
-    return generated, steps
+    return child_answer_turns(model, cache, context_len, turns, cache_kwarg="cache")
 
 
 def _record(prompt: dict, method: str, generated: list, steps: list, kv_device: int, kv_total: int, rss: int, prefill_s: float) -> dict:

@@ -100,8 +100,13 @@ def shared_prefill(model: Any, context: torch.Tensor, presses: dict[str, Any]) -
 
 
 @torch.inference_mode()
-def answer_turns(model: Any, cache: Any, context_len: int, turns: list[dict]) -> tuple[list[list[int]], list[float]]:
-    """Feed each turn's input then decode greedily; ``(generated ids per turn, seconds per decode step)``."""
+def answer_turns(model: Any, cache: Any, context_len: int, turns: list[dict], *,
+                 cache_kwarg: str = "past_key_values") -> tuple[list[list[int]], list[float]]:
+    """Feed each turn's input then decode greedily; ``(generated ids per turn, seconds per decode step)``.
+
+    Position ids continue from the uncompressed length, as kvpress's pipeline does. Also used by
+    :mod:`hkv.bench.peers` (transformers 5.x there names the forward's cache ``cache``:
+    ``cache_kwarg``)."""
     position = context_len  # true position of the next token (the cache may hold fewer)
     pending: list[int] = []  # the last generated token, not yet fed
     generated: list[list[int]] = []
@@ -110,14 +115,14 @@ def answer_turns(model: Any, cache: Any, context_len: int, turns: list[dict]) ->
         ids = torch.tensor([pending + list(turn["input"])])
         positions = torch.arange(position, position + ids.shape[1])[None]
         start = time.perf_counter()
-        logits = model(input_ids=ids, past_key_values=cache, position_ids=positions, use_cache=True, logits_to_keep=1).logits
+        logits = model(input_ids=ids, **{cache_kwarg: cache}, position_ids=positions, use_cache=True, logits_to_keep=1).logits
         if ids.shape[1] == 1:
             steps.append(time.perf_counter() - start)
         position += ids.shape[1]
         out = [int(logits[0, -1].argmax())]
         for _ in range(int(turn["new_tokens"]) - 1):
             start = time.perf_counter()
-            logits = model(input_ids=torch.tensor([[out[-1]]]), past_key_values=cache, position_ids=torch.tensor([[position]]), use_cache=True).logits
+            logits = model(input_ids=torch.tensor([[out[-1]]]), **{cache_kwarg: cache}, position_ids=torch.tensor([[position]]), use_cache=True).logits
             steps.append(time.perf_counter() - start)
             position += 1
             out.append(int(logits[0, -1].argmax()))
