@@ -6,7 +6,9 @@ query, the running max logit ``m``, the running sum of ``exp(logit - m)`` and th
 blocks, the local window, the unsealed tail) updates them; :meth:`AttentionAccumulator.result`
 divides. The merge is exact (up to fp32 rounding), so reading the KV in any number of pieces
 reproduces one softmax over all of it. Results depend only on the pieces and their order, never
-on timing.
+on timing. On the CPU each piece runs PyTorch's fused flash-attention kernel (output and
+log-sum-exp per row, no logits matrix), about 3x faster than the explicit path kept for other
+devices; the merge is the same.
 
 GQA: query head ``h`` reads KV head ``h // (Hq // Hkv)`` (transformers' ``repeat_kv``).
 
@@ -24,14 +26,20 @@ PIECE_SCORE_ELEMENTS = 1 << 24  # fp32 logits built at once per piece (64 MiB); 
 PIECE_KV_ELEMENTS = 1 << 24  # key + value elements gathered at once per piece (32 MiB in fp16)
 
 
+def _flash_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch's CPU flash attention, ``[B, H, L, D]`` in; (output, log-sum-exp ``[B, H, L]``) out."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, **kwargs)
+
+
 class AttentionAccumulator:
     """Softmax attention of fixed queries over KV given in pieces.
 
     ``query``: ``[Hq, S, D]``; ``scaling``: the logit scale (usually ``D ** -0.5``);
-    ``kv_heads``: ``Hkv``, which must divide ``Hq``.
+    ``kv_heads``: ``Hkv``, which must divide ``Hq``. ``fused``: use the fused CPU kernel
+    (default: when the query is on the CPU; it exists only there).
     """
 
-    def __init__(self, query: torch.Tensor, scaling: float, kv_heads: int) -> None:
+    def __init__(self, query: torch.Tensor, scaling: float, kv_heads: int, *, fused: bool | None = None) -> None:
         q_heads, s, d = query.shape
         if q_heads % kv_heads:
             raise ValueError(f"query heads ({q_heads}) must be a multiple of kv heads ({kv_heads})")
@@ -45,12 +53,24 @@ class AttentionAccumulator:
         self.m = torch.full((kv_heads, rows), float("-inf"), device=query.device)
         self.l = torch.zeros(kv_heads, rows, device=query.device)
         self.acc = torch.zeros(kv_heads, rows, d, device=query.device)
+        self.fused = query.device.type == "cpu" if fused is None else fused
+        if self.fused and query.device.type != "cpu":
+            raise ValueError("the fused attention kernel runs on the CPU only")
+
+    @property
+    def materializes_scores(self) -> bool:
+        """Whether :meth:`add` builds the ``[Hq * S, N]`` logits (then callers cut pieces to
+        ``PIECE_SCORE_ELEMENTS``); the CPU path runs a fused kernel that never does."""
+        return not self.fused
 
     def add(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """One piece: ``keys``, ``values`` ``[Hkv, N, D]`` (any float dtype); ``mask`` ``[S, N]``
         bool, True where query ``s`` may read key ``n`` (None: all)."""
         n = keys.shape[1]
         if n == 0:
+            return
+        if not self.materializes_scores:
+            self._add_fused(keys, values, mask)
             return
         logits = torch.bmm(self.q, keys.to(self.q.device, torch.float32).transpose(1, 2))  # [Hkv, g*S, N]
         if mask is not None:
@@ -62,6 +82,29 @@ class AttentionAccumulator:
         correction = torch.exp(self.m - m_safe)
         self.l = self.l * correction + probs.sum(dim=2)
         self.acc = torch.baddbmm(self.acc * correction.unsqueeze(2), probs, values.to(self.q.device, torch.float32))
+        self.m = m_new
+
+    def _add_fused(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """CPU: PyTorch's fused flash-attention kernel gives the piece's normalised output and
+        per-row log-sum-exp ``lse``; merged as a piece with running max ``lse``, sum 1."""
+        k = keys.to(torch.float32).unsqueeze(0).contiguous()
+        v = values.to(torch.float32).unsqueeze(0).contiguous()
+        additive = None
+        hidden = None
+        if mask is not None:
+            keep = mask.repeat(self.group, 1)  # [g*S, N]
+            additive = torch.zeros(keep.shape, dtype=torch.float32).masked_fill_(~keep, float("-inf"))
+            hidden = ~keep.any(dim=1)  # rows that see no key of this piece (the kernel returns lse 0 there)
+        out, lse = _flash_cpu(self.q.unsqueeze(0), k, v, attn_mask=additive, scale=1.0)
+        out, lse = out[0], lse[0]  # [Hkv, g*S, D], [Hkv, g*S]
+        if hidden is not None and bool(hidden.any()):
+            lse = lse.masked_fill(hidden.unsqueeze(0), float("-inf"))
+        m_new = torch.maximum(self.m, lse)
+        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+        correction = torch.exp(self.m - m_safe)
+        weight = torch.exp(lse - m_safe)
+        self.l = self.l * correction + weight
+        self.acc = self.acc * correction.unsqueeze(2) + out * weight.unsqueeze(2)
         self.m = m_new
 
     def result(self) -> torch.Tensor:

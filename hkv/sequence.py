@@ -326,7 +326,7 @@ class SequenceKV:
 
     def _add_keys(self, acc: AttentionAccumulator, k: torch.Tensor, v: torch.Tensor, k_start: int, q_pos: int, nq: int) -> None:
         """Feed keys at positions ``k_start ...`` to ``acc`` in memory-bounded pieces, causally masked."""
-        step = max(1, PIECE_SCORE_ELEMENTS // (self.q_heads * nq))
+        step = max(1, PIECE_SCORE_ELEMENTS // (self.q_heads * nq)) if acc.materializes_scores else max(1, k.shape[1])
         for p0 in range(0, k.shape[1], step):
             p1 = min(k.shape[1], p0 + step)
             acc.add(k[:, p0:p1], v[:, p0:p1], causal_mask(q_pos, nq, k_start + p0, p1 - p0, self.device))
@@ -358,7 +358,9 @@ class SequenceKV:
         bt, d = self.block_tokens, self.head_dim
         # Piece size is fixed by memory only (never by the manager's state), so results never
         # depend on timing; gathered pieces are transient, outside the tier budget.
-        per_piece = max(1, min(PIECE_SCORE_ELEMENTS // (self.q_heads * nq * bt), PIECE_KV_ELEMENTS // (2 * self.kv_heads * bt * d)))
+        per_piece = max(1, PIECE_KV_ELEMENTS // (2 * self.kv_heads * bt * d))
+        if acc.materializes_scores:
+            per_piece = max(1, min(per_piece, PIECE_SCORE_ELEMENTS // (self.q_heads * nq * bt)))
         report = GatherReport()
         for p0 in range(0, len(wanted), per_piece):
             blocks = self._gather(wanted[p0 : p0 + per_piece], report)  # [n, 2, Hkv, bt, D]

@@ -32,18 +32,21 @@ def _qkv(hq: int, hkv: int, s: int, n: int, d: int, dtype=torch.float32, seed: i
 
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (6, 2), (8, 1)])
 @pytest.mark.parametrize("pieces", [1, 3, 7])
-def test_pieces_merge_to_full_softmax(hq: int, hkv: int, pieces: int) -> None:
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "explicit"])
+def test_pieces_merge_to_full_softmax(hq: int, hkv: int, pieces: int, fused: bool) -> None:
     q, k, v = _qkv(hq, hkv, 1, 50, 16)
-    acc = AttentionAccumulator(q, 0.25, hkv)
+    acc = AttentionAccumulator(q, 0.25, hkv, fused=fused)
     for part in torch.tensor_split(torch.arange(50), pieces):
         acc.add(k[:, part], v[:, part])
     torch.testing.assert_close(acc.result(), reference(q, k, v, 0.25), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("s,n", [(1, 1), (5, 5), (17, 40), (33, 33)])
-def test_causal_mask_pieces(s: int, n: int) -> None:
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "explicit"])
+def test_causal_mask_pieces(s: int, n: int, fused: bool) -> None:
+    """Pieces where some queries see no key at all (the fused kernel reports lse 0 there)."""
     q, k, v = _qkv(6, 3, s, n, 8, seed=s)
-    acc = AttentionAccumulator(q, 8**-0.5, 3)
+    acc = AttentionAccumulator(q, 8**-0.5, 3, fused=fused)
     for start in range(0, n, 6):  # pieces of 6 keys, each with its own causal mask
         end = min(n, start + 6)
         acc.add(k[:, start:end], v[:, start:end], causal_mask(n - s, s, start, end - start))
@@ -56,16 +59,17 @@ def test_causal_mask_shape_and_shortcut() -> None:
     assert mask.tolist() == [[True, True, False, False], [True, True, True, False]]
 
 
-def test_explicit_mask_and_empty_rows() -> None:
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "explicit"])
+def test_explicit_mask_and_empty_rows(fused: bool) -> None:
     q, k, v = _qkv(2, 1, 3, 8, 4)
     mask = torch.rand(3, 8, generator=torch.Generator().manual_seed(1)) > 0.4
     mask[:, 0] = True
-    acc = AttentionAccumulator(q, 0.5, 1)
+    acc = AttentionAccumulator(q, 0.5, 1, fused=fused)
     acc.add(k[:, :0], v[:, :0])  # empty piece is a no-op
     acc.add(k[:, :4], v[:, :4], mask[:, :4])
     acc.add(k[:, 4:], v[:, 4:], mask[:, 4:])
     torch.testing.assert_close(acc.result(), reference(q, k, v, 0.5, mask), atol=1e-5, rtol=1e-5)
-    nothing = AttentionAccumulator(q, 0.5, 1)
+    nothing = AttentionAccumulator(q, 0.5, 1, fused=fused)
     nothing.add(k, v, torch.zeros(3, 8, dtype=torch.bool))
     assert torch.equal(nothing.result(), torch.zeros_like(q))
 

@@ -139,3 +139,16 @@ def test_selection_scores_are_the_chosen_blocks_scores_with_one_transfer(monkeyp
     monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: calls.append(1) or cpu(self, *a, **k))
     select_blocks(query, summary, past_blocks=30, sink_blocks=1, local_blocks=2, topk=5, margin=0.4)
     assert len(calls) == 1
+
+
+def test_scoring_queries_keep_short_chunks_and_the_newest_of_long_ones() -> None:
+    from hkv.prefetch.predictor import scoring_queries
+
+    short = torch.randn(3, 10, 4)
+    assert scoring_queries(short, limit=16) is short
+    long = torch.arange(100, dtype=torch.float32).reshape(1, 100, 1).expand(2, 100, 4)
+    picked = scoring_queries(long, limit=16)[0, :, 0].long().tolist()
+    assert len(picked) == 16
+    assert picked[-8:] == list(range(92, 100))  # the newest half, whole
+    assert picked[0] == 0 and picked[7] == 91  # the rest spread over the older queries
+    assert picked == sorted(picked)

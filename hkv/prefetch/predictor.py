@@ -6,7 +6,7 @@ The upper bound of a query ``q``'s logit on any key of the block is
 matmuls over all blocks at once, no Python loop per block.
 
 Scores: per KV head the max over the query heads of its GQA group and over the queries of the
-chunk (in pieces, so a 1024-query prefill chunk never builds more than ``_SCORE_ELEMENTS``
+chunk (at most ``SCORE_QUERIES`` of a long prefill chunk: :func:`scoring_queries`) (in pieces, so a 1024-query prefill chunk never builds more than ``_SCORE_ELEMENTS``
 floats), then, after subtracting each KV head's logsumexp over the candidate blocks
 (``normalize``: a log-softmax per KV head, so heads with sharper score distributions are not
 drowned out by heads with larger logits), the max over KV heads: one score per block. The top-k blocks by score are attended; sink and local blocks are always
@@ -21,6 +21,23 @@ from dataclasses import dataclass
 import torch
 
 _SCORE_ELEMENTS = 1 << 22  # fp32 scores built at once while scoring a chunk (16 MiB)
+SCORE_QUERIES = 64  # queries of a long prefill chunk that score blocks (see scoring_queries)
+
+
+def scoring_queries(query: torch.Tensor, limit: int = SCORE_QUERIES) -> torch.Tensor:
+    """The queries ``[Hq, S, D]`` of a chunk that score blocks: all when ``S <= limit``; else the
+    newest ``limit // 2`` and ``limit - limit // 2`` spread evenly over the rest.
+
+    Scoring costs ``S x n_blocks`` per head: at a million tokens of context (16K blocks) scoring
+    all 1024 queries of every prefill chunk would cost more than the model itself. The newest
+    queries are kept whole because the last chunk of a prompt usually holds the question.
+    """
+    s = query.shape[1]
+    if s <= limit:
+        return query
+    newest = limit // 2
+    spread = torch.linspace(0, s - newest - 1, limit - newest).round().long()
+    return torch.cat([query[:, spread], query[:, s - newest :]], dim=1)
 
 
 class BlockSummaries:
@@ -153,8 +170,8 @@ def select_blocks(
     """Choose among the ``past_blocks`` oldest sealed blocks of a layer.
 
     The first ``sink_blocks`` and the last ``local_blocks`` of the past are always read; of the
-    candidates between them the ``topk`` best by :func:`block_scores` (``topk=None``: exact mode,
-    every block, no scoring). ``margin``: extra candidates predicted for prefetch, as a fraction
+    candidates between them the ``topk`` best by :func:`block_scores` of the chunk's
+    :func:`scoring_queries` (``topk=None``: exact mode, every block, no scoring). ``margin``: extra candidates predicted for prefetch, as a fraction
     of ``topk``. ``normalize``, ``scaling``: see :func:`block_scores`.
     """
     every = torch.arange(past_blocks)
@@ -164,7 +181,7 @@ def select_blocks(
     empty = torch.empty(0, dtype=torch.long)
     if topk is None or candidates <= topk:  # every block is read: nothing to score
         return Selection(every, every[low:high], empty, torch.empty(0))
-    scores = block_scores(query, summary[..., low:high], normalize=normalize, scaling=scaling)
+    scores = block_scores(scoring_queries(query), summary[..., low:high], normalize=normalize, scaling=scaling)
     want = min(candidates, topk + math.ceil(margin * topk))
     top = torch.topk(scores, want, sorted=True)  # best first
     # One device -> host transfer for both (float64 holds every fp32 score and index exactly).
