@@ -72,9 +72,19 @@ def passkey_prompt(tokenizer: Any, n_tokens: int, depth: float, key: int | str |
     fixed = len(tokenizer.encode(_INTRO + needle + question, add_special_tokens=False))
     per_filler = len(tokenizer.encode(_FILLER * 8, add_special_tokens=False)) / 8
     repeats = max(1, round((n_tokens - fixed) / per_filler))
+    for _ in range(3):  # the per-filler estimate drifts over long prompts: correct the count
+        ids = _passkey_ids(tokenizer, repeats, depth, needle, question)
+        fix = round((n_tokens - len(ids)) / per_filler)
+        if fix == 0 or repeats + fix < 1:
+            break
+        repeats += fix
+    return ids, key
+
+
+def _passkey_ids(tokenizer: Any, repeats: int, depth: float, needle: str, question: str) -> list[int]:
     before = round(repeats * depth)
     text = _INTRO + _FILLER * before + needle + _FILLER * (repeats - before) + question
-    return tokenizer.encode(text, add_special_tokens=False), key
+    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def passkey_answer(tokenizer: Any, generated_ids: Any) -> str:
