@@ -421,3 +421,42 @@ def test_jobs_fail_when_the_writer_thread_dies(tier: DiskTier, monkeypatch) -> N
     status, error = _in_thread(lambda: tier.put_many([key_of(2)], blocks_of([2])))
     assert status == "error" and isinstance(error, TierError) and "writer is closed" in str(error)
     tier.close()  # still closes cleanly
+
+
+def _mapped_kib(data_file: Path) -> int:
+    """Resident KiB of this process's mappings of ``data_file`` (/proc/self/smaps)."""
+    total, inside, name = 0, False, str(data_file.resolve())
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5:
+                inside = line.rstrip().endswith(name)
+            elif inside and line.startswith("Rss:"):
+                total += int(fields[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc/self/smaps")
+@pytest.mark.parametrize("release", [True, False], ids=["released", "kept"])
+def test_mapped_store_pages_do_not_pile_up_in_rss(tmp_path: Path, release: bool) -> None:
+    """Reading every block maps the whole store into the process unless the tier releases the
+    pages; released, the data read is unchanged and the resident mapping stays near the threshold."""
+    layout = BlockLayout(kv_heads=2, block_tokens=16, head_dim=64)  # 8 KiB records
+    tier = DiskTier(tmp_path / "store", layout, 64 << 20)
+    tier._mapped.every_bytes = (1 << 20) if release else (1 << 40)
+    g = torch.Generator().manual_seed(0)
+    keys = [BlockKey(os.urandom(16)) for _ in range(1024)]  # 8 MiB of records
+    blocks = torch.randn(len(keys), *layout.shape, generator=g).to(layout.dtype)
+    for i in range(0, len(keys), 128):
+        tier.put_many(keys[i : i + 128], blocks[i : i + 128])
+    out = torch.empty(64, *layout.shape, dtype=layout.dtype)
+    for i in range(0, len(keys), 64):
+        tier.get_many_into(keys[i : i + 64], out)
+        assert torch.equal(out, blocks[i : i + 64])
+    mapped = _mapped_kib(tier.path / "data.mdb")
+    tier.close()
+    if release:
+        assert tier._mapped.releases >= 8
+        assert mapped < 3 * 1024, f"{mapped} KiB of the store still mapped"
+    else:
+        assert mapped > 6 * 1024, "the store's pages stay mapped when never released (the test would prove nothing)"

@@ -25,7 +25,9 @@ was slower still.
 
 Reads take a read transaction and copy straight from LMDB's memory map into the caller's tensor
 (header and xxh3 checksum checked, see :func:`hkv.blocks.decode_into`); :mod:`.lmdb_hints` first
-asks the kernel to read each record of the batch in one request, so the reads overlap.
+asks the kernel to read each record of the batch in one request, so the reads overlap, and
+unmaps the pages read (and those writes walked) from the process every 256 MiB of traffic, so
+that a store of any size does not pile up in the process's resident set (``MappedPages``).
 
 Map size: LMDB stores a record larger than half a page in whole overflow pages (plus a 16-byte
 page header), so a 48 KiB + 64 B record takes 13 pages = 52 KiB (factor 1.082), plus about
@@ -62,7 +64,7 @@ from ..blocks import (
     tensor_bytes,
 )
 from .base import BlockNotFoundError, Tier, TierError, TierFullError
-from .lmdb_hints import ReadHints
+from .lmdb_hints import MappedPages, ReadHints
 from .lmdb_writer import BatchWriter, WriteJob
 from .store_txn import DeleteResult, StoreTxn
 
@@ -171,6 +173,7 @@ class DiskTier(Tier):
             raise
         self._blocks, self._index, self._meta = self._dbs["blocks"], self._dbs["keys"], self._dbs["meta"]
         self._hints = ReadHints(KEY_BYTES, layout.record_nbytes)
+        self._mapped = MappedPages(self.path / "data.mdb")
         self._closed = False
         self._close_lock = threading.Lock()
         self._writer: BatchWriter | None = None
@@ -280,6 +283,7 @@ class DiskTier(Tier):
                     raise BlockNotFoundError(f"{self._where(key)} not found")
                 self._hints.confirm(guess, record)
                 decode_into(record, block, key, where=self._where(key))
+        self._mapped.note(len(keys) * self.layout.record_nbytes)
 
     def contains(self, key: BlockKey) -> bool:
         self._check_open()
@@ -410,6 +414,7 @@ class DiskTier(Tier):
             for job in batch:
                 results.append(self._apply_job(store, job) if job.apply is not None else self._put_delete(store, job))
             txn.put(b"usage", json.dumps(store.usage).encode(), db=self._meta)
+        self._mapped.note(sum(len(record) for job in batch for _, record in job.puts))
         return results
 
     def _put_delete(self, store: StoreTxn, job: WriteJob) -> object:
