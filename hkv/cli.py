@@ -71,6 +71,18 @@ def _write_json(path: Path | None, figures: dict[str, Any]) -> None:
         typer.echo(f"wrote {path}")
 
 
+def _write_png(path: Path | None, figures: dict[str, Any]) -> None:
+    """Draw ``figures`` to ``path`` (nothing when None); a missing matplotlib is one line, not a failure."""
+    if path is None:
+        return
+    from .bench.plots import plot
+
+    try:
+        typer.echo(f"wrote {plot(figures, path)}")
+    except RuntimeError as error:  # matplotlib missing: the figures are in the table and the JSON
+        typer.echo(f"no PNG: {error}", err=True)
+
+
 @bench_app.command("tiers")
 def bench_tiers(
     json_path: JsonOption = None,
@@ -109,6 +121,7 @@ def bench_decode(
     store_dir: Annotated[Optional[Path], typer.Option(help="folder for the temporary disk store (default: the system temp folder)")] = None,
     isolate: Annotated[Optional[bool], typer.Option("--isolate/--no-isolate", help="each context in a fresh process (its own peak RSS)")] = None,
     baseline_max: Annotated[Optional[str], typer.Option(help="skip DynamicCache where its KV exceeds this, e.g. 8GiB")] = None,
+    png: Annotated[Optional[Path], typer.Option(help="latency and memory against context length (needs matplotlib)")] = None,
 ) -> None:
     """Decode latency per token, hkv sparse vs transformers' DynamicCache, same model shape."""
     from pydantic import ByteSize, TypeAdapter
@@ -128,6 +141,7 @@ def bench_decode(
     figures = run_decode_bench(**options, steps=steps, weights=weights, store_dir=store_dir)
     print_table(figures)
     _write_json(json_path, figures)
+    _write_png(png, figures)
 
 
 @bench_app.command("peers")
@@ -142,7 +156,7 @@ def bench_peers(
     max_minutes: Annotated[Optional[float], typer.Option(help="start no new prompt after this long (partial figures kept)")] = None,
 ) -> None:
     """hkv vs DynamicCache, its fp8/sliding caches and kvpress presses at 25% of the KV, same prompts."""
-    from .bench.peers import plot, print_table, run_peers_bench
+    from .bench.peers import print_table, run_peers_bench
 
     def save_partial(rows: list, records: list) -> None:  # --json holds the figures so far while it runs
         if json_path is not None:
@@ -153,9 +167,83 @@ def bench_peers(
                               max_minutes=max_minutes, on_prompt=save_partial)  # fmt: skip
     print_table(figures)
     _write_json(json_path, figures)
-    png = png if png is not None else (json_path.with_suffix(".png") if json_path is not None else None)
-    if png is not None:
-        typer.echo(f"wrote {png}" if plot(figures, png) else "no PNG: matplotlib is not installed")
+    _write_png(png if png is not None else (json_path.with_suffix(".png") if json_path is not None else None), figures)
+
+
+def _choices(text: str, option: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    """Comma-separated names among ``allowed``; exit 2 with one line otherwise."""
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    bad = [n for n in names if n not in allowed]
+    if not names or bad:
+        typer.echo(f"error: {option} {text!r}: expected comma-separated names among {', '.join(allowed)}", err=True)
+        raise typer.Exit(2)
+    return names
+
+
+def _depths(text: str) -> tuple[float, ...]:
+    try:
+        depths = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        depths = ()
+    if not depths or not all(0.0 <= d <= 1.0 for d in depths):
+        typer.echo(f"error: --depths {text!r}: expected comma-separated fractions between 0 and 1, e.g. 0.1,0.5,0.9", err=True)
+        raise typer.Exit(2)
+    return depths
+
+
+@bench_app.command("passkey")
+def bench_passkey(
+    json_path: JsonOption = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config whose tier budgets and prefetch settings the hkv runs use")] = None,
+    lengths: Annotated[str, typer.Option(help="comma-separated prompt lengths in tokens")] = "4096,8192,32768,131072",
+    depths: Annotated[str, typer.Option(help="comma-separated depths of the key in the filler, 0 to 1")] = "0.1,0.3,0.5,0.7,0.9",
+    trials: Annotated[int, typer.Option(min=1, help="prompts (keys) per length and depth")] = 1,
+    modes: Annotated[str, typer.Option(help="comma-separated: exact, original, remap, full")] = "exact,original,remap,full",
+    variants: Annotated[str, typer.Option(help="single (one call), late (question in a later turn, after the context was stored)")] = "single",
+    full_max: Annotated[int, typer.Option(help="longest prompt run with full attention (DynamicCache)")] = 8192,
+    exact_max: Annotated[int, typer.Option(help="longest prompt run with hkv exact")] = 8192,
+    budget: Annotated[int, typer.Option(help="attention.budget_tokens of the sparse modes")] = 2048,
+    store_dir: Annotated[Optional[Path], typer.Option(help="folder for the temporary stores (default: the system temp folder)")] = None,
+    png: Annotated[Optional[Path], typer.Option(help="accuracy against length (needs matplotlib; default: beside --json)")] = None,
+) -> None:
+    """Passkey accuracy of SmolLM2 over depths x lengths: hkv exact / sparse original / sparse remap / full attention."""
+    from .bench.passkey import MODES, VARIANTS, run_passkey_bench, table_lines
+
+    options = dict(lengths=_lengths(lengths, "--lengths"), depths=_depths(depths), trials=trials,
+                   modes=_choices(modes, "--modes", MODES), variants=_choices(variants, "--variants", VARIANTS),
+                   full_max=full_max, exact_max=exact_max, budget=budget)  # fmt: skip
+    base = _load(config) if config is not None else None
+    if store_dir is not None and store_dir.exists() and not store_dir.is_dir():
+        raise _fail(f"--store-dir {store_dir} is a file, not a folder", 2)
+
+    def save(figures: dict[str, Any]) -> None:  # --json holds the runs so far while a long sweep goes on
+        if json_path is not None:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(figures, indent=2, default=str) + "\n")
+
+    with _user_errors():
+        figures = run_passkey_bench(**options, base_config=base, store_dir=store_dir, log=typer.echo,
+                                    on_run=save)  # fmt: skip
+    for line in table_lines(figures):
+        typer.echo(line)
+    _write_json(json_path, figures)
+    _write_png(png if png is not None else (json_path.with_suffix(".png") if json_path is not None else None), figures)
+
+
+@bench_app.command("plot")
+def bench_plot(
+    source: Annotated[Path, typer.Argument(help="JSON written by hkv bench passkey, decode or peers --json")],
+    out: Annotated[Path, typer.Argument(help="PNG file to write")],
+) -> None:
+    """Redraw a benchmark's picture from its saved JSON (needs matplotlib)."""
+    from .bench.plots import plot
+
+    try:
+        figures = json.loads(source.read_text())
+        written = plot(figures, out)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+        raise _fail(f"{source}: {error}", 2) from None
+    typer.echo(f"wrote {written}")
 
 
 # -- chat and sessions -------------------------------------------------------------------------

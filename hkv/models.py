@@ -53,6 +53,7 @@ _INTRO = (
     "There is an important pass key hidden inside a lot of irrelevant text. "
     "Find it and memorize it. I will quiz you about the pass key.\n"
 )
+PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is"
 _FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
 
@@ -68,7 +69,7 @@ def passkey_prompt(tokenizer: Any, n_tokens: int, depth: float, key: int | str |
         raise ValueError(f"depth = {depth} must be between 0 and 1")
     key = str(key) if key is not None else str(random.Random(seed).randint(10000, 99999))
     needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
-    question = "\nWhat is the pass key? The pass key is"
+    question = PASSKEY_QUESTION
     fixed = len(tokenizer.encode(_INTRO + needle + question, add_special_tokens=False))
     per_filler = len(tokenizer.encode(_FILLER * 8, add_special_tokens=False)) / 8
     repeats = max(1, round((n_tokens - fixed) / per_filler))
@@ -85,6 +86,17 @@ def _passkey_ids(tokenizer: Any, repeats: int, depth: float, needle: str, questi
     before = round(repeats * depth)
     text = _INTRO + _FILLER * before + needle + _FILLER * (repeats - before) + question
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def split_passkey_question(tokenizer: Any, ids: list[int]) -> tuple[list[int], list[int]]:
+    """``(document, question)`` token ids of a :func:`passkey_prompt`: the question (and the
+    answer cue) alone, for tasks where it arrives in a later turn than the document."""
+    question = tokenizer.encode(PASSKEY_QUESTION, add_special_tokens=False)
+    if ids[-len(question) :] == question:
+        return ids[: -len(question)], question
+    # the question merged with the text before it into one token: re-encode the document alone
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    return tokenizer.encode(text[: text.rindex(PASSKEY_QUESTION)], add_special_tokens=False), question
 
 
 def passkey_answer(tokenizer: Any, generated_ids: Any) -> str:

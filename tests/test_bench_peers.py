@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hkv.bench.peers import LOCAL_METHODS, TASKS, build_prompts, print_table, run_peers_bench
+from hkv.bench.peers import DECOY, LOCAL_METHODS, TASKS, build_prompts, print_table, run_peers_bench
 
 
 class ByteTokenizer:
@@ -41,6 +41,7 @@ def test_prompts_late_question_keeps_the_document():
     for s, l in zip(single, late):
         assert s["key"] == l["key"] and s["key"] in tok.decode(l["context"])
         assert "pass key?" not in tok.decode(l["context"]), "the late task's context must not hold the question"
+        assert tok.decode(l["context"]).endswith(DECOY), "every method sees the same earlier exchange"
         assert tok.decode(l["turns"][-1]["input"]).endswith("The pass key is")
         assert tok.decode(s["context"] + s["turns"][0]["input"]).endswith("The pass key is")
 

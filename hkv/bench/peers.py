@@ -17,9 +17,12 @@ methods that bound it is 25% of the full KV of the context (``DEVICE_FRACTION``)
 Tasks: ``single`` -- the passkey prompt at depths 0.1/0.5/0.9; all but its last token is the
 context (compressed by the eviction methods, question included), then the last token and the
 answer are decoded. ``late`` -- the multi-turn late question: the context is the same document
-followed by a decoy question (``DECOY``); the eviction methods compress it then, not knowing the
-real question; the model answers the decoy (``DECOY_TOKENS`` tokens), and only then the passkey
-question arrives and is answered on whatever the cache kept.
+followed by an earlier exchange (``DECOY``: a question about the text and its answer, given as
+text so every method sees the same turn, not a reply of its own); the eviction methods compress
+it then, not knowing the real question; only then does the passkey question arrive, and it is
+answered on whatever the cache kept. (A first version let each method generate the decoy's
+answer: the replies differed per method and the 135M model then failed the question even with
+full attention, so the task measured the decoy, not the cache.)
 
 The prefill of the transformers caches is shared: one full-attention prefill, from which the fp8
 and sliding-window caches are built exactly as their own ``update`` would (one forward of the
@@ -47,13 +50,13 @@ from typing import Any, Callable
 
 import torch
 
+from ..models import PASSKEY_QUESTION
+
 DEVICE_FRACTION = 0.25  # memory given to every bounded method, a fraction of the context's full KV
 COMPRESSION_RATIO = 1 - DEVICE_FRACTION  # kvpress: fraction of the KV pruned
 DEPTHS = (0.1, 0.5, 0.9)
 ANSWER_TOKENS = 6  # " " + 5 digits
-DECOY = "\nSummarise the text above in one word. Answer:"
-DECOY_TOKENS = 3
-QUESTION = "\nWhat is the pass key? The pass key is"
+DECOY = "\nWhat colour is the grass in the text above? The grass is green.\n"
 TASKS = ("late", "single")
 LOCAL_METHODS = ("hkv sparse", "hkv exact", "DynamicCache", "QuantizedCache fp8", "SlidingWindow")
 PRESSES = ("SnapKV", "StreamingLLM", "ExpectedAttention")
@@ -73,9 +76,8 @@ def build_prompts(tokenizer: Any, tokens: int, trials: int, tasks: tuple[str, ..
     ``context``: token ids of the first forward; ``turns``: ``[{"input": ids, "new_tokens": n}]``
     fed after it (the last turn's output is the answer).
     """
-    from ..models import passkey_prompt
+    from ..models import passkey_prompt, split_passkey_question
 
-    question = tokenizer.encode(QUESTION, add_special_tokens=False)
     decoy = tokenizer.encode(DECOY, add_special_tokens=False)
     prompts = []
     unknown = set(tasks) - set(TASKS)
@@ -88,14 +90,9 @@ def build_prompts(tokenizer: Any, tokens: int, trials: int, tasks: tuple[str, ..
             if task == "single":
                 context, turns = ids[:-1], [{"input": ids[-1:], "new_tokens": ANSWER_TOKENS}]
             else:
-                if ids[-len(question) :] == question:
-                    document = ids[: -len(question)]
-                else:  # the question merged with the text before it: re-encode the document alone
-                    text = tokenizer.decode(ids, skip_special_tokens=True)
-                    document = tokenizer.encode(text[: text.rindex(QUESTION)], add_special_tokens=False)
-                first = document + decoy
-                context = first[:-1]
-                turns = [{"input": first[-1:], "new_tokens": DECOY_TOKENS}, {"input": question, "new_tokens": ANSWER_TOKENS}]
+                document, question = split_passkey_question(tokenizer, ids)
+                context = document + decoy
+                turns = [{"input": question, "new_tokens": ANSWER_TOKENS}]
             prompts.append({"id": f"{task}-{trial}", "task": task, "trial": trial, "depth": depth, "key": key,
                             "context": context, "turns": turns})  # fmt: skip
     return prompts
@@ -454,7 +451,7 @@ def run_peers_bench(
         "trials": trials,
         "depths": list(DEPTHS),
         "decoy": DECOY,
-        "question": QUESTION,
+        "question": PASSKEY_QUESTION,
         "model": f"{type(model).__name__} ({model.config.num_hidden_layers} layers), {next(model.parameters()).dtype}",
         "device": "cpu",
         "threads": torch.get_num_threads(),
@@ -479,28 +476,3 @@ def print_table(figures: dict[str, Any]) -> None:
         )
     for method, why in figures["not_run"].items():
         print(f"not run: {method}: {why}")
-
-
-def plot(figures: dict[str, Any], path: Path) -> Path | None:
-    """A bar chart of accuracy per method and task at ``path`` (None when matplotlib is missing)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    methods = list(dict.fromkeys(r["method"] for r in figures["rows"]))
-    fig, ax = plt.subplots(figsize=(10, 4))
-    width = 0.8 / len(TASKS)
-    for t, task in enumerate(TASKS):
-        values = [next((r["accuracy"] for r in figures["rows"] if r["method"] == m and r["task"] == task), 0) for m in methods]
-        ax.bar([i + t * width for i in range(len(methods))], values, width, label=task)
-    ax.set_xticks([i + width / 2 for i in range(len(methods))], methods, rotation=30, ha="right")
-    ax.set_ylabel("passkey accuracy")
-    ax.set_title(f"{figures['context_tokens']} tokens, {figures['device_fraction']:.0%} of the KV on the device")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path

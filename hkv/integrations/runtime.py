@@ -323,9 +323,11 @@ class Runtime:
 def wrap(model: torch.nn.Module, config: Config | dict | str | None = None, *, device: torch.device | str | None = None) -> Runtime:
     """Serve ``model`` (a transformers causal LM) with hkv; refuses models it cannot serve.
 
-    ``config``: a :class:`~hkv.config.Config`, a dict or a TOML path (defaults otherwise).
+    ``config``: a :class:`~hkv.config.Config`, a dict or a TOML path; None: the defaults. Except
+    for a ``Config`` (taken as it is), the ``HKV_*`` environment variables apply on top
+    (:meth:`Config.load`).
     """
-    if config is not None and not isinstance(config, Config):
+    if not isinstance(config, Config):
         config = Config.load(config)
     return Runtime(model, config, device=device)
 
