@@ -154,17 +154,22 @@ def bench_peers(
     parallel: Annotated[bool, typer.Option(help="run kvpress while the local methods run (faster; shared CPU)")] = False,
     png: Annotated[Optional[Path], typer.Option(help="accuracy bar chart (needs matplotlib; default: beside --json)")] = None,
     max_minutes: Annotated[Optional[float], typer.Option(help="start no new prompt after this long (partial figures kept)")] = None,
+    tasks: Annotated[str, typer.Option(help="comma-separated: late (question in a later turn), single")] = "late,single",
+    methods: Annotated[Optional[str], typer.Option(help="comma-separated local methods (default: all of hkv sparse, hkv exact, DynamicCache, QuantizedCache fp8, SlidingWindow)")] = None,
 ) -> None:
     """hkv vs DynamicCache, its fp8/sliding caches and kvpress presses at 25% of the KV, same prompts."""
-    from .bench.peers import print_table, run_peers_bench
+    from .bench.peers import LOCAL_METHODS, TASKS, print_table, run_peers_bench
+
+    chosen_tasks = _choices(tasks, "--tasks", TASKS)
+    chosen_methods = _choices(methods, "--methods", LOCAL_METHODS) if methods is not None else LOCAL_METHODS
 
     def save_partial(rows: list, records: list) -> None:  # --json holds the figures so far while it runs
         if json_path is not None:
             json_path.parent.mkdir(parents=True, exist_ok=True)
             json_path.write_text(json.dumps({"partial": True, "rows": rows, "records": records}, indent=2, default=str) + "\n")
 
-    figures = run_peers_bench(tokens=tokens, trials=trials, venv=venv, peers=peers, parallel=parallel,
-                              max_minutes=max_minutes, on_prompt=save_partial)  # fmt: skip
+    figures = run_peers_bench(tokens=tokens, trials=trials, venv=venv, peers=peers, parallel=parallel, tasks=chosen_tasks,
+                              methods=chosen_methods, max_minutes=max_minutes, on_prompt=save_partial)  # fmt: skip
     print_table(figures)
     _write_json(json_path, figures)
     _write_png(png if png is not None else (json_path.with_suffix(".png") if json_path is not None else None), figures)

@@ -238,8 +238,11 @@ def test_fingerprint_is_stable_and_specific():
 class _WordTokenizer:
     """Whitespace 'tokenizer' for testing the prompt builder without a model."""
 
+    def __init__(self):
+        self.vocab: dict[str, int] = {}  # ids by first appearance: deterministic, no collisions
+
     def encode(self, text, add_special_tokens=False):
-        return [hash(word) % 1000 for word in text.split()]
+        return [self.vocab.setdefault(word, len(self.vocab)) for word in text.split()]
 
     def decode(self, ids, skip_special_tokens=True):
         return " ".join(str(i) for i in ids)

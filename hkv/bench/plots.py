@@ -101,8 +101,9 @@ def plot_decode(figures: dict[str, Any], path: Path) -> Path:
         _series(mem, contexts, [b / gib if b else None for b in figures["rss_peak_bytes"]], "hkv peak RSS", "o")
     ram = [(t["device"] + t["host"]) / gib for t in _tier_bytes(figures)] or None
     _series(mem, contexts, ram, "hkv KV in device + host tiers", "^")
-    if figures.get("kv_bytes"):
-        _series(mem, contexts, [b / gib for b in figures["kv_bytes"]], "full KV (what DynamicCache holds)", "s")
+    full = figures.get("kv_bytes") or [sum(t.values()) for t in _tier_bytes(figures)]  # hkv holds all of it, somewhere
+    if full:
+        _series(mem, contexts, [b / gib for b in full], "the whole KV (what DynamicCache holds in RAM)", "s")
     mem.set_ylabel("GiB")
     for ax in (lat, mem):
         ax.set_xscale("log", base=2)

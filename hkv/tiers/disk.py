@@ -26,7 +26,7 @@ was slower still.
 Reads take a read transaction and copy straight from LMDB's memory map into the caller's tensor
 (header and xxh3 checksum checked, see :func:`hkv.blocks.decode_into`); :mod:`.lmdb_hints` first
 asks the kernel to read each record of the batch in one request, so the reads overlap, and
-unmaps the pages read (and those writes walked) from the process every 256 MiB of traffic, so
+unmaps the pages read (and those writes walked) from the process every 64 MiB of traffic, so
 that a store of any size does not pile up in the process's resident set (``MappedPages``).
 
 Map size: LMDB stores a record larger than half a page in whole overflow pages (plus a 16-byte

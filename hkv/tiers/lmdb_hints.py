@@ -79,7 +79,7 @@ class ReadHints:
             self.enabled = False
 
 
-RELEASE_EVERY_BYTES = 256 << 20  # map traffic between two releases of the mapped pages
+RELEASE_EVERY_BYTES = 64 << 20  # map traffic between two releases of the mapped pages (the mapping grows faster than the traffic: B-tree pages, read-ahead)
 
 
 class MappedPages:
