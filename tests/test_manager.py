@@ -570,21 +570,3 @@ def test_write_through_futures_that_landed_are_pruned_and_failures_still_reporte
     manager.flush()
     assert manager._pending == []
 
-
-def test_persisted_blocks_evicted_from_the_device_are_cached_in_the_host_tier(make):
-    """A block written through to disk still moves down to the host tier when the device evicts
-    it (the host is the RAM cache above the disk); only when the host is full of blocks it cannot
-    take in is a disk-backed block dropped."""
-    manager = make(device=2, host=3, disk=16, store={"persist": True})
-    put_range(manager, range(2))
-    manager.flush()
-    assert all(manager.where(key_of(i)) == frozenset({"device", "disk"}) for i in range(2))
-    put_range(manager, range(2, 4))  # evicts 0 and 1 from the device
-    assert [sorted(manager.where(key_of(i))) for i in range(2)] == [["disk", "host"]] * 2
-    assert manager.stats().moved_bytes["device->host"] == 2 * NB
-    put_range(manager, range(4, 8))  # the host (3 blocks) keeps the most recent ones, the rest stay on disk
-    manager.flush()
-    assert sum("host" in manager.where(key_of(i)) for i in range(8)) == 3
-    assert all("disk" in manager.where(key_of(i)) for i in range(8))
-    check_all(manager, range(8))
-    check_budgets(manager)

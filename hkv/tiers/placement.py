@@ -176,18 +176,9 @@ class Placement:
                 entry.disk_pending = None
         return True
 
-    def _copy_elsewhere(self, tier: str, key: Digest, *, cache_in_host: bool = False) -> bool:
-        """Whether ``key`` may leave ``tier`` without moving: another tier holds it. With
-        ``cache_in_host``, a device block whose only other copy is on disk does not count: it
-        moves down to the host tier instead, which then caches it in RAM above the disk (a
-        persisted block is on disk from the start; dropping it would leave the host tier empty
-        and send every later read to the disk)."""
+    def _copy_elsewhere(self, tier: str, key: Digest) -> bool:
         other = self.host_pool if tier == "device" else self.device_pool
-        if other.contains(key):
-            return True
-        if cache_in_host and tier == "device":
-            return False
-        return self._safe_on_disk(self._entries[key], key)
+        return other.contains(key) or self._safe_on_disk(self._entries[key], key)
 
     # -- making room ----------------------------------------------------------------------------
     def _candidates(self, tier: str, exclude: set[Digest], limit: int | None) -> tuple[list[Digest], bool]:
@@ -221,7 +212,7 @@ class Placement:
             i = 0
             while i < len(ranked) and len(got) + len(movers) < n:
                 key, i = ranked[i], i + 1
-                if self._copy_elsewhere(tier, key, cache_in_host=move):
+                if self._copy_elsewhere(tier, key):
                     self._drop(tier, key)
                     self.evictions[tier] += count
                     got.append(pool.alloc())  # type: ignore[arg-type]
@@ -244,7 +235,7 @@ class Placement:
         return got
 
     def _move_down(self, tier: str, keys: list[Digest], exclude: set[Digest], *, count: bool = True) -> list[Digest]:
-        """Move ``keys`` (their only copy in RAM) from ``tier`` one tier down, as many as fit; the moved keys."""
+        """Move the only copies of ``keys`` from ``tier`` one tier down, as many as fit; the moved keys."""
         nbytes = self.layout.nbytes
         if tier == "device":
             slots = self._make_room("host", len(keys), exclude)  # pressure on the host counts as evictions
