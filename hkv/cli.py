@@ -210,13 +210,14 @@ def bench_passkey(
     budget: Annotated[int, typer.Option(help="attention.budget_tokens of the sparse modes")] = 2048,
     store_dir: Annotated[Optional[Path], typer.Option(help="folder for the temporary stores (default: the system temp folder)")] = None,
     png: Annotated[Optional[Path], typer.Option(help="accuracy against length (needs matplotlib; default: beside --json)")] = None,
+    device: Annotated[str, typer.Option(help="torch device of the model and hkv's device tier: cpu, cuda, cuda:N")] = "cpu",
 ) -> None:
     """Passkey accuracy of SmolLM2 over depths x lengths: hkv exact / sparse original / sparse remap / full attention."""
     from .bench.passkey import MODES, VARIANTS, run_passkey_bench, table_lines
 
     options = dict(lengths=_lengths(lengths, "--lengths"), depths=_depths(depths), trials=trials,
                    modes=_choices(modes, "--modes", MODES), variants=_choices(variants, "--variants", VARIANTS),
-                   full_max=full_max, exact_max=exact_max, budget=budget)  # fmt: skip
+                   full_max=full_max, exact_max=exact_max, budget=budget, device=device)  # fmt: skip
     base = _load(config) if config is not None else None
     if store_dir is not None and store_dir.exists() and not store_dir.is_dir():
         raise _fail(f"--store-dir {store_dir} is a file, not a folder", 2)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import fields
 
 import numpy as np
@@ -36,7 +37,7 @@ from .attention import PIECE_KV_ELEMENTS, PIECE_SCORE_ELEMENTS, AttentionAccumul
 from .blocks import DTYPE_NAMES, ROOT_CHAIN, BlockKey, chain_hash
 from .config import Config, ConfigError
 from .positions import far_block_deltas
-from .prefetch.predictor import BlockSummaries, select_blocks
+from .prefetch.predictor import BlockSummaries, canonical_queries, select_blocks
 from .prefetch.prefetcher import COUNTERS, SequenceStats, StepStats
 from .tiers.manager import GatherReport
 
@@ -92,7 +93,9 @@ class SequenceKV:
                 f"({pinned} blocks of {block_bytes} bytes) plus one block; raise tiers.device or lower "
                 f"attention.sink_tokens / attention.local_tokens"
             )
-        self.summaries = BlockSummaries(num_layers, num_kv_heads, head_dim, self.device)
+        # remap scores blocks in the relative frame, as if each lay just before the local window
+        self.summaries = BlockSummaries(num_layers, num_kv_heads, head_dim, self.device, rotary=self.rotary)
+        self.score_distance = (self.local_blocks + 1) * self.block_tokens
         self._tokens = [0] * num_layers
         self._keys: list[list[BlockKey]] = [[] for _ in range(num_layers)]
         self._pinned: list[set[int]] = [set() for _ in range(num_layers)]
@@ -102,6 +105,8 @@ class SequenceKV:
         self._chains: list[bytes] = []
         self._nonce: bytes | None = None  # set when blocks seal before any note_tokens: random chain
         self._tickets: list = [None] * num_layers
+        self._summary_writes: list[tuple[int, int, int, Future]] = []  # (layer, first block, blocks, put_summaries' future)
+        self._unsummarised: set[tuple[int, int]] = set()  # (layer, block) whose summary write found no block
         self._share = 0  # prefetch blocks per layer this step
         self._step: StepStats | None = None
         self._moved_start: dict[str, int] = {}
@@ -198,7 +203,41 @@ class SequenceKV:
         self.summaries.add(layer, blocks[:, 0])
         if self.persist or self.manager.persist:  # stored blocks carry their summaries (sessions, prefix reuse)
             count = self.summaries.count(layer)
-            self.manager.sessions.put_summaries(new_keys, self.summaries.export(layer, count - n, count))
+            future = self.manager.sessions.put_summaries(new_keys, self.summaries.export(layer, count - n, count),
+                                                         relative=self.summaries.relative)  # fmt: skip
+            self._summary_writes.append((layer, count - n, n, future))
+            if len(self._summary_writes) >= 2 * self.num_layers:  # bounded without a commit (prefix reuse)
+                self._collect_summary_writes(wait=False)
+
+    def _collect_summary_writes(self, *, wait: bool) -> None:
+        """Note the blocks whose write-through summary found no stored block, from the finished
+        summary writes (all of them, waiting, with ``wait``); forget those writes."""
+        pending = []
+        for layer, first, n, future in self._summary_writes:
+            if not wait and not future.done():
+                pending.append((layer, first, n, future))
+                continue
+            try:
+                skipped = future.result()
+            except Exception:  # noqa: BLE001 -- the write failed: none of its summaries is stored
+                skipped = range(n)
+            self._unsummarised.update((layer, first + i) for i in skipped)
+        self._summary_writes = pending
+
+    def unsummarised_blocks(self) -> dict[int, list[int]]:
+        """Per layer, the sealed blocks whose write-through summary was not stored (their block
+        was not in the store yet when it was written, e.g. a put refused by a full disk and
+        stored later), so that a session commit writes those and only those. Waits for the
+        summary writes still queued; a block stays listed until :meth:`summaries_committed`."""
+        self._collect_summary_writes(wait=True)
+        out: dict[int, list[int]] = {}
+        for layer, index in sorted(self._unsummarised):
+            out.setdefault(layer, []).append(index)
+        return out
+
+    def summaries_committed(self, blocks: dict[int, list[int]]) -> None:
+        """Forget ``blocks`` (as :meth:`unsummarised_blocks` returned them): a commit stored them."""
+        self._unsummarised.difference_update((layer, i) for layer, indices in blocks.items() for i in indices)
 
     # -- sessions: adopting stored blocks, exporting what a commit needs ---------------------------
 
@@ -270,9 +309,11 @@ class SequenceKV:
             out[layer, 1] = fv[:, start - f_start :]
         return out
 
-    def block_summaries(self, layer: int, start: int, end: int) -> torch.Tensor:
-        """Summaries of the layer's blocks ``[start, end)``: ``[end - start, 2, Hkv, D]`` fp32, CPU."""
-        return self.summaries.export(layer, start, end)
+    def block_summaries(self, layer: int, indices: list[int]) -> torch.Tensor:
+        """Summaries of the layer's blocks ``indices``: ``[len(indices), 2, Hkv, D]`` fp32, CPU."""
+        if not indices:
+            return torch.empty(0, 2, self.kv_heads, self.head_dim)
+        return torch.cat([self.summaries.export(layer, i, i + 1) for i in indices])
 
     # -- attention -------------------------------------------------------------------------------
 
@@ -300,6 +341,7 @@ class SequenceKV:
         out_device = query.device
         query = query.to(self.device)
         summary = self.summaries.summary(layer)
+        relative = self.summaries.relative and self.topk is not None  # exact mode scores nothing
         outputs = []
         selection = None
         for c0 in range(0, s, self.chunk):
@@ -307,7 +349,8 @@ class SequenceKV:
             q_pos = q_start + c0
             # the local window ends at the query: sealed fresh blocks before it count towards it
             local = max(0, self.local_blocks - (q_pos + 1 - f_start) // self.block_tokens)
-            selection = select_blocks(q, summary, past_blocks=past, sink_blocks=self.sink_blocks, local_blocks=local,
+            scoring = canonical_queries(q, q_pos, self.score_distance, self.rotary) if relative else q
+            selection = select_blocks(scoring, summary, past_blocks=past, sink_blocks=self.sink_blocks, local_blocks=local,
                                       topk=self.topk, margin=self.margin, scaling=scaling)
             acc = AttentionAccumulator(q, scaling, self.kv_heads)
             blocks = selection.blocks.tolist()

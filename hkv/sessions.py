@@ -96,7 +96,7 @@ def adopt_stored_prefix(store: Any, cache: Any, token_ids: torch.Tensor | np.nda
     summaries = []
     for layer in range(seq.num_layers):
         out = torch.empty(count, 2, seq.kv_heads, seq.head_dim, dtype=torch.float32)
-        count = min(count, store.read_summaries(keys[layer][:count], out))
+        count = min(count, store.read_summaries(keys[layer][:count], out, relative=seq.summaries.relative))
         if count == 0:
             return 0
         summaries.append(out)
@@ -306,9 +306,13 @@ class Session:
         layers = seq.num_layers
         keys = [seq.block_keys(layer) for layer in range(layers)]
         block_keys = [keys[layer][i] for i in range(n_blocks) for layer in range(layers)]
+        # A session's blocks are written through with their summaries as they seal (persist=True,
+        # flushed above): only those whose block was not stored then are sent again (sending all
+        # would write every summary twice: 720 MB at 1M tokens, built in memory first).
         first = min(self._committed[1], n_blocks)
-        summary_keys = [keys[layer][i] for layer in range(layers) for i in range(first, n_blocks)]
-        summaries = torch.cat([seq.block_summaries(layer, first, n_blocks) for layer in range(layers)]) if n_blocks > first else None
+        unsummarised = seq.unsummarised_blocks() if seq.persist else {layer: list(range(first, n_blocks)) for layer in range(layers)}
+        summary_keys = [keys[layer][i] for layer, indices in unsummarised.items() for i in indices]
+        summaries = torch.cat([seq.block_summaries(layer, indices) for layer, indices in unsummarised.items() if indices]) if summary_keys else None
         tail = seq.tail_kv()
         kv_tokens = seq.seq_length()
         now = time.time()
@@ -326,7 +330,10 @@ class Session:
             last_used=now,
             commits=previous.commits if previous is not None else 0,
         )
-        result = self._store.commit(record, block_keys=block_keys, summaries=summaries, summary_keys=summary_keys, tail=tail)
+        result = self._store.commit(record, block_keys=block_keys, summaries=summaries, summary_keys=summary_keys, tail=tail,
+                                    relative=seq.summaries.relative)  # fmt: skip
+        if seq.persist:
+            seq.summaries_committed(unsummarised)
         rt.manager.apply_store_changes(result)
         self._record = record
         self._committed = (len(self._tokens), n_blocks, kv_tokens)

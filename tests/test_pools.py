@@ -30,6 +30,19 @@ def blocks_of(*indices: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("make", [lambda cap: DeviceTier(LAYOUT, cap, "cpu"), lambda cap: HostTier(LAYOUT, cap)])
+def test_a_pool_first_used_in_inference_mode_is_written_outside_it(make):
+    """The pools are first touched inside a model's forward (torch.inference_mode); the
+    prefetcher's threads write them outside it. An inference tensor would refuse those writes
+    (a worker's device -> host move then failed and leaked the host slots it had reserved)."""
+    pool = make(2 * NB)
+    with torch.inference_mode():
+        pool.put(key_of(0), blocks_of(0)[0])
+    assert not pool.data.is_inference()
+    pool.data[1].copy_(blocks_of(1)[0])  # outside inference mode, as a prefetch worker does
+    assert torch.equal(pool.data[1], blocks_of(1)[0])
+
+
+@pytest.mark.parametrize("make", [lambda cap: DeviceTier(LAYOUT, cap, "cpu"), lambda cap: HostTier(LAYOUT, cap)])
 def test_pool_round_trip_budget_and_slots(make):
     pool = make(3 * NB + NB // 2)  # 3.5 blocks of budget: 3 slots, never over
     assert pool.n_slots == 3 and pool.capacity_blocks == 3

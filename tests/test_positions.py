@@ -9,7 +9,7 @@ import torch
 
 from hkv import Config, ConfigError, wrap
 from hkv.positions import RemapUnsupportedError, RotaryShift, far_block_deltas
-from hkv.prefetch.predictor import select_blocks
+from hkv.prefetch.predictor import BlockSummaries, block_scores, canonical_queries, select_blocks
 from hkv.sequence import SequenceKV
 from test_attention import reference
 from test_sequence_kv import HKV, HQ, LAYERS, D, make_config, open_sequence
@@ -96,6 +96,54 @@ def test_far_block_deltas_pack_blocks_before_the_boundary() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The relative frame of block summaries (remap's scoring)
+
+
+def test_relative_frame_summaries_do_not_depend_on_the_blocks_position() -> None:
+    """The same pre-RoPE keys sealed as block 1 and as block 40 have the same relative-frame
+    summary (min / max of the keys roped at 0 .. block-1), and different stored-frame ones."""
+    rotary = _rotary(ROPE_TYPES["default"], head_dim=D, max_positions=4096)
+    shift = RotaryShift.of(rotary)
+    bt = 8
+    raw = torch.randn(HKV, bt, D, generator=torch.Generator().manual_seed(3))
+    absolute = BlockSummaries(1, HKV, D, "cpu")
+    relative = BlockSummaries(1, HKV, D, "cpu", rotary=shift)
+    for index in range(41):
+        block = _rope(rotary, raw if index in (1, 40) else torch.randn(HKV, bt, D), torch.arange(index * bt, (index + 1) * bt))
+        absolute.add(0, block[None])
+        relative.add(0, block[None])
+    at_zero = _rope(rotary, raw, torch.arange(bt))
+    want = torch.stack([at_zero.amin(dim=1), at_zero.amax(dim=1)])  # [2, Hkv, D]
+    rel, ab = relative.summary(0), absolute.summary(0)
+    torch.testing.assert_close(rel[..., 1], want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rel[..., 40], want, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(ab[..., 1], ab[..., 40], atol=1e-2)
+    assert relative.relative and not absolute.relative
+
+
+def test_canonical_queries_score_far_blocks_by_content_alone() -> None:
+    """Two blocks with the same keys, one near and one far: relative-frame scoring gives them
+    the same score whatever the query's position; the canonical query is the query roped at
+    ``distance``."""
+    rotary = _rotary(ROPE_TYPES["default"], head_dim=D, max_positions=1 << 16)
+    shift = RotaryShift.of(rotary)
+    bt, g = 8, torch.Generator().manual_seed(4)
+    raw, q_raw = torch.randn(HKV, bt, D, generator=g), torch.randn(HQ, 1, D, generator=g)
+    summaries = BlockSummaries(1, HKV, D, "cpu", rotary=shift)
+    n = 502
+    keys = torch.randn(HKV, n, bt, D, generator=g)
+    keys[:, 1] = keys[:, 500] = raw
+    roped = _rope(rotary, keys.reshape(HKV, n * bt, D), torch.arange(n * bt)).reshape(HKV, n, bt, D)
+    summaries.add(0, roped.transpose(0, 1))  # blocks seal in order: [n, Hkv, bt, D]
+    q_pos = n * bt
+    q = _rope(rotary, q_raw, torch.tensor([q_pos]))
+    canonical = canonical_queries(q, q_pos, 40, shift)
+    torch.testing.assert_close(canonical, _rope(rotary, q_raw, torch.tensor([40])), atol=1e-5, rtol=1e-5)
+    scores = block_scores(canonical, summaries.summary(0))
+    torch.testing.assert_close(scores[1], scores[500], atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
 # SequenceKV with remap: attention over remapped blocks equals attention at the new positions
 
 
@@ -138,7 +186,8 @@ def _run_remap_case(tmp_path, appends: list[int], *, chunk: int, seed: int = 0):
                     q_pos = total + c0
                     nq = qc.shape[1]
                     loc = max(0, local // block - (q_pos + 1 - f_start) // block)
-                    chosen = select_blocks(qc, summary, past_blocks=past, sink_blocks=sink // block, local_blocks=loc,
+                    scoring = canonical_queries(qc, q_pos, seq.score_distance, shift)  # remap scores in the relative frame
+                    chosen = select_blocks(scoring, summary, past_blocks=past, sink_blocks=sink // block, local_blocks=loc,
                                            topk=(budget - sink - local) // block).blocks.tolist()
                     boundary = max(min(sink // block, past), past - loc)
                     far = [b for b in chosen if b < boundary]

@@ -365,3 +365,29 @@ def test_disk_budget_drops_least_recently_used_sessions_kv(model, tmp_path):
         assert s.restored.kv_tokens == 0 and s.restored.pending_tokens == 149
         out = s.generate(_prompt(4, seed=64), **_greedy())
     assert torch.equal(out, _baseline(model, torch.cat([old_ids, _prompt(4, seed=64)], dim=1)))
+
+
+def test_remap_sessions_never_score_with_stored_frame_summaries(model, tmp_path):
+    """positions = "remap" scores blocks with summaries of the keys rotated back to each block's
+    start, filed under ``block key + b"r"``; a store whose remap blocks carry only stored-frame
+    summaries (as written before the relative frame existed) must not have them used: the
+    session adopts no block, prefills its KV again from its tokens, and commits the relative ones."""
+    path = tmp_path / "s"
+    config = Config.load(_config(model, path, mode="sparse"), attention={"positions": "remap"}, env={})
+    with wrap(model, config) as rt, rt.session("chat") as s:
+        s.append(_prompt(150, seed=71))
+    env = lmdb.open(str(path), max_dbs=16, map_size=2**30, subdir=True)
+    with env.begin(write=True) as txn:  # turn every relative summary into a stored-frame one
+        summaries = env.open_db(b"summaries", txn=txn, create=False)
+        relative = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=summaries) if len(k) == 17 and k.endswith(b"r")]
+        assert relative, "a remap session stores relative-frame summaries"
+        for key, value in relative:
+            txn.delete(key, db=summaries)
+            txn.put(key[:16], value, db=summaries)
+    env.close()
+    with wrap(model, config) as rt:
+        with rt.session("chat") as s:
+            assert s.restored.tokens == 150 and s.restored.adopted_blocks == 0 and s.restored.pending_tokens == 149
+            s.append(_prompt(20, seed=72))  # prefills the pending KV, then the new turn
+        with rt.session("chat") as s:
+            assert s.restored.tokens == 170 and s.restored.adopted_blocks > 0

@@ -81,7 +81,7 @@ def _greedy(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, **kwargs
 def answer_single(model: torch.nn.Module, ids: list[int], mode: str, *, store: Path, budget: int, new_tokens: int,
                   base: Any = None) -> list[int]:
     """The reply to the whole prompt ``ids`` in one call."""
-    prompt = torch.tensor([ids])
+    prompt = torch.tensor([ids], device=model.device)
     if mode == "full":
         from transformers import DynamicCache
 
@@ -105,8 +105,8 @@ def answer_late(model: torch.nn.Module, tokenizer: Any, ids: list[int], mode: st
 
         cache = DynamicCache(config=model.config)
         with torch.inference_mode():
-            model(input_ids=torch.tensor([document]), cache=cache, use_cache=True)
-            return _greedy(model, torch.tensor([document + question]), new_tokens, cache=cache)
+            model(input_ids=torch.tensor([document], device=model.device), cache=cache, use_cache=True)
+            return _greedy(model, torch.tensor([document + question], device=model.device), new_tokens, cache=cache)
     from ..integrations.runtime import wrap
 
     config = passkey_config(mode, store, budget, base)
@@ -150,6 +150,7 @@ def run_passkey_bench(
     tokenizer: Any = None,
     base_config: Any = None,
     store_dir: Path | None = None,
+    device: str | torch.device = "cpu",
     log: Callable[[str], None] = print,
     on_run: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
@@ -167,13 +168,18 @@ def run_passkey_bench(
         raise ValueError(f"unknown mode or variant {bad}: modes are {MODES}, variants {VARIANTS}")
     if any(not 0.0 <= d <= 1.0 for d in depths):
         raise ValueError(f"depths {depths}: each must be between 0 and 1")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device}: torch sees no CUDA GPU")
     if model is None:
         model, tokenizer = load_default_model(dtype=torch.float32)
+    model = model.to(device)
     limits = {"full": full_max, "exact": exact_max}
     meta = {
         "model": getattr(model.config, "name_or_path", "") or type(model).__name__,
         "trained_length": getattr(model.config, "max_position_embeddings", None),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", {torch.get_num_threads()} torch threads",
+        "device": str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})",
         "torch": torch.__version__, "budget_tokens": budget, "full_max": full_max, "exact_max": exact_max,
         "config": {m: passkey_config(m, "<temp dir per run>", budget, base_config).as_dict() for m in modes if m != "full"},
     }  # fmt: skip

@@ -19,6 +19,7 @@ import torch
 
 from ..blocks import BlockLayout
 from ..config import Config
+from ..memory import trim_heap
 from ..positions import RotaryShift
 from .model import ModelSpec, kv_fingerprint, storage_dtype
 from .transformers import HkvCache, ModelHooks, check_not_wrapped, check_padding
@@ -165,6 +166,7 @@ class Runtime:
             for begin in range(0, total, chunk):
                 piece = input_ids[:, begin : begin + chunk].to(self.spec.device)
                 self.model(input_ids=piece, cache=cache, use_cache=True, **keep)
+                trim_heap()  # the chunk's temporaries, freed, would otherwise stay in the heap
                 if bar is not None:
                     bar.update(piece.shape[1])
         finally:

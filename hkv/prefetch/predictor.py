@@ -32,12 +32,18 @@ def scoring_queries(query: torch.Tensor, limit: int = SCORE_QUERIES) -> torch.Te
     all 1024 queries of every prefill chunk would cost more than the model itself. The newest
     queries are kept whole because the last chunk of a prompt usually holds the question.
     """
-    s = query.shape[1]
+    index = scoring_index(query.shape[1], limit)
+    return query if index is None else query[:, index]
+
+
+def scoring_index(s: int, limit: int = SCORE_QUERIES) -> torch.Tensor | None:
+    """Indices (``LongTensor``, ascending) of the queries :func:`scoring_queries` keeps of ``s``;
+    None when it keeps all."""
     if s <= limit:
-        return query
+        return None
     newest = limit // 2
     spread = torch.linspace(0, s - newest - 1, limit - newest).round().long()
-    return torch.cat([query[:, spread], query[:, s - newest :]], dim=1)
+    return torch.cat([spread, torch.arange(s - newest, s)])
 
 
 class BlockSummaries:
@@ -48,11 +54,22 @@ class BlockSummaries:
     geometrically (doubling), so appending a block is amortised O(1) and nothing is
     re-concatenated per step. Costs ``2 * 4 / (block_tokens * itemsize)`` of the KV's bytes
     (fp32, for exact scoring); lives outside the device tier's budget.
+
+    Frame: with ``rotary`` None, the summaries bound the keys as stored (post-RoPE at their own
+    positions), so a query at its own position gets Quest's bound of its real logits. With a
+    :class:`~hkv.positions.RotaryShift` (``attention.positions = "remap"``) every block's keys
+    are first rotated back by the block's first position (token ``j`` of a block sits at
+    position ``j``): the *relative* frame, in which a query rotated to one fixed position scores
+    every block as if it lay at the same distance (:func:`canonical_queries`). Beyond the trained
+    length that is what makes far blocks comparable: at positions the model never saw, the stored
+    keys' bounds are dominated by rotation artefacts, not content (docs/positions.md).
     """
 
-    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, device: torch.device, initial_blocks: int = 64) -> None:
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, device: torch.device, initial_blocks: int = 64,
+                 *, rotary=None) -> None:  # fmt: skip
         self.kv_heads = kv_heads
         self.head_dim = head_dim
+        self.rotary = rotary  # a hkv.positions.RotaryShift: the relative frame
         self.device = torch.device(device)
         self._buffers = [torch.empty(2, kv_heads, head_dim, initial_blocks, device=self.device) for _ in range(num_layers)]
         self._counts = [0] * num_layers
@@ -72,6 +89,11 @@ class BlockSummaries:
         buffer = self._reserve(layer, n)
         count = self._counts[layer]
         keys = block_keys.to(device=self.device, dtype=torch.float32)
+        if self.rotary is not None:  # relative frame: block b's keys moved back by its first position
+            _, h, bt, d = keys.shape
+            flat = keys.permute(1, 0, 2, 3).reshape(h, n * bt, d)
+            flat = self.rotary.rotate_blocks(flat, [-(count + i) * bt for i in range(n)], bt)
+            keys = flat.reshape(h, n, bt, d).permute(1, 0, 2, 3)
         buffer[0, :, :, count : count + n] = keys.amin(dim=2).permute(1, 2, 0)
         buffer[1, :, :, count : count + n] = keys.amax(dim=2).permute(1, 2, 0)
         self._counts[layer] = count + n
@@ -107,6 +129,22 @@ class BlockSummaries:
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self._buffers)
+
+    @property
+    def relative(self) -> bool:
+        """True for the relative frame (see the class doc)."""
+        return self.rotary is not None
+
+
+def canonical_queries(query: torch.Tensor, first_position: int, distance: int, rotary) -> torch.Tensor:
+    """Queries ``[Hq, S, D]`` at positions ``first_position ...`` rotated to position ``distance``
+    each, for scoring relative-frame summaries (:class:`BlockSummaries`): every block is then
+    scored as if its first token lay ``distance`` positions before the query. Only the
+    :func:`scoring_queries` of a long chunk are kept (and rotated). fp32."""
+    index = scoring_index(query.shape[1])
+    offsets = torch.arange(query.shape[1], dtype=torch.int64) if index is None else index
+    picked = query if index is None else query[:, index.to(query.device)]
+    return rotary.rotate(picked, distance - first_position - offsets)
 
 
 def block_scores(query: torch.Tensor, summary: torch.Tensor, *, normalize: bool = True, scaling: float | None = None) -> torch.Tensor:

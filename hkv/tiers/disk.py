@@ -414,7 +414,7 @@ class DiskTier(Tier):
             for job in batch:
                 results.append(self._apply_job(store, job) if job.apply is not None else self._put_delete(store, job))
             txn.put(b"usage", json.dumps(store.usage).encode(), db=self._meta)
-        self._mapped.note(sum(len(record) for job in batch for _, record in job.puts))
+        self._mapped.note(store.written)  # block puts and apply jobs (summaries, session commits) alike
         return results
 
     def _put_delete(self, store: StoreTxn, job: WriteJob) -> object:

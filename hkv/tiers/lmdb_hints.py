@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import threading
 from pathlib import Path
 
 import lmdb
@@ -102,12 +103,16 @@ class MappedPages:
         self.every_bytes = every_bytes
         self.releases = 0
         self._pending = 0
+        self._lock = threading.Lock()  # reader threads and the writer thread count traffic
 
     def note(self, nbytes: int) -> None:
         """Count ``nbytes`` of map traffic; release once ``every_bytes`` have gone by."""
-        self._pending += nbytes
-        if self._pending >= self.every_bytes:
-            self._pending = 0
+        with self._lock:
+            self._pending += nbytes
+            due = self._pending >= self.every_bytes
+            if due:
+                self._pending = 0
+        if due:
             self.release()
 
     def ranges(self) -> list[tuple[int, int]]:

@@ -241,7 +241,12 @@ class Placement:
             slots = self._make_room("host", len(keys), exclude)  # pressure on the host counts as evictions
             moved = keys[: len(slots)]
             events = [self._entries[key].event for key in moved] if self.copies.cuda else ()
-            self.copies.to_host(self.host_pool.data, slots, self.device_pool.data, self.device_pool.slots(moved), events)
+            try:
+                self.copies.to_host(self.host_pool.data, slots, self.device_pool.data, self.device_pool.slots(moved), events)
+            except BaseException:  # the reserved host slots would leak: the host tier would fill with nothing
+                for slot in slots:
+                    self.host_pool.unreserve(slot)
+                raise
             self.host_pool.assign_many(moved, slots)
             self._recent["host"].update(dict.fromkeys(moved))
             self._drop_many("device", moved)

@@ -54,7 +54,10 @@ class SlotPool(Tier):
 
     def _allocate(self) -> torch.Tensor:
         shape = (self.n_slots, *self.layout.shape)
-        return torch.empty(shape, dtype=self.layout.dtype, device=self.device, pin_memory=self.pin_memory)
+        # A normal tensor even when first used inside torch.inference_mode (a model's forward):
+        # an inference tensor could not be written by the prefetcher's threads, which run outside it.
+        with torch.inference_mode(False):
+            return torch.empty(shape, dtype=self.layout.dtype, device=self.device, pin_memory=self.pin_memory)
 
     @property
     def allocated(self) -> bool:

@@ -28,7 +28,7 @@ from .session_records import (
     checksum,
     tail_key,
 )
-from .store_txn import REFS_BYTES, StoreTxn
+from .store_txn import REFS_BYTES, StoreTxn, summary_key
 
 RECORD_PREFIX = b"s:"  # sessions db: "s:" + name -> record
 TAIL_PREFIX = b"t:"  # sessions db: "t:" + name -> tail record
@@ -86,7 +86,7 @@ def info_in(store: StoreTxn, name: str) -> SessionInfo:
 
 
 def commit_in(
-    store: StoreTxn, record: SessionRecord, wanted: list[bytes], summaries: list[tuple[bytes, bytes]],
+    store: StoreTxn, record: SessionRecord, wanted: list[bytes], summaries: list[tuple[bytes, bytes, bytes]],
     tail: bytes | None, now: float,
 ) -> tuple[CommitResult, SessionRecord]:  # fmt: skip
     """The commit transaction: checks, refs +/- against the previous record, summaries, tail,
@@ -124,8 +124,9 @@ def commit_in(
         store.put_many("refs", [(key, counts[key].to_bytes(REFS_BYTES, "little")) for key in dict.fromkeys(added + removed) if counts[key]])
     except OverflowError:
         raise SessionError(f"session {name!r}: a block's refs count is out of range (u32)") from None
-    present.update(store.found("keys", [key for key, _ in summaries if key not in present]))
-    store.put_many("summaries", [(key, value) for key, value in summaries if key in present])
+    # summaries: (block key, summary key, value); written only for blocks that are stored
+    present.update(store.found("keys", [key for key, _, _ in summaries if key not in present]))
+    store.put_many("summaries", [(where, value) for key, where, value in summaries if key in present])
     if tail is None:
         store.delete("sessions", tail_record_key(name))
     else:
@@ -223,7 +224,9 @@ def verify_session(
                     checked[key] = str(error).removeprefix("record: ")
                 report.checked_blocks += 1
                 report.checked_bytes += len(raw)
-            if checked[key] is None and summary_values(store.get("summaries", key), floats) is None:
+            if checked[key] is None and all(
+                summary_values(store.get("summaries", summary_key(key, relative)), floats) is None for relative in (False, True)
+            ):  # a runtime in the other positions mode re-prefills from such a block on
                 checked[key] = "summary missing or corrupt"
             refs = store.refs(key)
             if checked[key] is None and refs == 0:

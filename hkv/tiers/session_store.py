@@ -9,7 +9,9 @@ call returns. Values, in the databases of a format-2 store:
 * ``sessions``: ``s:<name>`` -> msgpack record + its xxh3-64 (8 bytes LE); ``t:<name>`` -> the
   tail KV, a block record (:func:`hkv.blocks.encode_record`) of ``[layers * 2, kv_heads,
   tail_tokens, head_dim]`` filed under a key derived from the name;
-* ``summaries``: block key -> xxh3-64 (8 bytes LE) of the rest + fp32 ``[2, kv_heads, head_dim]``;
+* ``summaries``: block key -> xxh3-64 (8 bytes LE) of the rest + fp32 ``[2, kv_heads, head_dim]``
+  (min / max of the block's keys as stored); block key + ``b"r"`` -> the same of the keys rotated
+  back to the block's first position (the relative frame, ``attention.positions = "remap"``);
 * ``refs``: block key -> u32 LE count of committed sessions that reference the block.
 
 Nothing is pickled.
@@ -60,7 +62,7 @@ from .session_records import (  # noqa: F401  (the session API lives here for it
     checksum,
     tail_key,
 )
-from .store_txn import StoreTxn
+from .store_txn import StoreTxn, summary_key
 
 
 class SessionStore:
@@ -137,27 +139,29 @@ class SessionStore:
         if not direct:
             out.copy_(target.view(out.shape))
 
-    def read_summaries(self, keys: Sequence[BlockKey], out: torch.Tensor) -> int:
+    def read_summaries(self, keys: Sequence[BlockKey], out: torch.Tensor, *, relative: bool = False) -> int:
         """Fill ``out`` ``[n, 2, kv_heads, head_dim]`` fp32 (CPU) with the stored summaries of
-        ``keys`` in order; returns how many leading keys had an intact summary (stops at the first
-        missing or corrupt one)."""
+        ``keys`` in order (``relative``: those of the relative frame, :func:`summary_key`);
+        returns how many leading keys had an intact summary (stops at the first missing or
+        corrupt one)."""
         if out.dtype != torch.float32 or out.device.type != "cpu" or not out.is_contiguous() or len(out) < len(keys):
             raise ValueError(f"read_summaries: out must be a contiguous CPU fp32 tensor of >= {len(keys)} rows")
         rows = out.view(len(out), -1).numpy()
         with self.disk.reading() as store:
             for i, key in enumerate(keys):
-                values = summary_values(store.get("summaries", bytes(key)), rows.shape[1])
+                values = summary_values(store.get("summaries", summary_key(bytes(key), relative)), rows.shape[1])
                 if values is None:
                     return i
                 rows[i] = values
         return len(keys)
 
-    def present(self, keys: Sequence[BlockKey]) -> int:
-        """How many leading ``keys`` are stored with their summary (blocks + summaries dbs)."""
+    def present(self, keys: Sequence[BlockKey], *, relative: bool = False) -> int:
+        """How many leading ``keys`` are stored with their summary (blocks + summaries dbs;
+        ``relative``: the relative frame's)."""
         with self.disk.reading() as store:  # buffers: no copies, but 5x slower small gets
             for i, key in enumerate(keys):
                 raw = bytes(key)
-                if store.record_nbytes(raw) is None or store.get("summaries", raw) is None:
+                if store.record_nbytes(raw) is None or store.get("summaries", summary_key(raw, relative)) is None:
                     return i
         return len(keys)
 
@@ -174,7 +178,7 @@ class SessionStore:
 
     # -- writing (one write transaction each, durable on return) -----------------------------------
     def commit(self, record: SessionRecord, *, block_keys: Sequence[BlockKey], summaries: torch.Tensor | None,
-               summary_keys: Sequence[BlockKey], tail: torch.Tensor | None) -> CommitResult:  # fmt: skip
+               summary_keys: Sequence[BlockKey], tail: torch.Tensor | None, relative: bool = False) -> CommitResult:  # fmt: skip
         """Commit ``record`` atomically.
 
         ``block_keys``: every block the session now references (all layers; ``record.kv_blocks``
@@ -183,7 +187,8 @@ class SessionStore:
         missing; nothing changes); the others are, since their refs kept them there. Refs are
         incremented for keys the previous committed record did not reference (and decremented for
         keys it referenced and this one does not). ``summaries`` ``[len(summary_keys), 2,
-        kv_heads, head_dim]`` fp32 are written for ``summary_keys`` (those stored). ``tail``:
+        kv_heads, head_dim]`` fp32 are written for ``summary_keys`` (those stored; ``relative``:
+        as relative-frame summaries, :func:`summary_key`). ``tail``:
         ``[layers, 2, kv_heads, tail_tokens, head_dim]`` in the storage dtype, or None when
         tail_tokens = 0. ``record.commits`` / ``created`` / ``updated`` / ``last_used`` are set
         here. CorruptSessionError if the previous record does not decode (delete it first)."""
@@ -203,7 +208,7 @@ class SessionStore:
         except (TypeError, ValueError) as error:
             raise SessionError(f"session {record.name!r}: cannot encode its record: {error}") from None
         tail_record = self._encode_tail(record, tail)
-        summary_values = self._encode_summaries(summary_keys, summaries)
+        summary_values = self._encode_summaries(summary_keys, summaries, relative)
         frozen = dataclasses.replace(record, token_ids=np.array(record.token_ids, dtype=np.int64))
 
         def job(store: StoreTxn) -> tuple[CommitResult, SessionRecord]:
@@ -215,16 +220,22 @@ class SessionStore:
         )  # fmt: skip
         return result
 
-    def put_summaries(self, keys: Sequence[BlockKey], summaries: torch.Tensor) -> Future:
-        """Store summaries (no refs change) of the ``keys`` that are stored, asynchronously
-        through the writer (write-through of sealed blocks, submitted after the blocks); a later
-        commit or flush makes them durable. Returns the writer's future."""
-        values = self._encode_summaries(keys, summaries)
+    def put_summaries(self, keys: Sequence[BlockKey], summaries: torch.Tensor, *, relative: bool = False) -> Future:
+        """Store summaries (no refs change; ``relative``: of the relative frame) of the ``keys``
+        that are stored, asynchronously through the writer (write-through of sealed blocks,
+        submitted after the blocks); a later commit or flush makes them durable. Returns the
+        writer's future, whose result lists the positions in ``keys`` of the blocks that were not
+        stored (their summaries were not written)."""
+        values = self._encode_summaries(keys, summaries, relative)
 
-        def job(store: StoreTxn) -> None:
-            for key, value in values:
+        def job(store: StoreTxn) -> list[int]:
+            skipped = []
+            for i, (key, where, value) in enumerate(values):
                 if store.record_nbytes(key) is not None:
-                    store.put("summaries", key, value)
+                    store.put("summaries", where, value)
+                else:
+                    skipped.append(i)
+            return skipped
 
         return self.disk.submit_apply(job)
 
@@ -356,7 +367,9 @@ class SessionStore:
         flat = tail.detach().to("cpu").contiguous().view(shape[0] * 2, *shape[2:])
         return encode_record(tail_key(record.name), flat)
 
-    def _encode_summaries(self, keys: Sequence[BlockKey], summaries: torch.Tensor | None) -> list[tuple[bytes, bytes]]:
+    def _encode_summaries(self, keys: Sequence[BlockKey], summaries: torch.Tensor | None,
+                          relative: bool = False) -> list[tuple[bytes, bytes, bytes]]:  # fmt: skip
+        """``(block key, summary key, checksummed value)`` per key."""
         layout = self.disk.layout
         if not keys:
             return []
@@ -367,7 +380,7 @@ class SessionStore:
         values = []
         for key, row in zip(keys, rows):
             payload = row.tobytes()
-            values.append((bytes(key), checksum(payload) + payload))
+            values.append((bytes(key), summary_key(bytes(key), relative), checksum(payload) + payload))
         return values
 
 

@@ -29,16 +29,29 @@ class DeleteResult:
     freed_bytes: int = 0
 
 
+RELATIVE_SUMMARY_SUFFIX = b"r"  # summaries db: block key + this -> the block's relative-frame summary
+
+
+def summary_key(key: bytes, relative: bool = False) -> bytes:
+    """Key of a block's summary in the ``summaries`` database: the block key for summaries of the
+    keys as stored (attention.positions = "original"), the block key + ``b"r"`` for summaries of
+    the keys rotated back to the block's first position ("remap": docs/positions.md). A block
+    shared by sessions of both kinds has both."""
+    return key + RELATIVE_SUMMARY_SUFFIX if relative else key
+
+
 class StoreTxn:
     """One transaction of the store. ``txn``: the LMDB transaction; ``db``: database name
     (``"blocks"``, ``"keys"``, ``"meta"``, ``"refs"``, ``"summaries"``, ``"sessions"``) -> handle,
     or None for a database a read-only format-1 store lacks; ``usage``: ``{"used_bytes",
-    "blocks"}`` as this transaction will commit it (None in a read transaction)."""
+    "blocks"}`` as this transaction will commit it (None in a read transaction); ``written``:
+    bytes of keys and values put so far (what the store's mapped pages grow by, roughly)."""
 
-    __slots__ = ("txn", "db", "usage")
+    __slots__ = ("txn", "db", "usage", "written")
 
     def __init__(self, txn: lmdb.Transaction, db: dict[str, object], usage: dict[str, int] | None) -> None:
         self.txn, self.db, self.usage = txn, db, usage
+        self.written = 0
 
     # -- reading ----------------------------------------------------------------------------------
     def get(self, db: str, key: bytes) -> bytes | memoryview | None:
@@ -94,6 +107,7 @@ class StoreTxn:
     # -- writing (write transactions only) --------------------------------------------------------
     def put(self, db: str, key: bytes, value: bytes | bytearray | memoryview) -> None:
         self.txn.put(key, value, db=self.db[db])
+        self.written += len(key) + len(value)
 
     def delete(self, db: str, key: bytes) -> bool:
         return self.txn.delete(key, db=self.db[db])
@@ -117,12 +131,14 @@ class StoreTxn:
         """Put ``(key, value)`` pairs in database ``db``, replacing existing values."""
         if items:
             self.txn.cursor(db=self.db[db]).putmulti(sorted(items))
+            self.written += sum(len(key) + len(value) for key, value in items)
 
     def put_block(self, key: bytes, record: bytes | bytearray) -> int:
         """Store a block record (replacing one under the same key); returns the change in used bytes."""
         old = self.record_nbytes(key)
         self.txn.put(key, record, db=self.db["blocks"])
         self.txn.put(key, len(record).to_bytes(8, "little"), db=self.db["keys"])
+        self.written += len(record) + 2 * len(key) + 8
         self.usage["used_bytes"] += len(record) - (old or 0)
         self.usage["blocks"] += old is None
         return len(record) - (old or 0)
@@ -137,6 +153,7 @@ class StoreTxn:
         self.txn.delete(key, db=self.db["keys"])
         if self.db.get("summaries") is not None:
             self.txn.delete(key, db=self.db["summaries"])
+            self.txn.delete(key + RELATIVE_SUMMARY_SUFFIX, db=self.db["summaries"])
         self.usage["used_bytes"] -= old
         self.usage["blocks"] -= 1
         return old
