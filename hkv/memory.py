@@ -3,9 +3,10 @@
 Why: a prefill chunk allocates and frees hundreds of MB of temporaries (activations, attention
 pieces, block copies) from several threads. glibc's malloc keeps much of what is freed in its
 arenas (its mmap threshold grows with the largest block freed, so big tensors end up in the heap
-too), and the resident set creeps up with nothing live in it: measured on a synthetic 96K-token
-fill with small tiers, 40-130 MB of the anonymous RSS was free heap that ``malloc_trim(0)`` gave
-back, and the 1M-token run grew by ~1.7 KB per token beyond its pools, model and summaries.
+too), and the resident set creeps up with nothing live in it: on a synthetic 64K-96K-token fill
+with small tiers (``scripts/heap_probe.py``), 35-130 MB of the anonymous RSS was free heap that
+``malloc_trim(0)`` gave back, and the 1M-token run grew by ~1.7 KB per token beyond its pools,
+model and summaries.
 :func:`trim_heap` calls ``malloc_trim(0)`` (glibc only; a no-op elsewhere), at most once per
 ``MIN_INTERVAL_S`` so that short chunks do not pay for it.
 """

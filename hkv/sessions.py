@@ -306,11 +306,10 @@ class Session:
         layers = seq.num_layers
         keys = [seq.block_keys(layer) for layer in range(layers)]
         block_keys = [keys[layer][i] for i in range(n_blocks) for layer in range(layers)]
-        # A session's blocks are written through with their summaries as they seal (persist=True,
-        # flushed above): only those whose block was not stored then are sent again (sending all
-        # would write every summary twice: 720 MB at 1M tokens, built in memory first).
-        first = min(self._committed[1], n_blocks)
-        unsummarised = seq.unsummarised_blocks() if seq.persist else {layer: list(range(first, n_blocks)) for layer in range(layers)}
+        # A session's blocks are written through with their summaries as they seal (its cache is
+        # persist=True; flushed above): only those whose block was not stored then are sent again
+        # (sending all would write every summary twice: 720 MB at 1M tokens, built in memory first).
+        unsummarised = seq.unsummarised_blocks()
         summary_keys = [keys[layer][i] for layer, indices in unsummarised.items() for i in indices]
         summaries = torch.cat([seq.block_summaries(layer, indices) for layer, indices in unsummarised.items() if indices]) if summary_keys else None
         tail = seq.tail_kv()
@@ -332,8 +331,7 @@ class Session:
         )
         result = self._store.commit(record, block_keys=block_keys, summaries=summaries, summary_keys=summary_keys, tail=tail,
                                     relative=seq.summaries.relative)  # fmt: skip
-        if seq.persist:
-            seq.summaries_committed(unsummarised)
+        seq.summaries_committed(unsummarised)
         rt.manager.apply_store_changes(result)
         self._record = record
         self._committed = (len(self._tokens), n_blocks, kv_tokens)

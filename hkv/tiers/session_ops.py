@@ -226,7 +226,7 @@ def verify_session(
                 report.checked_bytes += len(raw)
             if checked[key] is None and all(
                 summary_values(store.get("summaries", summary_key(key, relative)), floats) is None for relative in (False, True)
-            ):  # a runtime in the other positions mode re-prefills from such a block on
+            ):  # a remap block with only a stored-frame summary (an older store) is intact; remap re-prefills it
                 checked[key] = "summary missing or corrupt"
             refs = store.refs(key)
             if checked[key] is None and refs == 0:
