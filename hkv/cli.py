@@ -64,10 +64,16 @@ def _lengths(text: str, option: str) -> tuple[int, ...]:
     return lengths
 
 
-def _write_json(path: Path | None, figures: dict[str, Any]) -> None:
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(figures, indent=2, default=str) + "\n")
+def _write_json(path: Path | None, figures: dict[str, Any], *, quiet: bool = False) -> None:
+    """Write ``figures`` to ``path`` (nothing when None) whole or not at all: a run killed while
+    writing leaves the previous file (long sweeps rewrite theirs after every run)."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(json.dumps(figures, indent=2, default=str) + "\n")
+    partial.replace(path)
+    if not quiet:
         typer.echo(f"wrote {path}")
 
 
@@ -164,9 +170,7 @@ def bench_peers(
     chosen_methods = _choices(methods, "--methods", LOCAL_METHODS) if methods is not None else LOCAL_METHODS
 
     def save_partial(rows: list, records: list) -> None:  # --json holds the figures so far while it runs
-        if json_path is not None:
-            json_path.parent.mkdir(parents=True, exist_ok=True)
-            json_path.write_text(json.dumps({"partial": True, "rows": rows, "records": records}, indent=2, default=str) + "\n")
+        _write_json(json_path, {"partial": True, "rows": rows, "records": records}, quiet=True)
 
     figures = run_peers_bench(tokens=tokens, trials=trials, venv=venv, peers=peers, parallel=parallel, tasks=chosen_tasks,
                               methods=chosen_methods, max_minutes=max_minutes, on_prompt=save_partial)  # fmt: skip
@@ -223,9 +227,7 @@ def bench_passkey(
         raise _fail(f"--store-dir {store_dir} is a file, not a folder", 2)
 
     def save(figures: dict[str, Any]) -> None:  # --json holds the runs so far while a long sweep goes on
-        if json_path is not None:
-            json_path.parent.mkdir(parents=True, exist_ok=True)
-            json_path.write_text(json.dumps(figures, indent=2, default=str) + "\n")
+        _write_json(json_path, figures, quiet=True)
 
     with _user_errors():
         figures = run_passkey_bench(**options, base_config=base, store_dir=store_dir, log=typer.echo,
@@ -342,6 +344,7 @@ def demo(
     session: Annotated[str, typer.Option("--session", "-s", help="session the conversation is saved under")] = "demo",
     depth: Annotated[float, typer.Option(min=0.0, max=1.0, help="where the passkey sits in the prompt, 0 (start) to 1 (end)")] = 0.5,
     fresh: Annotated[bool, typer.Option("--fresh", help="delete the saved session first and start over")] = False,
+    answer_tokens: Annotated[int, typer.Option(min=1, help="reply tokens to generate (more give a steadier decode figure)")] = 8,  # hkv.demo.ANSWER_TOKENS
     json_path: JsonOption = None,
 ) -> None:
     """The main job: a long passkey prompt on the default model, saved as a session a second run resumes.
@@ -369,7 +372,8 @@ def demo(
         raise _fail(str(error)) from None
     load_s = time.perf_counter() - start
     with _user_errors():
-        result = run_demo(model, tokenizer, cfg, name=session, tokens=tokens, depth=depth, progress=True)
+        result = run_demo(model, tokenizer, cfg, name=session, tokens=tokens, depth=depth, progress=True,
+                          answer_tokens=answer_tokens)  # fmt: skip
     result.load_s = load_s
     for line in report_lines(result):
         typer.echo(line)

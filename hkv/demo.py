@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -84,6 +85,8 @@ class DemoResult:
     reply_tokens: int
     decode_s: float  # model.generate: the last prompt token's forward and every reply token
     commit_s: float
+    first_token_s: float | None  # generate's start to the first reply token (the forward of the prompt's last tokens yields it)
+    step_ms: list[float]  # milliseconds between consecutive reply tokens after the first (one decode step each)
     first_prefill_tokens: int | None  # from the run that created the session (None if unknown)
     first_prefill_s: float | None
     tiers: list[TierUse] = field(default_factory=list)
@@ -98,10 +101,16 @@ class DemoResult:
     def decode_ms_per_token(self) -> float | None:
         return 1000 * self.decode_s / self.reply_tokens if self.reply_tokens else None
 
+    @property
+    def step_ms_median(self) -> float | None:
+        """Median of :attr:`step_ms`: the decode step once the reply is under way."""
+        return statistics.median(self.step_ms) if self.step_ms else None
+
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["prefill_tokens_per_s"] = self.prefill_tokens_per_s
         out["decode_ms_per_token"] = self.decode_ms_per_token
+        out["step_ms_median"] = self.step_ms_median
         return out
 
 
@@ -167,6 +176,27 @@ def drop_session(config: Config, name: str) -> bool:
     finally:
         store.close()
     return True
+
+
+class StepClock:
+    """A ``generate(streamer=...)`` that only notes when each chunk of tokens arrives
+    (``time.perf_counter`` seconds): first the prompt, then one reply token per decode step."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def reply_times(self, start: float) -> tuple[float | None, list[float]]:
+        """(seconds from ``start`` to the first reply token, milliseconds between the later ones)."""
+        reply = self.times[1:]  # times[0]: generate hands the prompt to the streamer first
+        if not reply:
+            return None, []
+        return reply[0] - start, [1000 * (b - a) for a, b in zip(reply, reply[1:])]
 
 
 # -- the runs --------------------------------------------------------------------------------------
@@ -248,9 +278,12 @@ def _answer(session: Any, tokenizer: Any, turn: torch.Tensor, *, key: str, quest
     prefill_s = time.perf_counter() - start
     computed = session.kv_tokens - restored_kv
     before = session.tokens.numel() + 1  # the conversation once the turn's last token is in
+    clock = StepClock()
     start = time.perf_counter()
-    out = session.generate(turn[:, -1:], max_new_tokens=answer_tokens, do_sample=False, progress=False)
+    out = session.generate(turn[:, -1:], max_new_tokens=answer_tokens, min_new_tokens=answer_tokens, do_sample=False,
+                           progress=False, streamer=clock)  # fmt: skip
     decode_s = time.perf_counter() - start
+    first_token_s, step_ms = clock.reply_times(start)
     sequences = out if isinstance(out, torch.Tensor) else out.sequences
     reply_ids = sequences[0, before:].tolist()
     start = time.perf_counter()
@@ -262,7 +295,8 @@ def _answer(session: Any, tokenizer: Any, turn: torch.Tensor, *, key: str, quest
         reply=tokenizer.decode(reply_ids, skip_special_tokens=True), found=answer == key,
         conversation_tokens=int(session.tokens.numel()), turn_tokens=int(turn.shape[1]),
         restored_kv_tokens=int(restored_kv), pending_tokens=0, prefilled_tokens=int(computed), restore_s=0.0, prefill_s=prefill_s,
-        reply_tokens=len(reply_ids), decode_s=decode_s, commit_s=commit_s, first_prefill_tokens=None, first_prefill_s=None,
+        reply_tokens=len(reply_ids), decode_s=decode_s, commit_s=commit_s, first_token_s=first_token_s, step_ms=step_ms,
+        first_prefill_tokens=None, first_prefill_s=None,
     )  # fmt: skip
 
 
@@ -357,7 +391,12 @@ def _timing_lines(r: DemoResult) -> list[str]:
     rate = f"{r.prefill_tokens_per_s:.0f} tok/s" if r.prefill_tokens_per_s else "-"
     lines.append(f"prefill        {r.prefill_s:7.2f} s  ({r.prefilled_tokens} tokens, {rate})")
     per_token = f"{r.decode_ms_per_token:.0f} ms/token" if r.decode_ms_per_token else "-"
-    lines.append(f"decode         {r.decode_s:7.2f} s  ({r.reply_tokens} tokens, {per_token})")
+    steps = ""
+    if r.first_token_s is not None:
+        steps = f"; first token {1000 * r.first_token_s:.0f} ms"
+        if r.step_ms_median is not None:
+            steps += f", then {r.step_ms_median:.0f} ms per step (median of {len(r.step_ms)})"
+    lines.append(f"decode         {r.decode_s:7.2f} s  ({r.reply_tokens} tokens, {per_token}{steps})")
     lines.append(f"commit         {r.commit_s:7.2f} s")
     if r.resumed and r.first_prefill_s:
         here = r.restore_s + r.prefill_s

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import threading
 import time
 
 MIN_INTERVAL_S = 1.0  # seconds between two trims (one takes a few ms on a multi-GB heap)
@@ -25,15 +26,19 @@ try:
 except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim with
     _malloc_trim = None
 
-_last = 0.0
+_last = 0.0  # time.monotonic() of the last trim
+_lock = threading.Lock()  # several sequences may prefill at once: one trim per interval
 
 
 def trim_heap(*, force: bool = False) -> bool:
     """Return the heap's free pages to the OS; True if a trim ran (not rate-limited, glibc)."""
     global _last
-    now = time.monotonic()
-    if _malloc_trim is None or (not force and now - _last < MIN_INTERVAL_S):
+    if _malloc_trim is None:
         return False
-    _last = now
+    with _lock:
+        now = time.monotonic()
+        if not force and now - _last < MIN_INTERVAL_S:
+            return False
+        _last = now
     _malloc_trim(0)
     return True

@@ -69,6 +69,10 @@ def test_second_run_resumes_instead_of_prefilling(tmp_path: Path) -> None:
     assert len(first.key) == 5 and read_record(config, "demo")["key"] == first.key
     assert {tier.name for tier in first.tiers} == {"device", "host", "disk"}
     assert any(tier.name == "disk" and tier.used_bytes > 0 for tier in first.tiers)  # the session's blocks
+    # one timestamp per reply token: the first token's latency, then one interval per decode step
+    assert 0 < first.first_token_s <= first.decode_s
+    assert len(first.step_ms) == first.reply_tokens - 1 and all(ms > 0 for ms in first.step_ms)
+    assert first.first_token_s + sum(first.step_ms) / 1000 <= first.decode_s
 
     second = run_demo(model, tokenizer, config, tokens=PROMPT_TOKENS, progress=False)
     assert second.resumed
@@ -79,7 +83,7 @@ def test_second_run_resumes_instead_of_prefilling(tmp_path: Path) -> None:
     assert second.conversation_tokens == first.conversation_tokens + second.turn_tokens + second.reply_tokens
     assert second.first_prefill_s == pytest.approx(first.prefill_s)
     text = "\n".join(report_lines(second))
-    assert "resumed" in text and "faster" in text
+    assert "resumed" in text and "faster" in text and "ms per step (median of" in text
 
 
 def test_fresh_drops_the_saved_session(tmp_path: Path) -> None:

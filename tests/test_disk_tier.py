@@ -460,3 +460,24 @@ def test_mapped_store_pages_do_not_pile_up_in_rss(tmp_path: Path, release: bool)
         assert mapped < 3 * 1024, f"{mapped} KiB of the store still mapped"
     else:
         assert mapped > 6 * 1024, "the store's pages stay mapped when never released (the test would prove nothing)"
+
+
+def test_small_record_lookups_count_towards_releasing_the_mapped_pages(tmp_path: Path) -> None:
+    """Looking up many small records (summaries, index entries: a resumed 1M-token session reads
+    468,750 summaries) maps a page each, plus the kernel's fault-around: a read transaction's
+    lookups are counted, so such a sweep releases the mapping too (before, a 1M-token resume
+    peaked with 4.4 GiB of the store mapped)."""
+    layout = BlockLayout(kv_heads=2, block_tokens=16, head_dim=64)
+    tier = DiskTier(tmp_path / "store", layout, 64 << 20)
+    tier._mapped.every_bytes = 1 << 20
+    keys = [BlockKey(os.urandom(16)) for _ in range(256)]
+    tier.put_many(keys, torch.zeros(len(keys), *layout.shape, dtype=layout.dtype))
+    before = tier._mapped.releases
+    with tier.reading() as store:
+        sizes = [store.record_nbytes(bytes(key)) for key in keys]  # the keys index: no block page read
+    assert all(size == layout.record_nbytes for size in sizes)
+    assert tier._mapped.releases == before + 1  # one release at the end of the transaction
+    with tier.reading() as store:
+        assert store.get("keys", b"absent") is None
+    assert tier._mapped.releases == before + 1  # one lookup: 16 KiB counted, far below the threshold
+    tier.close()

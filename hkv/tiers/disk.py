@@ -27,7 +27,8 @@ Reads take a read transaction and copy straight from LMDB's memory map into the 
 (header and xxh3 checksum checked, see :func:`hkv.blocks.decode_into`); :mod:`.lmdb_hints` first
 asks the kernel to read each record of the batch in one request, so the reads overlap, and
 unmaps the pages read (and those writes walked) from the process every 64 MiB of traffic, so
-that a store of any size does not pile up in the process's resident set (``MappedPages``).
+that a store of any size does not pile up in the process's resident set (``MappedPages``); a
+lookup of a small record (summary, index entry) counts as ``READ_MAP_BYTES`` of traffic.
 
 Map size: LMDB stores a record larger than half a page in whole overflow pages (plus a 16-byte
 page header), so a 48 KiB + 64 B record takes 13 pages = 52 KiB (factor 1.082), plus about
@@ -76,6 +77,7 @@ DB_NAMES = ("blocks", "keys", "meta", "refs", "summaries", "sessions")
 _V1_DBS = {b"blocks", b"keys", b"meta"}  # format 1 had these (and maybe an empty ``sessions``)
 _PAGE = mmap.PAGESIZE
 _PAGE_HEADER = 16  # LMDB's page header, in bytes
+READ_MAP_BYTES = 16 << 10  # map growth counted per small-record lookup (a 4 KiB page; fault-around maps up to 64 KiB)
 _LEAF_BYTES = 64  # B-tree leaf bytes per block (node + key + overflow pgno, half-full pages)
 _SLACK = 16 * 2**20  # bytes: freelist, branch pages, meta
 
@@ -309,7 +311,11 @@ class DiskTier(Tier):
         values are memoryviews into the map, valid only inside the block."""
         self._check_open()
         with self._env.begin(buffers=buffers) as txn:
-            yield StoreTxn(txn, self._dbs, None)
+            store = StoreTxn(txn, self._dbs, None)
+            yield store
+        # Small records (summaries, index entries) cost the map far more than their bytes: each
+        # lookup maps its page, and the kernel's fault-around maps cached neighbours with it.
+        self._mapped.note(store.reads * READ_MAP_BYTES)
 
     def _usage(self, txn: lmdb.Transaction | None = None) -> dict[str, int]:
         self._check_open()

@@ -45,18 +45,21 @@ class StoreTxn:
     (``"blocks"``, ``"keys"``, ``"meta"``, ``"refs"``, ``"summaries"``, ``"sessions"``) -> handle,
     or None for a database a read-only format-1 store lacks; ``usage``: ``{"used_bytes",
     "blocks"}`` as this transaction will commit it (None in a read transaction); ``written``:
-    bytes of keys and values put so far (what the store's mapped pages grow by, roughly)."""
+    bytes of keys and values put so far (what the store's mapped pages grow by, roughly);
+    ``reads``: records looked up by key so far (each maps at least one page of the store)."""
 
-    __slots__ = ("txn", "db", "usage", "written")
+    __slots__ = ("txn", "db", "usage", "written", "reads")
 
     def __init__(self, txn: lmdb.Transaction, db: dict[str, object], usage: dict[str, int] | None) -> None:
         self.txn, self.db, self.usage = txn, db, usage
         self.written = 0
+        self.reads = 0
 
     # -- reading ----------------------------------------------------------------------------------
     def get(self, db: str, key: bytes) -> bytes | memoryview | None:
         """The value under ``key`` in database ``db`` (None if absent or the database is)."""
         handle = self.db.get(db)
+        self.reads += 1
         return None if handle is None else self.txn.get(key, db=handle)
 
     def items(self, db: str, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes | memoryview]]:
@@ -98,6 +101,7 @@ class StoreTxn:
         if handle is None or not keys:
             return {}
         get, found = self.txn.get, {}
+        self.reads += len(keys)
         for key in sorted(keys):  # sorted: neighbouring keys share B-tree pages
             value = get(key, db=handle)
             if value is not None:
