@@ -52,6 +52,8 @@ class PrefetchFigures:
     ``hit_rate``: needed blocks that were on the device in time / needed blocks (None when no
     block was read from outside the pinned sink / local window). ``promoted_blocks``: blocks the
     prefetcher queued for promotion; ``on_demand_blocks``: blocks fetched on demand (misses).
+    ``attend_s``: time in hkv's attention (prefill and decode, every layer); ``select_s``: the
+    part of it spent choosing blocks (scoring their summaries).
     """
 
     hit_rate: float | None
@@ -61,6 +63,8 @@ class PrefetchFigures:
     promoted_blocks: int
     stall_s: float
     moved_bytes: dict[str, int]
+    attend_s: float = 0.0
+    select_s: float = 0.0
 
 
 @dataclass(slots=True)
@@ -329,7 +333,8 @@ def prefetch_figures(rt: Any) -> PrefetchFigures | None:
     promoted = rt.prefetcher.stats().submitted_blocks if rt.prefetcher is not None else 0
     return PrefetchFigures(
         hit_rate=seq.hit_rate, needed_blocks=seq.needed, hit_blocks=seq.hit, on_demand_blocks=seq.fetched,
-        promoted_blocks=promoted, stall_s=seq.stall_s, moved_bytes=dict(stats.moved_bytes),
+        promoted_blocks=promoted, stall_s=seq.stall_s, moved_bytes=dict(stats.moved_bytes), attend_s=seq.attend_s,
+        select_s=seq.select_s,
     )  # fmt: skip
 
 
@@ -378,6 +383,7 @@ def _prefetch_lines(p: PrefetchFigures | None) -> list[str]:
     return [
         f"prefetch: hit rate {hit} ({p.hit_blocks}/{p.needed_blocks} blocks), {p.on_demand_blocks} fetched on demand, "
         f"{p.promoted_blocks} promoted ahead, stall {p.stall_s:.3f} s",
+        f"attention {p.attend_s:.2f} s, of which choosing blocks {p.select_s:.2f} s",
         f"moved:    {moved}",
     ]
 

@@ -349,9 +349,11 @@ class SequenceKV:
             q_pos = q_start + c0
             # the local window ends at the query: sealed fresh blocks before it count towards it
             local = max(0, self.local_blocks - (q_pos + 1 - f_start) // self.block_tokens)
+            choosing = time.perf_counter()
             scoring = canonical_queries(q, q_pos, self.score_distance, self.rotary) if relative else q
             selection = select_blocks(scoring, summary, past_blocks=past, sink_blocks=self.sink_blocks, local_blocks=local,
                                       topk=self.topk, margin=self.margin, scaling=scaling)
+            step.select_s += time.perf_counter() - choosing
             acc = AttentionAccumulator(q, scaling, self.kv_heads)
             blocks = selection.blocks.tolist()
             self._read_blocks(layer, acc, blocks, q.shape[1], step, self._remap_deltas(blocks, past, local))

@@ -196,6 +196,8 @@ def test_sparse_budget_respected_over_many_steps(tmp_path) -> None:
         assert 0 < driver.device_peak <= capacity
         stats = seq.stats()
         assert stats.step == 13 and stats.tokens == 52 and stats.needed > 0
+        assert 0 < stats.select_s < stats.attend_s  # choosing blocks is timed, as a part of attention
+        assert 0 < stats.last.select_s < stats.last.attend_s
     finally:
         seq.close()
         manager.close()

@@ -73,6 +73,7 @@ class StepStats:
     fetched: int = 0
     stall_s: float = 0.0
     attend_s: float = 0.0
+    select_s: float = 0.0  # of attend_s: choosing the blocks (scoring their summaries)
     moved_bytes: dict[str, int] = field(default_factory=dict)
 
 
@@ -101,7 +102,7 @@ class SequenceStats(StepStats):
 
 
 COUNTERS = (  # the StepStats fields summed over steps
-    "predicted", "needed", "hit", "late", "missed", "resident", "waited", "fetched", "stall_s", "attend_s")
+    "predicted", "needed", "hit", "late", "missed", "resident", "waited", "fetched", "stall_s", "attend_s", "select_s")
 
 
 class PrefetchTicket:
