@@ -63,8 +63,8 @@ class PrefetchFigures:
     promoted_blocks: int
     stall_s: float
     moved_bytes: dict[str, int]
-    attend_s: float = 0.0
-    select_s: float = 0.0
+    attend_s: float
+    select_s: float
 
 
 @dataclass(slots=True)
