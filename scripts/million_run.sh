@@ -1,7 +1,8 @@
 #!/bin/bash
 # The one real million-token run (docs/benchmarks.md): hkv demo on SmolLM2 with examples/million.toml,
 # under /usr/bin/time -v, its RSS sampled every SAMPLE_S (20) s. Writes under $OUT (OUTDIR to change it).
-# TOKENS=262144 scripts/million_run.sh runs the same at another length (a shorter check of RSS).
+# TOKENS=262144 scripts/million_run.sh runs the same at another length (a shorter check of RSS);
+# ANSWER_TOKENS=32 replies with 32 tokens (8 by default).
 # STORE=/root/million/store OUTDIR=/root/million/resume SAMPLE_S=1 scripts/million_run.sh resumes the
 # saved session instead (hkv demo resumes when the store holds it): the resume's RSS, sampled every second.
 cd "$(dirname "$0")/.."
@@ -9,10 +10,11 @@ OUT=${OUTDIR:-/root/million}
 TOKENS=${TOKENS:-1000000}
 STORE=${STORE:-$OUT/store}
 SAMPLE_S=${SAMPLE_S:-20}
+ANSWER_TOKENS=${ANSWER_TOKENS:-8}  # reply tokens: more give a steadier median decode step
 mkdir -p "$OUT"
 date -u +%FT%TZ > "$OUT"/start.txt
 /usr/bin/time -v hkv demo --tokens "$TOKENS" --config examples/million.toml --store "$STORE" \
-    --json "$OUT"/demo.json > "$OUT"/stdout.txt 2> "$OUT"/stderr.txt &
+    --answer-tokens "$ANSWER_TOKENS" --json "$OUT"/demo.json > "$OUT"/stdout.txt 2> "$OUT"/stderr.txt &
 TPID=$!
 sleep 5
 PID=$(pgrep -f "hkv demo --tokens $TOKENS" | grep -v "^$TPID$" | tail -1)
