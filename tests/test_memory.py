@@ -1,6 +1,13 @@
-"""hkv.memory.trim_heap: freed heap pages go back to the OS (glibc), rate-limited."""
+"""hkv.memory: freed heap pages go back to the OS on request (trim_heap, rate-limited), and not
+after every op while decoding (steady_heap). glibc only."""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -32,3 +39,31 @@ def test_trim_heap_returns_freed_pages_inside_the_heap() -> None:
 def test_trim_heap_is_rate_limited() -> None:
     memory.trim_heap(force=True)
     assert not memory.trim_heap()  # within MIN_INTERVAL_S of the last one
+
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in memory.MALLOC_ENV}
+    return {**env, **extra}
+
+
+@pytest.mark.skipif(memory._mallopt is None, reason="needs glibc's mallopt")
+def test_steady_heap_stops_decode_temporaries_faulting_in() -> None:
+    # a fresh process: malloc's thresholds are process-wide and the suite may have set them
+    run = subprocess.run([sys.executable, str(SCRIPTS / "heap_faults.py"), "--child", "steady", "--calls", "30"],
+                         capture_output=True, text=True, env=_clean_env(), check=True)  # fmt: skip
+    result = json.loads(run.stdout)
+    # glibc's defaults re-fault ~1,700 pages per call here (scripts/heap_faults.py)
+    assert result["faults_per_call"] < 50, result
+
+
+@pytest.mark.skipif(memory._mallopt is None, reason="needs glibc's mallopt")
+def test_steady_heap_runs_once_and_leaves_the_users_malloc_settings() -> None:
+    code = "from hkv import memory; print(memory.steady_heap(), memory.steady_heap())"
+    fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_clean_env(), check=True)
+    assert fresh.stdout.split() == ["True", "False"]
+    users = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env=_clean_env(MALLOC_TRIM_THRESHOLD_="1048576"), check=True)  # fmt: skip
+    assert users.stdout.split() == ["False", "False"]

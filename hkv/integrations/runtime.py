@@ -19,7 +19,7 @@ import torch
 
 from ..blocks import BlockLayout
 from ..config import Config
-from ..memory import trim_heap
+from ..memory import steady_heap, trim_heap
 from ..positions import RotaryShift
 from .model import ModelSpec, kv_fingerprint, storage_dtype
 from .transformers import HkvCache, ModelHooks, check_not_wrapped, check_padding
@@ -54,6 +54,7 @@ class Runtime:
         from ..tiers.manager import TierManager
 
         check_not_wrapped(model)  # refusals happen here, before anything changes
+        steady_heap()  # decode-step temporaries stay in the heap (hkv.memory)
         self.spec = ModelSpec.of(model)
         self.config = config if config is not None else Config()
         # attention.positions = "remap" re-rotates keys with the model's own RoPE frequencies;

@@ -51,7 +51,7 @@ class BlockSummaries:
 
     ``summary(layer)``: ``[2, kv_heads, head_dim, n_blocks]`` fp32 (index 0 min, 1 max), blocks
     last so scoring is a plain batched matmul on a view, without a copy. Storage grows
-    geometrically (doubling), so appending a block is amortised O(1) and nothing is
+    geometrically (doubling, to a power of two), so appending a block is amortised O(1) and nothing is
     re-concatenated per step. Costs ``2 * 4 / (block_tokens * itemsize)`` of the KV's bytes
     (fp32, for exact scoring); lives outside the device tier's budget.
 
@@ -122,7 +122,10 @@ class BlockSummaries:
         count = self._counts[layer]
         buffer = self._buffers[layer]
         if count + n > buffer.shape[3]:
-            grown = torch.empty(*buffer.shape[:3], max(2 * buffer.shape[3], count + n), device=self.device)
+            # a power of two, also after one big extend (a resumed session): the next block
+            # sealed must not copy every summary again (720 MB at 1M tokens)
+            capacity = max(2 * buffer.shape[3], 1 << (count + n - 1).bit_length())
+            grown = torch.empty(*buffer.shape[:3], capacity, device=self.device)
             grown[..., :count] = buffer[..., :count]
             self._buffers[layer] = buffer = grown
         return buffer
