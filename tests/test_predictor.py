@@ -35,6 +35,17 @@ def brute_bound(query: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def test_one_big_extend_leaves_room_for_the_next_blocks() -> None:
+    # a resumed session extends by every stored summary at once; sealing the next block must not
+    # copy them all again (at 1M tokens: 720 MB per decode step that seals a block)
+    s = BlockSummaries(1, 2, 8, torch.device("cpu"), initial_blocks=4)
+    s.extend(0, torch.randn(37, 2, 2, 8))
+    buffer = s._buffers[0]
+    assert buffer.shape[3] == 64  # the next power of two
+    s.add(0, torch.randn(3, 2, 4, 8))
+    assert s._buffers[0] is buffer and s.count(0) == 40
+
+
 def test_summary_is_min_max_and_grows() -> None:
     blocks = torch.randn(9, 2, 4, 8)
     s = _summaries(blocks)
