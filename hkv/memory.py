@@ -14,7 +14,7 @@ model and summaries.
 The opposite problem while decoding: with glibc's default (dynamic) thresholds, the megabyte-sized
 temporaries of one decode step (block scores over 15K blocks per layer at 1M tokens, re-rotated
 keys, gathered pieces) are unmapped or trimmed when freed and faulted in again, zero-filled, by
-the next op: re-rotating 32 blocks took 2.9 ms with ~1,700 page faults per call, 0.3 ms with
+the next op: re-rotating 32 blocks took ~2.7 ms with ~1,700 page faults per call, 0.2 ms with
 none once the thresholds were fixed (``scripts/heap_faults.py``). :func:`steady_heap` fixes
 them (``mallopt``): allocations below ``MMAP_THRESHOLD_BYTES`` come from the heap, and up to
 ``TRIM_THRESHOLD_BYTES`` of free memory at its top is kept. :class:`~hkv.integrations.runtime.Runtime`
