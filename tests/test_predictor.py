@@ -37,7 +37,7 @@ def brute_bound(query: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
 
 def test_one_big_extend_leaves_room_for_the_next_blocks() -> None:
     # a resumed session extends by every stored summary at once; sealing the next block must not
-    # copy them all again (at 1M tokens: 720 MB per decode step that seals a block)
+    # copy them all again (at 1M tokens: 720 MB, once, on the first step that seals a block)
     s = BlockSummaries(1, 2, 8, torch.device("cpu"), initial_blocks=4)
     s.extend(0, torch.randn(37, 2, 2, 8))
     buffer = s._buffers[0]
