@@ -14,7 +14,7 @@ import sys
 
 import hkv
 from hkv.chat import TurnEncoder
-from hkv.models import load_default_model
+from hkv.default_model import load_default_model
 
 model, tokenizer = load_default_model()  # SmolLM2-135M-Instruct, fp32, CPU
 config = hkv.Config.load({"tiers": {"path": "hkv-store-example"}})

@@ -1,6 +1,7 @@
 import torch
 import hkv
-from hkv.models import load_default_model, passkey_prompt, passkey_answer
+from hkv.default_model import load_default_model
+from hkv.passkey import passkey_prompt, passkey_answer
 
 model, tokenizer = load_default_model()                      # SmolLM2-135M-Instruct, fp32, CPU
 config = hkv.Config.load({

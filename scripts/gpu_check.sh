@@ -115,7 +115,7 @@ fi
 
 # --- SmolLM2 passkey accuracy on the GPU (needs the default model) -----------------------------
 if want passkey; then
-if "$PY" -c "from hkv.models import default_model_dir; default_model_dir()" 2>/dev/null; then
+if "$PY" -c "from hkv.default_model import default_model_dir; default_model_dir()" 2>/dev/null; then
   lengths="${GPU_CHECK_PASSKEY_LENGTHS:-32768,131072}"
   log "passkey on cuda: lengths $lengths, modes ${GPU_CHECK_PASSKEY_MODES:-remap,original}"
   timeout "${GPU_CHECK_PASSKEY_TIMEOUT:-400}" "$PY" -m hkv.cli bench passkey --device cuda --lengths "$lengths" \

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 import hkv.sequence as seqmod
 from hkv.prefetch.predictor import Selection
-from hkv.models import load_default_model, passkey_prompt, passkey_answer
+from hkv.default_model import load_default_model
+from hkv.passkey import passkey_prompt, passkey_answer
 from hkv.bench.passkey import answer_single
 
 length, depth, mode = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]

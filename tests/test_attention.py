@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hkv.attention import AttentionAccumulator, attend_causal, causal_mask
+from hkv.attention.accumulator import AttentionAccumulator, attend_causal, causal_mask
 
 
 def reference(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -84,7 +84,7 @@ def test_low_precision_inputs(dtype: torch.dtype, tol: float) -> None:
 
 @pytest.mark.parametrize("chunk", [1, 7, 64])
 def test_attend_causal_chunks(chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    import hkv.attention as attention
+    import hkv.attention.accumulator as attention
 
     monkeypatch.setattr(attention, "PIECE_SCORE_ELEMENTS", 256)  # force many key pieces
     q, k, v = _qkv(6, 2, 30, 45, 8)

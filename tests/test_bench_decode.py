@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from hkv.bench.decode import BENCH_TIERS, GiB, bench_options, run_decode_bench
-from hkv.cli import app
+from hkv.cli.app import app
 from hkv.config import Config
 
 KIB = 1024

@@ -24,7 +24,7 @@ def test_a_failing_reader_fails_the_read_measurement(tmp_path: Path, monkeypatch
 
     from hkv.bench import disk as bench_disk
     from hkv.blocks import BlockKey, BlockLayout
-    from hkv.tiers.base import TierError
+    from hkv.errors import TierError
     from hkv.tiers.disk import DiskTier
 
     layout = BlockLayout(kv_heads=2, block_tokens=4, head_dim=8, dtype=torch.float16)

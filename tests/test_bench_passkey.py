@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
 from hkv.bench.passkey import MODES, VARIANTS, run_passkey_bench, table_lines
-from hkv.cli import app
+from hkv.cli.app import app
 
 LENGTH = 1100  # bytes = tokens: 17 blocks, so a 384-token budget selects among them
 

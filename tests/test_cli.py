@@ -6,7 +6,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from hkv.cli import app
+from hkv.cli.app import app
 
 runner = CliRunner()
 

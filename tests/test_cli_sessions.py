@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 import hkv
 from hkv.bench import resume as resume_bench
-from hkv.chat import TurnEncoder, run_chat
-from hkv.cli import app
+from hkv.cli.chat import TurnEncoder, run_chat
+from hkv.cli.app import app
 
 runner = CliRunner()
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -105,11 +105,11 @@ def test_verify_ok_then_flipped_byte_names_the_session(store: Path) -> None:
 
 def session_only_key(store_path: Path, name: str) -> bytes:
     """A block key referenced by ``name`` only (refs == 1: not the shared prefix)."""
-    from hkv.tiers.session_store import SessionStore
+    from hkv.sessions.store import SessionStore
 
     store = SessionStore.open(store_path, readonly=True)
     try:
-        keys = [key for key in store.referenced_keys() if store.refs([key])[0] == 1]
+        keys = [key for key in store.disk.referenced_keys() if store.disk.refs([key])[0] == 1]
         theirs = set(_session_keys(store, name))
     finally:
         store.close()
@@ -230,8 +230,8 @@ def test_chat_refuses_bad_session_name_before_loading() -> None:
 @pytest.mark.slow
 def test_chat_on_smollm2_two_runs(tmp_path: Path) -> None:
     """The second run resumes the first and answers as one uninterrupted conversation would."""
-    from hkv.models import load_default_model
-    from hkv.tiers.session_store import SessionStore
+    from hkv.default_model import load_default_model
+    from hkv.sessions.store import SessionStore
 
     model, tokenizer = load_default_model()
     store = tmp_path / "store"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hkv import Config
-from hkv.demo import drop_session, read_record, report_lines, run_demo
+from hkv.cli.demo import drop_session, read_record, report_lines, run_demo
 
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
@@ -99,7 +99,7 @@ def test_fresh_drops_the_saved_session(tmp_path: Path) -> None:
 def test_demo_command_refuses_a_bad_session_name_before_loading_the_model(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from hkv.cli import app
+    from hkv.cli.app import app
 
     result = CliRunner().invoke(app, ["demo", "--session", "../x", "--store", str(tmp_path / "store")], env={})
     assert result.exit_code == 1 and "error:" in result.output
@@ -113,7 +113,7 @@ def test_demo_command_refuses_a_bad_session_name_before_loading_the_model(tmp_pa
 
 @functools.cache
 def _smollm2():
-    from hkv.models import load_default_model
+    from hkv.default_model import load_default_model
 
     return load_default_model()
 
@@ -123,14 +123,14 @@ def test_hkv_demo_command_finds_the_passkey_and_resumes(tmp_path: Path, monkeypa
     pytest.importorskip("gguf")
     from typer.testing import CliRunner
 
-    import hkv.models
-    from hkv.cli import app
+    import hkv.default_model
+    from hkv.cli.app import app
 
     try:
         _smollm2()
-    except hkv.models.ModelNotInstalledError as error:
+    except hkv.default_model.ModelNotInstalledError as error:
         pytest.skip(str(error))
-    monkeypatch.setattr(hkv.models, "load_default_model", _smollm2)  # load once for both runs
+    monkeypatch.setattr(hkv.default_model, "load_default_model", _smollm2)  # load once for both runs
     store = str(tmp_path / "store")
     runner = CliRunner()
     first = runner.invoke(app, ["demo", "--tokens", "1024", "--store", store], env={})

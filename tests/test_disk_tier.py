@@ -18,10 +18,11 @@ import pytest
 import torch
 import xxhash
 
-import hkv.tiers.disk as disk_module
+import hkv.store.block_store as disk_module
 from hkv.blocks import HEADER_SIZE, BlockKey, BlockLayout, CorruptRecordError
-from hkv.tiers.base import BlockNotFoundError, TierError, TierFullError
-from hkv.tiers.disk import DiskTier, StoreError
+from hkv.errors import BlockNotFoundError, TierError, TierFullError
+from hkv.errors import StoreError
+from hkv.tiers.disk import DiskTier
 
 # 4 KiB payload + 64 B header: each record spills into LMDB overflow pages, like real blocks.
 LAYOUT = BlockLayout(kv_heads=1, block_tokens=16, head_dim=64, dtype=torch.float16)

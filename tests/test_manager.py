@@ -10,7 +10,7 @@ import torch
 
 from hkv.blocks import BlockKey, BlockLayout
 from hkv.config import Config, ConfigError
-from hkv.tiers.base import BlockNotFoundError, TierError, TierFullError
+from hkv.errors import BlockNotFoundError, TierError, TierFullError
 from hkv.tiers.disk import DiskTier
 from hkv.tiers.manager import GatherReport, TierManager
 

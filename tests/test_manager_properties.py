@@ -19,7 +19,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from hkv.blocks import BlockKey, BlockLayout
 from hkv.config import Config
-from hkv.tiers.base import TierFullError
+from hkv.errors import TierFullError
 from hkv.tiers.manager import GatherReport, TierManager
 
 LAYOUT = BlockLayout(kv_heads=2, block_tokens=4, head_dim=8, dtype=torch.float16)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import hkv.tiers.host as host_module
 from hkv.blocks import BlockKey, BlockLayout
-from hkv.tiers.base import BlockNotFoundError, TierFullError
+from hkv.errors import BlockNotFoundError, TierFullError
 from hkv.tiers.device import DeviceTier, resolve_device
 from hkv.tiers.host import HostMemoryError, HostTier
 from hkv.tiers.policy import LRUPolicy, ScorePolicy, make_policy

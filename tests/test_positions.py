@@ -9,8 +9,8 @@ import torch
 
 from hkv import Config, ConfigError, wrap
 from hkv.positions import RemapUnsupportedError, RotaryShift, far_block_deltas
-from hkv.prefetch.predictor import BlockSummaries, block_scores, canonical_queries, select_blocks
-from hkv.sequence import SequenceKV
+from hkv.attention.selection import BlockSummaries, block_scores, canonical_queries, select_blocks
+from hkv.attention.sequence import SequenceKV
 from test_attention import reference
 from test_sequence_kv import HKV, HQ, LAYERS, D, make_config, open_sequence
 
@@ -332,7 +332,8 @@ def test_config_positions() -> None:
 @pytest.mark.slow
 def test_smollm2_remap_passkey(tmp_path) -> None:
     """2K tokens with a 512-token budget: remap moves the far blocks; the key is still found."""
-    from hkv.models import ModelNotInstalledError, load_default_model, passkey_answer, passkey_prompt
+    from hkv.default_model import ModelNotInstalledError, load_default_model
+    from hkv.passkey import passkey_answer, passkey_prompt
 
     try:
         model, tokenizer = load_default_model()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import hkv.prefetch.predictor as predictor
-from hkv.prefetch.predictor import BlockSummaries, block_scores, select_blocks
+import hkv.attention.selection as predictor
+from hkv.attention.selection import BlockSummaries, block_scores, select_blocks
 
 
 def _summaries(blocks: torch.Tensor) -> BlockSummaries:
@@ -153,7 +153,7 @@ def test_selection_scores_are_the_chosen_blocks_scores_with_one_transfer(monkeyp
 
 
 def test_scoring_queries_keep_short_chunks_and_the_newest_of_long_ones() -> None:
-    from hkv.prefetch.predictor import scoring_queries
+    from hkv.attention.selection import scoring_queries
 
     short = torch.randn(3, 10, 4)
     assert scoring_queries(short, limit=16) is short

@@ -152,7 +152,7 @@ def test_submit_skips_resident_blocks_and_keeps_victims_clean() -> None:
 
 
 def test_hit_rate_is_hits_over_blocks_read_not_over_blocks_predicted() -> None:
-    from hkv.prefetch.prefetcher import SequenceStats
+    from hkv.attention.stats import SequenceStats
 
     stats = SequenceStats(predicted=40, needed=30, hit=30)
     assert stats.hit_rate == 1.0 and stats.precision == 0.75

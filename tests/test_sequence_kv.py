@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import hkv.tiers.manager as tier_manager
 from hkv.blocks import BlockLayout
 from hkv.config import Config, ConfigError
-from hkv.sequence import SequenceKV
+from hkv.attention.sequence import SequenceKV
 from test_attention import reference
 
 HQ, HKV, D, LAYERS = 4, 2, 8, 2
@@ -101,9 +101,9 @@ def test_exact_mode_equals_sdpa_with_blocks_in_every_tier(tmp_path, appends: lis
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_exact_mode_long_prefill_waves_exceed_device(tmp_path, device: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Far more blocks than the device holds: exact attention reads them in waves, in pieces of 5 blocks."""
-    import hkv.sequence
+    import hkv.attention.sequence
 
-    monkeypatch.setattr(hkv.sequence, "PIECE_KV_ELEMENTS", 5 * 2 * HKV * 4 * D)
+    monkeypatch.setattr(hkv.attention.sequence, "PIECE_KV_ELEMENTS", 5 * 2 * HKV * 4 * D)
     config = make_config(tmp_path, chunk=16, host_blocks=4)
     manager, seq = open_sequence(config, device=device)
     try:

@@ -19,11 +19,12 @@ import torch
 
 from hkv.blocks import HEADER_SIZE, BlockKey, BlockLayout, chain_hashes
 from hkv.config import Config
-from hkv.tiers.base import TierError, TierFullError
-from hkv.tiers.disk import STORE_VERSION, DiskTier, StoreError
+from hkv.errors import TierError, TierFullError
+from hkv.errors import StoreError
+from hkv.store.block_store import STORE_VERSION
+from hkv.tiers.disk import DiskTier
 from hkv.tiers.manager import TierManager
-from hkv.tiers.session_store import (
-    CommitResult,
+from hkv.sessions.records import (
     CorruptSessionError,
     ModelIdentity,
     SessionError,
@@ -31,9 +32,11 @@ from hkv.tiers.session_store import (
     SessionNameError,
     SessionNotFoundError,
     SessionRecord,
-    SessionStore,
     check_name,
 )
+from hkv.sessions.store import SessionStore
+from hkv.store.summary_rows import SummaryRows
+from hkv.store.txn import CommitResult
 
 LAYOUT = BlockLayout(kv_heads=2, block_tokens=4, head_dim=8, dtype=torch.float16)
 REC = LAYOUT.record_nbytes
@@ -208,10 +211,10 @@ def test_commit_then_get_in_a_new_disk_tier(path: Path) -> None:
         store.read_tail(back, tail)
         assert torch.equal(tail, tail_for("chat", 2))
         summaries = torch.empty(len(keys) + 1, 2, LAYOUT.kv_heads, LAYOUT.head_dim)
-        assert store.read_summaries([*keys, BlockKey(bytes(16))], summaries) == len(keys)
+        assert SummaryRows(store.disk).read([*keys, BlockKey(bytes(16))], summaries) == len(keys)
         assert torch.equal(summaries[: len(keys)], torch.stack([summary_for(k) for k in keys]))
-        assert store.present(keys) == len(keys) and store.present([BlockKey(bytes(16)), *keys]) == 0
-        assert store.refs(keys) == [1] * len(keys) and sorted(store.referenced_keys()) == sorted(map(bytes, keys))
+        assert SummaryRows(store.disk).present(keys) == len(keys) and SummaryRows(store.disk).present([BlockKey(bytes(16)), *keys]) == 0
+        assert store.disk.refs(keys) == [1] * len(keys) and sorted(store.disk.referenced_keys()) == sorted(map(bytes, keys))
         info = store.info("chat")
         assert (info.tokens, info.kv_tokens, info.kv_blocks, info.num_layers, info.missing_blocks) == (12, 10, 2, 2, 0)
         assert info.stored_bytes > len(keys) * REC and info.model == "TinyLM 2x4/2x8 float16 fp=00010203"
@@ -226,18 +229,18 @@ def test_two_sessions_share_their_prefix_blocks(store: SessionStore) -> None:
     assert len(result.newly_referenced) == 2 * LAYERS  # only b's own blocks
     assert len(store.disk) == (3 + 2 + 2) * LAYERS  # the shared prefix is stored once
     shared_keys = keys_for(shared, 3)
-    assert store.refs(shared_keys) == [2] * len(shared_keys)
+    assert store.disk.refs(shared_keys) == [2] * len(shared_keys)
     assert store.info("a").shared_blocks == 3 * LAYERS
 
     a_only = keys_for(np.concatenate([shared, ids_of(8, 100)]), 5)[3 * LAYERS :]
     result = store.delete("a")
     assert sorted(result.deleted) == sorted(map(bytes, a_only)) and result.freed_bytes == len(a_only) * REC
-    assert store.refs(shared_keys) == [1] * len(shared_keys) and all(store.disk.contains(k) for k in shared_keys)
+    assert store.disk.refs(shared_keys) == [1] * len(shared_keys) and all(store.disk.contains(k) for k in shared_keys)
     assert not any(store.disk.contains(k) for k in a_only) and store.names() == ["b"]
     with pytest.raises(SessionNotFoundError, match="'a'"):
         store.delete("a")
     store.delete("b")
-    assert len(store.disk) == 0 and store.disk.used_bytes() == 0 and store.referenced_keys() == []
+    assert len(store.disk) == 0 and store.disk.used_bytes() == 0 and store.disk.referenced_keys() == []
 
 
 def test_recommit_moves_refs_and_keeps_unreferenced_blocks(store: SessionStore) -> None:
@@ -249,8 +252,8 @@ def test_recommit_moves_refs_and_keeps_unreferenced_blocks(store: SessionStore) 
     _, result = save(store, "chat", rewound, kv_tokens=9)
     old = keys_for(ids_of(17), 4)[LAYERS:]
     assert sorted(result.unreferenced) == sorted(map(bytes, old)) and result.deleted == []
-    assert all(store.disk.contains(k) for k in old) and store.refs(old) == [0] * len(old)  # kept, evictable
-    assert store.refs(keys_for(rewound, 2)) == [1] * 2 * LAYERS and store.verify().ok
+    assert all(store.disk.contains(k) for k in old) and store.disk.refs(old) == [0] * len(old)  # kept, evictable
+    assert store.disk.refs(keys_for(rewound, 2)) == [1] * 2 * LAYERS and store.verify().ok
 
 
 def test_commit_refuses_missing_blocks_and_changes_nothing(store: SessionStore) -> None:
@@ -365,7 +368,7 @@ def test_verify_names_each_damaged_session_and_the_others_stay_usable(path: Path
             c = store.get("c")
             store.read_tail(c, torch.empty(LAYERS, 2, LAYOUT.kv_heads, 2, LAYOUT.head_dim, dtype=LAYOUT.dtype))
         summaries = torch.empty(2 * LAYERS, 2, LAYOUT.kv_heads, LAYOUT.head_dim)
-        assert store.read_summaries(keys_for(ids_of(11, 100), 2), summaries) == 1  # stops at the corrupt one
+        assert SummaryRows(store.disk).read(keys_for(ids_of(11, 100), 2), summaries) == 1  # stops at the corrupt one
         listed = {info.name: info for info in store.list()}
         assert listed["d"].tokens == -1 and "checksum" in listed["d"].model and listed["e"].tokens == 11
         store.delete("d")  # a corrupt record can be removed; its blocks stay referenced
@@ -403,7 +406,7 @@ def test_a_format_1_store_is_read_as_is_and_upgraded_when_opened_writable(path: 
     env.close()
     with DiskTier(path, LAYOUT, 64 * REC, readonly=True) as disk:
         store = SessionStore(disk)
-        assert disk.format_version == 1 and store.names() == [] and store.referenced_keys() == []
+        assert disk.format_version == 1 and store.names() == [] and store.disk.referenced_keys() == []
         assert store.get("chat") is None and store.verify().ok and len(disk) == len(keys)
     with DiskTier.open_existing(path, readonly=False) as disk:
         assert disk.format_version == 2 and disk.has_sessions and disk.layout == LAYOUT
@@ -538,7 +541,7 @@ def put_session(manager: TierManager, name: str, ids, kv_tokens: int) -> list[Bl
     keys = keys_for(ids, record.kv_blocks)
     manager.put_many(keys, torch.stack([block_for(k) for k in keys]), persist=True)
     summaries = torch.stack([summary_for(k) for k in keys])
-    manager.apply_store_changes(manager.sessions.commit(record, block_keys=keys, summaries=summaries, summary_keys=keys, tail=None))
+    manager.apply_store_changes(SessionStore(manager.store).commit(record, block_keys=keys, summaries=summaries, summary_keys=keys, tail=None))
     return keys
 
 
@@ -554,7 +557,7 @@ def test_stored_blocks_survive_disk_pressure_and_the_reclaimer_frees_room(path: 
         assert all("disk" in manager.where(k) for k in keys)
         for i in range(12):  # each put spills older fillers to disk and evicts
             manager.put(filler(i), block_for(filler(i)))
-        assert all("disk" in manager.where(k) for k in keys) and manager.sessions.present(keys) == len(keys)
+        assert all("disk" in manager.where(k) for k in keys) and SummaryRows(manager.store).present(keys) == len(keys)
         assert manager.stats().evictions["disk"] > 0 and manager.stats().tiers["disk"].blocks <= 8
         manager.retain([filler(i) for i in range(12) if manager.contains(filler(i))])
         new = [filler(i) for i in range(100, 104)]  # 6 referenced + 4 new = every slot of the three tiers
@@ -564,14 +567,14 @@ def test_stored_blocks_survive_disk_pressure_and_the_reclaimer_frees_room(path: 
 
         def reclaimer(need: int) -> CommitResult:
             calls.append(need)
-            return manager.sessions.reclaim(need, skip=set(), in_use=manager.in_use)
+            return SessionStore(manager.store).reclaim(need, skip=set(), in_use=manager.in_use)
 
         manager.set_reclaimer(reclaimer)
         manager.put_many(new, torch.stack([block_for(k) for k in new]))
         assert all(torch.equal(manager.read(k), block_for(k)) for k in new)
-        assert calls and calls[0] % REC == 0 and manager.sessions.get("chat").kv_tokens == 0
+        assert calls and calls[0] % REC == 0 and SessionStore(manager.store).get("chat").kv_tokens == 0
         assert not any(manager.contains(k) for k in keys) and manager.stats().tiers["disk"].blocks <= 8
-        assert manager.sessions.get("chat").token_ids.tolist() == list(range(8))
+        assert SessionStore(manager.store).get("chat").token_ids.tolist() == list(range(8))
 
 
 def test_a_manager_reopened_knows_its_stored_blocks(path: Path) -> None:
@@ -583,14 +586,15 @@ def test_a_manager_reopened_knows_its_stored_blocks(path: Path) -> None:
         manager.retain(keys[:1])
         assert manager.in_use(keys[0].digest)
         manager.release(keys[:1])
-        manager.apply_store_changes(manager.sessions.delete("chat", in_use=manager.in_use))
+        manager.apply_store_changes(SessionStore(manager.store).delete("chat", in_use=manager.in_use))
         assert not any(manager.contains(k) for k in keys) and manager.stats().tiers["disk"].blocks == 0
 
 
 _COMMITTER = textwrap.dedent(f"""
     import sys, numpy as np, torch
     from hkv.blocks import BlockKey, chain_hashes
-    from hkv.tiers.session_store import ModelIdentity, SessionRecord, SessionStore
+    from hkv.sessions.records import ModelIdentity, SessionRecord
+    from hkv.sessions.store import SessionStore
     ids = np.arange(8, dtype=np.int64)
     identity = ModelIdentity({FP.hex()!r}, {identity().description!r}, "ab12")
     record = SessionRecord("chat", identity, {layout_dict()!r}, ids, kv_tokens=8, kv_blocks=2)
@@ -614,8 +618,8 @@ def test_a_stale_view_in_another_process_cannot_evict_a_committed_session(path: 
         for i in range(12):  # the manager's view says keys are evictable; the store keeps them
             manager.put(filler(i), block_for(filler(i)))
         assert all(manager._entries[k.digest].stored and "disk" in manager.where(k) for k in keys)
-        assert manager.sessions.refs(keys) == [1] * len(keys)
-        assert manager.stats().tiers["disk"].blocks <= 8 and manager.sessions.verify("chat").problems["chat"] == [
+        assert manager.store.refs(keys) == [1] * len(keys)
+        assert manager.stats().tiers["disk"].blocks <= 8 and SessionStore(manager.store).verify("chat").problems["chat"] == [
             f"session 'chat': block {i // LAYERS} layer {i % LAYERS} ({bytes(k).hex()}): summary missing or corrupt"
             for i, k in enumerate(keys)
         ]
@@ -650,7 +654,7 @@ def test_a_known_block_being_moved_up_is_still_written_through(path: Path) -> No
         manager.put_many([key], block_for(key)[None], persist=True)
         manager._entries[key.digest].busy = False
         manager.flush()
-        assert "disk" in manager.where(key) and manager.sessions.present([key]) == 0 and manager._disk.contains(key)
+        assert "disk" in manager.where(key) and SummaryRows(manager.store).present([key]) == 0 and manager.store.contains(key)
 
 
 def test_verify_all_reports_refs_fewer_than_the_sessions_using_a_block(path: Path) -> None:
@@ -658,7 +662,7 @@ def test_verify_all_reports_refs_fewer_than_the_sessions_using_a_block(path: Pat
         store = SessionStore(disk)
         save(store, "a", ids_of(9), kv_tokens=8)
         save(store, "b", ids_of(13), kv_tokens=12)  # shares a's 2 blocks
-        assert store.verify().ok and store.refs(keys_for(ids_of(9), 2)) == [2] * 2 * LAYERS
+        assert store.verify().ok and store.disk.refs(keys_for(ids_of(9), 2)) == [2] * 2 * LAYERS
     shared = bytes(keys_for(ids_of(9), 2)[1])
     rewrite(path, b"refs", shared, lambda value: (1).to_bytes(4, "little"))
     with DiskTier(path, LAYOUT, 64 * REC) as disk:

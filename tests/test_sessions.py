@@ -18,7 +18,7 @@ from hkv.sessions import (
     SessionMismatchError,
     SessionNameError,
 )
-from hkv.tiers.base import TierError
+from hkv.errors import TierError
 
 transformers = pytest.importorskip("transformers")
 from test_integration import BLOCK, _block_bytes, _prompt, _tiny  # noqa: E402
@@ -121,7 +121,7 @@ def test_resume_when_the_stored_kv_ends_on_a_block_boundary(model, tmp_path):
 
 
 def test_no_stored_block_is_adopted_when_noted_ids_run_ahead_of_the_kv(model, tmp_path):
-    from hkv.sessions import adopt_stored_prefix
+    from hkv.attention.prefix import adopt_stored_prefix
 
     ids = _prompt(4 * BLOCK + 1, seed=7)
     config = _config(model, tmp_path / "s")
@@ -131,10 +131,10 @@ def test_no_stored_block_is_adopted_when_noted_ids_run_ahead_of_the_kv(model, tm
         with rt.new_cache() as cache:
             cache.sequence.note_tokens(ids[0, :3])  # noted, never appended: chains would hash the wrong tokens
             assert cache.sequence.prefix_chain() is None
-            assert adopt_stored_prefix(rt.session_store(), cache, ids[0, :-1]) == 0  # stored, but not what was noted
+            assert adopt_stored_prefix(cache.sequence, ids[0, :-1]) == 0  # stored, but not what was noted
             assert cache.sequence.sealed_blocks() == 0
         with rt.new_cache() as cache:
-            assert adopt_stored_prefix(rt.session_store(), cache, ids[0, :-1]) == 4 * BLOCK
+            assert adopt_stored_prefix(cache.sequence, ids[0, :-1]) == 4 * BLOCK
 
 
 def test_kv_of_other_attention_settings_is_refused_and_never_reused(model, tmp_path):
@@ -160,7 +160,7 @@ def test_foreign_model_is_refused_naming_the_weights(model, tmp_path):
         with pytest.raises(SessionMismatchError, match="weights_sample") as caught:
             rt.session("mine")
         assert "mine" in str(caught.value) and "fingerprint" in str(caught.value)
-        assert not rt._sessions
+        assert not rt.open_sessions
     with wrap(model, config) as rt, rt.session("mine") as s:  # nothing was damaged
         assert s.restored.kv_tokens == 59
 
@@ -224,7 +224,7 @@ def test_a_corrupt_block_read_at_open_names_the_session(model, tmp_path):
         for _ in range(2):  # the lock was released: the second open fails the same way
             with pytest.raises(CorruptSessionError, match="'a'"):
                 rt.session("a")
-        assert not rt._sessions
+        assert not rt.open_sessions
         with rt.session("b") as s:
             s.append(_prompt(20, seed=1))
 
@@ -242,13 +242,13 @@ def test_shared_prefix_is_stored_once(model, tmp_path):
         store = rt.session_store()
         chains = chain_hashes(prefix[0], BLOCK)
         shared = [BlockKey.make(rt.fingerprint, c, layer) for c in chains for layer in range(LAYERS)]
-        assert store.refs(shared) == [2] * len(shared)
+        assert store.disk.refs(shared) == [2] * len(shared)
         own = {name: (ids.shape[1] - 1) // BLOCK - len(chains) for name, ids in (("x", x_ids), ("y", y_ids))}
         expected = LAYERS * (len(chains) + own["x"] + own["y"])
         assert rt.manager.stats().tiers["disk"].blocks == expected
         assert store.info("x").shared_blocks == LAYERS * len(chains)
         store.delete("x")
-        assert store.refs(shared) == [1] * len(shared)
+        assert store.disk.refs(shared) == [1] * len(shared)
     with wrap(model, config) as rt, rt.session("y") as s:
         assert s.restored.kv_tokens == y_ids.shape[1] - 1
         out = s.generate(_prompt(3, seed=14), **_greedy())
@@ -311,7 +311,7 @@ def test_bad_names_are_refused(model, tmp_path, name):
     with wrap(model, _config(model, tmp_path / "s")) as rt:
         with pytest.raises(SessionNameError):
             rt.session(name)
-        assert not rt._sessions
+        assert not rt.open_sessions
 
 
 def test_good_names_and_second_open_is_locked(model, tmp_path):

@@ -271,7 +271,7 @@ def _smol_config(path):
 
 
 def _smol_turns(tokenizer):
-    from hkv.models import passkey_prompt
+    from hkv.passkey import passkey_prompt
 
     first, key = passkey_prompt(tokenizer, SMOL_TOKENS, 0.4, seed=3)
     second = tokenizer.encode(" Again: what is the pass key? The pass key is", add_special_tokens=False)
@@ -282,7 +282,7 @@ def smol_child(role: str, store: str, out: str) -> None:
     """``first``: turn 1 (committed), then turn 2 without committing, in one process;
     ``resume``: open the session committed by ``first`` and answer turn 2."""
     from hkv import wrap
-    from hkv.models import load_default_model
+    from hkv.default_model import load_default_model
 
     model, tokenizer = load_default_model()
     first, second, key = _smol_turns(tokenizer)
@@ -308,7 +308,7 @@ def smol_child(role: str, store: str, out: str) -> None:
 @pytest.mark.slow
 def test_smollm2_conversation_resumed_by_another_process(tmp_path):
     pytest.importorskip("transformers")
-    from hkv.models import ModelNotInstalledError, default_model_dir
+    from hkv.default_model import ModelNotInstalledError, default_model_dir
 
     try:
         default_model_dir()

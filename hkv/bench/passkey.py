@@ -1,6 +1,6 @@
 """``hkv bench passkey``: can the model find a 5-digit key hidden in a long filler text?
 
-SmolLM2-135M-Instruct was trained to 8K tokens. Each prompt (:func:`hkv.models.passkey_prompt`)
+SmolLM2-135M-Instruct was trained to 8K tokens. Each prompt (:func:`hkv.passkey.passkey_prompt`)
 hides the key at a relative ``depth`` of the filler and ends in the question and the cue
 "The pass key is"; the answer is the first digits generated greedily. Methods (``MODES``):
 
@@ -97,7 +97,7 @@ def answer_single(model: torch.nn.Module, ids: list[int], mode: str, *, store: P
 def answer_late(model: torch.nn.Module, tokenizer: Any, ids: list[int], mode: str, *, store: Path, budget: int,
                 new_tokens: int, base: Any = None) -> list[int]:
     """The reply when the question comes in a later turn than the document (see the module doc)."""
-    from ..models import split_passkey_question
+    from ..passkey import split_passkey_question
 
     document, question = split_passkey_question(tokenizer, ids)
     if mode == "full":
@@ -161,7 +161,8 @@ def run_passkey_bench(
     with the figures so far after each run (to save a long sweep as it goes). Returns
     ``{"meta", "summary", "runs", "skipped"}``.
     """
-    from ..models import load_default_model, passkey_answer, passkey_prompt
+    from ..default_model import load_default_model
+    from ..passkey import passkey_answer, passkey_prompt
 
     bad = [m for m in modes if m not in MODES] + [v for v in variants if v not in VARIANTS]
     if bad:

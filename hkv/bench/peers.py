@@ -50,7 +50,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..models import PASSKEY_QUESTION
+from ..passkey import PASSKEY_QUESTION
 
 DEVICE_FRACTION = 0.25  # memory given to every bounded method, a fraction of the context's full KV
 COMPRESSION_RATIO = 1 - DEVICE_FRACTION  # kvpress: fraction of the KV pruned
@@ -76,7 +76,7 @@ def build_prompts(tokenizer: Any, tokens: int, trials: int, tasks: tuple[str, ..
     ``context``: token ids of the first forward; ``turns``: ``[{"input": ids, "new_tokens": n}]``
     fed after it (the last turn's output is the answer).
     """
-    from ..models import passkey_prompt, split_passkey_question
+    from ..passkey import passkey_prompt, split_passkey_question
 
     decoy = tokenizer.encode(DECOY, add_special_tokens=False)
     prompts = []
@@ -295,7 +295,7 @@ def share_torch(python: Path) -> None:
 
 def start_kvpress(python: Path, prompts: list[dict], workdir: Path, threads: int) -> tuple[subprocess.Popen, Path]:
     """Start :mod:`hkv.bench.peers_child` in the venv on ``prompts``; ``(process, result path)``."""
-    from ..models import DEFAULT_GGUF, default_model_dir
+    from ..default_model import DEFAULT_GGUF, default_model_dir
 
     job = {"model_dir": str(default_model_dir()), "gguf_file": DEFAULT_GGUF, "presses": list(PRESSES),
            "compression_ratio": COMPRESSION_RATIO, "threads": threads,
@@ -312,7 +312,7 @@ def start_kvpress(python: Path, prompts: list[dict], workdir: Path, threads: int
 
 def summarise(records: list[dict], prompts: list[dict], tokenizer: Any) -> list[dict]:
     """One row per (method, task): accuracy, decode ms per token, peak RSS, KV bytes."""
-    from ..models import passkey_answer
+    from ..passkey import passkey_answer
 
     by_id = {p["id"]: p for p in prompts}
     for record in records:
@@ -373,7 +373,7 @@ def run_peers_bench(
         raise ValueError(f"methods {sorted(unknown)}: expected some of {LOCAL_METHODS}")
     started = time.perf_counter()
     if model is None:
-        from ..models import load_default_model
+        from ..default_model import load_default_model
 
         log("peers: loading SmolLM2-135M-Instruct")
         model, tokenizer = load_default_model()

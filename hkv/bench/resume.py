@@ -76,7 +76,7 @@ class ChildResult:
 
 def _build_model(weights: str, max_tokens: int) -> tuple[torch.nn.Module, Any, str]:
     """``(model, tokenizer or None, weights used)``; deterministic for "random" and "tiny"."""
-    from .decode import build_model
+    from .smollm2 import build_model
 
     if weights == "tiny":
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -89,7 +89,7 @@ def _build_model(weights: str, max_tokens: int) -> tuple[torch.nn.Module, Any, s
     if used == "smollm2":
         from transformers import AutoTokenizer
 
-        from ..models import DEFAULT_GGUF, default_model_dir
+        from ..default_model import DEFAULT_GGUF, default_model_dir
 
         tokenizer = AutoTokenizer.from_pretrained(default_model_dir(), gguf_file=DEFAULT_GGUF)
     return model, tokenizer, used
@@ -99,7 +99,7 @@ def conversation_ids(tokenizer: Any, vocab_size: int, n_tokens: int) -> tuple[np
     """``(conversation [n_tokens], new turn [k])`` int64: passkey text with a tokenizer, else
     deterministic random ids."""
     if tokenizer is not None:
-        from ..models import passkey_prompt
+        from ..passkey import passkey_prompt
 
         ids, _ = passkey_prompt(tokenizer, n_tokens + 32, depth=0.5)  # cut before its question
         new = tokenizer.encode(NEW_TURN, add_special_tokens=False)
@@ -147,7 +147,8 @@ def _synthetic_append(model: torch.nn.Module, rt: Any, session: Any, tokens: tor
     Uses the session's cache directly (``HkvCache.append_kv``, as :mod:`hkv.bench.decode` does):
     its sealed blocks are written through to the store like a prefill's, and the next commit
     records them."""
-    from .decode import FILL_CHUNK, synthetic_kv
+    from .decode import FILL_CHUNK
+    from .smollm2 import synthetic_kv
 
     c = model.config
     shape = dict(kv_heads=c.num_key_value_heads, head_dim=getattr(c, "head_dim", c.hidden_size // c.num_attention_heads),

@@ -1,8 +1,7 @@
 """What hkv needs to know about a model: its attention shapes, whether hkv can serve it, and
 its fingerprint (the model identity inside every block key).
 
-No transformers import here: :func:`model_fingerprint` is reused by modules that must not pull in
-transformers (sessions, the CLI).
+No transformers import here: the sessions CLI and the benchmarks use it without transformers.
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ import xxhash
 
 from ..blocks import DTYPE_NAMES
 from ..config import Config
+from ..sessions.records import ModelIdentity
 
 
 class UnsupportedModelError(ValueError):
@@ -140,12 +140,11 @@ def kv_fingerprint(model: torch.nn.Module, *, dtype: torch.dtype | None = None, 
     return xxhash.xxh3_128(model_fingerprint(model, dtype=dtype) + signature.encode()).digest()
 
 
-def model_identity(model: torch.nn.Module, dtype: torch.dtype | None = None, tokenizer=None, attention: Any = None):
-    """The :class:`~hkv.tiers.session_store.ModelIdentity` a session records and checks:
+def model_identity(model: torch.nn.Module, dtype: torch.dtype | None = None, tokenizer: Any = None,
+                   attention: Any = None) -> ModelIdentity:  # fmt: skip
+    """The :class:`~hkv.sessions.records.ModelIdentity` a session records and checks:
     :func:`kv_fingerprint` (hex), :func:`model_description` plus the attention signature,
     :func:`tokenizer_hash`."""
-    from ..tiers.session_store import ModelIdentity
-
     description = model_description(model, dtype=dtype)
     description["attention"] = "exact" if attention is None else attention_signature(attention)
     return ModelIdentity(

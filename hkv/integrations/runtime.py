@@ -4,7 +4,11 @@
 before changing anything), builds the :class:`~hkv.tiers.manager.TierManager` for the model's
 block layout and the :class:`~hkv.prefetch.prefetcher.Prefetcher`, and routes the model's
 attention to hkv (:class:`~hkv.integrations.transformers.ModelHooks`). Each generation gets its
-own :class:`~hkv.integrations.transformers.HkvCache` over a :class:`~hkv.sequence.SequenceKV`.
+own :class:`~hkv.integrations.transformers.HkvCache` over a :class:`~hkv.attention.sequence.SequenceKV`.
+
+The runtime is also the one seam between a model and its sessions (:mod:`hkv.sessions`): a
+:class:`~hkv.sessions.session.Session` fills and generates through :meth:`Runtime.fill` and
+:meth:`Runtime.generate_with`, the same two calls :meth:`Runtime.generate` makes.
 """
 
 from __future__ import annotations
@@ -17,11 +21,19 @@ from typing import Any
 
 import torch
 
+from ..attention.prefix import adopt_stored_prefix
+from ..attention.sequence import SequenceKV
+from ..attention.stats import SequenceStats
 from ..blocks import BlockLayout
 from ..config import Config
 from ..memory import steady_heap, trim_heap
 from ..positions import RotaryShift
-from .model import ModelSpec, kv_fingerprint, storage_dtype
+from ..prefetch.prefetcher import Prefetcher
+from ..sessions.records import ModelIdentity
+from ..sessions.session import Session
+from ..sessions.store import SessionStore
+from ..tiers.manager import TierManager
+from .model import ModelSpec, kv_fingerprint, model_identity, storage_dtype
 from .transformers import HkvCache, ModelHooks, check_not_wrapped, check_padding
 
 
@@ -33,7 +45,7 @@ class RuntimeStats:
     device_peak_bytes: int  # most device-tier bytes seen after any forward of this runtime
     moved_bytes: dict[str, int]
     evictions: dict[str, int]
-    prefetch: Any  # the SequenceKV stats of the current / last sequence (None before the first)
+    prefetch: SequenceStats | None  # the SequenceKV stats of the current / last sequence (None before the first)
     prompt_tokens: int = 0
     generated_tokens: int = 0
     prefill_s: float = 0.0
@@ -50,9 +62,6 @@ class Runtime:
     """
 
     def __init__(self, model: torch.nn.Module, config: Config | None = None, *, device: torch.device | str | None = None) -> None:
-        from ..prefetch.prefetcher import Prefetcher
-        from ..tiers.manager import TierManager
-
         check_not_wrapped(model)  # refusals happen here, before anything changes
         steady_heap()  # decode-step temporaries stay in the heap (hkv.memory)
         self.spec = ModelSpec.of(model)
@@ -77,14 +86,14 @@ class Runtime:
         self._hooks: ModelHooks | None = None
         self._caches: weakref.WeakSet[HkvCache] = weakref.WeakSet()  # open caches, held weakly
         self._current: weakref.ref[HkvCache] | None = None  # the newest open cache
-        self._orphans: list[Any] = []  # SequenceKVs of caches collected unclosed, closed by _drain_orphans
-        self._last_sequence_stats: Any = None
+        self._orphans: list[SequenceKV] = []  # of caches collected unclosed, closed by _drain_orphans
+        self._last_sequence_stats: SequenceStats | None = None
         self._closed = False
         self._device_peak = 0
         self._counters = {"prompt_tokens": 0, "generated_tokens": 0, "prefill_s": 0.0, "generate_s": 0.0, "forwards": 0}
         self._reused_tokens = 0  # prompt tokens adopted from the store instead of prefilled (prefix reuse)
-        self._sessions: dict[str, Any] = {}  # name -> open hkv.sessions.Session
-        self._reclaimer_set = False
+        self.open_sessions: dict[str, Session] = {}  # name -> open session (each adds and removes itself)
+        self._session_store: SessionStore | None = None
         try:
             if self.config.prefetch.enabled:
                 self.prefetcher = Prefetcher(self.manager, workers=self.config.prefetch.workers)
@@ -94,6 +103,10 @@ class Runtime:
         except BaseException:
             self.close()
             raise
+
+    @property
+    def num_layers(self) -> int:
+        return self.spec.num_layers
 
     # -- caches --------------------------------------------------------------------------------
 
@@ -106,8 +119,6 @@ class Runtime:
         ``model.generate(ids, cache=rt.new_cache())`` works repeatedly), and :meth:`close` closes
         the caches still open. ``persist``: its sealed blocks are written through to the store
         (a session's cache)."""
-        from ..attention import SequenceKV
-
         self._check_open()
         self._drain_orphans()
         spec = self.spec
@@ -124,7 +135,7 @@ class Runtime:
             rotary=self.rotary,
             persist=persist,
         )
-        cache = HkvCache(self, sequence)
+        cache = HkvCache(sequence, spec, self, self._retire)
         # A cache collected unclosed only queues its sequence (list.append is safe wherever the
         # garbage collector runs, even inside a lock); the next new_cache / stats / close closes it.
         cache._finalizer = weakref.finalize(cache, self._orphans.append, sequence)
@@ -179,71 +190,80 @@ class Runtime:
     def generate(self, input_ids: torch.Tensor, *, progress: bool | None = None, **generate_kwargs: Any) -> Any:
         """Like ``model.generate(input_ids, **generate_kwargs)`` with the KV in hkv.
 
-        The prompt but its last token is prefilled in chunks (``progress``: a tqdm bar; default
-        on for prompts longer than 8 chunks), then the model's own ``generate`` continues with
-        the filled cache. Batch size 1; ``attention_mask`` may be given but must be all ones.
-        Returns what ``generate`` returns (by default ``[1, S + new]`` token ids).
+        The prompt but its last token is filled (:meth:`fill`: stored prefix adopted, the rest
+        prefilled in chunks; ``progress``: a tqdm bar, default on for more than 8 chunks to
+        prefill), then the model's own ``generate`` continues with the filled cache. Batch size
+        1; ``attention_mask`` may be given but must be all ones. Returns what ``generate``
+        returns (by default ``[1, S + new]`` token ids).
         """
         self._check_open()
         if "cache" in generate_kwargs or "past_key_values" in generate_kwargs:
             raise ValueError("rt.generate makes its own cache; use model.generate(..., cache=rt.new_cache()) to pass one")
         input_ids = _as_batch_one(input_ids).to(self.spec.device)
-        mask = generate_kwargs.get("attention_mask")
+        mask = generate_kwargs.pop("attention_mask", None)
         if mask is not None:
             check_padding(mask)
-            generate_kwargs["attention_mask"] = mask.to(self.spec.device)
-        if progress is None:
-            progress = input_ids.shape[1] > 8 * self.config.attention.prefill_chunk_tokens
-        cache = self.new_cache()
-        try:
-            reused = self.reuse_prefix(cache, input_ids[0, :-1])
-            if input_ids.shape[1] - 1 > reused:
-                self.prefill(input_ids[:, reused:-1], cache, progress=progress)
-            start = time.perf_counter()
-            generate_kwargs.setdefault("attention_mask", torch.ones_like(input_ids))
-            with torch.inference_mode():
-                out = self.model.generate(input_ids, cache=cache, **generate_kwargs)
-            self._counters["generate_s"] += time.perf_counter() - start
-            sequences = out if isinstance(out, torch.Tensor) else out.sequences
-            self._counters["generated_tokens"] += sequences.shape[1] - input_ids.shape[1]
-            return out
-        finally:
-            cache.close()
+            if mask.shape[1] != input_ids.shape[1]:
+                raise ValueError(f"attention_mask has {mask.shape[1]} positions for {input_ids.shape[1]} input ids")
+        with self.new_cache() as cache:
+            self.fill(cache, input_ids[0, :-1], progress=progress)
+            return self.generate_with(cache, input_ids, **generate_kwargs)
 
-    def reuse_prefix(self, cache: HkvCache, token_ids: torch.Tensor) -> int:
-        """Adopt into ``cache`` the longest stored prefix of complete blocks of ``token_ids``
-        (``[S]``, the tokens whose KV the caller is about to compute, starting at the cache's
-        current length) instead of prefilling it; returns the tokens adopted (0 when
-        ``store.reuse_prefix`` is off, no store exists, or nothing matches)."""
-        if not self.config.store.reuse_prefix or not (self.manager.path / "data.mdb").exists():
-            return 0
-        from ..sessions import adopt_stored_prefix
-
-        adopted = adopt_stored_prefix(self.session_store(), cache, token_ids)
-        self._reused_tokens += adopted
+    def fill(self, cache: HkvCache, token_ids: torch.Tensor, *, progress: bool | None = None) -> int:
+        """Compute the KV of ``token_ids`` (``[S]``, the tokens that follow the cache's current
+        length) into ``cache``: the longest stored prefix of complete blocks is adopted (with
+        ``store.reuse_prefix``, when a store exists), the rest prefilled in chunks (``progress``:
+        a tqdm bar; default on for more than 8 chunks). Returns the tokens adopted."""
+        token_ids = token_ids.reshape(-1)
+        adopted = 0
+        if len(token_ids) and self.config.store.reuse_prefix and self.manager.has_store():
+            adopted = adopt_stored_prefix(cache.sequence, token_ids)
+            cache.sync_lengths()
+            self._reused_tokens += adopted
+        rest = len(token_ids) - adopted
+        if rest > 0:
+            if progress is None:
+                progress = rest > 8 * self.config.attention.prefill_chunk_tokens
+            self.prefill(token_ids[adopted:].unsqueeze(0), cache, progress=progress)
         return adopted
 
-    def session(self, name: str, *, tokenizer: Any = None, autocommit: bool = True) -> Any:
+    def generate_with(self, cache: HkvCache, input_ids: torch.Tensor, **generate_kwargs: Any) -> Any:
+        """``model.generate(input_ids, cache=cache, **generate_kwargs)`` with an all-ones
+        attention mask, timed and counted in :meth:`stats`; ``input_ids`` ``[1, S]``, the whole
+        sequence, whose KV but the last token's is in ``cache`` (:meth:`fill`)."""
+        input_ids = input_ids.to(self.spec.device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(input_ids, cache=cache, attention_mask=torch.ones_like(input_ids), **generate_kwargs)
+        self._counters["generate_s"] += time.perf_counter() - start
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        self._counters["generated_tokens"] += sequences.shape[1] - input_ids.shape[1]
+        return out
+
+    def session(self, name: str, *, tokenizer: Any = None, autocommit: bool = True) -> Session:
         """Open (or create) the persistent conversation ``name`` in the store: a
         :class:`hkv.sessions.Session` (a context manager). ``tokenizer``: recorded (a hash of its
         vocabulary) and checked on resume when given. Raises SessionNameError, SessionLockedError,
         SessionMismatchError, CorruptSessionError (see :mod:`hkv.sessions`)."""
-        from ..sessions import Session
-
         self._check_open()
         return Session(self, name, tokenizer=tokenizer, autocommit=autocommit)
 
-    def session_store(self) -> Any:
-        """The store's :class:`~hkv.tiers.session_store.SessionStore` (opens or creates the disk
+    def session_store(self) -> SessionStore:
+        """The store's :class:`~hkv.sessions.store.SessionStore` (opens or creates the disk
         store); registers, once, the disk-budget reclaimer that drops the KV of least-recently-used
         sessions not open here (``store.evict_sessions``)."""
-        store = self.manager.sessions
-        if not self._reclaimer_set:
-            self._reclaimer_set = True
+        self._check_open()
+        if self._session_store is None:
+            store = self._session_store = SessionStore(self.manager.store)
             if self.config.store.evict_sessions:
-                manager, open_names = self.manager, self._sessions
+                manager, open_names = self.manager, self.open_sessions
                 manager.set_reclaimer(lambda need: store.reclaim(need, skip=set(open_names), in_use=manager.in_use))
-        return store
+        return self._session_store
+
+    def model_identity(self, tokenizer: Any = None) -> ModelIdentity:
+        """What a session records of this runtime's model and checks on resume
+        (:func:`~hkv.integrations.model.model_identity`)."""
+        return model_identity(self.model, self.dtype, tokenizer, self.config.attention)
 
     def _after_forward(self) -> None:
         self._counters["forwards"] += 1
@@ -285,7 +305,7 @@ class Runtime:
         self._closed = True
         errors = []
         try:
-            for session in list(getattr(self, "_sessions", {}).values()):
+            for session in list(getattr(self, "open_sessions", {}).values()):
                 try:
                     session.close()  # commits (autocommit) while the manager is still open
                 except Exception as error:  # the others still close; the first failure is raised below

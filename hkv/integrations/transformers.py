@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -34,8 +34,8 @@ try:
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("hkv.integrations.transformers needs transformers>=5.0,<6: pip install 'hkv[hf]'") from error
 
-if TYPE_CHECKING:
-    from .runtime import Runtime
+from ..attention.sequence import SequenceKV
+from .model import ModelSpec
 
 ATTN_IMPLEMENTATION = "hkv"
 
@@ -179,9 +179,11 @@ class HkvCache(Cache):
 
     _finalizer: Any = None  # set by Runtime.new_cache: closes the SequenceKV once
 
-    def __init__(self, runtime: Runtime, sequence: Any) -> None:
-        super().__init__(layers=[HkvLayer(sequence, i) for i in range(runtime.spec.num_layers)])
-        self.runtime = runtime
+    def __init__(self, sequence: SequenceKV, spec: ModelSpec, owner: object, on_close: Callable[[HkvCache], None]) -> None:
+        """``owner``: the runtime whose hooks accept this cache; ``on_close(cache)`` is called
+        once by :meth:`close`, before the sequence is closed."""
+        super().__init__(layers=[HkvLayer(sequence, i) for i in range(spec.num_layers)])
+        self.owner, self.spec, self._on_close = owner, spec, on_close
         self.sequence = sequence
         self._live = False  # True while a forward of the wrapped model runs with this cache
         self._closed = False
@@ -212,7 +214,7 @@ class HkvCache(Cache):
     def sync_lengths(self) -> None:
         """Make every layer's token count the sequence's, after KV was adopted into the sequence
         directly (a restored session, a reused prefix; see ``SequenceKV.adopt``)."""
-        spec, tokens = self.runtime.spec, self.sequence.seq_length()
+        spec, tokens = self.spec, self.sequence.seq_length()
         for hkv_layer in self.layers:
             if not hkv_layer.is_initialized:
                 hkv_layer.device, hkv_layer.dtype, hkv_layer.is_initialized = spec.device, spec.dtype, True
@@ -226,7 +228,7 @@ class HkvCache(Cache):
         """Release the sequence's device blocks (its sealed blocks stay in the tiers). Idempotent."""
         if not self._closed:
             self._closed = True
-            self.runtime._retire(self)
+            self._on_close(self)
             self.sequence.close()
 
     def __enter__(self) -> HkvCache:
@@ -265,7 +267,7 @@ class ModelHooks:
     def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if isinstance(cache, HkvCache):
-            if cache.runtime is not self.owner or cache._closed:
+            if cache.owner is not self.owner or cache._closed:
                 raise ValueError("this HkvCache was closed or belongs to another runtime; create one with rt.new_cache()")
             input_ids = kwargs.get("input_ids", args[0] if args else None)
             if input_ids is None:
@@ -326,11 +328,3 @@ def check_padding(mask: torch.Tensor) -> None:
     if not bool(mask.bool().all()):
         raise ValueError("hkv does not support padding: attention_mask has zeros (batch size 1, no padding tokens)")
 
-
-def __getattr__(name: str) -> Any:
-    # The design map puts wrap() here; it lives in .runtime (which imports this module).
-    if name in ("wrap", "Runtime", "RuntimeStats"):
-        from . import runtime
-
-        return getattr(runtime, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

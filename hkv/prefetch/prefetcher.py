@@ -1,6 +1,6 @@
 """The asynchronous prefetcher: moves predicted blocks up to the device on worker threads.
 
-After layer ``l`` of decode step ``t`` has chosen its blocks, :class:`~hkv.sequence.SequenceKV`
+After layer ``l`` of decode step ``t`` has chosen its blocks, :class:`~hkv.attention.sequence.SequenceKV`
 submits the blocks it predicts layer ``l`` reads at step ``t + 1`` (the current query's top-k
 plus a margin). Workers call :meth:`TierManager.promote` (disk -> host -> device; on CUDA the
 host -> device copy runs on the manager's copy stream), while the main thread computes layers
@@ -25,9 +25,10 @@ import logging
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..blocks import BlockKey
+from ..tiers.manager import TierManager
 
 log = logging.getLogger(__name__)
 
@@ -42,67 +43,6 @@ class PrefetcherStats:
     jobs: int = 0  # promotion and write-back jobs queued
     cancelled_jobs: int = 0
     failed_jobs: int = 0
-
-
-@dataclass(slots=True)
-class StepStats:
-    """Prefetch and movement figures of one decode step / prefill forward (block counts, bytes, seconds).
-
-    ``predicted``: blocks the prefetcher was asked for, for this step. ``needed``: past blocks
-    read that are not pinned. ``hit``: needed blocks that were predicted and already on the device
-    when read. ``late``: the same count as ``waited`` -- gathered blocks that a concurrent
-    promotion was still moving when read (gather waited for it). ``missed``: the same count as
-    ``fetched`` -- gathered blocks fetched on demand. Both copies cover every gathered block,
-    not only ``needed`` ones (pinned blocks are on the device, so in practice they are needed
-    blocks). ``resident`` / ``waited`` / ``fetched`` / ``stall_s`` are the manager's
-    :class:`~hkv.tiers.manager.GatherReport` over every gathered block (sink and local included);
-    ``stall_s`` counts only time spent because a block was not on the device (waiting for its
-    promotion, or fetching it on demand), never the lock waits and bookkeeping every gather pays.
-    Hit rate: ``hit / needed`` (:attr:`SequenceStats.hit_rate`); ``hit / predicted`` is the
-    prediction's precision.
-    """
-
-    step: int = 0
-    predicted: int = 0
-    needed: int = 0
-    hit: int = 0
-    late: int = 0
-    missed: int = 0
-    resident: int = 0
-    waited: int = 0
-    fetched: int = 0
-    stall_s: float = 0.0
-    attend_s: float = 0.0
-    select_s: float = 0.0  # of attend_s: choosing the blocks (scoring their summaries)
-    moved_bytes: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class SequenceStats(StepStats):
-    """Totals over the sequence's steps (``step`` = number of steps), plus the last step."""
-
-    tokens: int = 0
-    blocks: int = 0  # sealed blocks over all layers
-    last: StepStats | None = None
-
-    @property
-    def hit_rate(self) -> float | None:
-        """Share of the blocks read (``needed``) that the prefetcher had on the device in time.
-
-        Not ``hit / predicted``: the prediction includes a margin of extra candidates
-        (``prefetch.margin``), so that ratio stays below ``1 / (1 + margin)`` even when every
-        block read was prefetched, and it falls when the margin grows although fewer blocks
-        are then fetched on demand."""
-        return self.hit / self.needed if self.needed else None
-
-    @property
-    def precision(self) -> float | None:
-        """Share of the predicted blocks that were read and on the device in time."""
-        return self.hit / self.predicted if self.predicted else None
-
-
-COUNTERS = (  # the StepStats fields summed over steps
-    "predicted", "needed", "hit", "late", "missed", "resident", "waited", "fetched", "stall_s", "attend_s", "select_s")
 
 
 class PrefetchTicket:
@@ -145,7 +85,7 @@ class Prefetcher:
     ``missing_from_device``, ``promote`` and ``write_back`` (thread-safe).
     """
 
-    def __init__(self, manager, workers: int = 2, *, job_blocks: int = 16) -> None:
+    def __init__(self, manager: TierManager, workers: int = 2, *, job_blocks: int = 16) -> None:
         if workers < 1:
             raise ValueError(f"workers = {workers}: must be at least 1")
         self.manager = manager

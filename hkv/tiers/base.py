@@ -13,21 +13,9 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from ..blocks import BlockKey, BlockLayout
+from ..errors import BlockNotFoundError, TierError, TierFullError
 
-
-class TierError(RuntimeError):
-    """Base class of tier failures."""
-
-
-class TierFullError(TierError):
-    """A put that does not fit the tier's byte budget. Nothing stored was changed."""
-
-
-class BlockNotFoundError(KeyError, TierError):
-    """A block the tier does not hold."""
-
-    def __str__(self) -> str:  # KeyError quotes its argument; keep the message readable
-        return str(self.args[0]) if self.args else "block not found"
+__all__ = ["BlockNotFoundError", "Tier", "TierError", "TierFullError"]
 
 
 class Tier(ABC):

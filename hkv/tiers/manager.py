@@ -32,6 +32,7 @@ import torch
 
 from ..blocks import BlockKey, BlockLayout
 from ..config import Config, ConfigError
+from ..store.txn import CommitResult
 from .base import TierError, TierFullError
 from .copies import CopyEngine
 from .device import DeviceTier, resolve_device
@@ -40,7 +41,6 @@ from .host import HostTier
 from .placement import Digest, Entry
 from .promotion import GatherReport, Promotion
 from .policy import make_policy
-from .session_store import CommitResult, SessionStore
 
 TIER_NAMES = ("device", "host", "disk")
 __all__ = ["GatherReport", "ManagerStats", "TIER_NAMES", "TierManager", "TierUsage"]
@@ -98,8 +98,7 @@ class TierManager(Promotion):
             evict_sessions=config.store.evict_sessions,
         )
         self._closed = False
-        self._sessions: SessionStore | None = None
-        if (self.path / "data.mdb").exists():  # a store from an earlier run: its blocks are known
+        if self.has_store():  # a store from an earlier run: its blocks are known
             self._open_disk()
 
     # -- the disk tier, opened when first needed --------------------------------------------------
@@ -110,20 +109,23 @@ class TierManager(Promotion):
                 self._entry_for(key.digest).on_disk = True
                 self._recent["disk"][key.digest] = None
                 self._disk_count += 1
-            self._sessions = SessionStore(self._disk)
-            for key in self._sessions.referenced_keys():
+            for key in self._disk.referenced_keys():
                 entry = self._entries.get(key)
                 if entry is not None:
                     entry.stored = True
         return self._disk
 
+    def has_store(self) -> bool:
+        """Whether the disk store exists (opened here, or left at ``tiers.path`` by an earlier run)."""
+        return self._disk is not None or (self.path / "data.mdb").exists()
+
     @property
-    def sessions(self) -> SessionStore:
-        """The session records of the disk store (opened now if it was not yet)."""
+    def store(self) -> DiskTier:
+        """The disk store (opened, or created, now if it was not yet): the blocks and the rows
+        beside them (refs, summaries, sessions) that the layers above read and write."""
         with self._cond:
             self._check_open()
-            self._open_disk()
-            return self._sessions  # type: ignore[return-value]
+            return self._open_disk()
 
     def apply_store_changes(self, result: CommitResult) -> None:
         """Follow a session commit / delete / reclaim: blocks newly referenced are ``stored``
@@ -135,7 +137,7 @@ class TierManager(Promotion):
     def learn_stored(self, keys: Sequence[BlockKey]) -> int:
         """Register blocks that another process stored after this manager opened the store.
 
-        ``keys``: blocks known to be in the store (e.g. checked with SessionStore.present). Those
+        ``keys``: blocks that may be in the store (prefix adoption's candidates). Those
         unknown here get an entry with their disk copy (``stored`` when a session references
         them). Returns how many leading ``keys`` the manager now knows."""
         with self._cond:
@@ -144,7 +146,7 @@ class TierManager(Promotion):
             if unknown:
                 disk = self._open_disk()
                 present = [key for key in unknown if disk.contains(key)]
-                refs = self.sessions.refs(present) if present else []
+                refs = disk.refs(present) if present else []
                 for key, count in zip(present, refs):
                     entry = self._entry_for(key.digest)
                     entry.on_disk, entry.stored = True, count > 0

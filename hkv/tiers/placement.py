@@ -16,6 +16,7 @@ from concurrent.futures import Future
 import torch
 
 from ..blocks import BlockKey, BlockLayout
+from ..store.txn import CommitResult
 from .base import BlockNotFoundError, TierError, TierFullError
 from .copies import CopyEngine
 from .disk import DiskTier
@@ -330,7 +331,7 @@ class Placement:
         if not self._where(key):
             self._forget(key)
 
-    def _apply_store_changes(self, result) -> None:  # result: session_store.CommitResult
+    def _apply_store_changes(self, result: CommitResult) -> None:
         """Follow what a session commit / delete / reclaim changed in the store (lock held)."""
         get = self._entries.get
         for key in result.newly_referenced:

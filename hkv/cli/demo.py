@@ -2,7 +2,7 @@
 that the next run resumes instead of prefilling.
 
 First run (no session ``name`` in the store): build a passkey prompt of about ``tokens`` tokens
-(:func:`hkv.models.passkey_prompt`), stream it into the session with a progress bar, answer the
+(:func:`hkv.passkey.passkey_prompt`), stream it into the session with a progress bar, answer the
 question greedily, commit. Later runs: open the session (lazily restored from the store: block
 data stays on disk until attention needs it), ask a follow-up question in a new turn, commit.
 
@@ -24,8 +24,9 @@ from typing import Any
 
 import torch
 
-from .config import Config
-from .models import passkey_answer, passkey_prompt
+from ..config import Config
+from ..passkey import passkey_answer, passkey_prompt
+from .common import human_bytes
 
 DEFAULT_TOKENS = 4096  # about two minutes on a 2-core CPU with SmolLM2-135M (model load included)
 DEFAULT_SESSION = "demo"
@@ -165,7 +166,8 @@ def drop_session(config: Config, name: str) -> bool:
     """Delete session ``name`` from the store (``--fresh``); False when there was none.
 
     Run it before wrapping the model: the store is opened on its own, like ``hkv sessions rm``."""
-    from .tiers.session_store import SessionNotFoundError, SessionStore, check_name
+    from ..sessions import SessionNotFoundError, SessionStore
+    from ..sessions.records import check_name
 
     check_name(name)
     path = Path(config.tiers.path)
@@ -223,7 +225,7 @@ def run_demo(
     Opens session ``name``: new -> :func:`_first_turn` (``tokens``, ``depth``, ``seed`` shape the
     passkey prompt); existing -> :func:`_follow_up_turn` (they are ignored). Commits before returning.
     """
-    from .integrations.runtime import wrap
+    from ..integrations.runtime import wrap
 
     with wrap(model, config) as rt:
         start = time.perf_counter()
@@ -339,16 +341,6 @@ def prefetch_figures(rt: Any) -> PrefetchFigures | None:
 
 
 # -- rendering ----------------------------------------------------------------------------------------
-
-
-def human_bytes(nbytes: int) -> str:
-    """``512 B``, ``1.5 KiB`` ... ``2.0 GiB`` (also the ``hkv sessions`` tables)."""
-    value = float(nbytes)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{nbytes} B"  # pragma: no cover
 
 
 def report_lines(result: DemoResult) -> list[str]:

@@ -8,8 +8,12 @@ blocks are written through to the store (with their summaries). A commit makes t
 durable in one store transaction: token ids, the block keys it references (refcounted, so
 sessions sharing a prefix store its blocks once), the new blocks' summaries and the unsealed
 tail's KV. Opening a session restores it lazily: the blocks are *adopted*
-(:meth:`hkv.sequence.SequenceKV.adopt`: keys and summaries, no block data read but the pinned
-sink / local blocks), so resuming costs a few reads, not a prefill.
+(:func:`hkv.attention.prefix.adopt_stored_prefix`: keys and summaries, no block data read but the
+pinned sink / local blocks), so resuming costs a few reads, not a prefill.
+
+A session talks to the model only through its runtime's public seam (:class:`SessionHost`,
+which :class:`hkv.integrations.runtime.Runtime` is): this package never imports the
+integrations, which import it.
 """
 
 from __future__ import annotations
@@ -18,37 +22,54 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from .blocks import BlockKey, CorruptRecordError, chain_hashes
-from .integrations.model import model_identity
-from .tiers.session_store import (  # noqa: F401  (re-exported: the errors users catch)
+from ..attention.prefix import adopt_stored_prefix, as_ids
+from ..attention.sequence import SequenceKV
+from ..blocks import BlockLayout, CorruptRecordError
+from ..config import Config
+from ..tiers.manager import TierManager
+from .records import (
     CorruptSessionError,
+    ModelIdentity,
     SessionError,
     SessionInfo,
     SessionLockedError,
     SessionMismatchError,
-    SessionNameError,
-    SessionNotFoundError,
     SessionRecord,
     check_name,
 )
+from .store import SessionStore
 
-__all__ = [
-    "CorruptSessionError",
-    "RestoreReport",
-    "Session",
-    "SessionError",
-    "SessionInfo",
-    "SessionLockedError",
-    "SessionMismatchError",
-    "SessionNameError",
-    "SessionNotFoundError",
-    "adopt_stored_prefix",
-]
+
+class SessionCache(Protocol):
+    """What a session needs of its cache (an :class:`~hkv.integrations.transformers.HkvCache`)."""
+
+    sequence: SequenceKV
+
+    def append_kv(self, token_ids: torch.Tensor, keys: Any, values: Any = None) -> None: ...
+    def sync_lengths(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class SessionHost(Protocol):
+    """The runtime seen from a session (:class:`hkv.integrations.runtime.Runtime` is one)."""
+
+    config: Config
+    layout: BlockLayout
+    manager: TierManager
+    open_sessions: dict[str, Session]
+
+    @property
+    def num_layers(self) -> int: ...
+    def session_store(self) -> SessionStore: ...
+    def model_identity(self, tokenizer: Any = None) -> ModelIdentity: ...
+    def new_cache(self, *, persist: bool = False) -> SessionCache: ...
+    def fill(self, cache: SessionCache, token_ids: torch.Tensor, *, progress: bool | None = None) -> int: ...
+    def generate_with(self, cache: SessionCache, input_ids: torch.Tensor, **generate_kwargs: Any) -> Any: ...
 
 
 @dataclass(slots=True)
@@ -62,55 +83,6 @@ class RestoreReport:
     pending_tokens: int  # tokens whose KV is missing (evicted, or never computed) and is prefilled at the next call
     seconds: float
     new: bool  # True when the session did not exist before
-
-
-@torch.inference_mode()
-def adopt_stored_prefix(store: Any, cache: Any, token_ids: torch.Tensor | np.ndarray, *, limit_blocks: int | None = None) -> int:
-    """Adopt into ``cache`` the longest run of stored blocks that continues it with ``token_ids``.
-
-    ``token_ids``: ``[S]``, the tokens that follow the cache's current length (which must be a
-    block boundary, else nothing is adopted). A block is adopted when every layer's block and
-    summary are in ``store`` (a :class:`~hkv.tiers.session_store.SessionStore`); at most
-    ``limit_blocks``. Returns the tokens adopted (a multiple of ``block_tokens``)."""
-    seq = cache.sequence
-    bt, first = seq.block_tokens, seq.sealed_blocks()
-    if seq.seq_length() != first * bt:
-        return 0
-    ids = _as_ids(token_ids)
-    count = len(ids) // bt if limit_blocks is None else min(len(ids) // bt, limit_blocks)
-    if count <= 0:
-        return 0
-    previous = seq.prefix_chain()
-    if previous is None:
-        return 0
-    chains = chain_hashes(ids[: count * bt], bt, previous=previous)
-    keys = []
-    for layer in range(seq.num_layers):  # each layer can only shorten the run
-        layer_keys = [BlockKey.make(seq.fingerprint, chain, layer) for chain in chains[:count]]
-        # The manager knows every block of the store it opened (and learns, checking the store,
-        # those another process stored since); the summaries, read below, are the other half.
-        count = seq.manager.learn_stored(layer_keys[:count])
-        if count == 0:
-            return 0
-        keys.append(layer_keys)
-    summaries = []
-    for layer in range(seq.num_layers):
-        out = torch.empty(count, 2, seq.kv_heads, seq.head_dim, dtype=torch.float32)
-        count = min(count, store.read_summaries(keys[layer][:count], out, relative=seq.summaries.relative))
-        if count == 0:
-            return 0
-        summaries.append(out)
-    seq.note_tokens(torch.from_numpy(ids[: count * bt]))
-    seq.adopt(count, [s[:count] for s in summaries])
-    cache.sync_lengths()
-    return count * bt
-
-
-def _as_ids(token_ids: torch.Tensor | np.ndarray | list[int]) -> np.ndarray:
-    """1-D int64 numpy ids (a copy on the CPU)."""
-    if isinstance(token_ids, torch.Tensor):
-        token_ids = token_ids.detach().to("cpu").reshape(-1).numpy()
-    return np.array(token_ids, dtype=np.int64).reshape(-1)
 
 
 class Session:
@@ -128,18 +100,18 @@ class Session:
     name: str
     restored: RestoreReport
 
-    def __init__(self, runtime: Any, name: str, *, tokenizer: Any = None, autocommit: bool = True) -> None:
+    def __init__(self, runtime: SessionHost, name: str, *, tokenizer: Any = None, autocommit: bool = True) -> None:
         started = time.perf_counter()
         self.name = check_name(name)
         self.runtime, self.autocommit = runtime, autocommit
         self._closed, self._broken, self._cache, self._lock = True, None, None, None
-        if name in runtime._sessions:
+        if name in runtime.open_sessions:
             raise SessionLockedError(f"session {name!r} is already open in this process; close it before opening it again")
         self._store = runtime.session_store()
         self._lock = self._store.lock(name)
         try:
             record = self._store.get(name)
-            self._identity = model_identity(runtime.model, runtime.dtype, tokenizer, runtime.config.attention)
+            self._identity = runtime.model_identity(tokenizer)
             if record is not None:
                 self._check(record)
                 if self._identity.tokenizer is None:
@@ -157,7 +129,7 @@ class Session:
             finally:
                 self._lock.release()
             raise
-        runtime._sessions[name] = self
+        runtime.open_sessions[name] = self
         self._closed = False
 
     # -- opening ---------------------------------------------------------------------------------
@@ -187,12 +159,13 @@ class Session:
             return RestoreReport(0, 0, 0, 0, 0, time.perf_counter() - started, True)
         self._tokens = torch.from_numpy(np.asarray(record.token_ids, dtype=np.int64).copy())
         bt = self.runtime.layout.block_tokens
-        adopted = adopt_stored_prefix(self._store, self._cache, self._tokens[: record.kv_blocks * bt]) // bt
+        adopted = adopt_stored_prefix(self._cache.sequence, self._tokens[: record.kv_blocks * bt]) // bt
+        self._cache.sync_lengths()
         tail = 0
         if adopted == record.kv_blocks and record.tail_tokens:
             tail = record.tail_tokens
-            kv = torch.empty(self.runtime.spec.num_layers, 2, self.runtime.layout.kv_heads, tail, self.runtime.layout.head_dim,
-                             dtype=self.runtime.layout.dtype)  # fmt: skip
+            layout = self.runtime.layout
+            kv = torch.empty(self.runtime.num_layers, 2, layout.kv_heads, tail, layout.head_dim, dtype=layout.dtype)
             self._store.read_tail(record, kv)
             start = adopted * bt
             self._cache.append_kv(self._tokens[start : start + tail], lambda layer: (kv[layer, 0], kv[layer, 1]))
@@ -228,19 +201,13 @@ class Session:
         mask = generate_kwargs.pop("attention_mask", None)
         if mask is not None and not bool(torch.as_tensor(mask).bool().all()):
             raise ValueError("hkv does not support padding: attention_mask has zeros (batch size 1, no padding tokens)")
-        tokens = torch.cat([self._tokens, torch.from_numpy(_as_ids(input_ids))])
+        tokens = torch.cat([self._tokens, torch.from_numpy(as_ids(input_ids))])
         if len(tokens) == 0:
             raise ValueError("input_ids is empty and the session has no tokens yet")
-        rt = self.runtime
         with self._guard():
-            self._fill(tokens, progress)
-            ids = tokens.unsqueeze(0).to(rt.spec.device)
-            start = time.perf_counter()
-            with torch.inference_mode():
-                out = rt.model.generate(ids, cache=self._cache, attention_mask=torch.ones_like(ids), **generate_kwargs)
-            rt._counters["generate_s"] += time.perf_counter() - start
+            self.runtime.fill(self._cache, tokens[self.kv_tokens : -1], progress=progress)
+            out = self.runtime.generate_with(self._cache, tokens.unsqueeze(0), **generate_kwargs)
             sequences = out if isinstance(out, torch.Tensor) else out.sequences
-            rt._counters["generated_tokens"] += sequences.shape[1] - ids.shape[1]
             self._tokens = sequences[0].detach().to("cpu", torch.long).clone()
         if self.autocommit:
             self.commit()
@@ -250,27 +217,12 @@ class Session:
         """Add tokens (a document, a turn) without generating; their KV is computed now (all but
         the last token's, like after :meth:`generate`). Commits when ``autocommit``."""
         self._check_usable()
-        tokens = torch.cat([self._tokens, torch.from_numpy(_as_ids(input_ids))])
+        tokens = torch.cat([self._tokens, torch.from_numpy(as_ids(input_ids))])
         with self._guard():
-            self._fill(tokens, progress)
+            self.runtime.fill(self._cache, tokens[self.kv_tokens : -1], progress=progress)
             self._tokens = tokens
         if self.autocommit:
             self.commit()
-
-    def _fill(self, tokens: torch.Tensor, progress: bool | None) -> None:
-        """Compute the KV of ``tokens[kv_tokens:-1]``: adopt what the store has (prefix reuse),
-        prefill the rest."""
-        rt, cache = self.runtime, self._cache
-        done = self.kv_tokens
-        todo = tokens[done:-1]
-        if len(todo) and rt.config.store.reuse_prefix:
-            adopted = adopt_stored_prefix(self._store, cache, todo)
-            rt._reused_tokens += adopted
-            done += adopted
-        if len(tokens) - 1 > done:
-            if progress is None:
-                progress = len(tokens) - 1 - done > 8 * rt.config.attention.prefill_chunk_tokens
-            rt.prefill(tokens[done:-1].unsqueeze(0), cache, progress=progress)
 
     @contextmanager
     def _guard(self) -> Iterator[None]:
@@ -301,8 +253,8 @@ class Session:
         n_blocks = seq.sealed_blocks()
         if self._record is not None and (len(self._tokens), n_blocks, self.kv_tokens) == self._committed:
             return
-        rt = self.runtime
-        rt.manager.flush()  # the written-through blocks (and their summaries) are durable first
+        manager = self.runtime.manager
+        manager.flush()  # the written-through blocks (and their summaries) are durable first
         layers = seq.num_layers
         keys = [seq.block_keys(layer) for layer in range(layers)]
         block_keys = [keys[layer][i] for i in range(n_blocks) for layer in range(layers)]
@@ -332,7 +284,7 @@ class Session:
         result = self._store.commit(record, block_keys=block_keys, summaries=summaries, summary_keys=summary_keys, tail=tail,
                                     relative=seq.summaries.relative)  # fmt: skip
         seq.summaries_committed(unsummarised)
-        rt.manager.apply_store_changes(result)
+        manager.apply_store_changes(result)
         self._record = record
         self._committed = (len(self._tokens), n_blocks, kv_tokens)
 
@@ -349,7 +301,7 @@ class Session:
                 self.commit()
         finally:
             self._closed = True
-            self.runtime._sessions.pop(self.name, None)
+            self.runtime.open_sessions.pop(self.name, None)
             try:
                 self._cache.close()
             finally:

@@ -1,8 +1,8 @@
 """A view of one LMDB transaction of the block store: its named databases and its usage record.
 
-The disk tier's writer thread hands a :class:`StoreTxn` to each ``apply`` job (a nested write
-transaction, see :meth:`hkv.tiers.disk.DiskTier.submit_apply`), and readers get one from
-:meth:`hkv.tiers.disk.DiskTier.reading`. It knows the format-2 conventions every writer must keep:
+The store's writer thread hands a :class:`StoreTxn` to each ``apply`` job (a nested write
+transaction, see :meth:`hkv.store.block_store.BlockStore.submit_apply`), and readers get one from
+:meth:`hkv.store.block_store.BlockStore.reading`. It knows the format-2 conventions every writer must keep:
 a block is a ``blocks`` record plus its ``keys`` entry (record length, u64 LE) and maybe a
 ``summaries`` entry; ``refs`` holds u32 LE counts, absent meaning 0; ``usage`` (record bytes and
 count) changes with every block put or deleted.
@@ -27,6 +27,18 @@ class DeleteResult:
     deleted: list[bytes] = field(default_factory=list)
     kept: list[bytes] = field(default_factory=list)
     freed_bytes: int = 0
+
+
+@dataclass(slots=True)
+class CommitResult:
+    """What a session commit / delete / reclaim changed in the ``refs`` rows and the blocks, for
+    the tier manager's in-process view (:meth:`hkv.tiers.manager.TierManager.apply_store_changes`)."""
+
+    newly_referenced: list[bytes] = field(default_factory=list)  # keys whose refs went 0 -> 1
+    unreferenced: list[bytes] = field(default_factory=list)  # keys whose refs went to 0 and were kept
+    deleted: list[bytes] = field(default_factory=list)  # keys whose blocks were deleted from the store
+    freed_bytes: int = 0
+    sessions: list[str] = field(default_factory=list)  # reclaim: sessions whose KV was dropped
 
 
 RELATIVE_SUMMARY_SUFFIX = b"r"  # summaries db: block key + this -> the block's relative-frame summary

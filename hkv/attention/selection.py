@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..positions import RotaryShift
+
 _SCORE_ELEMENTS = 1 << 22  # fp32 scores built at once while scoring a chunk (16 MiB)
 SCORE_QUERIES = 64  # queries of a long prefill chunk that score blocks (see scoring_queries)
 
@@ -66,10 +68,10 @@ class BlockSummaries:
     """
 
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, device: torch.device, initial_blocks: int = 64,
-                 *, rotary=None) -> None:  # fmt: skip
+                 *, rotary: RotaryShift | None = None) -> None:  # fmt: skip
         self.kv_heads = kv_heads
         self.head_dim = head_dim
-        self.rotary = rotary  # a hkv.positions.RotaryShift: the relative frame
+        self.rotary = rotary  # the relative frame
         self.device = torch.device(device)
         self._buffers = [torch.empty(2, kv_heads, head_dim, initial_blocks, device=self.device) for _ in range(num_layers)]
         self._counts = [0] * num_layers
@@ -139,7 +141,7 @@ class BlockSummaries:
         return self.rotary is not None
 
 
-def canonical_queries(query: torch.Tensor, first_position: int, distance: int, rotary) -> torch.Tensor:
+def canonical_queries(query: torch.Tensor, first_position: int, distance: int, rotary: RotaryShift) -> torch.Tensor:
     """Queries ``[Hq, S, D]`` at positions ``first_position ...`` rotated to position ``distance``
     each, for scoring relative-frame summaries (:class:`BlockSummaries`): every block is then
     scored as if its first token lay ``distance`` positions before the query. Only the

@@ -1,4 +1,4 @@
-"""The session store's work inside one LMDB transaction (see :mod:`.session_store`).
+"""The session store's work inside one LMDB transaction (see :mod:`.store`).
 
 Reads run in any thread; the functions that write run in the disk writer's thread, inside the
 nested transaction of an ``apply`` job, and must depend only on their arguments and what they
@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from ..blocks import BlockKey, BlockLayout, RecordError, decode_into
-from .session_records import (
-    CHECKSUM_BYTES,
-    CommitResult,
+from ..store.summary_rows import summary_values
+from ..store.txn import REFS_BYTES, CommitResult, StoreTxn, summary_key
+from .records import (
     CorruptSessionError,
     ModelIdentity,
     SessionError,
@@ -25,10 +25,8 @@ from .session_records import (
     SessionNotFoundError,
     SessionRecord,
     VerifyReport,
-    checksum,
     tail_key,
 )
-from .store_txn import REFS_BYTES, StoreTxn, summary_key
 
 RECORD_PREFIX = b"s:"  # sessions db: "s:" + name -> record
 TAIL_PREFIX = b"t:"  # sessions db: "t:" + name -> tail record
@@ -178,16 +176,6 @@ def decode_tail(store: StoreTxn, name: str, out: torch.Tensor) -> None:
         decode_into(raw, out, tail_key(name), where=f"session {name!r} tail")
     except RecordError as error:
         raise CorruptSessionError(str(error)) from None
-
-
-def summary_values(raw: bytes | memoryview | None, floats: int) -> np.ndarray | None:
-    """The fp32 values of a summary record if intact (length and checksum), else None."""
-    if raw is None or len(raw) != CHECKSUM_BYTES + 4 * floats:
-        return None
-    view = memoryview(raw)
-    if checksum(view[CHECKSUM_BYTES:]) != bytes(view[:CHECKSUM_BYTES]):
-        return None
-    return np.frombuffer(view[CHECKSUM_BYTES:], dtype="<f4")
 
 
 def verify_session(

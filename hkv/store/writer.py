@@ -1,4 +1,4 @@
-"""The disk tier's writer thread: batched, durable LMDB write transactions.
+"""The store's writer thread: batched, durable LMDB write transactions.
 
 One thread per store takes :class:`WriteJob` submissions from a queue, groups those waiting into
 one transaction of up to ``max_blocks`` blocks (group commit: a deep queue means fewer, larger
@@ -20,7 +20,7 @@ from concurrent.futures import Future
 
 import lmdb
 
-from .base import TierError
+from ..errors import TierError
 
 
 class WriteJob:

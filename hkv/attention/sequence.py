@@ -5,7 +5,7 @@ Per layer, tokens live in three places:
 * **sealed blocks** (``block_tokens`` tokens each, ``[2, Hkv, block_tokens, D]``) in the
   :class:`~hkv.tiers.manager.TierManager`; the first ``sink_tokens`` and the newest
   ``local_tokens`` worth of blocks are pinned on the device (they count against its budget);
-* **block summaries** (min/max keys, :class:`~hkv.prefetch.predictor.BlockSummaries`) on the
+* **block summaries** (min/max keys, :class:`~hkv.attention.selection.BlockSummaries`) on the
   device, outside the tier budget;
 * the **fresh window**: the KV of the last :meth:`SequenceKV.append` plus the unsealed tail
   before it, from the last block boundary up to the newest token, on the device in the storage
@@ -18,7 +18,7 @@ top-k + local in sparse mode, where the local window is the ``local_tokens // bl
 blocks ending at the chunk's first query, so a decode step reads at most ``budget_tokens`` plus
 the unsealed tail, i.e. fewer than ``budget_tokens + block_tokens`` tokens), gathered from the manager in pieces of a size fixed by memory and
 in waves of at most ``gather_capacity()`` blocks, then the fresh window with a causal mask, all
-merged with log-sum-exp (:class:`~hkv.attention.AttentionAccumulator`). Piece boundaries
+merged with log-sum-exp (:class:`~hkv.attention.accumulator.AttentionAccumulator`). Piece boundaries
 never depend on the manager's state, so output is bitwise identical with prefetch on or off.
 """
 
@@ -33,13 +33,15 @@ from dataclasses import fields
 import numpy as np
 import torch
 
-from .attention import PIECE_KV_ELEMENTS, PIECE_SCORE_ELEMENTS, AttentionAccumulator, causal_mask
-from .blocks import DTYPE_NAMES, ROOT_CHAIN, BlockKey, chain_hash
-from .config import Config, ConfigError
-from .positions import far_block_deltas
-from .prefetch.predictor import BlockSummaries, canonical_queries, select_blocks
-from .prefetch.prefetcher import COUNTERS, SequenceStats, StepStats
-from .tiers.manager import GatherReport
+from ..blocks import DTYPE_NAMES, ROOT_CHAIN, BlockKey, chain_hash
+from ..config import Config, ConfigError
+from ..positions import RotaryShift, far_block_deltas
+from ..prefetch.prefetcher import Prefetcher, PrefetchTicket
+from ..store.summary_rows import SummaryRows
+from ..tiers.manager import GatherReport, TierManager
+from .accumulator import PIECE_KV_ELEMENTS, PIECE_SCORE_ELEMENTS, AttentionAccumulator, causal_mask
+from .selection import BlockSummaries, canonical_queries, select_blocks
+from .stats import COUNTERS, SequenceStats, StepStats
 
 
 class SequenceKV:
@@ -56,8 +58,9 @@ class SequenceKV:
     to the disk store whatever ``store.persist`` says (a session's sequence).
     """
 
-    def __init__(self, manager, config: Config, *, num_layers: int, num_kv_heads: int, num_q_heads: int, head_dim: int,
-                 dtype: torch.dtype, fingerprint: bytes, prefetcher=None, persist: bool = False, rotary=None) -> None:
+    def __init__(self, manager: TierManager, config: Config, *, num_layers: int, num_kv_heads: int, num_q_heads: int,
+                 head_dim: int, dtype: torch.dtype, fingerprint: bytes, prefetcher: Prefetcher | None = None,
+                 persist: bool = False, rotary: RotaryShift | None = None) -> None:
         if num_q_heads % num_kv_heads:
             raise ValueError(f"num_q_heads = {num_q_heads} must be a multiple of num_kv_heads = {num_kv_heads}")
         a = config.attention
@@ -104,7 +107,7 @@ class SequenceKV:
         self._noted = 0
         self._chains: list[bytes] = []
         self._nonce: bytes | None = None  # set when blocks seal before any note_tokens: random chain
-        self._tickets: list = [None] * num_layers
+        self._tickets: list[PrefetchTicket | None] = [None] * num_layers
         self._summary_writes: list[tuple[int, int, int, Future]] = []  # (layer, first block, blocks, put_summaries' future)
         self._unsummarised: set[tuple[int, int]] = set()  # (layer, block) whose summary write found no block
         self._share = 0  # prefetch blocks per layer this step
@@ -203,8 +206,8 @@ class SequenceKV:
         self.summaries.add(layer, blocks[:, 0])
         if self.persist or self.manager.persist:  # stored blocks carry their summaries (sessions, prefix reuse)
             count = self.summaries.count(layer)
-            future = self.manager.sessions.put_summaries(new_keys, self.summaries.export(layer, count - n, count),
-                                                         relative=self.summaries.relative)  # fmt: skip
+            future = SummaryRows(self.manager.store).submit_put(new_keys, self.summaries.export(layer, count - n, count),
+                                                                relative=self.summaries.relative)  # fmt: skip
             self._summary_writes.append((layer, count - n, n, future))
             if len(self._summary_writes) >= 2 * self.num_layers:  # bounded without a commit (prefix reuse)
                 self._collect_summary_writes(wait=False)

@@ -13,7 +13,7 @@ devices; the merge is the same.
 GQA: query head ``h`` reads KV head ``h // (Hq // Hkv)`` (transformers' ``repeat_kv``).
 
 The per-sequence, per-layer driver that picks blocks, gathers them from the tiers and feeds
-this accumulator is :class:`hkv.sequence.SequenceKV` (importable from here too).
+this accumulator is :class:`hkv.attention.sequence.SequenceKV`.
 """
 
 from __future__ import annotations
@@ -144,11 +144,3 @@ def attend_causal(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
         out.append(acc.result())
     return torch.cat(out, dim=1)
 
-
-def __getattr__(name: str) -> Any:
-    # SequenceKV lives in hkv.sequence (which imports this module); re-exported lazily.
-    if name in ("SequenceKV", "SequenceStats", "StepStats"):
-        from . import sequence
-
-        return getattr(sequence, name)
-    raise AttributeError(f"module 'hkv.attention' has no attribute {name!r}")

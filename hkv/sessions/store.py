@@ -1,17 +1,16 @@
 """Sessions' records in the LMDB store: identity, token ids, block references, tails, locks.
 
 Layout and rules: docs/sessions-design.md, docs/store.md. This module knows LMDB records, not
-models: the :class:`hkv.sessions.Session` layer computes keys, summaries and tails and calls it.
-Everything that writes goes through the disk tier's writer thread (one nested transaction per
-call, :meth:`hkv.tiers.disk.DiskTier.submit_apply`), so a commit is atomic and durable when its
-call returns. Values, in the databases of a format-2 store:
+models: the :class:`hkv.sessions.session.Session` layer computes keys, summaries and tails and
+calls it. Everything that writes goes through the store's writer thread (one nested transaction
+per call, :meth:`hkv.store.block_store.BlockStore.submit_apply`), so a commit is atomic and
+durable when its call returns. Values, in the databases of a format-2 store:
 
 * ``sessions``: ``s:<name>`` -> msgpack record + its xxh3-64 (8 bytes LE); ``t:<name>`` -> the
   tail KV, a block record (:func:`hkv.blocks.encode_record`) of ``[layers * 2, kv_heads,
   tail_tokens, head_dim]`` filed under a key derived from the name;
-* ``summaries``: block key -> xxh3-64 (8 bytes LE) of the rest + fp32 ``[2, kv_heads, head_dim]``
-  (min / max of the block's keys as stored); block key + ``b"r"`` -> the same of the keys rotated
-  back to the block's first position (the relative frame, ``attention.positions = "remap"``);
+* ``summaries``: the block summaries (:mod:`hkv.store.summary_rows`), written by a commit for the
+  blocks whose write-through summary found no block;
 * ``refs``: block key -> u32 LE count of committed sessions that reference the block.
 
 Nothing is pickled.
@@ -23,15 +22,27 @@ import dataclasses
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..blocks import BlockKey, encode_record
-from .session_lock import lock_file
-from .session_ops import (
+from ..store.block_store import BlockStore
+from ..store.summary_rows import encode_summaries
+from ..store.txn import CommitResult, StoreTxn
+from .locks import SessionLock, lock_file
+from .records import (
+    SessionError,
+    SessionInfo,
+    SessionLockedError,
+    SessionNotFoundError,
+    SessionRecord,
+    VerifyReport,
+    check_name,
+    tail_key,
+)
+from .rows import (
     RECORD_PREFIX,
     commit_in,
     decode_tail,
@@ -40,38 +51,19 @@ from .session_ops import (
     record_in,
     record_key,
     records_by_use,
-    summary_values,
     tail_record_key,
     verify_session,
 )
-from .session_records import (  # noqa: F401  (the session API lives here for its users)
-    NAME_PATTERN,
-    RECORD_VERSION,
-    CommitResult,
-    CorruptSessionError,
-    ModelIdentity,
-    SessionError,
-    SessionInfo,
-    SessionLockedError,
-    SessionMismatchError,
-    SessionNameError,
-    SessionNotFoundError,
-    SessionRecord,
-    VerifyReport,
-    check_name,
-    checksum,
-    tail_key,
-)
-from .store_txn import StoreTxn, summary_key
 
 
 class SessionStore:
-    """Session records of one :class:`~hkv.tiers.disk.DiskTier` (the same LMDB environment).
+    """Session records of one :class:`~hkv.store.block_store.BlockStore` (the same LMDB environment).
 
     Thread-safe; several processes may use one store (LMDB orders writers; the lock file orders
     session writers)."""
 
-    def __init__(self, disk, *, owns_disk: bool = False) -> None:  # disk: DiskTier (format 2 unless read-only)
+    def __init__(self, disk: BlockStore, *, owns_disk: bool = False) -> None:
+        """``disk``: the store (format 2 unless read-only); closed by :meth:`close` if ``owns_disk``."""
         self.disk, self.path, self._owns_disk = disk, Path(disk.path), owns_disk
         self._locks = lock_file(self.path)
 
@@ -80,9 +72,7 @@ class SessionStore:
         """Open the store at ``path`` without knowing its block layout (``hkv sessions``);
         :meth:`close` closes it. StoreError if it is not an hkv store, is of a newer format, or
         is already open in this process (LMDB allows one environment per process)."""
-        from .disk import DiskTier
-
-        return cls(DiskTier.open_existing(path, readonly=readonly), owns_disk=True)
+        return cls(BlockStore.open_existing(path, readonly=readonly), owns_disk=True)
 
     def close(self) -> None:
         """Close the disk tier if :meth:`open` opened it (else the owner closes it)."""
@@ -139,43 +129,6 @@ class SessionStore:
         if not direct:
             out.copy_(target.view(out.shape))
 
-    def read_summaries(self, keys: Sequence[BlockKey], out: torch.Tensor, *, relative: bool = False) -> int:
-        """Fill ``out`` ``[n, 2, kv_heads, head_dim]`` fp32 (CPU) with the stored summaries of
-        ``keys`` in order (``relative``: those of the relative frame, :func:`summary_key`);
-        returns how many leading keys had an intact summary (stops at the first missing or
-        corrupt one)."""
-        if out.dtype != torch.float32 or out.device.type != "cpu" or not out.is_contiguous() or len(out) < len(keys):
-            raise ValueError(f"read_summaries: out must be a contiguous CPU fp32 tensor of >= {len(keys)} rows")
-        rows = out.view(len(out), -1).numpy()
-        with self.disk.reading() as store:
-            for i, key in enumerate(keys):
-                values = summary_values(store.get("summaries", summary_key(bytes(key), relative)), rows.shape[1])
-                if values is None:
-                    return i
-                rows[i] = values
-        return len(keys)
-
-    def present(self, keys: Sequence[BlockKey], *, relative: bool = False) -> int:
-        """How many leading ``keys`` are stored with their summary (blocks + summaries dbs;
-        ``relative``: the relative frame's)."""
-        with self.disk.reading() as store:  # buffers: no copies, but 5x slower small gets
-            for i, key in enumerate(keys):
-                raw = bytes(key)
-                if store.record_nbytes(raw) is None or store.get("summaries", summary_key(raw, relative)) is None:
-                    return i
-        return len(keys)
-
-    def refs(self, keys: Sequence[BlockKey]) -> list[int]:
-        """How many committed sessions reference each of ``keys``."""
-        with self.disk.reading() as store:
-            return [store.refs(bytes(key)) for key in keys]
-
-    def referenced_keys(self) -> list[bytes]:
-        """Every key with refs > 0 (the tier manager loads this when it opens the store; a count
-        of 0 is never stored, so no value is read)."""
-        with self.disk.reading() as store:
-            return store.keys("refs")
-
     # -- writing (one write transaction each, durable on return) -----------------------------------
     def commit(self, record: SessionRecord, *, block_keys: Sequence[BlockKey], summaries: torch.Tensor | None,
                summary_keys: Sequence[BlockKey], tail: torch.Tensor | None, relative: bool = False) -> CommitResult:  # fmt: skip
@@ -208,36 +161,17 @@ class SessionStore:
         except (TypeError, ValueError) as error:
             raise SessionError(f"session {record.name!r}: cannot encode its record: {error}") from None
         tail_record = self._encode_tail(record, tail)
-        summary_values = self._encode_summaries(summary_keys, summaries, relative)
+        summary_rows = encode_summaries(self.disk.layout, summary_keys, summaries, relative)
         frozen = dataclasses.replace(record, token_ids=np.array(record.token_ids, dtype=np.int64))
 
         def job(store: StoreTxn) -> tuple[CommitResult, SessionRecord]:
-            return commit_in(store, frozen, wanted, summary_values, tail_record, time.time())
+            return commit_in(store, frozen, wanted, summary_rows, tail_record, time.time())
 
         result, stamped = self.disk.apply(job)
         record.commits, record.created, record.updated, record.last_used = (
             stamped.commits, stamped.created, stamped.updated, stamped.last_used
         )  # fmt: skip
         return result
-
-    def put_summaries(self, keys: Sequence[BlockKey], summaries: torch.Tensor, *, relative: bool = False) -> Future:
-        """Store summaries (no refs change; ``relative``: of the relative frame) of the ``keys``
-        that are stored, asynchronously through the writer (write-through of sealed blocks,
-        submitted after the blocks); a later commit or flush makes them durable. Returns the
-        writer's future, whose result lists the positions in ``keys`` of the blocks that were not
-        stored (their summaries were not written)."""
-        values = self._encode_summaries(keys, summaries, relative)
-
-        def job(store: StoreTxn) -> list[int]:
-            skipped = []
-            for i, (key, where, value) in enumerate(values):
-                if store.record_nbytes(key) is not None:
-                    store.put("summaries", where, value)
-                else:
-                    skipped.append(i)
-            return skipped
-
-        return self.disk.submit_apply(job)
 
     def touch(self, name: str) -> None:
         """Set last_used = now (one small transaction). SessionNotFoundError if absent."""
@@ -367,23 +301,6 @@ class SessionStore:
         flat = tail.detach().to("cpu").contiguous().view(shape[0] * 2, *shape[2:])
         return encode_record(tail_key(record.name), flat)
 
-    def _encode_summaries(self, keys: Sequence[BlockKey], summaries: torch.Tensor | None,
-                          relative: bool = False) -> list[tuple[bytes, bytes, bytes]]:  # fmt: skip
-        """``(block key, summary key, checksummed value)`` per key."""
-        layout = self.disk.layout
-        if not keys:
-            return []
-        shape = (len(keys), 2, layout.kv_heads, layout.head_dim)
-        if summaries is None or tuple(summaries.shape) != shape:
-            raise ValueError(f"summaries must be {list(shape)} fp32, got {None if summaries is None else tuple(summaries.shape)}")
-        rows = summaries.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").reshape(len(keys), -1)
-        values = []
-        for key, row in zip(keys, rows):
-            payload = row.tobytes()
-            values.append((bytes(key), summary_key(bytes(key), relative), checksum(payload) + payload))
-        return values
-
-
 def _block_users(store: StoreTxn, names: list[str]) -> Counter[bytes]:
     """How many of the sessions ``names`` (those whose record decodes) reference each block:
     what each block's ``refs`` count must be."""
@@ -395,22 +312,3 @@ def _block_users(store: StoreTxn, names: list[str]) -> Counter[bytes]:
             continue
         users.update(record.block_keys())
     return users
-
-
-class SessionLock:
-    """A held writer lock; ``release()`` (idempotent) or use as a context manager."""
-
-    def __init__(self, locks, name: str) -> None:  # locks: session_lock.LockFile
-        self._locks, self.name = locks, name
-        self._released = False
-
-    def release(self) -> None:
-        if not self._released:
-            self._released = True
-            self._locks.release(self.name)
-
-    def __enter__(self) -> SessionLock:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()

@@ -109,3 +109,22 @@ def lock_file(store: Path) -> LockFile:
         if found is None:
             found = _registry[str(path)] = LockFile(path)
         return found
+
+
+class SessionLock:
+    """A held writer lock; ``release()`` (idempotent) or use as a context manager."""
+
+    def __init__(self, locks: LockFile, name: str) -> None:
+        self._locks, self.name = locks, name
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._locks.release(self.name)
+
+    def __enter__(self) -> SessionLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import msgpack
 import numpy as np
 import xxhash
 
 from ..blocks import DTYPE_NAMES, BlockKey, chain_hashes
-from .base import TierError
+from ..errors import TierError
+from ..store.checksum import CHECKSUM_BYTES, checksum
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 RECORD_VERSION = 1
-CHECKSUM_BYTES = 8  # an xxh3-64 digest, little-endian
 
 
 class SessionError(TierError):
@@ -66,10 +66,6 @@ def check_name(name: str) -> str:
         raise SessionNameError(f"session name {name!r} starts with '.'; use {rule}")
     assert NAME_PATTERN.fullmatch(name)
     return name
-
-
-def checksum(payload: bytes | memoryview) -> bytes:
-    return xxhash.xxh3_64_intdigest(payload).to_bytes(CHECKSUM_BYTES, "little")
 
 
 def _plain(value: object) -> object:
@@ -256,17 +252,6 @@ class SessionInfo:
     updated: float
     last_used: float
     commits: int
-
-
-@dataclass(slots=True)
-class CommitResult:
-    """What a commit / delete / reclaim changed, for the tier manager's in-process view."""
-
-    newly_referenced: list[bytes] = field(default_factory=list)  # keys whose refs went 0 -> 1
-    unreferenced: list[bytes] = field(default_factory=list)  # keys whose refs went to 0 and were kept
-    deleted: list[bytes] = field(default_factory=list)  # keys whose blocks were deleted from the store
-    freed_bytes: int = 0
-    sessions: list[str] = field(default_factory=list)  # reclaim: sessions whose KV was dropped
 
 
 @dataclass(slots=True)

@@ -17,7 +17,7 @@ from typing import Any, TextIO
 
 import torch
 
-from .config import Config
+from ..config import Config
 
 # Used when the tokenizer has no chat template: a plain transcript.
 PLAIN_USER, PLAIN_ASSISTANT = "User: ", "\nAssistant:"
@@ -132,7 +132,7 @@ def run_chat(
     and each reply. ``progress``: the prefill progress bar (default: for long prompts).
     ``stream``: print the reply token by token (a terminal) instead of once it is complete.
     """
-    from .integrations.runtime import wrap
+    from ..integrations.runtime import wrap
 
     encoder = TurnEncoder(tokenizer, system)
     turns: list[ChatTurn] = []

@@ -1,0 +1,67 @@
+"""Prefix adoption: a sequence takes stored blocks that continue it instead of computing them.
+
+One idea at three levels: :func:`adopt_stored_prefix` finds the longest run of stored blocks
+whose chained keys continue a sequence with the given token ids (the store's ``summaries`` rows
+give their summaries); :meth:`~hkv.tiers.manager.TierManager.learn_stored` makes the manager
+know blocks another process stored since it opened the store; :meth:`SequenceKV.adopt
+<hkv.attention.sequence.SequenceKV.adopt>` appends the run as sealed blocks without reading
+them. Used by a session's restore and, with ``store.reuse_prefix``, by every fill
+(``Runtime.fill``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..blocks import BlockKey, chain_hashes
+from ..store.summary_rows import SummaryRows
+from .sequence import SequenceKV
+
+
+@torch.inference_mode()
+def adopt_stored_prefix(seq: SequenceKV, token_ids: torch.Tensor | np.ndarray) -> int:
+    """Adopt into ``seq`` the longest run of stored blocks that continues it with ``token_ids``.
+
+    ``token_ids``: ``[S]``, the tokens that follow the sequence's current length (which must be
+    a block boundary, else nothing is adopted). A block is adopted when every layer's block and
+    summary are in the manager's store. Returns the tokens adopted (a multiple of
+    ``block_tokens``); a transformers cache over ``seq`` must then sync its lengths."""
+    bt, first = seq.block_tokens, seq.sealed_blocks()
+    if seq.seq_length() != first * bt:
+        return 0
+    ids = as_ids(token_ids)
+    count = len(ids) // bt
+    if count <= 0:
+        return 0
+    previous = seq.prefix_chain()
+    if previous is None:
+        return 0
+    chains = chain_hashes(ids[: count * bt], bt, previous=previous)
+    keys = []
+    for layer in range(seq.num_layers):  # each layer can only shorten the run
+        layer_keys = [BlockKey.make(seq.fingerprint, chain, layer) for chain in chains[:count]]
+        # The manager knows every block of the store it opened (and learns, checking the store,
+        # those another process stored since); the summaries, read below, are the other half.
+        count = seq.manager.learn_stored(layer_keys[:count])
+        if count == 0:
+            return 0
+        keys.append(layer_keys)
+    rows = SummaryRows(seq.manager.store)
+    summaries = []
+    for layer in range(seq.num_layers):
+        out = torch.empty(count, 2, seq.kv_heads, seq.head_dim, dtype=torch.float32)
+        count = min(count, rows.read(keys[layer][:count], out, relative=seq.summaries.relative))
+        if count == 0:
+            return 0
+        summaries.append(out)
+    seq.note_tokens(torch.from_numpy(ids[: count * bt]))
+    seq.adopt(count, [s[:count] for s in summaries])
+    return count * bt
+
+
+def as_ids(token_ids: torch.Tensor | np.ndarray | list[int]) -> np.ndarray:
+    """1-D int64 numpy ids (a copy on the CPU)."""
+    if isinstance(token_ids, torch.Tensor):
+        token_ids = token_ids.detach().to("cpu").reshape(-1).numpy()
+    return np.array(token_ids, dtype=np.int64).reshape(-1)

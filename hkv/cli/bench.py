@@ -1,0 +1,175 @@
+"""``hkv bench``: the benchmarks, each printing a table and, with ``--json``, writing its figures.
+
+A sub-app of the ``hkv`` command (:mod:`hkv.cli.app`); the benchmarks themselves live in
+:mod:`hkv.bench` and are imported inside each command (they pull in transformers).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from ..config import ConfigError
+from .common import ConfigOption, JsonOption, choices, fail, load, parse_lengths, user_errors, write_json
+
+bench_app = typer.Typer(help="Benchmarks that print a table and, with --json, write their figures.", no_args_is_help=True)
+
+
+def write_png(path: Path | None, figures: dict[str, Any]) -> None:
+    """Draw ``figures`` to ``path`` (nothing when None); a missing matplotlib is one line, not a failure."""
+    if path is None:
+        return
+    from ..bench.plots import plot
+
+    try:
+        typer.echo(f"wrote {plot(figures, path)}")
+    except RuntimeError as error:  # matplotlib missing: the figures are in the table and the JSON
+        typer.echo(f"no PNG: {error}", err=True)
+
+
+@bench_app.command("tiers")
+def bench_tiers(
+    json_path: JsonOption = None,
+    config: ConfigOption = None,
+    size: Annotated[str, typer.Option(help="bytes moved per measurement, e.g. 256MiB")] = "256MiB",
+    disk_size: Annotated[str, typer.Option(help="bytes written to and read from the disk tier, e.g. 1GiB")] = "1GiB",
+) -> None:
+    """Block moves host<->device and disk-tier reads/writes against plain copies and raw file I/O."""
+    from pydantic import ByteSize, TypeAdapter
+
+    from ..bench.tiers import print_table, run_tiers_bench
+
+    cfg = load(config)
+    parse = TypeAdapter(ByteSize).validate_python
+    figures = run_tiers_bench(cfg, move_bytes=int(parse(size)), disk_bytes=int(parse(disk_size)))
+    print_table(figures)
+    write_json(json_path, figures)
+
+
+@bench_app.command("decode")
+def bench_decode(
+    json_path: JsonOption = None,
+    config: ConfigOption = None,
+    contexts: Annotated[
+        Optional[str], typer.Option(help="comma-separated context lengths in tokens (default 8192,32768,131072; with --preset million 8192,524288,1048576)")
+    ] = None,
+    steps: Annotated[int, typer.Option(help="decode steps timed per context (median reported)")] = 16,
+    preset: Annotated[
+        Optional[str], typer.Option(help="million: 8K/512K/1M tokens, device 1GiB, host 4GiB, rest on disk, float16 blocks, a fresh process per context")
+    ] = None,
+    device_budget: Annotated[Optional[str], typer.Option(help="tiers.device for the run, e.g. 1GiB")] = None,
+    host_budget: Annotated[Optional[str], typer.Option(help="tiers.host for the run, e.g. 4GiB")] = None,
+    disk_budget: Annotated[Optional[str], typer.Option(help="tiers.disk (raised to the KV + 2% + 1GiB where smaller)")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="tiers.dtype, the blocks' storage dtype: float16, bfloat16, float32, auto")] = None,
+    weights: Annotated[str, typer.Option(help="auto (SmolLM2 if installed), smollm2 or random")] = "auto",
+    store_dir: Annotated[Optional[Path], typer.Option(help="folder for the temporary disk store (default: the system temp folder)")] = None,
+    isolate: Annotated[Optional[bool], typer.Option("--isolate/--no-isolate", help="each context in a fresh process (its own peak RSS)")] = None,
+    baseline_max: Annotated[Optional[str], typer.Option(help="skip DynamicCache where its KV exceeds this, e.g. 8GiB")] = None,
+    png: Annotated[Optional[Path], typer.Option(help="latency and memory against context length (needs matplotlib)")] = None,
+) -> None:
+    """Decode latency per token, hkv sparse vs transformers' DynamicCache, same model shape."""
+    from pydantic import ByteSize, TypeAdapter
+
+    from ..bench.decode import bench_options, print_table, run_decode_bench
+
+    # Without --config the benchmark sizes the host tier itself so that 128K tokens fit in RAM.
+    cfg = load(config) if config is not None else None
+    lengths = parse_lengths(contexts, "--contexts") if contexts else None
+    try:
+        limit = int(TypeAdapter(ByteSize).validate_python(baseline_max)) if baseline_max is not None else None
+        options = bench_options(cfg, preset=preset, contexts=lengths, device_budget=device_budget, host_budget=host_budget,
+                                disk_budget=disk_budget, dtype=dtype, baseline_max_bytes=limit, isolate=isolate)
+    except (ConfigError, ValueError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    figures = run_decode_bench(**options, steps=steps, weights=weights, store_dir=store_dir)
+    print_table(figures)
+    write_json(json_path, figures)
+    write_png(png, figures)
+
+
+def parse_depths(text: str) -> tuple[float, ...]:
+    try:
+        depths = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        depths = ()
+    if not depths or not all(0.0 <= d <= 1.0 for d in depths):
+        typer.echo(f"error: --depths {text!r}: expected comma-separated fractions between 0 and 1, e.g. 0.1,0.5,0.9", err=True)
+        raise typer.Exit(2)
+    return depths
+
+
+@bench_app.command("passkey")
+def bench_passkey(
+    json_path: JsonOption = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config whose tier budgets and prefetch settings the hkv runs use")] = None,
+    lengths: Annotated[str, typer.Option(help="comma-separated prompt lengths in tokens")] = "4096,8192,32768,131072",
+    depths: Annotated[str, typer.Option(help="comma-separated depths of the key in the filler, 0 to 1")] = "0.1,0.3,0.5,0.7,0.9",
+    trials: Annotated[int, typer.Option(min=1, help="prompts (keys) per length and depth")] = 1,
+    modes: Annotated[str, typer.Option(help="comma-separated: exact, original, remap, full")] = "exact,original,remap,full",
+    variants: Annotated[str, typer.Option(help="single (one call), late (question in a later turn, after the context was stored)")] = "single",
+    full_max: Annotated[int, typer.Option(help="longest prompt run with full attention (DynamicCache)")] = 8192,
+    exact_max: Annotated[int, typer.Option(help="longest prompt run with hkv exact")] = 8192,
+    budget: Annotated[int, typer.Option(help="attention.budget_tokens of the sparse modes")] = 2048,
+    store_dir: Annotated[Optional[Path], typer.Option(help="folder for the temporary stores (default: the system temp folder)")] = None,
+    png: Annotated[Optional[Path], typer.Option(help="accuracy against length (needs matplotlib; default: beside --json)")] = None,
+    device: Annotated[str, typer.Option(help="torch device of the model and hkv's device tier: cpu, cuda, cuda:N")] = "cpu",
+) -> None:
+    """Passkey accuracy of SmolLM2 over depths x lengths: hkv exact / sparse original / sparse remap / full attention."""
+    from ..bench.passkey import MODES, VARIANTS, run_passkey_bench, table_lines
+
+    options = dict(lengths=parse_lengths(lengths, "--lengths"), depths=parse_depths(depths), trials=trials,
+                   modes=choices(modes, "--modes", MODES), variants=choices(variants, "--variants", VARIANTS),
+                   full_max=full_max, exact_max=exact_max, budget=budget, device=device)  # fmt: skip
+    base = load(config) if config is not None else None
+    if store_dir is not None and store_dir.exists() and not store_dir.is_dir():
+        raise fail(f"--store-dir {store_dir} is a file, not a folder", 2)
+
+    def save(figures: dict[str, Any]) -> None:  # --json holds the runs so far while a long sweep goes on
+        write_json(json_path, figures, quiet=True)
+
+    with user_errors():
+        figures = run_passkey_bench(**options, base_config=base, store_dir=store_dir, log=typer.echo,
+                                    on_run=save)  # fmt: skip
+    for line in table_lines(figures):
+        typer.echo(line)
+    write_json(json_path, figures)
+    write_png(png if png is not None else (json_path.with_suffix(".png") if json_path is not None else None), figures)
+
+
+@bench_app.command("plot")
+def bench_plot(
+    source: Annotated[Path, typer.Argument(help="JSON written by hkv bench passkey, decode or peers --json")],
+    out: Annotated[Path, typer.Argument(help="PNG file to write")],
+) -> None:
+    """Redraw a benchmark's picture from its saved JSON (needs matplotlib)."""
+    from ..bench.plots import plot
+
+    try:
+        figures = json.loads(source.read_text())
+        written = plot(figures, out)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+        raise fail(f"{source}: {error}", 2) from None
+    typer.echo(f"wrote {written}")
+
+
+@bench_app.command("resume")
+def bench_resume(
+    json_path: JsonOption = None,
+    config: ConfigOption = None,
+    tokens: Annotated[str, typer.Option(help="comma-separated conversation lengths in tokens")] = "2048,8192,32768",
+    weights: Annotated[str, typer.Option(help="auto, smollm2 (real weights) or random (SmolLM2's shape)")] = "auto",
+    fill: Annotated[str, typer.Option(help="how the saved conversation is built: real (prefill), synthetic (KV of the right shape), auto (real up to 2048 tokens)")] = "auto",
+    reprefill_max: Annotated[int, typer.Option(help="skip the re-prefill baseline above this many tokens (0: never skip)")] = 0,
+) -> None:
+    """Time to first token resuming a saved conversation in a fresh process vs re-prefilling it."""
+    from ..bench.resume import print_table, run_resume_bench
+
+    cfg = load(config) if config is not None else None
+    lengths = parse_lengths(tokens, "--tokens")
+    figures = run_resume_bench(cfg, tokens=lengths, weights=weights, fill=fill, reprefill_max=reprefill_max or None)
+    print_table(figures)
+    write_json(json_path, figures)

@@ -1,0 +1,27 @@
+"""The errors the tiers and the store raise (a leaf: both import it, neither imports the other's).
+
+``TierError`` is the base of every failure to place, move, store or read a block; the store's
+errors (``StoreError``) and the session errors (:mod:`hkv.sessions.records`) derive from it, so
+a caller catching ``TierError`` sees all of them.
+"""
+
+from __future__ import annotations
+
+
+class TierError(RuntimeError):
+    """Base class of tier and store failures."""
+
+
+class TierFullError(TierError):
+    """A put that does not fit the tier's byte budget. Nothing stored was changed."""
+
+
+class BlockNotFoundError(KeyError, TierError):
+    """A block the tier does not hold."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; keep the message readable
+        return str(self.args[0]) if self.args else "block not found"
+
+
+class StoreError(TierError):
+    """A folder that cannot be opened as this hkv store (not a store, newer format, other layout)."""

@@ -1,0 +1,495 @@
+"""The block store: blocks as records in an LMDB environment (the disk tier's storage).
+
+Store layout (one folder, format version :data:`STORE_VERSION`, docs/store.md): LMDB files
+``data.mdb`` / ``lock.mdb`` with named sub-databases ``blocks`` (key: the 16-byte
+:class:`~hkv.blocks.BlockKey`; value: a record, 64-byte header + raw payload, see
+:mod:`hkv.blocks`), ``keys`` (the same keys, value: the record's length, u64 little-endian;
+listing or sizing them reads no record page, while listing ``blocks`` costs a 4 KiB read per
+block), ``meta`` (JSON values, no pickle): ``format`` holds the format version and block layout,
+``usage`` the bytes and count of stored records; and, for persistent sessions
+(:mod:`hkv.sessions.store`), ``refs`` (block key -> u32 LE: how many committed sessions reference
+the block), ``summaries`` (block key -> checksummed fp32 key summaries) and ``sessions``
+(session records and tails). All are updated in the same write transaction, so they agree and
+are exact after a kill -9. A block whose ``refs`` count is > 0 is never deleted by
+:meth:`BlockStore.delete_many` (checked inside the deleting transaction, so a process with a stale
+view cannot delete it either).
+
+Writes go through one writer thread (:mod:`.writer`): each submission is one unit (all of
+it is stored, or none), a future that resolves once its transaction is durable (kill -9 and
+power loss). Besides puts and deletes, a submission may be any function of the write
+transaction (:meth:`BlockStore.submit_apply`, used by the summary rows and the session store); it runs in a nested
+transaction, so one that raises changes nothing and does not disturb the others of its batch. The environment uses ``sync=True, metasync=False``: one fdatasync per commit, the
+meta page made durable by the next commit or an explicit sync before any future resolves.
+Measured here: ``metasync=True`` (two fsyncs per commit) halved the write rate, ``writemap``
+was slower still.
+
+Reads take a read transaction and copy straight from LMDB's memory map into the caller's tensor
+(header and xxh3 checksum checked, see :func:`hkv.blocks.decode_into`); :mod:`.read_hints` first
+asks the kernel to read each record of the batch in one request, so the reads overlap, and
+unmaps the pages read (and those writes walked) from the process every 64 MiB of traffic, so
+that a store of any size does not pile up in the process's resident set (``MappedPages``); a
+lookup of a small record (summary, index entry) counts as ``READ_MAP_BYTES`` of traffic.
+
+Map size: LMDB stores a record larger than half a page in whole overflow pages (plus a 16-byte
+page header), so a 48 KiB + 64 B record takes 13 pages = 52 KiB (factor 1.082), plus about
+64 bytes of B-tree leaf per block. ``map_size`` is ``capacity_bytes`` scaled by that exact
+factor for the layout, plus 1.5 % and room for two write batches and 16 MiB of slack (freelist,
+copy-on-write pages of a transaction); ``capacity_bytes`` itself is enforced by this class on
+the record bytes, and an ``lmdb.MapFullError`` is reported as TierFullError too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+import lmdb
+import torch
+
+from ..blocks import (
+    DTYPE_NAMES,
+    HEADER_SIZE,
+    KEY_BYTES,
+    BlockKey,
+    BlockLayout,
+    RecordError,
+    decode_into,
+    encode_header,
+    tensor_bytes,
+)
+from ..errors import BlockNotFoundError, StoreError, TierError, TierFullError
+from .read_hints import MappedPages, ReadHints
+from .txn import DeleteResult, StoreTxn
+from .writer import BatchWriter, WriteJob
+
+T = TypeVar("T")
+
+STORE_VERSION = 2  # of the store's layout (meta ``format``); block records have their own (hkv.blocks)
+MAX_DBS = 8  # the six below, and room for two more
+DB_NAMES = ("blocks", "keys", "meta", "refs", "summaries", "sessions")
+_V1_DBS = {b"blocks", b"keys", b"meta"}  # format 1 had these (and maybe an empty ``sessions``)
+_PAGE = mmap.PAGESIZE
+_PAGE_HEADER = 16  # LMDB's page header, in bytes
+READ_MAP_BYTES = 16 << 10  # map growth counted per small-record lookup (a 4 KiB page; fault-around maps up to 64 KiB)
+_LEAF_BYTES = 64  # B-tree leaf bytes per block (node + key + overflow pgno, half-full pages)
+_SLACK = 16 * 2**20  # bytes: freelist, branch pages, meta
+
+
+def map_size_for(capacity_bytes: int, layout: BlockLayout, writer_batch: int) -> int:
+    """LMDB map size (bytes) that always holds ``capacity_bytes`` of records of ``layout``."""
+    record = layout.record_nbytes
+    pages = math.ceil((record + _PAGE_HEADER) / _PAGE) * _PAGE  # overflow pages of one record
+    factor = (pages + _LEAF_BYTES) / record
+    size = capacity_bytes * factor * 1.015 + 2 * writer_batch * pages + _SLACK
+    return math.ceil(size / _PAGE) * _PAGE
+
+
+def _layout_json(layout: BlockLayout) -> dict[str, object]:
+    dtype = str(layout.dtype).removeprefix("torch.")
+    return {"kv_heads": layout.kv_heads, "block_tokens": layout.block_tokens, "head_dim": layout.head_dim, "dtype": dtype}
+
+
+def _open_env(path: Path, map_size: int, readonly: bool) -> lmdb.Environment:
+    try:
+        return lmdb.open(
+            str(path), map_size=map_size, max_dbs=MAX_DBS, subdir=True, readonly=readonly, lock=True, sync=True,
+            metasync=False, readahead=False, create=not readonly, max_readers=256,
+        )  # fmt: skip
+    except lmdb.Error as error:
+        raise StoreError(f"{path}: cannot open as an LMDB store: {error}") from None
+
+
+def _db_names(env: lmdb.Environment) -> set[bytes]:
+    with env.begin() as txn:
+        return {bytes(k) for k, _ in txn.cursor()}
+
+
+def _read_format(env: lmdb.Environment, path: Path) -> dict[str, object]:
+    """The store's ``format`` record; StoreError if unreadable or newer than this hkv."""
+    with env.begin() as txn:
+        meta = env.open_db(b"meta", txn=txn, create=False)
+        raw = txn.get(b"format", db=meta)
+    try:
+        stored = json.loads(raw)
+        version, layout = int(stored["format_version"]), stored["layout"]
+        if not isinstance(layout, dict):
+            raise TypeError(layout)
+    except (TypeError, ValueError, KeyError):
+        raise StoreError(f"{path}: unreadable store metadata {raw!r}") from None
+    if version > STORE_VERSION:
+        raise StoreError(f"{path}: store format version {version} is newer than this hkv ({STORE_VERSION}); upgrade hkv")
+    return stored
+
+
+def _read_layout(env: lmdb.Environment, path: Path) -> tuple[BlockLayout, int]:
+    """The block layout an existing store records, and its used record bytes."""
+    if not _V1_DBS <= _db_names(env):
+        raise StoreError(f"{path} is not an hkv store (no blocks / keys / meta databases)")
+    layout = _read_format(env, path)["layout"]
+    try:
+        parsed = BlockLayout(int(layout["kv_heads"]), int(layout["block_tokens"]), int(layout["head_dim"]), DTYPE_NAMES[layout["dtype"]])
+    except (KeyError, TypeError, ValueError):
+        raise StoreError(f"{path}: unreadable block layout {layout!r}") from None
+    with env.begin() as txn:
+        usage = json.loads(txn.get(b"usage", db=env.open_db(b"meta", txn=txn, create=False)))
+    return parsed, int(usage["used_bytes"])
+
+
+class BlockStore:
+    """Blocks of one layout in an LMDB store at ``path``; ``capacity_bytes`` bounds the record bytes.
+
+    Also the store's transactions for the rows beside the blocks (refs, summaries, sessions:
+    :meth:`reading`, :meth:`submit_apply`). Thread-safe; several processes may open the same
+    ``path`` (LMDB's lock file orders them). The disk tier (:class:`hkv.tiers.disk.DiskTier`) is
+    this class seen as a tier.
+    """
+
+    def __init__(
+        self, path: str | Path, layout: BlockLayout, capacity_bytes: int, *, writer_batch: int = 64, readonly: bool = False,
+        _env: lmdb.Environment | None = None,
+    ) -> None:  # fmt: skip
+        if capacity_bytes < layout.record_nbytes:
+            raise ValueError(f"capacity_bytes = {capacity_bytes} is smaller than one record ({layout.record_nbytes} bytes)")
+        if writer_batch < 1:
+            raise ValueError(f"writer_batch = {writer_batch} must be at least 1")
+        self.path, self.layout, self.capacity_bytes = Path(path), layout, int(capacity_bytes)
+        self.writer_batch, self.readonly = writer_batch, readonly
+        if _env is None:
+            self._check_folder()
+            _env = _open_env(self.path, map_size_for(self.capacity_bytes, layout, writer_batch), readonly)
+        self._env = _env
+        try:
+            self._dbs, self.format_version = self._open_dbs()
+        except BaseException:
+            self._env.close()
+            raise
+        self._blocks, self._index, self._meta = self._dbs["blocks"], self._dbs["keys"], self._dbs["meta"]
+        self._hints = ReadHints(KEY_BYTES, layout.record_nbytes)
+        self._mapped = MappedPages(self.path / "data.mdb")
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._writer: BatchWriter | None = None
+        if not readonly:
+            self._writer = BatchWriter(
+                self._env, self._apply, lambda job: self._full_error(job, "the LMDB map is full"),
+                max_blocks=writer_batch, name=f"hkv disk writer {self.path}", touch=self._touch,
+            )  # fmt: skip
+
+    # -- opening --------------------------------------------------------------------------------
+    @classmethod
+    def open_existing(
+        cls, path: str | Path, *, readonly: bool = True, capacity_bytes: int | None = None, writer_batch: int = 64
+    ) -> BlockStore:
+        """Open the store at ``path`` with the block layout it records (for tools such as
+        ``hkv sessions``, which do not know the model). ``capacity_bytes`` defaults to the larger
+        of the record bytes stored and the size of ``data.mdb`` (enough to delete, not to grow
+        much). StoreError if ``path`` is not an hkv store or its format is newer than this hkv."""
+        path = Path(path)
+        data = path / "data.mdb"
+        if not data.is_file():
+            raise StoreError(f"{path} is not an hkv store (no data.mdb)")
+        file_bytes = data.stat().st_size
+        env = _open_env(path, 0, readonly)  # LMDB maps at least the file; resized below
+        try:
+            layout, used = _read_layout(env, path)
+            capacity = int(capacity_bytes) if capacity_bytes is not None else max(used, file_bytes, layout.record_nbytes)
+            room = 2 * file_bytes + 2**30 if readonly else file_bytes + _SLACK  # readers: room for the store to grow
+            env.set_mapsize(math.ceil(max(map_size_for(capacity, layout, writer_batch), room) / _PAGE) * _PAGE)
+        except BaseException:
+            env.close()
+            raise
+        return cls(path, layout, capacity, writer_batch=writer_batch, readonly=readonly, _env=env)
+
+    def _check_folder(self) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise StoreError(f"{self.path} exists and is not a folder; the disk tier needs a folder")
+        if self.path.is_dir() and not (self.path / "data.mdb").exists():
+            others = sorted(p.name for p in self.path.iterdir() if p.name not in ("lock.mdb", "sessions.lock"))
+            if others:
+                raise StoreError(f"{self.path} is not an hkv store: it holds {', '.join(others[:5])} but no data.mdb")
+        if not self.path.exists():
+            if self.readonly:
+                raise StoreError(f"{self.path} does not exist (opened read-only)")
+            self.path.mkdir(parents=True)
+
+    def _open_dbs(self) -> tuple[dict[str, object], int]:
+        """The databases (name -> handle; None for one a read-only format-1 store lacks) and the
+        store's format version. Creates a new store, upgrades a format-1 store opened writable
+        (the new databases and format_version 2 in one transaction), refuses anything else."""
+        want = {"format_version": STORE_VERSION, "layout": _layout_json(self.layout)}
+        names = _db_names(self._env)
+        if names - {name.encode() for name in DB_NAMES}:
+            raise StoreError(f"{self.path} is an LMDB store but not an hkv store (databases {sorted(names)})")
+        if not names:  # a new store
+            if self.readonly:
+                raise StoreError(f"{self.path} is an empty LMDB store (opened read-only)")
+            with self._env.begin(write=True) as txn:
+                dbs = {name: self._env.open_db(name.encode(), txn=txn) for name in DB_NAMES}
+                txn.put(b"format", json.dumps(want).encode(), db=dbs["meta"])
+                txn.put(b"usage", json.dumps({"used_bytes": 0, "blocks": 0}).encode(), db=dbs["meta"])
+            return dbs, STORE_VERSION
+        if not _V1_DBS <= names:
+            raise StoreError(f"{self.path} is not an hkv store (no blocks / keys / meta databases)")
+        stored = _read_format(self._env, self.path)
+        layout = stored["layout"]
+        diffs = [f"{k} {layout.get(k)} != {v}" for k, v in want["layout"].items() if layout.get(k) != v]
+        if diffs:
+            raise StoreError(f"{self.path}: block layout differs from the store's (store != requested): {', '.join(diffs)}")
+        version = int(stored["format_version"])
+        if self.readonly:
+            dbs = {name: self._env.open_db(name.encode(), create=False) if name.encode() in names else None for name in DB_NAMES}
+            return dbs, version
+        with self._env.begin(write=True) as txn:  # creates the databases a format-1 store lacks
+            dbs = {name: self._env.open_db(name.encode(), txn=txn) for name in DB_NAMES}
+            if version < STORE_VERSION:
+                txn.put(b"format", json.dumps({**stored, "format_version": STORE_VERSION}).encode(), db=dbs["meta"])
+        return dbs, STORE_VERSION
+
+    @property
+    def has_sessions(self) -> bool:
+        """Whether the session databases exist (False only for a format-1 store opened read-only)."""
+        return self._dbs["sessions"] is not None
+
+    # -- reading --------------------------------------------------------------------------------
+    def _where(self, key: BlockKey) -> str:
+        return f"disk tier {self.path}: block {key.hex()}"
+
+    def get_into(self, key: BlockKey, out: torch.Tensor) -> None:
+        """Copy the block into ``out`` (``layout.shape``, CPU). Raises BlockNotFoundError, RecordError."""
+        self.get_many_into([key], out.unsqueeze(0))
+
+    def get_many_into(self, keys: Sequence[BlockKey], out: torch.Tensor) -> None:
+        """``out``: ``[n, *layout.shape]`` (CPU). One read transaction; the disk reads of the batch overlap.
+
+        Raises BlockNotFoundError, RecordError / CorruptRecordError naming the key.
+        """
+        self._check_open()
+        if len(keys) != len(out):
+            raise ValueError(f"get_many_into: {len(keys)} keys but out holds {len(out)} blocks")
+        raw = [bytes(key) for key in keys]
+        with self._env.begin(db=self._blocks, buffers=True) as txn:
+            predicted = self._hints.prefetch(txn.cursor(), raw)  # start every record's disk read now
+            for key, raw_key, guess, block in zip(keys, raw, predicted, out):
+                record = txn.get(raw_key)
+                if record is None:
+                    raise BlockNotFoundError(f"{self._where(key)} not found")
+                self._hints.confirm(guess, record)
+                decode_into(record, block, key, where=self._where(key))
+        self._mapped.note(len(keys) * self.layout.record_nbytes)
+
+    def contains(self, key: BlockKey) -> bool:
+        self._check_open()
+        with self._env.begin(db=self._index, buffers=True) as txn:
+            return txn.get(bytes(key)) is not None
+
+    def keys(self) -> Iterator[BlockKey]:
+        """The stored keys (a snapshot taken at the call), in key order."""
+        self._check_open()
+        with self._env.begin(db=self._index) as txn:
+            return iter([BlockKey(k) for k in txn.cursor().iternext(keys=True, values=False)])
+
+    def __len__(self) -> int:
+        return self._usage()["blocks"]
+
+    def used_bytes(self) -> int:
+        """Bytes of stored records (header + payload), as committed."""
+        return self._usage()["used_bytes"]
+
+    @contextmanager
+    def reading(self, *, buffers: bool = False) -> Iterator[StoreTxn]:
+        """A read transaction over every database (a consistent snapshot); with ``buffers``,
+        values are memoryviews into the map, valid only inside the block."""
+        self._check_open()
+        with self._env.begin(buffers=buffers) as txn:
+            store = StoreTxn(txn, self._dbs, None)
+            yield store
+        # Small records (summaries, index entries) cost the map far more than their bytes: each
+        # lookup maps its page, and the kernel's fault-around maps cached neighbours with it.
+        self._mapped.note(store.reads * READ_MAP_BYTES)
+
+    def refs(self, keys: Sequence[BlockKey]) -> list[int]:
+        """How many committed sessions reference each of ``keys`` (the ``refs`` rows)."""
+        with self.reading() as store:
+            return [store.refs(bytes(key)) for key in keys]
+
+    def referenced_keys(self) -> list[bytes]:
+        """Every key with refs > 0 (the tier manager loads this when it opens the store; a count
+        of 0 is never stored, so no value is read)."""
+        with self.reading() as store:
+            return store.keys("refs")
+
+    def _usage(self, txn: lmdb.Transaction | None = None) -> dict[str, int]:
+        self._check_open()
+        if txn is None:
+            with self._env.begin(db=self._meta) as txn:
+                return json.loads(txn.get(b"usage", db=self._meta))
+        return json.loads(txn.get(b"usage", db=self._meta))
+
+    def verify(self, keys: Sequence[BlockKey] | None = None) -> list[tuple[BlockKey, str]]:
+        """Check every record (or those of ``keys``): header, key, length, checksum, key index.
+
+        Returns ``(key, error message)`` for each bad or missing record; empty when all is well.
+        """
+        self._check_open()
+        scratch = torch.empty(self.layout.shape, dtype=self.layout.dtype)
+        problems: list[tuple[BlockKey, str]] = []
+        if keys is None:
+            with self._env.begin(db=self._blocks) as txn:
+                stored = {BlockKey(k) for k in txn.cursor().iternext(keys=True, values=False)}
+            listed = set(self.keys())
+            problems += [(key, f"{self._where(key)} is stored but not in the key index") for key in sorted(stored - listed)]
+            keys = sorted(stored | listed)
+        for key in keys:
+            try:
+                self.get_into(key, scratch)
+            except (RecordError, BlockNotFoundError) as error:
+                problems.append((key, str(error)))
+        return problems
+
+    # -- writing --------------------------------------------------------------------------------
+    def submit_put_many(self, keys: Sequence[BlockKey], blocks: torch.Tensor) -> Future[None]:
+        """Queue blocks (``[n, *layout.shape]``) for the writer; the data is copied now.
+
+        The future resolves once the transaction holding them is committed and durable, or
+        raises TierFullError (nothing of this submission stored) or another TierError.
+        """
+        self._check_writable()
+        if blocks.shape[1:] != self.layout.shape or blocks.dtype != self.layout.dtype or len(keys) != len(blocks):
+            raise ValueError(
+                f"submit_put_many: {len(keys)} keys and blocks {tuple(blocks.shape)} {blocks.dtype}; "
+                f"expected [n, {', '.join(map(str, self.layout.shape))}] {self.layout.dtype}"
+            )
+        blocks = blocks.detach().cpu()
+        puts: dict[bytes, bytearray] = {}  # a key given twice keeps its last block
+        for key, block in zip(keys, blocks):
+            payload = tensor_bytes(block)
+            record = bytearray(HEADER_SIZE + len(payload))
+            record[:HEADER_SIZE] = encode_header(key, block, payload)
+            record[HEADER_SIZE:] = payload
+            puts[bytes(key)] = record
+        return self._writer.submit(WriteJob(puts=list(puts.items())))
+
+    def put_many(self, keys: Sequence[BlockKey], blocks: torch.Tensor) -> None:
+        """Store ``blocks`` (``[n, *layout.shape]``) durably. Raises TierFullError."""
+        self.submit_put_many(keys, blocks).result()
+
+    def put(self, key: BlockKey, block: torch.Tensor) -> None:
+        self.put_many([key], block.unsqueeze(0))
+
+    def delete_many(self, keys: Sequence[BlockKey]) -> DeleteResult:
+        """Drop blocks durably, except those a committed session references (refs > 0, read in
+        the deleting transaction): they are reported as ``kept``."""
+        self._check_writable()
+        return self._writer.submit(WriteJob(deletes=[bytes(k) for k in keys])).result()
+
+    def delete(self, key: BlockKey) -> bool:
+        """Drop one block; whether it was deleted (False: not stored, or referenced)."""
+        return bool(self.delete_many([key]).deleted)
+
+    def submit_apply(self, apply: Callable[[StoreTxn], T]) -> Future[T]:
+        """Run ``apply(store_txn)`` in the writer thread, inside a nested write transaction of the
+        writer's next batch. The future resolves with its result once that transaction is
+        durable, or raises what it raised (nothing it did is kept; other jobs are unaffected).
+        ``apply`` must only read and write through the transaction (it may run twice, after a
+        full map) and must never wait for anything that waits for the writer."""
+        self._check_writable()
+        return self._writer.submit(WriteJob(apply=apply))
+
+    def apply(self, apply: Callable[[StoreTxn], T]) -> T:
+        """:meth:`submit_apply` and wait: the change is durable on return."""
+        return self.submit_apply(apply).result()
+
+    def flush(self) -> None:
+        """Wait until everything submitted so far is committed (or failed)."""
+        if self._writer is not None and not self._closed:
+            self._writer.submit(WriteJob()).result()
+
+    def _touch(self) -> None:
+        """Commit a transaction that changes nothing but the usage record (see BatchWriter)."""
+        try:
+            with self._env.begin(write=True, db=self._meta) as txn:
+                txn.put(b"usage", txn.get(b"usage"))
+        except lmdb.Error:
+            pass  # the retry reports the full map
+
+    def _apply(self, batch: list[WriteJob]) -> list[object]:
+        """Do ``batch`` in one write transaction (runs in the writer thread); a result per job.
+        Raises lmdb.MapFullError (nothing committed; the writer retries each job alone)."""
+        results: list[object] = []
+        with self._env.begin(write=True, db=self._blocks) as txn:
+            store = StoreTxn(txn, self._dbs, self._usage(txn))
+            for job in batch:
+                results.append(self._apply_job(store, job) if job.apply is not None else self._put_delete(store, job))
+            txn.put(b"usage", json.dumps(store.usage).encode(), db=self._meta)
+        self._mapped.note(store.written)  # block puts and apply jobs (summaries, session commits) alike
+        return results
+
+    def _put_delete(self, store: StoreTxn, job: WriteJob) -> object:
+        """A puts / deletes job: checked against the budget before anything is written."""
+        sizes = [store.record_nbytes(key) for key, _ in job.puts]  # old records, if any
+        delta = sum(len(record) - (old or 0) for (_, record), old in zip(job.puts, sizes))
+        if store.usage["used_bytes"] + delta > self.capacity_bytes:
+            return self._full_error(job, f"{store.usage['used_bytes']} bytes used")
+        for key, record in job.puts:
+            store.put_block(key, record)
+        return store.delete_unreferenced(job.deletes) if job.deletes else None
+
+    def _apply_job(self, store: StoreTxn, job: WriteJob) -> object:
+        """An ``apply`` job in a nested transaction: if it raises, its changes are dropped and
+        the exception is its result (a full map still aborts the whole batch)."""
+        outer, usage = store.txn, dict(store.usage)
+        try:
+            with self._env.begin(write=True, parent=outer, db=self._blocks) as child:
+                store.txn = child
+                return job.apply(store)
+        except lmdb.MapFullError:
+            raise
+        except Exception as error:
+            store.usage = usage
+            return error
+        finally:
+            store.txn = outer
+
+    def _full_error(self, job: WriteJob, why: str) -> TierFullError:
+        if job.apply is not None:
+            return TierFullError(f"disk tier {self.path}: cannot update the store: {why}, capacity {self.capacity_bytes} bytes")
+        need = sum(len(record) for _, record in job.puts)
+        return TierFullError(
+            f"disk tier {self.path}: cannot store {len(job.puts)} blocks ({need} bytes): {why}, "
+            f"capacity {self.capacity_bytes} bytes"
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TierError(f"disk tier {self.path} is closed")
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if self.readonly:
+            raise TierError(f"disk tier {self.path} is open read-only")
+
+    def close(self) -> None:
+        """Commit what was submitted, stop and join the writer, close the environment. Idempotent."""
+        if getattr(self, "_closed", True):
+            return
+        with self._close_lock:
+            if self._closed:
+                return
+            if self._writer is not None:
+                self._writer.close()  # first: a submit from now on raises TierError instead of hanging
+            self._closed = True
+            self._env.close()
+
+    def __enter__(self) -> BlockStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
