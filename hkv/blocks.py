@@ -117,13 +117,9 @@ class BlockKey:
 
     @classmethod
     def make(cls, fingerprint: bytes, chain: bytes, layer: int) -> BlockKey:
-        """Key of the block of ``layer`` whose token prefix hashes to ``chain``."""
-        hasher = xxhash.xxh3_128()
-        hasher.update(len(fingerprint).to_bytes(4, "little"))
-        hasher.update(fingerprint)
-        hasher.update(chain)
-        hasher.update(layer.to_bytes(4, "little"))
-        return cls(hasher.digest())
+        """Key of the block of ``layer`` whose token prefix hashes to ``chain``:
+        ``xxh3_128(len(fingerprint) u32 LE + fingerprint + chain + layer u32 LE)``."""
+        return cls(key_digests(fingerprint, [chain], [layer])[0])
 
     def __repr__(self) -> str:
         return f"BlockKey({self.digest.hex()[:12]}…)"
@@ -149,9 +145,13 @@ def chain_hashes(token_ids: Sequence[int] | np.ndarray | torch.Tensor, block_tok
     return chains
 
 
-def block_keys(fingerprint: bytes, chains: Iterable[bytes], num_layers: int) -> list[list[BlockKey]]:
-    """``keys[block][layer]`` for every chain hash and layer."""
-    return [[BlockKey.make(fingerprint, chain, layer) for layer in range(num_layers)] for chain in chains]
+def key_digests(fingerprint: bytes, chains: Iterable[bytes], layers: Iterable[int]) -> list[bytes]:
+    """The 16-byte digests of :meth:`BlockKey.make` for every chain hash and layer, block-major
+    (``chains[0]``'s layers, then ``chains[1]``'s...), without building BlockKey objects."""
+    head = len(fingerprint).to_bytes(4, "little") + fingerprint
+    tails = [layer.to_bytes(4, "little") for layer in layers]
+    digest = xxhash.xxh3_128_digest
+    return [digest(head + chain + tail) for chain in chains for tail in tails]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from hkv.blocks import (
     BlockLayout,
     CorruptRecordError,
     RecordError,
-    block_keys,
+    key_digests,
     chain_hashes,
     decode_header,
     decode_into,
@@ -29,7 +29,7 @@ FINGERPRINT = b"model-fingerprint"
 
 def keys_for(token_ids: list[int]) -> list[str]:
     chains = chain_hashes(token_ids, block_tokens=4)
-    return [key.hex() for per_block in block_keys(FINGERPRINT, chains, num_layers=2) for key in per_block]
+    return [key.hex() for key in key_digests(FINGERPRINT, chains, range(2))]
 
 
 def test_layout_shape_and_bytes() -> None:
@@ -63,8 +63,8 @@ def test_keys_differ_by_layer_and_fingerprint() -> None:
 def test_keys_are_stable_across_processes() -> None:
     ids = list(range(100, 120))
     code = (
-        "from hkv.blocks import chain_hashes, block_keys;"
-        f"print(' '.join(k.hex() for b in block_keys({FINGERPRINT!r}, chain_hashes({ids!r}, 4), 2) for k in b))"
+        "from hkv.blocks import chain_hashes, key_digests;"
+        f"print(' '.join(k.hex() for k in key_digests({FINGERPRINT!r}, chain_hashes({ids!r}, 4), range(2))))"
     )
     other = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env={"PYTHONHASHSEED": "123"})
     assert other.stdout.split() == keys_for(ids)

@@ -146,7 +146,7 @@ def test_record_round_trip_and_its_errors() -> None:
     small = make_record("chat", ids_of(9), kv_tokens=9).to_bytes()
     assert len(small) < len(make_record("chat", ids_of(9) + 2**40, kv_tokens=9).to_bytes())  # int32 when it fits
     assert SessionRecord.from_bytes("chat", small).token_ids.tolist() == list(range(9))
-    assert [bytes(k) for k in keys_for(ids_of(9), 2)] == make_record("x", ids_of(9), 9).block_keys()
+    assert [bytes(k) for k in keys_for(ids_of(9), 2)] == make_record("x", ids_of(9), 9).key_digests()
 
     with pytest.raises(CorruptSessionError, match="'chat'.*checksum"):
         SessionRecord.from_bytes("chat", bytes(flip(10)(bytearray(data))))
@@ -598,7 +598,7 @@ _COMMITTER = textwrap.dedent(f"""
     ids = np.arange(8, dtype=np.int64)
     identity = ModelIdentity({FP.hex()!r}, {identity().description!r}, "ab12")
     record = SessionRecord("chat", identity, {layout_dict()!r}, ids, kv_tokens=8, kv_blocks=2)
-    keys = [BlockKey(k) for k in record.block_keys()]
+    keys = [BlockKey(k) for k in record.key_digests()]
     with SessionStore.open(sys.argv[1], readonly=False) as store:
         store.commit(record, block_keys=keys, summaries=None, summary_keys=[], tail=None)
     print("committed", flush=True)

@@ -8,14 +8,13 @@ pickled. :mod:`.session_store` stores them; this module only encodes, decodes an
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import msgpack
 import numpy as np
 import xxhash
 
-from ..blocks import DTYPE_NAMES, BlockKey, chain_hashes
+from ..blocks import DTYPE_NAMES, BlockKey, chain_hashes, key_digests
 from ..errors import TierError
 from ..store.checksum import CHECKSUM_BYTES, checksum
 
@@ -163,11 +162,11 @@ class SessionRecord:
         if self.kv_tokens > len(self.token_ids):
             raise ValueError(f"kv_tokens {self.kv_tokens} > {len(self.token_ids)} token ids")
 
-    def block_keys(self, first: int = 0) -> list[bytes]:
-        """Raw keys of the referenced blocks from block ``first`` on, block-major (block i's
-        layers 0..L-1, then block i+1's): ``BlockKey.make(fingerprint, chain_i, layer)``."""
+    def key_digests(self, first: int = 0) -> list[bytes]:
+        """Digests of the referenced blocks' keys from block ``first`` on, block-major (block i's
+        layers 0..L-1, then block i+1's): :func:`hkv.blocks.key_digests`."""
         chains = chain_hashes(self.token_ids[: self.kv_blocks * self.block_tokens], self.block_tokens)
-        return _key_bytes(bytes.fromhex(self.identity.fingerprint), chains[first:], self.num_layers)
+        return key_digests(bytes.fromhex(self.identity.fingerprint), chains[first:], range(self.num_layers))
 
     def to_bytes(self) -> bytes:
         """msgpack payload followed by its 8-byte xxh3-64 (no pickle)."""
@@ -219,15 +218,6 @@ class SessionRecord:
         except (ValueError, TypeError, KeyError, AttributeError) as error:
             raise CorruptSessionError(f"session {name!r}: bad record: {error}") from None
         return record
-
-
-def _key_bytes(fingerprint: bytes, chains: Iterable[bytes], num_layers: int) -> list[bytes]:
-    """``bytes(BlockKey.make(fingerprint, chain, layer))`` for each chain and layer, block-major
-    (the same xxh3-128 over the same bytes, without building BlockKey objects)."""
-    head = len(fingerprint).to_bytes(4, "little") + fingerprint
-    layers = [layer.to_bytes(4, "little") for layer in range(num_layers)]
-    digest = xxhash.xxh3_128_digest
-    return [digest(head + chain + layer) for chain in chains for layer in layers]
 
 
 def tail_key(name: str) -> BlockKey:

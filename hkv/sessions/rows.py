@@ -69,7 +69,7 @@ def info_in(store: StoreTxn, name: str) -> SessionInfo:
     record = record_in(store, name)
     if record is None:
         raise SessionNotFoundError(f"no session {name!r}")
-    keys = record.block_keys()
+    keys = record.key_digests()
     sizes = store.found("keys", keys)  # no block data is read
     stored = sum(int.from_bytes(size, "little") for size in sizes.values())
     shared = sum(int.from_bytes(count, "little") > 1 for count in store.found("refs", list(sizes)).values())
@@ -92,8 +92,8 @@ def commit_in(
     name = record.name
     previous = record_in(store, name)
     common = common_blocks(previous, record) if previous is not None else 0
-    added = record.block_keys(common)
-    removed = previous.block_keys(common) if previous is not None else []
+    added = record.key_digests(common)
+    removed = previous.key_digests(common) if previous is not None else []
     stray = set(added) - set(wanted)
     if stray:
         raise SessionError(f"session {name!r}: {len(stray)} block keys do not match the record's token ids")
@@ -198,7 +198,7 @@ def verify_session(
             problems.append(str(error))
     block = torch.empty(layout.shape, dtype=layout.dtype)
     floats = 2 * layout.kv_heads * layout.head_dim
-    for i, key in enumerate(record.block_keys()):
+    for i, key in enumerate(record.key_digests()):
         where = f"block {i // record.num_layers} layer {i % record.num_layers} ({key.hex()})"
         if key not in checked:
             raw = store.get("blocks", key)

@@ -135,7 +135,7 @@ class SessionStore:
         """Commit ``record`` atomically.
 
         ``block_keys``: every block the session now references (all layers; ``record.kv_blocks``
-        x num_layers keys, those of :meth:`SessionRecord.block_keys`); those the previous
+        x num_layers keys, those of :meth:`SessionRecord.key_digests`); those the previous
         commit did not reference must be in the store (else SessionError naming how many are
         missing; nothing changes); the others are, since their refs kept them there. Refs are
         incremented for keys the previous committed record did not reference (and decremented for
@@ -209,7 +209,7 @@ class SessionStore:
             except SessionError:
                 record = None
             if record is not None:
-                drop_references(store, record.block_keys(), in_use, result)
+                drop_references(store, record.key_digests(), in_use, result)
             store.delete("sessions", record_key(name))
             store.delete("sessions", tail_record_key(name))
             return result
@@ -240,7 +240,7 @@ class SessionStore:
                     if not self._locks.acquire(record.name):  # open here or in another process
                         continue
                     taken.append(record.name)
-                drop_references(store, record.block_keys(), in_use, result)
+                drop_references(store, record.key_digests(), in_use, result)
                 store.delete("sessions", tail_record_key(record.name))
                 record.kv_tokens = record.kv_blocks = record.tail_tokens = 0
                 store.put("sessions", record_key(record.name), record.to_bytes())
@@ -310,5 +310,5 @@ def _block_users(store: StoreTxn, names: list[str]) -> Counter[bytes]:
             record = record_in(store, session)
         except SessionError:
             continue
-        users.update(record.block_keys())
+        users.update(record.key_digests())
     return users
