@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 
 import hkv
-from hkv.chat import TurnEncoder
+from hkv.cli.chat import TurnEncoder
 from hkv.default_model import load_default_model
 
 model, tokenizer = load_default_model()  # SmolLM2-135M-Instruct, fp32, CPU

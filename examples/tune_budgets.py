@@ -2,6 +2,7 @@
 
     python examples/tune_budgets.py
     HKV_TIERS__HOST=16KiB python examples/tune_budgets.py     # a smaller host tier: more blocks on disk
+    HKV_PREFETCH__ENABLED=true python examples/tune_budgets.py # prefetch on (million.toml turns it off)
 
 It loads examples/million.toml (the 1M-token SmolLM2 config), shrinks its budgets to a few
 blocks of this model with keyword overrides (HKV_* variables still win over both), generates
@@ -44,7 +45,7 @@ def load_config(store: Path) -> hkv.Config:
 
 
 def report(rt: hkv.Runtime) -> list[str]:
-    """rt.stats() as lines: occupancy per tier, bytes moved, prefetch hit rate and stall time."""
+    """rt.stats() as lines: occupancy per tier, bytes moved, prefetch hit rate, stall time and the blocks read."""
     stats = rt.stats()
     lines = ["tier      used / capacity      blocks"]
     for name, tier in stats.tiers.items():
@@ -53,9 +54,15 @@ def report(rt: hkv.Runtime) -> list[str]:
     lines.append("moved:   " + ", ".join(f"{way} {n / KIB:.0f} KiB" for way, n in stats.moved_bytes.items() if n))
     lines.append("evicted: " + ", ".join(f"{tier} {n}" for tier, n in stats.evictions.items()))
     p = stats.prefetch
-    rate = f"{100 * p.hit_rate:.0f}%" if p.hit_rate is not None else "-"
-    lines.append(f"prefetch: hit rate {rate} ({p.hit}/{p.needed} blocks), fetched on demand {p.fetched}, "
-                 f"waited {p.waited}, stall {p.stall_s:.3f} s over {p.step} steps")  # fmt: skip
+    if rt.prefetcher is None:  # million.toml turns prefetch off (2-core CPUs); HKV_PREFETCH__ENABLED=true turns it on
+        head = "off (prefetch.enabled = false, so no hit rate)"
+    else:
+        rate = f"{100 * p.hit_rate:.0f}%" if p.hit_rate is not None else "-"
+        head = f"hit rate {rate} ({p.hit}/{p.needed} blocks read beyond the pinned ones)"
+    lines.append(f"prefetch: {head}, stall {p.stall_s:.3f} s over {p.step} steps")
+    # every block read in one bucket: read = pinned + hit + unpredicted + waited + fetched
+    lines.append(f"reads:   {p.read} blocks = {p.pinned} pinned + {p.hit} predicted, on the device in time + "
+                 f"{p.unpredicted} on the device, not predicted + {p.waited} waited for + {p.fetched} fetched on demand")  # fmt: skip
     return lines
 
 

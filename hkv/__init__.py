@@ -23,7 +23,9 @@ __all__ = [
 ]  # fmt: skip
 __version__ = "0.1.0"
 
-_LAZY = {"wrap", "Runtime"}  # imported on first use: they pull in transformers
+# Imported on first use, to keep `import hkv` (and `hkv config`) free of transformers and the
+# store; no import circle hides behind this (tests/test_layers.py: no module imports `hkv` itself).
+_LAZY = {"wrap", "Runtime"}
 _LAZY_SESSIONS = {
     "Session", "SessionError", "SessionLockedError", "SessionMismatchError", "SessionNameError", "SessionNotFoundError",
     "CorruptSessionError",

@@ -10,12 +10,13 @@ Byte sizes accept integers (bytes) or strings such as ``"512MiB"``, ``"8GiB"``, 
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "HKV_"
 ENV_DELIMITER = "__"
@@ -48,6 +49,13 @@ class TiersConfig(_Section):
         "evict", description="when the disk budget is reached: evict unreferenced blocks (LRU) or refuse the write"
     )
 
+    @field_validator("device", "host", "disk", mode="before")
+    @classmethod
+    def _size_type(cls, value: Any) -> Any:
+        if isinstance(value, bool) or isinstance(value, float) or not isinstance(value, (int, str)):
+            raise ValueError("must be a whole number of bytes or a size string such as 512MiB")
+        return value
+
     @field_validator("device", "host", "disk")
     @classmethod
     def _positive(cls, value: ByteSize) -> ByteSize:
@@ -58,6 +66,8 @@ class TiersConfig(_Section):
     @field_validator("path")
     @classmethod
     def _path_not_file(cls, value: Path) -> Path:
+        if "\x00" in str(value):
+            raise ValueError("must not contain a NUL character")
         if value.exists() and not value.is_dir():
             raise ValueError(f"{str(value)!r} exists and is not a folder; the store needs a folder")
         return value
@@ -75,11 +85,11 @@ class AttentionConfig(_Section):
     """Which blocks attention reads. Token counts are in tokens, not blocks."""
 
     mode: Literal["exact", "sparse"] = Field("sparse", description="exact reads every block; sparse the top blocks")
-    block_tokens: int = Field(64, description="tokens per KV block")
-    budget_tokens: int = Field(2048, description="tokens attention reads per step in sparse mode, sink and local included")
-    sink_tokens: int = Field(64, description="first tokens always attended and kept on the device")
-    local_tokens: int = Field(256, description="newest tokens always attended and kept on the device")
-    prefill_chunk_tokens: int = Field(1024, description="prompt tokens processed per chunk during prefill")
+    block_tokens: StrictInt = Field(64, description="tokens per KV block")
+    budget_tokens: StrictInt = Field(2048, description="tokens attention reads per step in sparse mode, sink and local included")
+    sink_tokens: StrictInt = Field(64, description="first tokens always attended and kept on the device")
+    local_tokens: StrictInt = Field(256, description="newest tokens always attended and kept on the device")
+    prefill_chunk_tokens: StrictInt = Field(1024, description="prompt tokens processed per chunk during prefill")
     positions: Literal["original", "remap"] = Field(
         "original",
         description='rotary positions of far blocks: "original" keeps them; "remap" (sparse mode only) moves the selected '
@@ -128,9 +138,9 @@ class AttentionConfig(_Section):
 class PrefetchConfig(_Section):
     """The asynchronous prefetcher that moves predicted blocks up the tiers."""
 
-    enabled: bool = True
-    lookahead: int = Field(1, description="decode steps ahead the prediction is for")
-    workers: int = Field(2, description="threads reading from the lower tiers")
+    enabled: StrictBool = True
+    lookahead: StrictInt = Field(1, description="decode steps ahead the prediction is for")
+    workers: StrictInt = Field(2, description="threads reading from the lower tiers")
     margin: float = Field(0.25, description="extra candidates prefetched, as a fraction of the selected blocks")
 
     @field_validator("lookahead", "workers")
@@ -138,6 +148,13 @@ class PrefetchConfig(_Section):
     def _at_least_one(cls, value: int) -> int:
         if value < 1:
             raise ValueError("must be at least 1")
+        return value
+
+    @field_validator("margin", mode="before")
+    @classmethod
+    def _margin_type(cls, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError("must be a number between 0 and 4")
         return value
 
     @field_validator("margin")
@@ -151,10 +168,10 @@ class PrefetchConfig(_Section):
 class StoreConfig(_Section):
     """Persistence of blocks on the disk tier."""
 
-    persist: bool = Field(False, description="write every sealed block through to disk")
-    writer_batch: int = Field(64, description="blocks per LMDB write transaction")
-    reuse_prefix: bool = Field(True, description="adopt the longest stored prefix of a prompt instead of prefilling it")
-    evict_sessions: bool = Field(
+    persist: StrictBool = Field(False, description="write every sealed block through to disk")
+    writer_batch: StrictInt = Field(64, description="blocks per LMDB write transaction")
+    reuse_prefix: StrictBool = Field(True, description="adopt the longest stored prefix of a prompt instead of prefilling it")
+    evict_sessions: StrictBool = Field(
         True, description='with tiers.disk_full = "evict": when unreferenced blocks are not enough, drop the KV of least-recently-used sessions'
     )
 
@@ -290,4 +307,5 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    # A JSON string is a TOML basic string (same escapes), but for DEL, which TOML wants escaped.
+    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")

@@ -25,3 +25,8 @@ class BlockNotFoundError(KeyError, TierError):
 
 class StoreError(TierError):
     """A folder that cannot be opened as this hkv store (not a store, newer format, other layout)."""
+
+
+class StoreDamagedError(StoreError):
+    """The store's files are damaged below the record level (a truncated file, a bad LMDB page);
+    the message names the store and what was being read."""

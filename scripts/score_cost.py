@@ -1,9 +1,10 @@
 """What block selection costs per decode step as the context grows (docs/benchmarks.md).
 
-Times :func:`hkv.prefetch.predictor.select_blocks` for one decode query over the block summaries
-of every layer of SmolLM2-135M's shape (30 layers, 9 query / 3 KV heads, head_dim 64, 64-token
-blocks, budget 2,048 tokens), random summaries, at several context lengths. Prints milliseconds
-per decode step (all layers), the median of ``--repeats`` steps.
+Times :func:`hkv.attention.selection.select_blocks` (what attention runs per layer to pick its
+blocks) for one decode query over the block summaries of every layer of SmolLM2-135M's shape (30
+layers, 9 query / 3 KV heads, head_dim 64, 64-token blocks, budget 2,048 tokens), random
+summaries, at several context lengths. Prints milliseconds per decode step (all layers), the
+median of ``--repeats`` steps.
 
     python scripts/score_cost.py [--contexts 8192,131072,393216,1000000] [--repeats 9]
 """
@@ -16,7 +17,7 @@ import time
 
 import torch
 
-from hkv.prefetch.predictor import select_blocks
+from hkv.attention.selection import select_blocks
 
 LAYERS, Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK = 30, 9, 3, 64, 64
 SINK_BLOCKS, LOCAL_BLOCKS, TOPK = 1, 4, 27  # budget 2,048 tokens = 64 sink + 27 blocks + 256 local

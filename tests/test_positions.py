@@ -8,14 +8,15 @@ import pytest
 import torch
 
 from hkv import Config, ConfigError, wrap
-from hkv.positions import RemapUnsupportedError, RotaryShift, far_block_deltas
 from hkv.attention.selection import BlockSummaries, block_scores, canonical_queries, select_blocks
 from hkv.attention.sequence import SequenceKV
-from test_attention import reference
-from test_sequence_kv import HKV, HQ, LAYERS, D, make_config, open_sequence
+from hkv.positions import RemapUnsupportedError, RotaryShift, far_block_deltas
+
+from helpers.models import tiny_lm
+from helpers.sequences import HKV, HQ, LAYERS, D, make_config, open_sequence, reference
 
 transformers = pytest.importorskip("transformers")
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaConfig  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb  # noqa: E402
 
 ROPE_TYPES = {
@@ -230,14 +231,8 @@ def test_sequence_with_remap_needs_the_rotary(tmp_path) -> None:
 
 
 def _tiny_llama(max_positions: int = 128, rope: dict | None = None) -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=max_positions, tie_word_embeddings=False,
-                         rope_parameters=rope or {"rope_type": "default", "rope_theta": 10000.0})
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)
-    return model.eval()
+    return tiny_lm("llama", max_position_embeddings=max_positions,
+                   rope_parameters=rope or {"rope_type": "default", "rope_theta": 10000.0})
 
 
 def _tiny_config(tmp_path, positions: str, *, prefetch: bool = True) -> Config:
@@ -330,15 +325,11 @@ def test_config_positions() -> None:
 
 
 @pytest.mark.slow
-def test_smollm2_remap_passkey(tmp_path) -> None:
+def test_smollm2_remap_passkey(smollm2, tmp_path) -> None:
     """2K tokens with a 512-token budget: remap moves the far blocks; the key is still found."""
-    from hkv.default_model import ModelNotInstalledError, load_default_model
     from hkv.passkey import passkey_answer, passkey_prompt
 
-    try:
-        model, tokenizer = load_default_model()
-    except ModelNotInstalledError as error:
-        pytest.skip(str(error))
+    model, tokenizer = smollm2
     ids, key = passkey_prompt(tokenizer, 2000, 0.3, seed=11)
     ids = torch.tensor([ids])
     config = Config(

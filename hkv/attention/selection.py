@@ -16,6 +16,7 @@ included and never scored.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -196,6 +197,45 @@ class Selection:
     predicted: torch.Tensor
     scored: torch.Tensor
     scores: torch.Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class SelectionEvent:
+    """One block selection of :meth:`~hkv.attention.sequence.SequenceKV.attend`: one query chunk
+    of one layer, as an ``on_selection`` observer (:data:`SelectionObserver`) receives it.
+
+    ``layer``: the layer; ``query_start``: the position of the chunk's first query; ``queries``:
+    the queries in the chunk (1 at a decode step); ``past_blocks``: the sealed blocks it chose
+    among (block ``b`` holds tokens ``b * block_tokens`` to ``(b + 1) * block_tokens - 1``);
+    ``selection``: what was chosen (``scored`` is empty where nothing was scored: exact mode, or
+    every candidate fits the budget).
+    """
+
+    layer: int
+    query_start: int
+    queries: int
+    past_blocks: int
+    selection: Selection
+
+
+SelectionObserver = Callable[[SelectionEvent], Selection | None]
+"""Called with every :class:`SelectionEvent` of a sequence (``rt.new_cache(on_selection=...)``),
+on the thread running the forward, before the blocks are read. Returns None to keep the
+selection, or a :class:`Selection` to read instead (diagnosis: forcing blocks in or out; its
+``blocks`` must lie in ``[0, past_blocks)``, and are read sorted and once each; its ``predicted``
+go to the prefetcher and its ``scored`` / ``scores`` to score-aware eviction as given)."""
+
+
+def observed_selection(observer: SelectionObserver, event: SelectionEvent) -> Selection:
+    """``event.selection``, or the :class:`Selection` ``observer(event)`` returns instead
+    (its blocks sorted, each once); ValueError for a block outside ``[0, past_blocks)``."""
+    replaced = observer(event)
+    if replaced is None:
+        return event.selection
+    blocks = torch.unique(torch.as_tensor(replaced.blocks, dtype=torch.long).reshape(-1).cpu())  # sorted
+    if blocks.numel() and (int(blocks[0]) < 0 or int(blocks[-1]) >= event.past_blocks):
+        raise ValueError(f"on_selection returned blocks {blocks.tolist()} outside [0, {event.past_blocks}) (layer {event.layer})")
+    return Selection(blocks, replaced.predicted, replaced.scored, replaced.scores)
 
 
 def select_blocks(

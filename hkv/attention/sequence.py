@@ -40,7 +40,7 @@ from ..prefetch.prefetcher import Prefetcher, PrefetchTicket
 from ..store.summary_rows import SummaryRows
 from ..tiers.manager import GatherReport, TierManager
 from .accumulator import PIECE_KV_ELEMENTS, PIECE_SCORE_ELEMENTS, AttentionAccumulator, causal_mask
-from .selection import BlockSummaries, canonical_queries, select_blocks
+from .selection import BlockSummaries, SelectionEvent, SelectionObserver, canonical_queries, observed_selection, select_blocks
 from .stats import COUNTERS, SequenceStats, StepStats
 
 
@@ -55,17 +55,20 @@ class SequenceKV:
     ``dtype``) and must match the manager's layout. ``fingerprint``: the model's identity,
     part of every block key. ``prefetcher``: a shared :class:`~hkv.prefetch.prefetcher.Prefetcher`
     or None (not closed here). ``persist``: write every sealed block (and its summary) through
-    to the disk store whatever ``store.persist`` says (a session's sequence).
+    to the disk store whatever ``store.persist`` says (a session's sequence). ``on_selection``:
+    a :data:`~hkv.attention.selection.SelectionObserver` called with every block selection
+    :meth:`attend` makes (it may return a selection to read instead); None: no call.
     """
 
     def __init__(self, manager: TierManager, config: Config, *, num_layers: int, num_kv_heads: int, num_q_heads: int,
                  head_dim: int, dtype: torch.dtype, fingerprint: bytes, prefetcher: Prefetcher | None = None,
-                 persist: bool = False, rotary: RotaryShift | None = None) -> None:
+                 persist: bool = False, rotary: RotaryShift | None = None, on_selection: SelectionObserver | None = None) -> None:
         if num_q_heads % num_kv_heads:
             raise ValueError(f"num_q_heads = {num_q_heads} must be a multiple of num_kv_heads = {num_kv_heads}")
         a = config.attention
         self.manager, self.config, self.prefetcher = manager, config, prefetcher
         self.persist = persist  # sealed blocks written through to disk with their summaries (sessions)
+        self.on_selection = on_selection  # diagnosis hook: sees (and may replace) every selection
         self.num_layers, self.kv_heads, self.q_heads, self.head_dim = num_layers, num_kv_heads, num_q_heads, head_dim
         self.fingerprint = fingerprint
         self.dtype = dtype if config.tiers.dtype == "auto" else DTYPE_NAMES[config.tiers.dtype]
@@ -357,6 +360,8 @@ class SequenceKV:
             selection = select_blocks(scoring, summary, past_blocks=past, sink_blocks=self.sink_blocks, local_blocks=local,
                                       topk=self.topk, margin=self.margin, scaling=scaling)
             step.select_s += time.perf_counter() - choosing
+            if self.on_selection is not None:
+                selection = observed_selection(self.on_selection, SelectionEvent(layer, q_pos, q.shape[1], past, selection))
             acc = AttentionAccumulator(q, scaling, self.kv_heads)
             blocks = selection.blocks.tolist()
             self._read_blocks(layer, acc, blocks, q.shape[1], step, self._remap_deltas(blocks, past, local))
@@ -402,14 +407,14 @@ class SequenceKV:
             return
         keys = self._keys[layer]
         wanted = [keys[i] for i in indices]
-        self._count_prefetch(layer, wanted, indices, step)
+        predicted = self._take_prediction(layer, step)
         bt, d = self.block_tokens, self.head_dim
         # Piece size is fixed by memory only (never by the manager's state), so results never
         # depend on timing; gathered pieces are transient, outside the tier budget.
         per_piece = max(1, PIECE_KV_ELEMENTS // (2 * self.kv_heads * bt * d))
         if acc.materializes_scores:
             per_piece = max(1, min(per_piece, PIECE_SCORE_ELEMENTS // (self.q_heads * nq * bt)))
-        report = GatherReport()
+        report = GatherReport(late_keys=set())
         for p0 in range(0, len(wanted), per_piece):
             blocks = self._gather(wanted[p0 : p0 + per_piece], report)  # [n, 2, Hkv, bt, D]
             n = blocks.shape[0]
@@ -418,12 +423,7 @@ class SequenceKV:
             if deltas is not None:
                 k = self.rotary.rotate_blocks(k, [x * bt for x in deltas[p0 : p0 + n]], bt)
             acc.add(k, v)
-        step.resident += report.resident
-        step.waited += report.waited
-        step.fetched += report.fetched
-        step.late += report.waited
-        step.missed += report.fetched
-        step.stall_s += report.stall_s
+        self._count_prefetch(layer, wanted, indices, predicted, report, step)
 
     def _gather(self, keys: list[BlockKey], report: GatherReport) -> torch.Tensor:
         """``[n, 2, Hkv, bt, D]`` on the device, in waves of at most ``gather_capacity()`` blocks."""
@@ -436,20 +436,43 @@ class SequenceKV:
 
     # -- prefetch --------------------------------------------------------------------------------
 
-    def _count_prefetch(self, layer: int, wanted: list[BlockKey], indices: list[int], step: StepStats) -> None:
-        pinned = self._pinned[layer]
-        needed = [key for key, i in zip(wanted, indices) if i not in pinned]
-        step.needed += len(needed)
+    def _take_prediction(self, layer: int, step: StepStats) -> set[BlockKey] | None:
+        """The blocks this step's prefetch predicted for the layer's next read (None when it
+        predicted nothing); the prediction is used up by that read."""
         ticket = self._tickets[layer]
         if ticket is None:
-            return
+            return None
         self._tickets[layer] = None
         step.predicted += len(ticket.keys)
-        predicted = set(ticket.keys)
-        pending = ticket.pending_keys()
-        candidates = [key for key in needed if key in predicted and key not in pending]
-        # one lock-free residency check for the lot, not one lock round trip per block
-        step.hit += len(candidates) - len(self.manager.missing_from_device(candidates))
+        return set(ticket.keys)
+
+    def _count_prefetch(self, layer: int, wanted: list[BlockKey], indices: list[int], predicted: set[BlockKey] | None,
+                        report: GatherReport, step: StepStats) -> None:
+        """Count every block of one read (``wanted``, distinct, gathered with ``report``) in one
+        bucket of :class:`~hkv.attention.stats.StepStats`: pinned, hit, unpredicted, waited or
+        fetched (the gather found the last two not on the device: ``report.late_keys``)."""
+        pinned, late = self._pinned[layer], report.late_keys
+        n_pinned = hit = unpredicted = 0
+        for key, i in zip(wanted, indices):
+            if late and key.digest in late:
+                continue  # waited for or fetched: counted by the report
+            if i in pinned:
+                n_pinned += 1
+            elif predicted is not None and key in predicted:
+                hit += 1
+            else:
+                unpredicted += 1
+        step.read += len(wanted)
+        step.pinned += n_pinned
+        step.needed += sum(1 for i in indices if i not in pinned)
+        step.hit += hit
+        step.unpredicted += unpredicted
+        step.resident += report.resident
+        step.waited += report.waited
+        step.fetched += report.fetched
+        step.late += report.waited
+        step.missed += report.fetched
+        step.stall_s += report.stall_s
 
     def _prefetch(self, layer: int, predicted: torch.Tensor) -> None:
         self.prefetcher.cancel(self._tickets[layer])

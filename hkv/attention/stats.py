@@ -14,14 +14,28 @@ from dataclasses import dataclass, field
 class StepStats:
     """Prefetch and movement figures of one decode step / prefill forward (block counts, bytes, seconds).
 
-    ``predicted``: blocks the prefetcher was asked for, for this step. ``needed``: past blocks
-    read that are not pinned. ``hit``: needed blocks that were predicted and already on the device
-    when read. ``late``: the same count as ``waited`` -- gathered blocks that a concurrent
-    promotion was still moving when read (gather waited for it). ``missed``: the same count as
-    ``fetched`` -- gathered blocks fetched on demand. Both copies cover every gathered block,
-    not only ``needed`` ones (pinned blocks are on the device, so in practice they are needed
-    blocks). ``resident`` / ``waited`` / ``fetched`` / ``stall_s`` are the manager's
-    :class:`~hkv.tiers.manager.GatherReport` over every gathered block (sink and local included);
+    Every block the attention reads (``read``) is counted in exactly one of five buckets::
+
+        read = pinned + hit + unpredicted + waited + fetched
+
+    * ``pinned``: sink / local blocks (pinned, so always on the device);
+    * ``hit``: predicted for this read by the step's prefetch and on the device when gathered
+      (predicted blocks that were there already count too: the prefetcher skips those);
+    * ``unpredicted``: on the device when gathered but not among this read's predicted blocks:
+      prefetch off, a read with no prediction pending (the first read of a forward, the later
+      query chunks of a prefill) or a block beyond the layer's prefetch share; such blocks
+      stayed on the device since an earlier read or the prefill;
+    * ``waited``: in flight when gathered (a prefetch promotion was still moving it);
+    * ``fetched``: not on the device when gathered, fetched on demand.
+
+    ``needed`` = ``read - pinned`` = ``hit + unpredicted + waited + fetched``: the past blocks
+    read that are not pinned. The gather itself tells residency, so a hit is never also waited
+    for or fetched (before 2026-12 a residency check just ahead of the gather counted hits, and
+    left out predicted blocks whose prefetch job had not finished by then: those reads were in
+    no bucket). ``predicted``: blocks the prefetcher was asked for, for this step. ``late`` /
+    ``missed``: the same counts as ``waited`` / ``fetched`` (older names). ``resident``: gathered
+    blocks on the device at once (``pinned + hit + unpredicted``). ``resident`` / ``waited`` /
+    ``fetched`` / ``stall_s`` come from the manager's :class:`~hkv.tiers.promotion.GatherReport`;
     ``stall_s`` counts only time spent because a block was not on the device (waiting for its
     promotion, or fetching it on demand), never the lock waits and bookkeeping every gather pays.
     Hit rate: ``hit / needed`` (:attr:`SequenceStats.hit_rate`); ``hit / predicted`` is the
@@ -30,8 +44,11 @@ class StepStats:
 
     step: int = 0
     predicted: int = 0
+    read: int = 0
+    pinned: int = 0
     needed: int = 0
     hit: int = 0
+    unpredicted: int = 0
     late: int = 0
     missed: int = 0
     resident: int = 0
@@ -41,6 +58,13 @@ class StepStats:
     attend_s: float = 0.0
     select_s: float = 0.0  # of attend_s: choosing the blocks (scoring their summaries)
     moved_bytes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def read_buckets(self) -> dict[str, int]:
+        """The blocks read, by bucket: ``pinned``, ``hit``, ``unpredicted``, ``waited``,
+        ``fetched``; they sum to :attr:`read`."""
+        return {"pinned": self.pinned, "hit": self.hit, "unpredicted": self.unpredicted, "waited": self.waited,
+                "fetched": self.fetched}  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -68,4 +92,5 @@ class SequenceStats(StepStats):
 
 
 COUNTERS = (  # the StepStats fields summed over steps
-    "predicted", "needed", "hit", "late", "missed", "resident", "waited", "fetched", "stall_s", "attend_s", "select_s")
+    "predicted", "read", "pinned", "needed", "hit", "unpredicted", "late", "missed", "resident", "waited", "fetched",
+    "stall_s", "attend_s", "select_s")

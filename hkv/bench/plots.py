@@ -1,8 +1,8 @@
 """PNG pictures of benchmark JSON: passkey accuracy against length, decode latency and memory
 against context length, accuracy of hkv and its peers. Needs matplotlib (``pip install "hkv[plot]"``), imported only here.
 
-``hkv bench passkey|decode|peers --png`` draw them after a run; ``hkv bench plot
-FILE.json OUT.png`` redraws one from a saved JSON (the kind is read from its keys).
+``hkv bench passkey|decode --png`` and ``python benchmarks/peers/run.py --png`` draw them after
+a run; ``hkv bench plot FILE.json OUT.png`` redraws one from a saved JSON (the kind is read from its keys).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def kind_of(figures: dict[str, Any]) -> str:
         return "decode"
     if "rows" in figures and "context_tokens" in figures:
         return "peers"
-    raise ValueError("not the JSON of `hkv bench passkey`, `decode` or `peers` (expected summary/runs, contexts/hkv_ms or rows/context_tokens)")
+    raise ValueError("not the JSON of `hkv bench passkey`, `decode` or benchmarks/peers/run.py (expected summary/runs, contexts/hkv_ms or rows/context_tokens)")
 
 
 def plot(figures: dict[str, Any], path: Path) -> Path:
@@ -42,7 +42,7 @@ def plot(figures: dict[str, Any], path: Path) -> Path:
 
 
 def plot_peers(figures: dict[str, Any], path: Path) -> Path:
-    """Bars of passkey accuracy per method, one bar per task (``hkv bench peers``)."""
+    """Bars of passkey accuracy per method, one bar per task (``benchmarks/peers/run.py``)."""
     plt = _pyplot()
     methods = list(dict.fromkeys(r["method"] for r in figures["rows"]))
     tasks = list(dict.fromkeys(r["task"] for r in figures["rows"]))

@@ -16,11 +16,15 @@ import typer
 
 from ..config import ConfigError
 from .bench import bench_app
-from .common import ConfigOption, JsonOption, StoreOption, fail, load, user_errors, write_json
+from .common import HELP_MARKUP, ConfigOption, JsonOption, StoreOption, fail, load, user_errors, write_json
 from .sessions import sessions_app
 
-app = typer.Typer(help="hkv: tiered, attention-guided KV cache for long contexts.", no_args_is_help=True)
-config_app = typer.Typer(help="Check and show configuration files.", no_args_is_help=True)
+app = typer.Typer(
+    help="hkv: tiered, attention-guided KV cache for long contexts.", no_args_is_help=True, rich_markup_mode=HELP_MARKUP
+)
+config_app = typer.Typer(
+    help="Check and show configuration files.", no_args_is_help=True, rich_markup_mode=HELP_MARKUP
+)
 app.add_typer(config_app, name="config")
 app.add_typer(bench_app, name="bench")
 app.add_typer(sessions_app, name="sessions")
@@ -88,7 +92,7 @@ def demo(
     occupancy, prefetch statistics and timings, save the session. Later runs resume the session
     from the store and ask a follow-up question instead of prefilling again.
     """
-    from .demo import demo_config, drop_session, report_lines, run_demo
+    from .demo import demo_config, drop_session, report_lines, resume_command, run_demo
     from ..default_model import ModelNotInstalledError, load_default_model
     from ..sessions.records import check_name
 
@@ -110,7 +114,7 @@ def demo(
         result = run_demo(model, tokenizer, cfg, name=session, tokens=tokens, depth=depth, progress=True,
                           answer_tokens=answer_tokens)  # fmt: skip
     result.load_s = load_s
-    for line in report_lines(result):
+    for line in report_lines(result, resume=resume_command(session=session, store=store, config=config)):
         typer.echo(line)
     write_json(json_path, result.as_dict())
 

@@ -13,9 +13,11 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..config import ConfigError
-from .common import ConfigOption, JsonOption, choices, fail, load, parse_lengths, user_errors, write_json
+from .common import HELP_MARKUP, ConfigOption, JsonOption, choices, fail, load, parse_lengths, user_errors, write_json
 
-bench_app = typer.Typer(help="Benchmarks that print a table and, with --json, write their figures.", no_args_is_help=True)
+bench_app = typer.Typer(
+    help="Benchmarks that print a table and, with --json, write their figures.", no_args_is_help=True, rich_markup_mode=HELP_MARKUP
+)
 
 
 def write_png(path: Path | None, figures: dict[str, Any]) -> None:
@@ -142,7 +144,7 @@ def bench_passkey(
 
 @bench_app.command("plot")
 def bench_plot(
-    source: Annotated[Path, typer.Argument(help="JSON written by hkv bench passkey, decode or peers --json")],
+    source: Annotated[Path, typer.Argument(help="JSON written by hkv bench passkey or decode --json, or benchmarks/peers/run.py --json")],
     out: Annotated[Path, typer.Argument(help="PNG file to write")],
 ) -> None:
     """Redraw a benchmark's picture from its saved JSON (needs matplotlib)."""

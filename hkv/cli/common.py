@@ -13,6 +13,10 @@ import typer
 from ..config import Config, ConfigError
 from ..errors import TierError
 
+# Help texts are Markdown: typer reflows each docstring paragraph to the terminal width (the
+# default "rich" mode keeps the docstring's own line breaks, cutting lines mid-phrase).
+HELP_MARKUP = "markdown"
+
 ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file")]
 StoreOption = Annotated[Optional[Path], typer.Option("--store", help="store folder (default: tiers.path of --config)")]
 JsonOption = Annotated[Optional[Path], typer.Option("--json", help="write the figures to this JSON file")]

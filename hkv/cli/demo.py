@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -50,11 +51,19 @@ class TierUse:
 class PrefetchFigures:
     """The session sequence's prefetch figures over this run (block counts, seconds, bytes).
 
-    ``hit_rate``: needed blocks that were on the device in time / needed blocks (None when no
-    block was read from outside the pinned sink / local window). ``promoted_blocks``: blocks the
-    prefetcher queued for promotion; ``on_demand_blocks``: blocks fetched on demand (misses).
-    ``attend_s``: time in hkv's attention (prefill and decode, every layer); ``select_s``: the
-    part of it spent choosing blocks (scoring their summaries).
+    Every block the attention read is in exactly one bucket (:class:`hkv.attention.stats.StepStats`):
+    ``read_blocks = pinned_blocks + hit_blocks + unpredicted_blocks + waited_blocks +
+    on_demand_blocks``. ``pinned_blocks``: sink / local blocks (pinned on the device);
+    ``hit_blocks``: predicted by the prefetch and on the device when read; ``unpredicted_blocks``:
+    on the device when read without having been predicted for that read; ``waited_blocks``:
+    still being promoted when read (waited for); ``on_demand_blocks``: fetched on demand
+    (misses). ``needed_blocks = read_blocks - pinned_blocks``.
+
+    ``hit_rate``: ``hit_blocks / needed_blocks`` (None when no block was read from outside the
+    pinned sink / local window). ``promoted_blocks``: blocks the prefetcher queued for promotion
+    (it skips those already on the device). ``attend_s``: time in hkv's attention (prefill and
+    decode, every layer); ``select_s``: the part of it spent choosing blocks (scoring their
+    summaries).
     """
 
     hit_rate: float | None
@@ -66,6 +75,18 @@ class PrefetchFigures:
     moved_bytes: dict[str, int]
     attend_s: float
     select_s: float
+    read_blocks: int = 0
+    pinned_blocks: int = 0
+    unpredicted_blocks: int = 0
+    waited_blocks: int = 0
+    predicted_blocks: int = 0  # blocks the prefetch predicted (asked the prefetcher for), over every step
+    enabled: bool = True  # prefetch.enabled: with it off, nothing is predicted and the hit rate is 0
+
+    @property
+    def buckets(self) -> dict[str, int]:
+        """The blocks read by bucket (they sum to ``read_blocks``)."""
+        return {"pinned": self.pinned_blocks, "hit": self.hit_blocks, "unpredicted": self.unpredicted_blocks,
+                "waited": self.waited_blocks, "fetched": self.on_demand_blocks}  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -116,6 +137,8 @@ class DemoResult:
         out["prefill_tokens_per_s"] = self.prefill_tokens_per_s
         out["decode_ms_per_token"] = self.decode_ms_per_token
         out["step_ms_median"] = self.step_ms_median
+        if self.prefetch is not None:
+            out["prefetch"]["buckets"] = self.prefetch.buckets  # the blocks read, each in one bucket
         return out
 
 
@@ -336,16 +359,35 @@ def prefetch_figures(rt: Any) -> PrefetchFigures | None:
     return PrefetchFigures(
         hit_rate=seq.hit_rate, needed_blocks=seq.needed, hit_blocks=seq.hit, on_demand_blocks=seq.fetched,
         promoted_blocks=promoted, stall_s=seq.stall_s, moved_bytes=dict(stats.moved_bytes), attend_s=seq.attend_s,
-        select_s=seq.select_s,
+        select_s=seq.select_s, read_blocks=seq.read, pinned_blocks=seq.pinned, unpredicted_blocks=seq.unpredicted,
+        waited_blocks=seq.waited, predicted_blocks=seq.predicted, enabled=rt.prefetcher is not None,
     )  # fmt: skip
 
 
 # -- rendering ----------------------------------------------------------------------------------------
 
 
-def report_lines(result: DemoResult) -> list[str]:
-    """What ``hkv demo`` prints after a run, one line per entry."""
+def resume_command(*, session: str = DEFAULT_SESSION, store: str | Path | None = None,
+                   config: str | Path | None = None) -> str:
+    """The ``hkv demo`` command line that resumes session ``session``: the options a run was
+    given that decide where the session lives (``--config``, ``--store``, ``--session``), quoted
+    for a POSIX shell; ``hkv demo`` alone for the defaults."""
+    words = ["hkv", "demo"]
+    if config is not None:
+        words += ["--config", str(config)]
+    if store is not None:
+        words += ["--store", str(store)]
+    if session != DEFAULT_SESSION:
+        words += ["--session", session]
+    return shlex.join(words)
+
+
+def report_lines(result: DemoResult, *, resume: str | None = None) -> list[str]:
+    """What ``hkv demo`` prints after a run, one line per entry. ``resume``: the command that
+    resumes the session (:func:`resume_command`, named in the first run's last line); by
+    default ``hkv demo`` with ``--session`` when it is not the default one."""
     r = result
+    resume = resume if resume is not None else resume_command(session=r.session or DEFAULT_SESSION)
     lines = [_headline(r), f"question: {r.question}", f"answer:   {r.reply.strip()!r}"]
     verdict = "FOUND" if r.found else "NOT found"
     lines.append(f"passkey {r.key}: {verdict} (model answered {r.answer or 'no digits'})")
@@ -354,7 +396,7 @@ def report_lines(result: DemoResult) -> list[str]:
         share = f"{100 * tier.used_bytes / tier.capacity_bytes:5.1f}%" if tier.capacity_bytes else "    -"
         lines.append(f"  {tier.name:<7} {human_bytes(tier.used_bytes):>10} / {human_bytes(tier.capacity_bytes):>10}  {share}  {tier.blocks} blocks")
     lines.extend(_prefetch_lines(r.prefetch))
-    lines.extend(_timing_lines(r))
+    lines.extend(_timing_lines(r, resume))
     return lines
 
 
@@ -370,17 +412,25 @@ def _headline(r: DemoResult) -> str:
 def _prefetch_lines(p: PrefetchFigures | None) -> list[str]:
     if p is None:
         return ["prefetch: no sequence statistics"]
-    hit = f"{100 * p.hit_rate:.1f}%" if p.hit_rate is not None else "n/a (no block read beyond the pinned ones)"
+    beyond = "blocks read beyond the pinned sink/local ones"
+    if not p.enabled:
+        head = f"off (prefetch.enabled = false); {p.needed_blocks} {beyond}"
+    elif p.hit_rate is not None:
+        head = f"hit rate {100 * p.hit_rate:.1f}% = {p.hit_blocks} / {p.needed_blocks} {beyond}; {p.promoted_blocks} promoted ahead"
+    else:
+        head = f"hit rate n/a (no {beyond}); {p.promoted_blocks} promoted ahead"
     moved = ", ".join(f"{k} {human_bytes(v)}" for k, v in sorted(p.moved_bytes.items()) if v) or "nothing"
     return [
-        f"prefetch: hit rate {hit} ({p.hit_blocks}/{p.needed_blocks} blocks), {p.on_demand_blocks} fetched on demand, "
-        f"{p.promoted_blocks} promoted ahead, stall {p.stall_s:.3f} s",
+        f"prefetch: {head}, stall {p.stall_s:.3f} s",
+        f"reads:    {p.read_blocks} blocks = {p.pinned_blocks} pinned + {p.hit_blocks} predicted, on the device in time"
+        f" + {p.unpredicted_blocks} on the device, not predicted + {p.waited_blocks} waited for"
+        f" + {p.on_demand_blocks} fetched on demand",
         f"attention {p.attend_s:.2f} s, of which choosing blocks {p.select_s:.2f} s",
         f"moved:    {moved}",
     ]
 
 
-def _timing_lines(r: DemoResult) -> list[str]:
+def _timing_lines(r: DemoResult, resume: str) -> list[str]:
     lines = []
     if r.load_s is not None:
         lines.append(f"model load     {r.load_s:7.2f} s")
@@ -403,5 +453,5 @@ def _timing_lines(r: DemoResult) -> list[str]:
             f"({r.first_prefill_tokens} tokens): {r.first_prefill_s / max(here, 1e-9):.0f}x faster"
         )
     elif not r.resumed:
-        lines.append(f"saved as session {r.session!r}; run `hkv demo` again to resume it (--fresh starts over)")
+        lines.append(f"saved as session {r.session!r}; run `{resume}` again to resume it (--fresh starts over)")
     return lines

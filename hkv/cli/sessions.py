@@ -12,9 +12,11 @@ from typing import Annotated, Optional
 import typer
 
 from ..sessions.store import SessionStore
-from .common import ConfigOption, StoreOption, fail, human_bytes, load, table, user_errors
+from .common import HELP_MARKUP, ConfigOption, StoreOption, fail, human_bytes, load, table, user_errors
 
-sessions_app = typer.Typer(help="List, inspect, verify and delete the persistent sessions of a store.", no_args_is_help=True)
+sessions_app = typer.Typer(
+    help="List, inspect, verify and delete the persistent sessions of a store.", no_args_is_help=True, rich_markup_mode=HELP_MARKUP
+)
 
 
 def _store_path(store: Path | None, config: Path | None) -> Path:

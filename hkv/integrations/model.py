@@ -14,7 +14,7 @@ import torch
 import xxhash
 
 from ..blocks import DTYPE_NAMES
-from ..config import Config
+from ..config import AttentionConfig, Config
 from ..sessions.records import ModelIdentity
 
 
@@ -117,7 +117,7 @@ def tokenizer_hash(tokenizer) -> str | None:
     return xxhash.xxh3_64_hexdigest(data.encode())
 
 
-def attention_signature(attention: Any) -> str:
+def attention_signature(attention: AttentionConfig) -> str:
     """The settings of an ``AttentionConfig`` that change the KV a model computes.
 
     Exact mode computes the model's own KV (chunking changes rounding only): ``"exact"``. In
@@ -132,7 +132,7 @@ def attention_signature(attention: Any) -> str:
     )
 
 
-def kv_fingerprint(model: torch.nn.Module, *, dtype: torch.dtype | None = None, attention: Any = None) -> bytes:
+def kv_fingerprint(model: torch.nn.Module, *, dtype: torch.dtype | None = None, attention: AttentionConfig | None = None) -> bytes:
     """16 bytes that block keys are made from: :func:`model_fingerprint` combined with the
     :func:`attention_signature` (so KV computed in sparse mode is never taken for exact KV, nor
     KV of one sparse budget for another's). ``attention``: an AttentionConfig, or None (exact)."""
@@ -141,7 +141,7 @@ def kv_fingerprint(model: torch.nn.Module, *, dtype: torch.dtype | None = None, 
 
 
 def model_identity(model: torch.nn.Module, dtype: torch.dtype | None = None, tokenizer: Any = None,
-                   attention: Any = None) -> ModelIdentity:  # fmt: skip
+                   attention: AttentionConfig | None = None) -> ModelIdentity:  # fmt: skip
     """The :class:`~hkv.sessions.records.ModelIdentity` a session records and checks:
     :func:`kv_fingerprint` (hex), :func:`model_description` plus the attention signature,
     :func:`tokenizer_hash`."""
@@ -164,6 +164,7 @@ class ModelSpec:
     head_dim: int
     dtype: torch.dtype
     device: torch.device
+    vocab_size: int | None = None  # token ids must be below it (None: unknown, not checked)
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> ModelSpec:
@@ -210,7 +211,9 @@ class ModelSpec:
         kv_heads = getattr(config, "num_key_value_heads", None) or q_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // q_heads
         param = next(model.parameters())
-        return cls(num_layers, q_heads, kv_heads, head_dim, param.dtype, param.device)
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        vocab = getattr(embeddings, "num_embeddings", None) or getattr(config, "vocab_size", None)
+        return cls(num_layers, q_heads, kv_heads, head_dim, param.dtype, param.device, vocab)
 
 
 def _is_attention_module(module: torch.nn.Module) -> bool:

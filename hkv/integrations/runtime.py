@@ -14,14 +14,17 @@ The runtime is also the one seam between a model and its sessions (:mod:`hkv.ses
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..attention.prefix import adopt_stored_prefix
+from ..attention.selection import SelectionObserver
 from ..attention.sequence import SequenceKV
 from ..attention.stats import SequenceStats
 from ..blocks import BlockLayout
@@ -110,7 +113,7 @@ class Runtime:
 
     # -- caches --------------------------------------------------------------------------------
 
-    def new_cache(self, *, persist: bool = False) -> HkvCache:
+    def new_cache(self, *, persist: bool = False, on_selection: SelectionObserver | None = None) -> HkvCache:
         """A fresh, empty cache for one sequence; use with ``model.generate(ids, cache=cache)``.
 
         Close it when done, best with ``with rt.new_cache() as cache: model.generate(ids, cache=cache)``.
@@ -118,7 +121,11 @@ class Runtime:
         released at the next ``new_cache`` / :meth:`stats` / :meth:`close` (so
         ``model.generate(ids, cache=rt.new_cache())`` works repeatedly), and :meth:`close` closes
         the caches still open. ``persist``: its sealed blocks are written through to the store
-        (a session's cache)."""
+        (a session's cache). ``on_selection``: called with a
+        :class:`~hkv.attention.selection.SelectionEvent` for every block selection the cache's
+        attention makes (each query chunk of each layer: which sealed blocks it reads); it may
+        return a :class:`~hkv.attention.selection.Selection` to read instead, None to keep it
+        (a diagnosis hook, e.g. ``scripts/passkey_selection.py``)."""
         self._check_open()
         self._drain_orphans()
         spec = self.spec
@@ -134,6 +141,7 @@ class Runtime:
             prefetcher=self.prefetcher,
             rotary=self.rotary,
             persist=persist,
+            on_selection=on_selection,
         )
         cache = HkvCache(sequence, spec, self, self._retire)
         # A cache collected unclosed only queues its sequence (list.append is safe wherever the
@@ -199,7 +207,8 @@ class Runtime:
         self._check_open()
         if "cache" in generate_kwargs or "past_key_values" in generate_kwargs:
             raise ValueError("rt.generate makes its own cache; use model.generate(..., cache=rt.new_cache()) to pass one")
-        input_ids = _as_batch_one(input_ids).to(self.spec.device)
+        self.check_generate_options(generate_kwargs)
+        input_ids = self.token_ids(input_ids).to(self.spec.device)
         mask = generate_kwargs.pop("attention_mask", None)
         if mask is not None:
             check_padding(mask)
@@ -208,6 +217,30 @@ class Runtime:
         with self.new_cache() as cache:
             self.fill(cache, input_ids[0, :-1], progress=progress)
             return self.generate_with(cache, input_ids, **generate_kwargs)
+
+    def token_ids(self, input_ids: torch.Tensor | Sequence[int], *, allow_empty: bool = False) -> torch.Tensor:
+        """``input_ids`` (``[S]`` or ``[1, S]``, integers) as ``[1, S]`` int64 on the CPU, checked:
+        batch size 1, ids in ``[0, vocab_size)`` of the model; ValueError naming the problem
+        otherwise (before anything is computed or stored)."""
+        ids = _as_batch_one(input_ids, allow_empty=allow_empty)
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
+            raise ValueError(f"input_ids must be integer token ids, got {ids.dtype}")
+        ids = ids.to("cpu", torch.long)
+        vocab = self.spec.vocab_size
+        if ids.numel():
+            low, high = int(ids.min()), int(ids.max())
+            if low < 0 or (vocab is not None and high >= vocab):
+                bad = low if low < 0 else high
+                raise ValueError(f"token id {bad} is outside the model's vocabulary [0, {vocab}) (input_ids of {ids.shape[1]} tokens)")
+        return ids
+
+    def check_generate_options(self, generate_kwargs: dict[str, Any]) -> None:
+        """Refuse ``generate`` options that need several sequences (beams, several returned
+        sequences): hkv serves one. ValueError naming the option."""
+        for key in ("num_beams", "num_return_sequences", "num_beam_groups"):
+            value = generate_kwargs.get(key)
+            if value is not None and value != 1:
+                raise ValueError(f"hkv serves one sequence (batch size 1): {key} = {value} is not supported; use {key}=1")
 
     def fill(self, cache: HkvCache, token_ids: torch.Tensor, *, progress: bool | None = None) -> int:
         """Compute the KV of ``token_ids`` (``[S]``, the tokens that follow the cache's current
@@ -355,13 +388,15 @@ def wrap(model: torch.nn.Module, config: Config | dict | str | None = None, *, d
     return Runtime(model, config, device=device)
 
 
-def _as_batch_one(input_ids: torch.Tensor) -> torch.Tensor:
+def _as_batch_one(input_ids: torch.Tensor | Sequence[int], *, allow_empty: bool = False) -> torch.Tensor:
     if not isinstance(input_ids, torch.Tensor):
-        input_ids = torch.as_tensor(input_ids)
+        input_ids = torch.as_tensor(np.asarray(input_ids))
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-        raise ValueError(f"hkv serves batch size 1, got input_ids of shape {tuple(input_ids.shape)} (batch size {input_ids.shape[0]})")
-    if input_ids.shape[1] == 0:
+        batch = input_ids.shape[0] if input_ids.dim() else 0
+        raise ValueError(f"hkv serves batch size 1, got input_ids of shape {tuple(input_ids.shape)} (batch size {batch})")
+    if input_ids.shape[1] == 0 and not allow_empty:
         raise ValueError("input_ids is empty")
     return input_ids
+

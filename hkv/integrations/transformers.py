@@ -115,7 +115,7 @@ class HkvLayer(CacheLayerMixin):
     supports_early_init = False
     batch_size = 1
 
-    def __init__(self, sequence: Any, layer: int) -> None:
+    def __init__(self, sequence: SequenceKV, layer: int) -> None:
         super().__init__()
         self.sequence = sequence
         self.layer = layer
@@ -250,7 +250,7 @@ class ModelHooks:
     is called after each hkv forward. :meth:`remove` restores the model.
     """
 
-    def __init__(self, model: torch.nn.Module, owner: Any, after_forward: Callable[[], None] | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, owner: object, after_forward: Callable[[], None] | None = None) -> None:
         check_not_wrapped(model)
         self.model, self.owner, self.after_forward = model, owner, after_forward
         self._handles: list[Any] = []

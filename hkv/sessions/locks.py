@@ -21,6 +21,8 @@ from pathlib import Path
 
 import xxhash
 
+from ..errors import StoreError
+
 LOCK_FILE = "sessions.lock"
 _OFFSET_MASK = 2**62 - 1
 
@@ -48,12 +50,14 @@ class LockFile:
         if self.fd is not None:  # read-only descriptor, no lock held through it: safe to close
             os.close(self.fd)
             self.fd = None
-        try:
-            self.fd, self.writable = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644), True
-        except OSError:
+        try:  # O_NOFOLLOW: a link planted in the store never makes hkv create or write its target
+            self.fd, self.writable = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), True
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise StoreError(f"{self.path} is a symbolic link; hkv follows no link inside a store") from None
             if write or not self.path.exists():
                 raise
-            self.fd, self.writable = os.open(self.path, os.O_RDONLY), False
+            self.fd, self.writable = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW), False
         return self.fd
 
     def acquire(self, name: str) -> bool:

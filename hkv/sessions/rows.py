@@ -49,15 +49,15 @@ def model_line(identity: ModelIdentity) -> str:
     )
 
 
-def record_in(store: StoreTxn, name: str) -> SessionRecord | None:
-    raw = store.get("sessions", record_key(name))
+def record_in(txn: StoreTxn, name: str) -> SessionRecord | None:
+    raw = txn.get("sessions", record_key(name))
     return None if raw is None else SessionRecord.from_bytes(name, raw)
 
 
-def records_by_use(store: StoreTxn) -> list[SessionRecord]:
+def records_by_use(txn: StoreTxn) -> list[SessionRecord]:
     """The sessions whose records decode, least recently used first."""
     records = []
-    for key, raw in store.items("sessions", RECORD_PREFIX):
+    for key, raw in txn.items("sessions", RECORD_PREFIX):
         try:
             records.append(SessionRecord.from_bytes(key[len(RECORD_PREFIX) :].decode(), raw))
         except SessionError:
@@ -65,16 +65,16 @@ def records_by_use(store: StoreTxn) -> list[SessionRecord]:
     return sorted(records, key=lambda record: record.last_used)
 
 
-def info_in(store: StoreTxn, name: str) -> SessionInfo:
-    record = record_in(store, name)
+def info_in(txn: StoreTxn, name: str) -> SessionInfo:
+    record = record_in(txn, name)
     if record is None:
         raise SessionNotFoundError(f"no session {name!r}")
     keys = record.key_digests()
-    sizes = store.found("keys", keys)  # no block data is read
+    sizes = txn.found("keys", keys)  # no block data is read
     stored = sum(int.from_bytes(size, "little") for size in sizes.values())
-    shared = sum(int.from_bytes(count, "little") > 1 for count in store.found("refs", list(sizes)).values())
+    shared = sum(int.from_bytes(count, "little") > 1 for count in txn.found("refs", list(sizes)).values())
     missing = len(set(keys)) - len(sizes)
-    tail = store.get("sessions", tail_record_key(name))
+    tail = txn.get("sessions", tail_record_key(name))
     return SessionInfo(
         name=name, tokens=len(record.token_ids), kv_tokens=record.kv_tokens, kv_blocks=record.kv_blocks,
         num_layers=record.num_layers, stored_bytes=stored + (len(tail) if tail is not None else 0), shared_blocks=shared,
@@ -84,13 +84,13 @@ def info_in(store: StoreTxn, name: str) -> SessionInfo:
 
 
 def commit_in(
-    store: StoreTxn, record: SessionRecord, wanted: list[bytes], summaries: list[tuple[bytes, bytes, bytes]],
+    txn: StoreTxn, record: SessionRecord, wanted: list[bytes], summaries: list[tuple[bytes, bytes, bytes]],
     tail: bytes | None, now: float,
 ) -> tuple[CommitResult, SessionRecord]:  # fmt: skip
     """The commit transaction: checks, refs +/- against the previous record, summaries, tail,
     record. Reads only its arguments and the transaction (it may run twice)."""
     name = record.name
-    previous = record_in(store, name)
+    previous = record_in(txn, name)
     common = common_blocks(previous, record) if previous is not None else 0
     added = record.key_digests(common)
     removed = previous.key_digests(common) if previous is not None else []
@@ -99,12 +99,12 @@ def commit_in(
         raise SessionError(f"session {name!r}: {len(stray)} block keys do not match the record's token ids")
     # The blocks of the common prefix are the previous commit's: counted in refs, so no disk
     # eviction deleted them; only the newly referenced ones are looked up (O(new) per commit).
-    present = store.found("keys", added)
+    present = txn.found("keys", added)
     missing = len(added) - len(present)
     if missing:
         raise SessionError(f"session {name!r}: cannot commit: {missing} of {len(added)} newly referenced blocks are not in the store")
     result = CommitResult()
-    counts = {key: int.from_bytes(value, "little") for key, value in store.found("refs", added + removed).items()}
+    counts = {key: int.from_bytes(value, "little") for key, value in txn.found("refs", added + removed).items()}
     for key in removed:  # before the increments: a key in both (never, short of a hash collision) nets out
         count = counts.get(key, 0)
         counts[key] = max(0, count - 1)
@@ -117,23 +117,23 @@ def commit_in(
             result.newly_referenced.append(key)
     for key in removed:
         if counts[key] == 0:
-            store.set_refs(key, 0)
+            txn.set_refs(key, 0)
     try:
-        store.put_many("refs", [(key, counts[key].to_bytes(REFS_BYTES, "little")) for key in dict.fromkeys(added + removed) if counts[key]])
+        txn.put_many("refs", [(key, counts[key].to_bytes(REFS_BYTES, "little")) for key in dict.fromkeys(added + removed) if counts[key]])
     except OverflowError:
         raise SessionError(f"session {name!r}: a block's refs count is out of range (u32)") from None
     # summaries: (block key, summary key, value); written only for blocks that are stored
-    present.update(store.found("keys", [key for key, _, _ in summaries if key not in present]))
-    store.put_many("summaries", [(where, value) for key, where, value in summaries if key in present])
+    present.update(txn.found("keys", [key for key, _, _ in summaries if key not in present]))
+    txn.put_many("summaries", [(where, value) for key, where, value in summaries if key in present])
     if tail is None:
-        store.delete("sessions", tail_record_key(name))
+        txn.delete("sessions", tail_record_key(name))
     else:
-        store.put("sessions", tail_record_key(name), tail)
+        txn.put("sessions", tail_record_key(name), tail)
     stamped = dataclasses.replace(
         record, commits=(previous.commits if previous else 0) + 1, created=previous.created if previous else now,
         updated=now, last_used=now,
     )  # fmt: skip
-    store.put("sessions", record_key(name), stamped.to_bytes())
+    txn.put("sessions", record_key(name), stamped.to_bytes())
     return result, stamped
 
 
@@ -149,27 +149,27 @@ def common_blocks(previous: SessionRecord, record: SessionRecord) -> int:
     return same // record.block_tokens
 
 
-def drop_references(store: StoreTxn, keys: list[bytes], in_use: Callable[[bytes], bool], result: CommitResult) -> None:
+def drop_references(txn: StoreTxn, keys: list[bytes], in_use: Callable[[bytes], bool], result: CommitResult) -> None:
     """Decrement refs of ``keys``; a block reaching 0 is deleted unless ``in_use`` (then kept, unreferenced)."""
     for key in keys:
-        count = store.refs(key)
+        count = txn.refs(key)
         if count == 0:
             continue  # not counted (a store edited by hand): nothing to undo
-        store.set_refs(key, count - 1)
+        txn.set_refs(key, count - 1)
         if count > 1:
             continue
         if in_use(key):
             result.unreferenced.append(key)
             continue
-        freed = store.delete_block(key)
+        freed = txn.delete_block(key)
         if freed:
             result.deleted.append(key)
             result.freed_bytes += freed
 
 
-def decode_tail(store: StoreTxn, name: str, out: torch.Tensor) -> None:
+def decode_tail(txn: StoreTxn, name: str, out: torch.Tensor) -> None:
     """Decode ``name``'s tail record into ``out`` ``[layers * 2, kv_heads, tail, head_dim]`` (CPU)."""
-    raw = store.get("sessions", tail_record_key(name))
+    raw = txn.get("sessions", tail_record_key(name))
     if raw is None:
         raise CorruptSessionError(f"session {name!r}: its tail record is missing")
     try:
@@ -179,7 +179,7 @@ def decode_tail(store: StoreTxn, name: str, out: torch.Tensor) -> None:
 
 
 def verify_session(
-    store: StoreTxn, name: str, layout: BlockLayout, checked: dict[bytes, str | None], report: VerifyReport,
+    txn: StoreTxn, name: str, layout: BlockLayout, checked: dict[bytes, str | None], report: VerifyReport,
     users: Counter[bytes] | None = None,
 ) -> list[str]:  # fmt: skip
     """Problems of one session (record, tail, blocks, summaries, refs), at most MAX_PROBLEMS lines.
@@ -187,13 +187,13 @@ def verify_session(
     fewer: a delete could then free a block another session still uses)."""
     problems: list[str] = []
     try:
-        record = record_in(store, name)
+        record = record_in(txn, name)
     except SessionError as error:
         return [str(error)]
     if record.tail_tokens:
         scratch = torch.empty(record.num_layers * 2, layout.kv_heads, record.tail_tokens, layout.head_dim, dtype=layout.dtype)
         try:
-            decode_tail(store, name, scratch)
+            decode_tail(txn, name, scratch)
         except CorruptSessionError as error:
             problems.append(str(error))
     block = torch.empty(layout.shape, dtype=layout.dtype)
@@ -201,8 +201,8 @@ def verify_session(
     for i, key in enumerate(record.key_digests()):
         where = f"block {i // record.num_layers} layer {i % record.num_layers} ({key.hex()})"
         if key not in checked:
-            raw = store.get("blocks", key)
-            if raw is None or store.record_nbytes(key) is None:
+            raw = txn.get("blocks", key)
+            if raw is None or txn.record_nbytes(key) is None:
                 checked[key] = "is missing from the store"
             else:
                 try:
@@ -213,10 +213,10 @@ def verify_session(
                 report.checked_blocks += 1
                 report.checked_bytes += len(raw)
             if checked[key] is None and all(
-                summary_values(store.get("summaries", summary_key(key, relative)), floats) is None for relative in (False, True)
+                summary_values(txn.get("summaries", summary_key(key, relative)), floats) is None for relative in (False, True)
             ):  # a remap block with only a stored-frame summary (an older store) is intact; remap re-prefills it
                 checked[key] = "summary missing or corrupt"
-            refs = store.refs(key)
+            refs = txn.refs(key)
             if checked[key] is None and refs == 0:
                 checked[key] = "has refs 0 although the session references it"
             elif checked[key] is None and users is not None and refs < users[key]:  # (more: a leak, not a danger)

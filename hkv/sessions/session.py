@@ -27,10 +27,11 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ..attention.prefix import adopt_stored_prefix, as_ids
+from ..attention.prefix import adopt_stored_prefix
 from ..attention.sequence import SequenceKV
 from ..blocks import BlockLayout, CorruptRecordError
 from ..config import Config
+from ..errors import StoreDamagedError
 from ..tiers.manager import TierManager
 from .records import (
     CorruptSessionError,
@@ -66,6 +67,8 @@ class SessionHost(Protocol):
     @property
     def num_layers(self) -> int: ...
     def session_store(self) -> SessionStore: ...
+    def token_ids(self, input_ids: Any, *, allow_empty: bool = False) -> torch.Tensor: ...
+    def check_generate_options(self, generate_kwargs: dict[str, Any]) -> None: ...
     def model_identity(self, tokenizer: Any = None) -> ModelIdentity: ...
     def new_cache(self, *, persist: bool = False) -> SessionCache: ...
     def fill(self, cache: SessionCache, token_ids: torch.Tensor, *, progress: bool | None = None) -> int: ...
@@ -120,7 +123,7 @@ class Session:
             self._cache = runtime.new_cache(persist=True)
             try:
                 self.restored = self._restore(record, started)
-            except CorruptRecordError as error:  # a pinned sink / local block read now, or the tail
+            except (CorruptRecordError, StoreDamagedError) as error:  # a pinned sink / local block read now, or the tail
                 raise CorruptSessionError(f"session {name!r}: a stored block is corrupt: {error}") from error
         except BaseException:
             try:
@@ -201,7 +204,8 @@ class Session:
         mask = generate_kwargs.pop("attention_mask", None)
         if mask is not None and not bool(torch.as_tensor(mask).bool().all()):
             raise ValueError("hkv does not support padding: attention_mask has zeros (batch size 1, no padding tokens)")
-        tokens = torch.cat([self._tokens, torch.from_numpy(as_ids(input_ids))])
+        self.runtime.check_generate_options(generate_kwargs)
+        tokens = torch.cat([self._tokens, self.runtime.token_ids(input_ids, allow_empty=True)[0]])
         if len(tokens) == 0:
             raise ValueError("input_ids is empty and the session has no tokens yet")
         with self._guard():
@@ -217,7 +221,7 @@ class Session:
         """Add tokens (a document, a turn) without generating; their KV is computed now (all but
         the last token's, like after :meth:`generate`). Commits when ``autocommit``."""
         self._check_usable()
-        tokens = torch.cat([self._tokens, torch.from_numpy(as_ids(input_ids))])
+        tokens = torch.cat([self._tokens, self.runtime.token_ids(input_ids, allow_empty=True)[0]])
         with self._guard():
             self.runtime.fill(self._cache, tokens[self.kv_tokens : -1], progress=progress)
             self._tokens = tokens
@@ -230,7 +234,7 @@ class Session:
         CorruptSessionError naming the session."""
         try:
             yield
-        except CorruptRecordError as error:
+        except (CorruptRecordError, StoreDamagedError) as error:
             self._broken = f"{type(error).__name__}: {error}"
             raise CorruptSessionError(f"session {self.name!r}: a stored block is corrupt: {error}") from error
         except BaseException as error:

@@ -56,6 +56,9 @@ from .rows import (
 )
 
 
+STORE_PROBLEMS = "(store)"  # VerifyReport.problems entry of what belongs to no session
+
+
 class SessionStore:
     """Session records of one :class:`~hkv.store.block_store.BlockStore` (the same LMDB environment).
 
@@ -87,29 +90,29 @@ class SessionStore:
 
     # -- reading (no lock, read transactions) ----------------------------------------------------
     def names(self) -> list[str]:
-        with self.disk.reading() as store:
-            return [key[len(RECORD_PREFIX) :].decode() for key, _ in store.items("sessions", RECORD_PREFIX)]
+        with self.disk.reading() as txn:
+            return [key[len(RECORD_PREFIX) :].decode() for key, _ in txn.items("sessions", RECORD_PREFIX)]
 
     def get(self, name: str) -> SessionRecord | None:
         """The committed record, None if absent; CorruptSessionError if it does not decode."""
         check_name(name)
-        with self.disk.reading() as store:
-            return record_in(store, name)
+        with self.disk.reading() as txn:
+            return record_in(txn, name)
 
     def info(self, name: str) -> SessionInfo:
         """SessionNotFoundError if absent, CorruptSessionError if its record does not decode."""
         check_name(name)
-        with self.disk.reading() as store:
-            return info_in(store, name)
+        with self.disk.reading() as txn:
+            return info_in(txn, name)
 
     def list(self) -> list[SessionInfo]:
         """All sessions, most recently used first; a corrupt one is listed with tokens = -1 (not raised)."""
         infos = []
-        with self.disk.reading() as store:
-            for key, _ in list(store.items("sessions", RECORD_PREFIX)):
+        with self.disk.reading() as txn:
+            for key, _ in list(txn.items("sessions", RECORD_PREFIX)):
                 name = key[len(RECORD_PREFIX) :].decode()
                 try:
-                    infos.append(info_in(store, name))
+                    infos.append(info_in(txn, name))
                 except SessionError as error:
                     infos.append(SessionInfo(name, -1, 0, 0, 0, 0, 0, 0, str(error), 0.0, 0.0, 0.0, 0))
         return sorted(infos, key=lambda info: -info.last_used)
@@ -124,8 +127,8 @@ class SessionStore:
         flat = (out.shape[0] * 2, *out.shape[2:])
         direct = out.device.type == "cpu" and out.is_contiguous()
         target = out.view(flat) if direct else torch.empty(flat, dtype=out.dtype)
-        with self.disk.reading(buffers=True) as store:
-            decode_tail(store, record.name, target)
+        with self.disk.reading(buffers=True) as txn:
+            decode_tail(txn, record.name, target)
         if not direct:
             out.copy_(target.view(out.shape))
 
@@ -164,8 +167,8 @@ class SessionStore:
         summary_rows = encode_summaries(self.disk.layout, summary_keys, summaries, relative)
         frozen = dataclasses.replace(record, token_ids=np.array(record.token_ids, dtype=np.int64))
 
-        def job(store: StoreTxn) -> tuple[CommitResult, SessionRecord]:
-            return commit_in(store, frozen, wanted, summary_rows, tail_record, time.time())
+        def job(txn: StoreTxn) -> tuple[CommitResult, SessionRecord]:
+            return commit_in(txn, frozen, wanted, summary_rows, tail_record, time.time())
 
         result, stamped = self.disk.apply(job)
         record.commits, record.created, record.updated, record.last_used = (
@@ -177,12 +180,12 @@ class SessionStore:
         """Set last_used = now (one small transaction). SessionNotFoundError if absent."""
         check_name(name)
 
-        def job(store: StoreTxn) -> None:
-            record = record_in(store, name)
+        def job(txn: StoreTxn) -> None:
+            record = record_in(txn, name)
             if record is None:
                 raise SessionNotFoundError(f"no session {name!r} in {self.path}")
             record.last_used = time.time()
-            store.put("sessions", record_key(name), record.to_bytes())
+            txn.put("sessions", record_key(name), record.to_bytes())
 
         self.disk.apply(job)
 
@@ -200,18 +203,18 @@ class SessionStore:
         if not ours and not self._locks.acquire(name):
             raise SessionLockedError(f"session {name!r} is open for writing in another process; close it first")
 
-        def job(store: StoreTxn) -> CommitResult:
+        def job(txn: StoreTxn) -> CommitResult:
             result = CommitResult()
-            if store.get("sessions", record_key(name)) is None:
+            if txn.get("sessions", record_key(name)) is None:
                 raise SessionNotFoundError(f"no session {name!r} in {self.path}")
             try:
-                record = record_in(store, name)
+                record = record_in(txn, name)
             except SessionError:
                 record = None
             if record is not None:
-                drop_references(store, record.key_digests(), in_use, result)
-            store.delete("sessions", record_key(name))
-            store.delete("sessions", tail_record_key(name))
+                drop_references(txn, record.key_digests(), in_use, result)
+            txn.delete("sessions", record_key(name))
+            txn.delete("sessions", tail_record_key(name))
             return result
 
         try:
@@ -229,9 +232,9 @@ class SessionStore:
         ``in_use`` is called in the writer thread: it must not wait for anything."""
         taken: list[str] = []  # locks this call took (a job run twice keeps them)
 
-        def job(store: StoreTxn) -> CommitResult:
+        def job(txn: StoreTxn) -> CommitResult:
             result = CommitResult()
-            for record in records_by_use(store):
+            for record in records_by_use(txn):
                 if result.freed_bytes >= need_bytes:
                     break
                 if record.kv_tokens == 0 or record.name in skip:
@@ -240,10 +243,10 @@ class SessionStore:
                     if not self._locks.acquire(record.name):  # open here or in another process
                         continue
                     taken.append(record.name)
-                drop_references(store, record.key_digests(), in_use, result)
-                store.delete("sessions", tail_record_key(record.name))
+                drop_references(txn, record.key_digests(), in_use, result)
+                txn.delete("sessions", tail_record_key(record.name))
                 record.kv_tokens = record.kv_blocks = record.tail_tokens = 0
-                store.put("sessions", record_key(record.name), record.to_bytes())
+                txn.put("sessions", record_key(record.name), record.to_bytes())
                 result.sessions.append(record.name)
             return result
 
@@ -259,16 +262,19 @@ class SessionStore:
         SessionNotFoundError if ``name`` is given and absent."""
         report = VerifyReport({}, 0, 0)
         checked: dict[bytes, str | None] = {}  # block key -> its problem (None: intact); shared blocks once
-        with self.disk.reading(buffers=True) as store:
+        with self.disk.reading(buffers=True) as txn:
             if name is None:
-                names = [key[len(RECORD_PREFIX) :].decode() for key, _ in store.items("sessions", RECORD_PREFIX)]
-            elif store.get("sessions", RECORD_PREFIX + check_name(name).encode()) is None:
+                names = [key[len(RECORD_PREFIX) :].decode() for key, _ in txn.items("sessions", RECORD_PREFIX)]
+            elif txn.get("sessions", RECORD_PREFIX + check_name(name).encode()) is None:
                 raise SessionNotFoundError(f"no session {name!r} in {self.path}")
             else:
                 names = [name]
-            users = None if name is not None else _block_users(store, names)
+            users = None if name is not None else _block_users(txn, names)
             for session in names:
-                report.problems[session] = verify_session(store, session, self.disk.layout, checked, report, users)
+                report.problems[session] = verify_session(txn, session, self.disk.layout, checked, report, users)
+        usage = self.disk.usage_problem() if name is None else None
+        if usage is not None:
+            report.problems[STORE_PROBLEMS] = [usage]
         return report
 
     # -- locks -------------------------------------------------------------------------------------
@@ -301,13 +307,13 @@ class SessionStore:
         flat = tail.detach().to("cpu").contiguous().view(shape[0] * 2, *shape[2:])
         return encode_record(tail_key(record.name), flat)
 
-def _block_users(store: StoreTxn, names: list[str]) -> Counter[bytes]:
+def _block_users(txn: StoreTxn, names: list[str]) -> Counter[bytes]:
     """How many of the sessions ``names`` (those whose record decodes) reference each block:
     what each block's ``refs`` count must be."""
     users: Counter[bytes] = Counter()
     for session in names:
         try:
-            record = record_in(store, session)
+            record = record_in(txn, session)
         except SessionError:
             continue
         users.update(record.key_digests())

@@ -64,7 +64,8 @@ from ..blocks import (
     encode_header,
     tensor_bytes,
 )
-from ..errors import BlockNotFoundError, StoreError, TierError, TierFullError
+from ..errors import BlockNotFoundError, StoreDamagedError, StoreError, TierError, TierFullError
+from .files import check_store_files, creating
 from .read_hints import MappedPages, ReadHints
 from .txn import DeleteResult, StoreTxn
 from .writer import BatchWriter, WriteJob
@@ -80,6 +81,27 @@ _PAGE_HEADER = 16  # LMDB's page header, in bytes
 READ_MAP_BYTES = 16 << 10  # map growth counted per small-record lookup (a 4 KiB page; fault-around maps up to 64 KiB)
 _LEAF_BYTES = 64  # B-tree leaf bytes per block (node + key + overflow pgno, half-full pages)
 _SLACK = 16 * 2**20  # bytes: freelist, branch pages, meta
+
+
+# LMDB's errors that mean its pages are not what it wrote (a bad page, a wrong page type, a
+# value of impossible size): they become a StoreError naming the store and the database.
+DAMAGE_ERRORS = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError, lmdb.PanicError, lmdb.BadValsizeError)
+
+
+def damage_error(path: Path, what: str, error: Exception) -> StoreDamagedError:
+    return StoreDamagedError(
+        f"{path}: the store is damaged: reading {what} failed ({type(error).__name__}: {error}); "
+        f"`hkv sessions verify --store {path}` lists what is affected"
+    )
+
+
+@contextmanager
+def damage_named(path: Path, what: str) -> Iterator[None]:
+    """Turn LMDB's damage errors raised inside into a StoreDamagedError naming ``what`` was read."""
+    try:
+        yield
+    except DAMAGE_ERRORS as error:
+        raise damage_error(path, what, error) from None
 
 
 def map_size_for(capacity_bytes: int, layout: BlockLayout, writer_batch: int) -> int:
@@ -138,8 +160,38 @@ def _read_layout(env: lmdb.Environment, path: Path) -> tuple[BlockLayout, int]:
     except (KeyError, TypeError, ValueError):
         raise StoreError(f"{path}: unreadable block layout {layout!r}") from None
     with env.begin() as txn:
-        usage = json.loads(txn.get(b"usage", db=env.open_db(b"meta", txn=txn, create=False)))
-    return parsed, int(usage["used_bytes"])
+        usage = read_usage(txn, env.open_db(b"meta", txn=txn, create=False), env.open_db(b"keys", txn=txn, create=False))
+    return parsed, usage["used_bytes"]
+
+
+def parse_usage(raw: bytes | memoryview | None) -> dict[str, int] | None:
+    """The ``meta/usage`` row (``{"used_bytes", "blocks"}``, non-negative integers), None if it is
+    missing or not that."""
+    try:
+        usage = json.loads(bytes(raw)) if raw is not None else None
+    except ValueError:
+        return None
+    if not isinstance(usage, dict) or set(usage) != {"used_bytes", "blocks"}:
+        return None
+    if not all(type(v) is int and v >= 0 for v in usage.values()):
+        return None
+    return usage
+
+
+def usage_from_index(txn: lmdb.Transaction, index: object) -> dict[str, int]:
+    """Record bytes and count summed over the ``keys`` index (what the usage row must say)."""
+    used = blocks = 0
+    for _, size in txn.cursor(db=index):
+        used += int.from_bytes(size, "little")
+        blocks += 1
+    return {"used_bytes": used, "blocks": blocks}
+
+
+def read_usage(txn: lmdb.Transaction, meta: object, index: object) -> dict[str, int]:
+    """The usage row; a missing or garbled one is recomputed from the ``keys`` index (the next
+    write transaction stores it again), so a damaged row costs a scan, never the store."""
+    usage = parse_usage(txn.get(b"usage", db=meta))
+    return usage if usage is not None else usage_from_index(txn, index)
 
 
 class BlockStore:
@@ -163,13 +215,23 @@ class BlockStore:
         self.writer_batch, self.readonly = writer_batch, readonly
         if _env is None:
             self._check_folder()
-            _env = _open_env(self.path, map_size_for(self.capacity_bytes, layout, writer_batch), readonly)
-        self._env = _env
-        try:
-            self._dbs, self.format_version = self._open_dbs()
-        except BaseException:
-            self._env.close()
-            raise
+            with creating(self.path):  # a store created by two processes at once is initialised once
+                check_store_files(self.path)
+                _env = _open_env(self.path, map_size_for(self.capacity_bytes, layout, writer_batch), readonly)
+                self._env = _env
+                try:
+                    with damage_named(self.path, "the database catalogue"):
+                        self._dbs, self.format_version = self._open_dbs()
+                except BaseException:
+                    self._env.close()
+                    raise
+        else:
+            self._env = _env
+            try:
+                self._dbs, self.format_version = self._open_dbs()
+            except BaseException:
+                self._env.close()
+                raise
         self._blocks, self._index, self._meta = self._dbs["blocks"], self._dbs["keys"], self._dbs["meta"]
         self._hints = ReadHints(KEY_BYTES, layout.record_nbytes)
         self._mapped = MappedPages(self.path / "data.mdb")
@@ -193,12 +255,13 @@ class BlockStore:
         much). StoreError if ``path`` is not an hkv store or its format is newer than this hkv."""
         path = Path(path)
         data = path / "data.mdb"
-        if not data.is_file():
+        if not path.is_dir() or not check_store_files(path):
             raise StoreError(f"{path} is not an hkv store (no data.mdb)")
         file_bytes = data.stat().st_size
         env = _open_env(path, 0, readonly)  # LMDB maps at least the file; resized below
         try:
-            layout, used = _read_layout(env, path)
+            with damage_named(path, "the database catalogue"):
+                layout, used = _read_layout(env, path)
             capacity = int(capacity_bytes) if capacity_bytes is not None else max(used, file_bytes, layout.record_nbytes)
             room = 2 * file_bytes + 2**30 if readonly else file_bytes + _SLACK  # readers: room for the store to grow
             env.set_mapsize(math.ceil(max(map_size_for(capacity, layout, writer_batch), room) / _PAGE) * _PAGE)
@@ -217,7 +280,10 @@ class BlockStore:
         if not self.path.exists():
             if self.readonly:
                 raise StoreError(f"{self.path} does not exist (opened read-only)")
-            self.path.mkdir(parents=True)
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)  # another process may create it at the same time
+            except OSError as error:
+                raise StoreError(f"cannot create the store folder {self.path}: {error.strerror} (set tiers.path or --store)") from None
 
     def _open_dbs(self) -> tuple[dict[str, object], int]:
         """The databases (name -> handle; None for one a read-only format-1 store lacks) and the
@@ -274,7 +340,7 @@ class BlockStore:
         if len(keys) != len(out):
             raise ValueError(f"get_many_into: {len(keys)} keys but out holds {len(out)} blocks")
         raw = [bytes(key) for key in keys]
-        with self._env.begin(db=self._blocks, buffers=True) as txn:
+        with damage_named(self.path, "block records"), self._env.begin(db=self._blocks, buffers=True) as txn:
             predicted = self._hints.prefetch(txn.cursor(), raw)  # start every record's disk read now
             for key, raw_key, guess, block in zip(keys, raw, predicted, out):
                 record = txn.get(raw_key)
@@ -286,13 +352,13 @@ class BlockStore:
 
     def contains(self, key: BlockKey) -> bool:
         self._check_open()
-        with self._env.begin(db=self._index, buffers=True) as txn:
+        with damage_named(self.path, "the key index"), self._env.begin(db=self._index, buffers=True) as txn:
             return txn.get(bytes(key)) is not None
 
     def keys(self) -> Iterator[BlockKey]:
         """The stored keys (a snapshot taken at the call), in key order."""
         self._check_open()
-        with self._env.begin(db=self._index) as txn:
+        with damage_named(self.path, "the key index"), self._env.begin(db=self._index) as txn:
             return iter([BlockKey(k) for k in txn.cursor().iternext(keys=True, values=False)])
 
     def __len__(self) -> int:
@@ -307,30 +373,46 @@ class BlockStore:
         """A read transaction over every database (a consistent snapshot); with ``buffers``,
         values are memoryviews into the map, valid only inside the block."""
         self._check_open()
-        with self._env.begin(buffers=buffers) as txn:
-            store = StoreTxn(txn, self._dbs, None)
-            yield store
+        with self._env.begin(buffers=buffers) as raw:
+            txn = StoreTxn(raw, self._dbs, None)
+            try:
+                yield txn
+            except DAMAGE_ERRORS as error:
+                raise damage_error(self.path, f"the {txn.last_db or 'store'} database", error) from None
         # Small records (summaries, index entries) cost the map far more than their bytes: each
         # lookup maps its page, and the kernel's fault-around maps cached neighbours with it.
-        self._mapped.note(store.reads * READ_MAP_BYTES)
+        self._mapped.note(txn.reads * READ_MAP_BYTES)
 
     def refs(self, keys: Sequence[BlockKey]) -> list[int]:
         """How many committed sessions reference each of ``keys`` (the ``refs`` rows)."""
-        with self.reading() as store:
-            return [store.refs(bytes(key)) for key in keys]
+        with self.reading() as txn:
+            return [txn.refs(bytes(key)) for key in keys]
 
     def referenced_keys(self) -> list[bytes]:
         """Every key with refs > 0 (the tier manager loads this when it opens the store; a count
         of 0 is never stored, so no value is read)."""
-        with self.reading() as store:
-            return store.keys("refs")
+        with self.reading() as txn:
+            return txn.keys("refs")
 
     def _usage(self, txn: lmdb.Transaction | None = None) -> dict[str, int]:
         self._check_open()
         if txn is None:
-            with self._env.begin(db=self._meta) as txn:
-                return json.loads(txn.get(b"usage", db=self._meta))
-        return json.loads(txn.get(b"usage", db=self._meta))
+            with self._env.begin() as txn:
+                return read_usage(txn, self._meta, self._index)
+        return read_usage(txn, self._meta, self._index)
+
+    def usage_problem(self) -> str | None:
+        """What is wrong with the ``meta/usage`` row (missing, garbled, or not what the ``keys``
+        index sums to), None if nothing. A writable store repairs it at its next write."""
+        self._check_open()
+        with self._env.begin() as txn:
+            stored = parse_usage(txn.get(b"usage", db=self._meta))
+            actual = usage_from_index(txn, self._index)
+        if stored is None:
+            return f"{self.path}: the meta/usage row is missing or garbled (the key index says {actual})"
+        if stored != actual:
+            return f"{self.path}: the meta/usage row says {stored}, the key index {actual}"
+        return None
 
     def verify(self, keys: Sequence[BlockKey] | None = None) -> list[tuple[BlockKey, str]]:
         """Check every record (or those of ``keys``): header, key, length, checksum, key index.
@@ -414,8 +496,8 @@ class BlockStore:
     def _touch(self) -> None:
         """Commit a transaction that changes nothing but the usage record (see BatchWriter)."""
         try:
-            with self._env.begin(write=True, db=self._meta) as txn:
-                txn.put(b"usage", txn.get(b"usage"))
+            with self._env.begin(write=True) as txn:
+                txn.put(b"usage", json.dumps(read_usage(txn, self._meta, self._index)).encode(), db=self._meta)
         except lmdb.Error:
             pass  # the retry reports the full map
 
@@ -423,39 +505,39 @@ class BlockStore:
         """Do ``batch`` in one write transaction (runs in the writer thread); a result per job.
         Raises lmdb.MapFullError (nothing committed; the writer retries each job alone)."""
         results: list[object] = []
-        with self._env.begin(write=True, db=self._blocks) as txn:
-            store = StoreTxn(txn, self._dbs, self._usage(txn))
+        with self._env.begin(write=True, db=self._blocks) as raw:
+            txn = StoreTxn(raw, self._dbs, self._usage(raw))
             for job in batch:
-                results.append(self._apply_job(store, job) if job.apply is not None else self._put_delete(store, job))
-            txn.put(b"usage", json.dumps(store.usage).encode(), db=self._meta)
-        self._mapped.note(store.written)  # block puts and apply jobs (summaries, session commits) alike
+                results.append(self._apply_job(txn, job) if job.apply is not None else self._put_delete(txn, job))
+            raw.put(b"usage", json.dumps(txn.usage).encode(), db=self._meta)
+        self._mapped.note(txn.written)  # block puts and apply jobs (summaries, session commits) alike
         return results
 
-    def _put_delete(self, store: StoreTxn, job: WriteJob) -> object:
+    def _put_delete(self, txn: StoreTxn, job: WriteJob) -> object:
         """A puts / deletes job: checked against the budget before anything is written."""
-        sizes = [store.record_nbytes(key) for key, _ in job.puts]  # old records, if any
+        sizes = [txn.record_nbytes(key) for key, _ in job.puts]  # old records, if any
         delta = sum(len(record) - (old or 0) for (_, record), old in zip(job.puts, sizes))
-        if store.usage["used_bytes"] + delta > self.capacity_bytes:
-            return self._full_error(job, f"{store.usage['used_bytes']} bytes used")
+        if txn.usage["used_bytes"] + delta > self.capacity_bytes:
+            return self._full_error(job, f"{txn.usage['used_bytes']} bytes used")
         for key, record in job.puts:
-            store.put_block(key, record)
-        return store.delete_unreferenced(job.deletes) if job.deletes else None
+            txn.put_block(key, record)
+        return txn.delete_unreferenced(job.deletes) if job.deletes else None
 
-    def _apply_job(self, store: StoreTxn, job: WriteJob) -> object:
+    def _apply_job(self, txn: StoreTxn, job: WriteJob) -> object:
         """An ``apply`` job in a nested transaction: if it raises, its changes are dropped and
         the exception is its result (a full map still aborts the whole batch)."""
-        outer, usage = store.txn, dict(store.usage)
+        outer, usage = txn.txn, dict(txn.usage)
         try:
             with self._env.begin(write=True, parent=outer, db=self._blocks) as child:
-                store.txn = child
-                return job.apply(store)
+                txn.txn = child
+                return job.apply(txn)
         except lmdb.MapFullError:
             raise
         except Exception as error:
-            store.usage = usage
+            txn.usage = usage
             return error
         finally:
-            store.txn = outer
+            txn.txn = outer
 
     def _full_error(self, job: WriteJob, why: str) -> TierFullError:
         if job.apply is not None:

@@ -60,23 +60,26 @@ class StoreTxn:
     bytes of keys and values put so far (what the store's mapped pages grow by, roughly);
     ``reads``: records looked up by key so far (each maps at least one page of the store)."""
 
-    __slots__ = ("txn", "db", "usage", "written", "reads")
+    __slots__ = ("txn", "db", "usage", "written", "reads", "last_db")
 
     def __init__(self, txn: lmdb.Transaction, db: dict[str, object], usage: dict[str, int] | None) -> None:
         self.txn, self.db, self.usage = txn, db, usage
         self.written = 0
         self.reads = 0
+        self.last_db: str | None = None  # the database read last (named when a read finds damage)
 
     # -- reading ----------------------------------------------------------------------------------
     def get(self, db: str, key: bytes) -> bytes | memoryview | None:
         """The value under ``key`` in database ``db`` (None if absent or the database is)."""
         handle = self.db.get(db)
         self.reads += 1
+        self.last_db = db
         return None if handle is None else self.txn.get(key, db=handle)
 
     def items(self, db: str, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes | memoryview]]:
         """``(key, value)`` of database ``db`` whose key starts with ``prefix``, in key order."""
         handle = self.db.get(db)
+        self.last_db = db
         if handle is None:
             return
         cursor = self.txn.cursor(db=handle)
@@ -91,6 +94,7 @@ class StoreTxn:
     def keys(self, db: str) -> list[bytes]:
         """Every key of database ``db``, in key order (no value is read)."""
         handle = self.db.get(db)
+        self.last_db = db
         if handle is None:
             return []
         return [bytes(key) for key in self.txn.cursor(db=handle).iternext(keys=True, values=False)]
@@ -110,6 +114,7 @@ class StoreTxn:
         commit of a long session checks 15K keys; ``Cursor.getmulti`` is no faster, and much
         slower with ``buffers``)."""
         handle = self.db.get(db)
+        self.last_db = db
         if handle is None or not keys:
             return {}
         get, found = self.txn.get, {}

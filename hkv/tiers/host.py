@@ -35,8 +35,9 @@ class HostTier(SlotPool):
     def __init__(self, layout: BlockLayout, capacity_bytes: int, *, pin_memory: bool | None = None) -> None:
         if pin_memory is None:
             pin_memory = torch.cuda.is_available()
+        if capacity_bytes >= layout.nbytes:  # before the pool builds its slot lists
+            check_host_ram(capacity_bytes // layout.nbytes * layout.nbytes)
         super().__init__("host", layout, capacity_bytes, "cpu", pin_memory=pin_memory)
-        check_host_ram(self.n_slots * layout.nbytes)
 
     def _allocate(self) -> torch.Tensor:
         check_host_ram(self.n_slots * self.layout.nbytes)  # RAM may have gone since construction

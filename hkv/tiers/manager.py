@@ -32,6 +32,7 @@ import torch
 
 from ..blocks import BlockKey, BlockLayout
 from ..config import Config, ConfigError
+from ..store.files import filesystem_bytes
 from ..store.txn import CommitResult
 from .base import TierError, TierFullError
 from .copies import CopyEngine
@@ -83,6 +84,12 @@ class TierManager(Promotion):
         layout.check_budgets({"device": int(tiers.device), "host": int(tiers.host), "disk": int(tiers.disk)})
         if int(tiers.disk) < layout.record_nbytes:
             raise ConfigError(f"tiers.disk = {int(tiers.disk)} bytes: smaller than one disk record ({layout.record_nbytes} bytes)")
+        room = filesystem_bytes(Path(tiers.path))
+        if int(tiers.disk) > room:
+            raise ConfigError(
+                f"tiers.disk = {int(tiers.disk)} bytes ({int(tiers.disk) / 2**40:.1f} TiB) is larger than the whole filesystem "
+                f"holding tiers.path = {str(tiers.path)!r} ({room} bytes, {room / 2**40:.1f} TiB); lower tiers.disk"
+            )
         self.config, self.layout = config, layout
         self.device = torch.device(device) if device is not None else resolve_device(tiers.accelerator)
         self.persist = config.store.persist

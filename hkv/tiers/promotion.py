@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,12 +27,19 @@ from .pool import runs
 
 @dataclass(slots=True)
 class GatherReport:
-    """What one or more :meth:`TierManager.gather` calls found (block counts, seconds)."""
+    """What one or more :meth:`TierManager.gather` calls found (block counts, seconds).
+
+    Each distinct block of a gather is counted once, in exactly one of ``resident``, ``waited``
+    and ``fetched``. ``late_keys``: when a set (``GatherReport(late_keys=set())``), the digests
+    of the blocks waited for or fetched are added to it, so that a caller can tell which of its
+    blocks were on the device at once (:class:`~hkv.attention.sequence.SequenceKV` classifies
+    each block it reads this way)."""
 
     resident: int = 0  # already on the device
     waited: int = 0  # in flight (being promoted by another thread), waited for
     fetched: int = 0  # not on the device, fetched on demand
     stall_s: float = 0.0  # time spent because blocks were not on the device: waiting for a promotion in flight, or fetching on demand (not lock waits or per-gather bookkeeping)
+    late_keys: set[bytes] | None = field(default=None, compare=False)  # digests of the blocks waited for or fetched (when a set)
 
 
 @dataclass(slots=True)
@@ -87,15 +94,18 @@ class Promotion(Placement):
                 self._cond.notify_all()  # release/delete wait for holds to drop
         if report is not None:
             report.resident += resident
-            report.waited += busy
+            report.waited += len(busy)
             report.fetched += len(missing)
             report.stall_s += stalled
+            if report.late_keys is not None:
+                report.late_keys.update(busy)
+                report.late_keys.update(missing)
         return out
 
-    def _fetch(self, unique: list[Digest], entries: list[Entry]) -> tuple[int, int, list[Digest], _Plan | None, float]:
+    def _fetch(self, unique: list[Digest], entries: list[Entry]) -> tuple[list[Digest], int, list[Digest], _Plan | None, float]:
         """Bring held blocks to the device (as far as room allows): wait for the busy ones, fetch
-        the rest. Returns (blocks waited for, resident at once, blocks fetched, the fetch plan,
-        seconds stalled).
+        the rest. Returns (blocks waited for, how many were resident at once, blocks fetched,
+        the fetch plan, seconds stalled).
 
         Stalled time is only the time spent because data was not on the device: from the moment
         a block is found busy or missing until it is there (waiting for a promotion in flight,
@@ -122,7 +132,7 @@ class Promotion(Placement):
         stalled = time.perf_counter() - start if start is not None else 0.0
         waited = set(busy)
         fetched = [key for key in missing if key not in waited]
-        return len(busy), len(unique) - len(busy) - len(fetched), fetched, plan, stalled
+        return busy, len(unique) - len(busy) - len(fetched), fetched, plan, stalled
 
     def missing_from_device(self, keys: Sequence[BlockKey]) -> list[BlockKey]:
         """The ``keys`` not on the device now, in order, without taking the lock: a hint for the
