@@ -248,6 +248,13 @@ class TierManager(Promotion):
             if persist:
                 reserved_disk = self._disk_reserve(len(keys), exclude)  # refused before anything changes
             dev = self._make_room("device", len(keys), exclude)
+            if pin and len(dev) < len(keys) and self.device_pool.reserved_slots() > len(dev):
+                # Slots reserved by moves in flight (the prefetcher's promotions) cannot be evicted
+                # yet: wait for those moves, then try again, so that a pin never fails by timing.
+                for slot in dev:
+                    self.device_pool.unreserve(slot)
+                self._cond.wait_for(lambda: self.device_pool.reserved_slots() == 0, timeout=30.0)
+                dev = self._make_room("device", len(keys), exclude)
             if pin and len(dev) < len(keys):
                 raise TierFullError(
                     f"cannot pin {len(keys)} new blocks: only {len(dev)} device slots free or evictable "

@@ -74,6 +74,10 @@ class SlotPool(Tier):
         self._reserved += 1
         return -self._free.pop()
 
+    def reserved_slots(self) -> int:
+        """Slots taken by :meth:`alloc` / :meth:`alloc_many` and not yet assigned a key (moves in flight)."""
+        return self._reserved
+
     def alloc_many(self, n: int) -> list[int]:
         """Reserve the ``min(n, free)`` lowest free slots, ascending."""
         n = min(n, len(self._free))
