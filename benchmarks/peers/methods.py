@@ -20,32 +20,13 @@ from typing import Any
 import torch
 
 import hkv
+from peers.child import peak_rss_bytes, reset_peak_rss  # the same measure on both sides
 
 DEVICE_FRACTION = 0.25  # memory given to every bounded method, a fraction of the context's full KV
 LOCAL_METHODS = ("hkv sparse", "hkv exact", "DynamicCache", "QuantizedCache fp8", "SlidingWindow")
 
 
 # -- measuring ---------------------------------------------------------------------------------
-
-
-def reset_peak_rss() -> None:
-    """Reset the process's peak RSS (Linux VmHWM) so the next read covers only what follows."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def peak_rss_bytes() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def cache_bytes(cache: Any) -> int:
