@@ -110,6 +110,8 @@ class SequenceKV:
         self._noted = 0
         self._chains: list[bytes] = []
         self._nonce: bytes | None = None  # set when blocks seal before any note_tokens: random chain
+        if on_selection is not None:  # an observer may force other blocks: this KV is never shared or adopted
+            self._nonce = os.urandom(16)
         self._tickets: list[PrefetchTicket | None] = [None] * num_layers
         self._summary_writes: list[tuple[int, int, int, Future]] = []  # (layer, first block, blocks, put_summaries' future)
         self._unsummarised: set[tuple[int, int]] = set()  # (layer, block) whose summary write found no block

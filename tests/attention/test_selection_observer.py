@@ -92,3 +92,20 @@ def test_a_selection_outside_the_past_blocks_is_refused(model, tmp_path):
 
     with pytest.raises(ValueError, match="on_selection returned blocks"):
         answer(model, tmp_path, "sparse", on_selection=too_far)
+
+
+def test_kv_of_an_observed_cache_is_never_shared_with_other_caches(tiny_lm, tmp_path):
+    """A forced selection changes the KV: its blocks must never be found or adopted by a cache
+    without the observer (same tokens, same config)."""
+    from helpers.models import prompt, wrap_config
+
+    model = tiny_lm()
+    ids = prompt(200)[0]
+    with wrap(model, wrap_config(model, tmp_path, mode="sparse")) as rt:
+        with rt.new_cache(on_selection=lambda event: None) as observed:
+            rt.fill(observed, ids)
+            seen = observed.sequence.block_keys(0)
+            assert observed.sequence.prefix_chain() is None  # nothing stored can be adopted into it
+        with rt.new_cache() as plain:
+            rt.fill(plain, ids)
+            assert seen and set(seen).isdisjoint(plain.sequence.block_keys(0))
