@@ -25,6 +25,7 @@ from .records import (
     SessionNotFoundError,
     SessionRecord,
     VerifyReport,
+    check_name,
     tail_key,
 )
 
@@ -54,12 +55,24 @@ def record_in(txn: StoreTxn, name: str) -> SessionRecord | None:
     return None if raw is None else SessionRecord.from_bytes(name, raw)
 
 
+def session_names(txn: StoreTxn) -> tuple[list[str], list[bytes]]:
+    """``(names of the session rows, raw keys of rows whose name is not a valid session name)``:
+    a damaged key is reported, never decoded into an error that hides the other sessions."""
+    names, bad = [], []
+    for key, _ in txn.items("sessions", RECORD_PREFIX):
+        try:
+            names.append(check_name(key[len(RECORD_PREFIX) :].decode()))
+        except (UnicodeDecodeError, SessionError):
+            bad.append(key)
+    return names, bad
+
+
 def records_by_use(txn: StoreTxn) -> list[SessionRecord]:
     """The sessions whose records decode, least recently used first."""
     records = []
-    for key, raw in txn.items("sessions", RECORD_PREFIX):
+    for name in session_names(txn)[0]:
         try:
-            records.append(SessionRecord.from_bytes(key[len(RECORD_PREFIX) :].decode(), raw))
+            records.append(SessionRecord.from_bytes(name, txn.get("sessions", record_key(name))))
         except SessionError:
             continue
     return sorted(records, key=lambda record: record.last_used)

@@ -51,6 +51,7 @@ from .rows import (
     record_in,
     record_key,
     records_by_use,
+    session_names,
     tail_record_key,
     verify_session,
 )
@@ -91,7 +92,7 @@ class SessionStore:
     # -- reading (no lock, read transactions) ----------------------------------------------------
     def names(self) -> list[str]:
         with self.disk.reading() as txn:
-            return [key[len(RECORD_PREFIX) :].decode() for key, _ in txn.items("sessions", RECORD_PREFIX)]
+            return session_names(txn)[0]
 
     def get(self, name: str) -> SessionRecord | None:
         """The committed record, None if absent; CorruptSessionError if it does not decode."""
@@ -109,8 +110,11 @@ class SessionStore:
         """All sessions, most recently used first; a corrupt one is listed with tokens = -1 (not raised)."""
         infos = []
         with self.disk.reading() as txn:
-            for key, _ in list(txn.items("sessions", RECORD_PREFIX)):
-                name = key[len(RECORD_PREFIX) :].decode()
+            names, bad = session_names(txn)
+            for key in bad:
+                shown = repr(key[len(RECORD_PREFIX) :])
+                infos.append(SessionInfo(shown, -1, 0, 0, 0, 0, 0, 0, f"a session row whose name {shown} is not valid", 0.0, 0.0, 0.0, 0))
+            for name in names:
                 try:
                     infos.append(info_in(txn, name))
                 except SessionError as error:
@@ -263,8 +267,9 @@ class SessionStore:
         report = VerifyReport({}, 0, 0)
         checked: dict[bytes, str | None] = {}  # block key -> its problem (None: intact); shared blocks once
         with self.disk.reading(buffers=True) as txn:
+            bad: list[bytes] = []
             if name is None:
-                names = [key[len(RECORD_PREFIX) :].decode() for key, _ in txn.items("sessions", RECORD_PREFIX)]
+                names, bad = session_names(txn)
             elif txn.get("sessions", RECORD_PREFIX + check_name(name).encode()) is None:
                 raise SessionNotFoundError(f"no session {name!r} in {self.path}")
             else:
@@ -272,9 +277,11 @@ class SessionStore:
             users = None if name is not None else _block_users(txn, names)
             for session in names:
                 report.problems[session] = verify_session(txn, session, self.disk.layout, checked, report, users)
+        store_problems = [f"a session row whose name {key[len(RECORD_PREFIX) :]!r} is not a valid session name" for key in bad]
         usage = self.disk.usage_problem() if name is None else None
-        if usage is not None:
-            report.problems[STORE_PROBLEMS] = [usage]
+        store_problems += [usage] if usage is not None else []
+        if store_problems:
+            report.problems[STORE_PROBLEMS] = store_problems
         return report
 
     # -- locks -------------------------------------------------------------------------------------
