@@ -30,3 +30,8 @@ class StoreError(TierError):
 class StoreDamagedError(StoreError):
     """The store's files are damaged below the record level (a truncated file, a bad LMDB page);
     the message names the store and what was being read."""
+
+
+class DiskFullError(StoreError):
+    """The filesystem holding the store is full: the write that did not fit changed nothing; the
+    message names the store's path, the bytes free and what frees space."""

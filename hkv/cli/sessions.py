@@ -11,7 +11,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..sessions.repair import repair
 from ..sessions.store import SessionStore
+from ..store.maintenance import collect_garbage
 from .common import HELP_MARKUP, ConfigOption, StoreOption, fail, human_bytes, load, table, user_errors
 
 sessions_app = typer.Typer(
@@ -24,12 +26,12 @@ def _store_path(store: Path | None, config: Path | None) -> Path:
 
 
 @contextlib.contextmanager
-def _open_store(path: Path, *, readonly: bool = True) -> Iterator[SessionStore]:
+def _open_store(path: Path, *, readonly: bool = True, exclusive: bool = False) -> Iterator[SessionStore]:
     """The :class:`~hkv.sessions.store.SessionStore` at ``path``, opened without a model."""
     if not path.is_dir():
         raise fail(f"no hkv store at {str(path)!r} (set --store or tiers.path in --config)")
     with user_errors():
-        store = SessionStore.open(path, readonly=readonly)
+        store = SessionStore.open(path, readonly=readonly, exclusive=exclusive)
         try:
             yield store
         finally:
@@ -117,3 +119,26 @@ def sessions_verify(
         bad = sum(1 for problems in report.problems.values() if problems)
         raise fail(f"{bad} session(s) failed verification ({report.checked_blocks} blocks checked)")
     typer.echo(f"ok, {report.checked_blocks} blocks, {report.checked_bytes} bytes checked")
+
+
+@sessions_app.command("gc")
+def sessions_gc(store: StoreOption = None, config: ConfigOption = None) -> None:
+    """Delete the blocks no session references (what a failed turn leaves, the prefix cache of
+    store.persist); works on a full disk. Needs the store alone: no process may have it open."""
+    with _open_store(_store_path(store, config), exclusive=True) as opened, user_errors():
+        result = collect_garbage(opened.disk)
+    typer.echo(f"gc: {result.deleted} unreferenced blocks deleted ({human_bytes(result.freed_bytes)} freed)")
+
+
+@sessions_app.command("repair")
+def sessions_repair(store: StoreOption = None, config: ConfigOption = None) -> None:
+    """Check every record and rebuild the key index, usage and refs from them; drop what cannot
+    be trusted (bad records; sessions whose record is unreadable; the KV, not the tokens, of
+    sessions missing blocks), reporting each. Never deletes a record that checks out. Works on a
+    full disk; needs the store alone."""
+    with _open_store(_store_path(store, config), exclusive=True) as opened, user_errors():
+        report = repair(opened)
+    for line in report.problems:
+        typer.echo(line)
+    verdict = "nothing to repair" if report.ok else f"{len(report.problems)} problems fixed"
+    typer.echo(f"repair: {report.checked_blocks} blocks checked, {verdict}")

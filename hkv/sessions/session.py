@@ -213,8 +213,8 @@ class Session:
             out = self.runtime.generate_with(self._cache, tokens.unsqueeze(0), **generate_kwargs)
             sequences = out if isinstance(out, torch.Tensor) else out.sequences
             self._tokens = sequences[0].detach().to("cpu", torch.long).clone()
-        if self.autocommit:
-            self.commit()
+            if self.autocommit:  # inside: a turn whose commit failed is not committed at close either
+                self.commit()
         return out
 
     def append(self, input_ids: torch.Tensor, *, progress: bool | None = None) -> None:
@@ -225,8 +225,8 @@ class Session:
         with self._guard():
             self.runtime.fill(self._cache, tokens[self.kv_tokens : -1], progress=progress)
             self._tokens = tokens
-        if self.autocommit:
-            self.commit()
+            if self.autocommit:
+                self.commit()
 
     @contextmanager
     def _guard(self) -> Iterator[None]:

@@ -72,11 +72,13 @@ class SessionStore:
         self._locks = lock_file(self.path)
 
     @classmethod
-    def open(cls, path: str | Path, *, readonly: bool = True) -> SessionStore:
+    def open(cls, path: str | Path, *, readonly: bool = True, exclusive: bool = False) -> SessionStore:
         """Open the store at ``path`` without knowing its block layout (``hkv sessions``);
-        :meth:`close` closes it. StoreError if it is not an hkv store, is of a newer format, or
-        is already open in this process (LMDB allows one environment per process)."""
-        return cls(BlockStore.open_existing(path, readonly=readonly), owns_disk=True)
+        :meth:`close` closes it. ``exclusive``: writable, with no other process writing it (for
+        ``gc`` and ``repair``; StoreError if one is). StoreError if it is not an hkv store, is of
+        a newer format, or is already open in this process (LMDB allows one environment per
+        process)."""
+        return cls(BlockStore.open_existing(path, readonly=readonly and not exclusive, exclusive=exclusive), owns_disk=True)
 
     def close(self) -> None:
         """Close the disk tier if :meth:`open` opened it (else the owner closes it)."""
@@ -222,7 +224,7 @@ class SessionStore:
             return result
 
         try:
-            return self.disk.apply(job)
+            return self.disk.apply(job, frees=True)
         finally:
             if not ours:
                 self._locks.release(name)
@@ -255,7 +257,7 @@ class SessionStore:
             return result
 
         try:
-            return self.disk.apply(job)
+            return self.disk.apply(job, frees=True)
         finally:
             for name in taken:
                 self._locks.release(name)

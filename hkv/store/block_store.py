@@ -41,8 +41,10 @@ the record bytes, and an ``lmdb.MapFullError`` is reported as TierFullError too.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import mmap
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
@@ -65,12 +67,14 @@ from ..blocks import (
     tensor_bytes,
 )
 from ..errors import BlockNotFoundError, StoreDamagedError, StoreError, TierError, TierFullError
-from .files import check_store_files, creating
+from .files import LOCK_FILES, check_store_files, creating, hold_store
 from .read_hints import MappedPages, ReadHints
+from .space import SpaceReserve, out_of_space, reserve_bytes, write_error
 from .txn import DeleteResult, StoreTxn
 from .writer import BatchWriter, WriteJob
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 STORE_VERSION = 2  # of the store's layout (meta ``format``); block records have their own (hkv.blocks)
 MAX_DBS = 8  # the six below, and room for two more
@@ -205,19 +209,51 @@ class BlockStore:
 
     def __init__(
         self, path: str | Path, layout: BlockLayout, capacity_bytes: int, *, writer_batch: int = 64, readonly: bool = False,
-        _env: lmdb.Environment | None = None,
+        exclusive: bool = False, _env: lmdb.Environment | None = None,
     ) -> None:  # fmt: skip
         if capacity_bytes < layout.record_nbytes:
             raise ValueError(f"capacity_bytes = {capacity_bytes} is smaller than one record ({layout.record_nbytes} bytes)")
         if writer_batch < 1:
             raise ValueError(f"writer_batch = {writer_batch} must be at least 1")
         self.path, self.layout, self.capacity_bytes = Path(path), layout, int(capacity_bytes)
-        self.writer_batch, self.readonly = writer_batch, readonly
+        self.writer_batch, self.readonly, self.exclusive = writer_batch, readonly, exclusive
+        if exclusive and readonly:
+            raise ValueError("exclusive: only a writable store is held alone")
         if _env is None:
             self._check_folder()
+        # Writers share the users lock; gc / repair hold it alone (a fd, closed with the store).
+        try:
+            self._users = None if readonly else hold_store(self.path, exclusive=exclusive)
+        except BaseException:
+            if _env is not None:
+                _env.close()
+            raise
+        try:
+            self._open(_env)
+        except BaseException:
+            if self._users is not None:
+                os.close(self._users)
+            raise
+        self._blocks, self._index, self._meta = self._dbs["blocks"], self._dbs["keys"], self._dbs["meta"]
+        self._hints = ReadHints(KEY_BYTES, layout.record_nbytes)
+        self._mapped = MappedPages(self.path / "data.mdb")
+        self._reserve = SpaceReserve(self.path, reserve_bytes(self.capacity_bytes))
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._writer: BatchWriter | None = None
+        if not readonly:
+            self._reserve.ensure()  # False on a full disk: made again after the next delete
+            self._writer = BatchWriter(
+                self._env, self._apply, self._write_failed, max_blocks=writer_batch, name=f"hkv disk writer {self.path}",
+                touch=self._touch, make_room=self._make_room,
+            )  # fmt: skip
+
+    def _open(self, _env: lmdb.Environment | None) -> None:
+        """Open (or take) the environment and its databases; closes the environment on failure."""
+        if _env is None:
             with creating(self.path):  # a store created by two processes at once is initialised once
                 check_store_files(self.path)
-                _env = _open_env(self.path, map_size_for(self.capacity_bytes, layout, writer_batch), readonly)
+                _env = _open_env(self.path, map_size_for(self.capacity_bytes, self.layout, self.writer_batch), self.readonly)
                 self._env = _env
                 try:
                     with damage_named(self.path, "the database catalogue"):
@@ -232,28 +268,22 @@ class BlockStore:
             except BaseException:
                 self._env.close()
                 raise
-        self._blocks, self._index, self._meta = self._dbs["blocks"], self._dbs["keys"], self._dbs["meta"]
-        self._hints = ReadHints(KEY_BYTES, layout.record_nbytes)
-        self._mapped = MappedPages(self.path / "data.mdb")
-        self._closed = False
-        self._close_lock = threading.Lock()
-        self._writer: BatchWriter | None = None
-        if not readonly:
-            self._writer = BatchWriter(
-                self._env, self._apply, lambda job: self._full_error(job, "the LMDB map is full"),
-                max_blocks=writer_batch, name=f"hkv disk writer {self.path}", touch=self._touch,
-            )  # fmt: skip
 
     # -- opening --------------------------------------------------------------------------------
     @classmethod
     def open_existing(
-        cls, path: str | Path, *, readonly: bool = True, capacity_bytes: int | None = None, writer_batch: int = 64
+        cls, path: str | Path, *, readonly: bool = True, capacity_bytes: int | None = None, writer_batch: int = 64,
+        exclusive: bool = False,
     ) -> BlockStore:
         """Open the store at ``path`` with the block layout it records (for tools such as
         ``hkv sessions``, which do not know the model). ``capacity_bytes`` defaults to the larger
         of the record bytes stored and the size of ``data.mdb`` (enough to delete, not to grow
-        much). StoreError if ``path`` is not an hkv store or its format is newer than this hkv."""
+        much). ``exclusive``: writable, and no other process may have it open for writing
+        (:meth:`hkv.store.files.hold_store`; for ``hkv sessions gc`` / ``repair``). StoreError if
+        ``path`` is not an hkv store or its format is newer than this hkv."""
         path = Path(path)
+        if exclusive and readonly:
+            raise ValueError("exclusive: only a writable store is held alone")
         data = path / "data.mdb"
         if not path.is_dir() or not check_store_files(path):
             raise StoreError(f"{path} is not an hkv store (no data.mdb)")
@@ -268,13 +298,13 @@ class BlockStore:
         except BaseException:
             env.close()
             raise
-        return cls(path, layout, capacity, writer_batch=writer_batch, readonly=readonly, _env=env)
+        return cls(path, layout, capacity, writer_batch=writer_batch, readonly=readonly, exclusive=exclusive, _env=env)
 
     def _check_folder(self) -> None:
         if self.path.exists() and not self.path.is_dir():
             raise StoreError(f"{self.path} exists and is not a folder; the disk tier needs a folder")
         if self.path.is_dir() and not (self.path / "data.mdb").exists():
-            others = sorted(p.name for p in self.path.iterdir() if p.name not in ("lock.mdb", "sessions.lock"))
+            others = sorted(p.name for p in self.path.iterdir() if p.name not in LOCK_FILES)
             if others:
                 raise StoreError(f"{self.path} is not an hkv store: it holds {', '.join(others[:5])} but no data.mdb")
         if not self.path.exists():
@@ -469,24 +499,26 @@ class BlockStore:
         """Drop blocks durably, except those a committed session references (refs > 0, read in
         the deleting transaction): they are reported as ``kept``."""
         self._check_writable()
-        return self._writer.submit(WriteJob(deletes=[bytes(k) for k in keys])).result()
+        return self._writer.submit(WriteJob(deletes=[bytes(k) for k in keys], frees=True)).result()
 
     def delete(self, key: BlockKey) -> bool:
         """Drop one block; whether it was deleted (False: not stored, or referenced)."""
         return bool(self.delete_many([key]).deleted)
 
-    def submit_apply(self, apply: Callable[[StoreTxn], T]) -> Future[T]:
+    def submit_apply(self, apply: Callable[[StoreTxn], T], *, frees: bool = False) -> Future[T]:
         """Run ``apply(store_txn)`` in the writer thread, inside a nested write transaction of the
         writer's next batch. The future resolves with its result once that transaction is
         durable, or raises what it raised (nothing it did is kept; other jobs are unaffected).
         ``apply`` must only read and write through the transaction (it may run twice, after a
-        full map) and must never wait for anything that waits for the writer."""
+        full map) and must never wait for anything that waits for the writer. ``frees``: the job
+        deletes more than it writes (a session delete, gc): on a full disk it may use the space
+        of the store's reserve file (:mod:`.space`)."""
         self._check_writable()
-        return self._writer.submit(WriteJob(apply=apply))
+        return self._writer.submit(WriteJob(apply=apply, frees=frees))
 
-    def apply(self, apply: Callable[[StoreTxn], T]) -> T:
+    def apply(self, apply: Callable[[StoreTxn], T], *, frees: bool = False) -> T:
         """:meth:`submit_apply` and wait: the change is durable on return."""
-        return self.submit_apply(apply).result()
+        return self.submit_apply(apply, frees=frees).result()
 
     def flush(self) -> None:
         """Wait until everything submitted so far is committed (or failed)."""
@@ -511,7 +543,32 @@ class BlockStore:
                 results.append(self._apply_job(txn, job) if job.apply is not None else self._put_delete(txn, job))
             raw.put(b"usage", json.dumps(txn.usage).encode(), db=self._meta)
         self._mapped.note(txn.written)  # block puts and apply jobs (summaries, session commits) alike
+        if any(job.frees for job in batch) and not self._reserve.present():
+            # Pages freed by transaction N are reused from N + 2 on: one more (tiny) commit now,
+            # while the released reserve's room lasts, so the next put can use them.
+            self._touch()
+            self._reserve.ensure()
         return results
+
+    def _make_room(self, error: BaseException) -> bool:
+        """A freeing job failed with ``error``: if the disk is full, delete the reserve file so
+        that the job can run again; whether that gave back any room."""
+        from_reserve = self._reserve.release() if out_of_space(self.path, error) else 0
+        if from_reserve:
+            log.warning("%s: the disk is full; the store's reserve (%d bytes) was released to free space", self.path, from_reserve)
+        return from_reserve > 0
+
+    def _write_failed(self, job: WriteJob | None, error: BaseException) -> TierError:
+        """What a job whose transaction failed with ``error`` raises (None: a sync failed)."""
+        if isinstance(error, lmdb.MapFullError) and job is not None:
+            return self._full_error(job, "the LMDB map is full")
+        if job is None:
+            what = "the store's last commit (sync)"
+        elif job.apply is not None:
+            what = "a session or store update"
+        else:
+            what = f"{len(job.puts)} blocks ({sum(len(r) for _, r in job.puts)} bytes)" if job.puts else f"a delete of {len(job.deletes)} blocks"
+        return write_error(self.path, error, what)
 
     def _put_delete(self, txn: StoreTxn, job: WriteJob) -> object:
         """A puts / deletes job: checked against the budget before anything is written."""
@@ -569,6 +626,8 @@ class BlockStore:
                 self._writer.close()  # first: a submit from now on raises TierError instead of hanging
             self._closed = True
             self._env.close()
+            if self._users is not None:
+                os.close(self._users)
 
     def __enter__(self) -> BlockStore:
         return self

@@ -25,7 +25,8 @@ from pathlib import Path
 from ..errors import StoreDamagedError, StoreError
 
 DATA_FILE = "data.mdb"
-LOCK_FILES = ("lock.mdb", "sessions.lock")
+USERS_LOCK = "users.lock"
+LOCK_FILES = ("lock.mdb", "sessions.lock", USERS_LOCK, "reserve")
 MAGIC = 0xBEEFC0DE
 _MAGIC_AT, _PSIZE_AT, _LAST_PAGE_AT, _TXNID_AT = 16, 40, 136, 144
 _MIN_PAGE = 512  # the smallest page size a meta page may name before it is taken as garbage
@@ -104,6 +105,28 @@ def creating(folder: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # drops the flock
+
+
+def hold_store(folder: Path, *, exclusive: bool) -> int:
+    """Take the store's users lock (``flock`` on ``users.lock``) and return its descriptor, to
+    be closed when the store is: shared for every writable open, exclusive for the maintenance
+    that deletes what another writer may be about to use (``hkv sessions gc`` / ``repair``).
+    Never waits: StoreError saying who holds it."""
+    try:
+        fd = os.open(folder / USERS_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as error:
+        raise StoreError(f"{folder / USERS_LOCK}: cannot open the store's users lock: {error.strerror}") from None
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        if exclusive:
+            raise StoreError(
+                f"{folder} is open for writing in another process (a running model, `hkv chat`, ...); "
+                "this command needs the store alone: close that process first"
+            ) from None
+        raise StoreError(f"{folder} is being repaired or collected (`hkv sessions repair` / `gc`); try again when it is done") from None
+    return fd
 
 
 def filesystem_bytes(path: Path) -> int:

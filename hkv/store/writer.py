@@ -8,7 +8,10 @@ its data pages but not its meta page; the next commit's fdatasync flushes that m
 when the queue runs dry an explicit ``env.sync`` does. Futures resolve only after that, so an
 acknowledged write survives kill -9 and power loss, at one fsync per commit instead of two.
 
-What a transaction does is the owner's ``apply`` callback; this module only schedules.
+What a transaction does is the owner's ``apply`` callback; this module only schedules. A job
+that only frees space (``frees``: deletes) is never failed by the puts beside it: when a batch
+fails, each job is tried alone, and a freeing job that failed for want of disk space runs once
+more after the owner's ``make_room`` (the store's reserve file, :mod:`.space`).
 """
 
 from __future__ import annotations
@@ -28,15 +31,17 @@ class WriteJob:
     delete, or ``apply``, any work on the store's write transaction (the owner passes it its view
     of the transaction; what it returns is the future's result, what it raises the future's
     exception). ``apply`` must depend only on what it reads in the transaction: a job may be run
-    again in a fresh transaction after a full map."""
+    again in a fresh transaction after a full map or disk. ``frees``: the job deletes more than
+    it writes (deletes alone always do)."""
 
-    __slots__ = ("puts", "deletes", "apply", "future")
+    __slots__ = ("puts", "deletes", "apply", "frees", "future")
 
     def __init__(
         self, puts: list[tuple[bytes, bytearray]] | None = None, deletes: list[bytes] | None = None,
-        apply: Callable[[object], object] | None = None,
+        apply: Callable[[object], object] | None = None, frees: bool = False,
     ) -> None:  # fmt: skip
         self.puts, self.deletes, self.apply = puts or [], deletes or [], apply
+        self.frees = frees and not self.puts
         self.future: Future = Future()
 
     @property
@@ -53,21 +58,24 @@ class BatchWriter:
 
     ``apply(jobs)`` runs in the writer thread: it does the jobs in one write transaction and
     returns one result (or exception instance) per job; raising ``lmdb.MapFullError`` makes the
-    writer retry each job alone, and ``full_error(job)`` is what a job that still does not fit
-    gets.
+    writer retry each job alone (after ``touch()``, a tiny commit). ``failed(job, error)`` is the
+    exception a job whose transaction raised ``error`` gets (``job`` None: a sync failed).
+    ``make_room(error)``: called when a freeing job failed; True if it freed disk space (the
+    job is then tried once more).
     """
 
     def __init__(
         self,
         env: lmdb.Environment,
         apply: Callable[[list[WriteJob]], list[object]],
-        full_error: Callable[[WriteJob], BaseException],
+        failed: Callable[[WriteJob | None, BaseException], BaseException],
         *,
         max_blocks: int,
         name: str,
         touch: Callable[[], None],
+        make_room: Callable[[BaseException], bool] = lambda error: False,
     ) -> None:
-        self._env, self._apply, self._full_error, self._touch = env, apply, full_error, touch
+        self._env, self._apply, self._failed, self._touch, self._make_room = env, apply, failed, touch, make_room
         self.max_blocks, self.name = max_blocks, name
         self._jobs: queue.SimpleQueue[WriteJob | None] = queue.SimpleQueue()
         self._lock = threading.Lock()  # orders submissions against closing
@@ -144,16 +152,22 @@ class BatchWriter:
     def _commit(self, batch: list[WriteJob], retry: bool = True) -> list[Outcome]:
         """Do ``batch`` in one transaction; on a full map, commit one small transaction (LMDB
         reuses the pages freed by transaction N only from N + 2 on, so fresh deletes may not be
-        reusable yet) and retry each job alone."""
+        reusable yet) and retry each job alone. On another failure (a full disk), a batch with a
+        freeing job is retried job by job, and a freeing job alone once more after
+        ``make_room``."""
         try:
             return list(zip(batch, self._apply(batch)))
-        except lmdb.MapFullError:
+        except lmdb.MapFullError as error:
             if retry:
                 self._touch()
                 return [done for job in batch for done in self._commit([job], retry=False)]
-            return [(job, self._full_error(job)) for job in batch]
+            return [(job, self._failed(job, error)) for job in batch]
         except Exception as error:  # the writer must survive; the callers see the failure
-            return [(job, TierError(f"{self.name}: write failed: {error!r}")) for job in batch]
+            if retry and len(batch) > 1 and any(job.frees for job in batch):
+                return [done for job in batch for done in self._commit([job])]
+            if retry and len(batch) == 1 and batch[0].frees and self._make_room(error):
+                return self._commit(batch, retry=False)
+            return [(job, self._failed(job, error)) for job in batch]
 
     def _sync(self, done: list[Outcome]) -> None:
         if not done:
@@ -161,7 +175,7 @@ class BatchWriter:
         try:
             self._env.sync(True)
         except lmdb.Error as error:
-            done[:] = [(job, TierError(f"{self.name}: sync failed: {error}")) for job, _ in done]
+            done[:] = [(job, self._failed(None, error)) for job, _ in done]
         self._resolve(done)
 
     @staticmethod

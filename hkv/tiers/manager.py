@@ -23,6 +23,8 @@ Moves down (evictions, demotions, spills) are rarer and run under the lock.
 
 from __future__ import annotations
 
+import logging
+
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +47,7 @@ from .policy import make_policy
 
 TIER_NAMES = ("device", "host", "disk")
 __all__ = ["GatherReport", "ManagerStats", "TIER_NAMES", "TierManager", "TierUsage"]
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -489,13 +492,17 @@ class TierManager(Promotion):
             return ManagerStats(usage, dict(self.moved), dict(self.evictions), len(self._entries))
 
     def close(self) -> None:
-        """Flush, stop background threads, close the store. Idempotent."""
+        """Flush, stop background threads, close the store. Idempotent. A write-through that
+        failed (a full disk) is logged, not raised: the blocks it held were a cache of what is
+        above (a session's own blocks fail its commit, which reported it)."""
         with self._cond:
             if self._closed:
                 return
             self._closed = True
         try:
             self._flush_pending()
+        except TierError as error:
+            log.warning("closing the tiers: blocks written through to disk were not stored: %s", error)
         finally:
             if self._disk is not None:
                 self._disk.close()

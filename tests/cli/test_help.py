@@ -14,6 +14,7 @@ WIDTH = 100
 COMMANDS = [
     [], ["demo"], ["chat"], ["config"], ["config", "check"], ["config", "show"],
     ["sessions"], ["sessions", "ls"], ["sessions", "show"], ["sessions", "rm"], ["sessions", "verify"],
+    ["sessions", "gc"], ["sessions", "repair"],
     ["bench"], ["bench", "tiers"], ["bench", "decode"], ["bench", "passkey"], ["bench", "plot"], ["bench", "resume"],
 ]  # fmt: skip
 
@@ -31,6 +32,8 @@ PHRASES = {
     "sessions show": "no process holds them here",
     "sessions rm": "blocks no other session references are freed",
     "sessions verify": "exit 1 listing any problem",
+    "sessions gc": "Delete the blocks no session references",
+    "sessions repair": "Never deletes a record that checks out",
     "bench": "with --json, write their figures",
     "bench tiers": "against plain copies and raw file I/O",
     "bench decode": "hkv sparse vs transformers' DynamicCache",
