@@ -115,7 +115,10 @@ def commit_in(
     present = txn.found("keys", added)
     missing = len(added) - len(present)
     if missing:
-        raise SessionError(f"session {name!r}: cannot commit: {missing} of {len(added)} newly referenced blocks are not in the store")
+        raise SessionError(
+            f"session {name!r}: cannot commit: {missing} of {len(added)} newly referenced blocks are not in the store "
+            "(their writes failed, or they were deleted meanwhile: a full disk, or `hkv sessions gc` run while this process wrote)"
+        )
     result = CommitResult()
     counts = {key: int.from_bytes(value, "little") for key, value in txn.found("refs", added + removed).items()}
     for key in removed:  # before the increments: a key in both (never, short of a hash collision) nets out

@@ -31,7 +31,7 @@ from ..attention.prefix import adopt_stored_prefix
 from ..attention.sequence import SequenceKV
 from ..blocks import BlockLayout, CorruptRecordError
 from ..config import Config
-from ..errors import StoreDamagedError
+from ..errors import StoreDamagedError, TierFullError
 from ..tiers.manager import TierManager
 from .records import (
     CorruptSessionError,
@@ -208,6 +208,7 @@ class Session:
         tokens = torch.cat([self._tokens, self.runtime.token_ids(input_ids, allow_empty=True)[0]])
         if len(tokens) == 0:
             raise ValueError("input_ids is empty and the session has no tokens yet")
+        self._check_disk_room(len(tokens) + int(generate_kwargs.get("max_new_tokens") or 0))
         with self._guard():
             self.runtime.fill(self._cache, tokens[self.kv_tokens : -1], progress=progress)
             out = self.runtime.generate_with(self._cache, tokens.unsqueeze(0), **generate_kwargs)
@@ -222,11 +223,25 @@ class Session:
         the last token's, like after :meth:`generate`). Commits when ``autocommit``."""
         self._check_usable()
         tokens = torch.cat([self._tokens, self.runtime.token_ids(input_ids, allow_empty=True)[0]])
+        self._check_disk_room(len(tokens))
         with self._guard():
             self.runtime.fill(self._cache, tokens[self.kv_tokens : -1], progress=progress)
             self._tokens = tokens
             if self.autocommit:
                 self.commit()
+
+    def _check_disk_room(self, tokens: int) -> None:
+        """Every sealed block of a session is stored on disk: refuse, before any work, a turn
+        after which the session's blocks alone would not fit ``tiers.disk`` (evicting other
+        sessions' KV could not make it fit). TierFullError naming ``tiers.disk``."""
+        seq, manager = self._cache.sequence, self.runtime.manager
+        need = tokens // seq.block_tokens * self.runtime.num_layers
+        if need > manager.disk_capacity_blocks:
+            raise TierFullError(
+                f"session {self.name!r}: after this turn its {tokens} tokens would need {need} blocks on disk "
+                f"({need * self.runtime.layout.record_nbytes} bytes), more than tiers.disk = {manager.disk_capacity} bytes "
+                f"holds ({manager.disk_capacity_blocks} blocks); raise tiers.disk (nothing was computed or committed)"
+            )
 
     @contextmanager
     def _guard(self) -> Iterator[None]:

@@ -230,9 +230,11 @@ class SessionStore:
                 self._locks.release(name)
 
     def reclaim(self, need_bytes: int, *, skip: set[str], in_use: Callable[[bytes], bool]) -> CommitResult:
-        """Free at least ``need_bytes`` of block records if possible by dropping the KV of the
+        """Free at least ``need_bytes`` of block records by dropping the KV of the
         least-recently-used sessions not in ``skip`` and not open for writing anywhere (their
-        token ids stay, kv_tokens = 0). Stops once enough is freed; returns what changed. The
+        token ids stay, kv_tokens = 0). Stops once enough is freed; returns what changed. All or
+        nothing: when dropping every such session would not free ``need_bytes``, no session
+        loses its KV (an eviction that cannot make the write fit would lose data for nothing). The
         writer lock of each session reclaimed is held until the transaction is durable (a process
         that opens it meanwhile is refused instead of reading the record about to change).
         ``in_use`` is called in the writer thread: it must not wait for anything."""
@@ -254,10 +256,14 @@ class SessionStore:
                 record.kv_tokens = record.kv_blocks = record.tail_tokens = 0
                 txn.put("sessions", record_key(record.name), record.to_bytes())
                 result.sessions.append(record.name)
+            if result.freed_bytes < need_bytes:
+                raise _NotEnough  # the nested transaction is dropped: nothing changed
             return result
 
         try:
             return self.disk.apply(job, frees=True)
+        except _NotEnough:
+            return CommitResult()
         finally:
             for name in taken:
                 self._locks.release(name)
@@ -315,6 +321,10 @@ class SessionStore:
             raise ValueError(f"session {record.name!r}: tail must be {list(shape)} {layout.dtype}, got {got}")
         flat = tail.detach().to("cpu").contiguous().view(shape[0] * 2, *shape[2:])
         return encode_record(tail_key(record.name), flat)
+
+class _NotEnough(Exception):
+    """A reclaim that could not free what was asked (its changes are dropped)."""
+
 
 def _block_users(txn: StoreTxn, names: list[str]) -> Counter[bytes]:
     """How many of the sessions ``names`` (those whose record decodes) reference each block:

@@ -13,7 +13,6 @@ import torch
 from hkv import wrap
 from hkv.blocks import BlockKey
 from hkv.errors import StoreError
-from hkv.sessions.repair import repair
 from hkv.sessions.store import SessionStore
 from hkv.store.files import hold_store
 from hkv.store.maintenance import collect_garbage

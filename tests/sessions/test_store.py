@@ -294,3 +294,15 @@ def test_open_existing_reads_the_layout(store_path: Path, tmp_path: Path) -> Non
         assert len(store.disk) == 0
     with pytest.raises(StoreError, match="no data.mdb"):
         DiskTier.open_existing(tmp_path / "nothing")
+
+
+def test_reclaim_is_all_or_nothing(store: SessionStore) -> None:
+    """Issue 16 (8): dropping sessions' KV that cannot free what is needed would lose data for
+    nothing: such a reclaim changes nothing."""
+    save(store, "old", ids_of(11, 1000), kv_tokens=10)
+    save(store, "new", ids_of(11, 2000), kv_tokens=10)
+    used = store.disk.used_bytes()
+    result = store.reclaim(used + 1, skip=set(), in_use=lambda key: False)
+    assert result.sessions == [] and result.freed_bytes == 0 and store.disk.used_bytes() == used
+    assert store.get("old").kv_tokens == 10 and store.get("new").kv_tokens == 10
+    assert store.reclaim(used, skip=set(), in_use=lambda key: False).sessions == ["old", "new"]
