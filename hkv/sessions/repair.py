@@ -106,6 +106,7 @@ def _recount_refs(txn: StoreTxn) -> int:
 
 def repair(store: SessionStore) -> RepairReport:
     """Repair the store of ``store`` (opened exclusive); see the module docstring."""
+    store.disk.check_pages()  # damaged B-tree pages cannot be rebuilt from records: StoreDamagedError
     blocks: BlockRepair = repair_blocks(store.disk)
     report = RepairReport(checked_blocks=blocks.checked, problems=list(blocks.problems))
     with store.disk.reading() as txn:

@@ -271,8 +271,11 @@ class SessionStore:
     def verify(self, name: str | None = None) -> VerifyReport:
         """Re-check the checksum of every record (session, tail, summaries, blocks) of ``name``
         (all sessions if None); corruption is reported per session, never raised.
-        SessionNotFoundError if ``name`` is given and absent."""
+        SessionNotFoundError if ``name`` is given and absent; StoreDamagedError if a B-tree page
+        of the store is damaged (checked first when all sessions are verified)."""
         report = VerifyReport({}, 0, 0)
+        if name is None:
+            self.disk.check_pages()  # every page (at open, large trees had their branch pages checked)
         checked: dict[bytes, str | None] = {}  # block key -> its problem (None: intact); shared blocks once
         with self.disk.reading(buffers=True) as txn:
             bad: list[bytes] = []

@@ -68,6 +68,7 @@ from ..blocks import (
 )
 from ..errors import BlockNotFoundError, StoreDamagedError, StoreError, TierError, TierFullError
 from .files import LOCK_FILES, check_store_files, creating, hold_store
+from .pages import check_pages
 from .read_hints import MappedPages, ReadHints
 from .space import SpaceReserve, out_of_space, reserve_bytes, write_error
 from .txn import DeleteResult, StoreTxn
@@ -430,6 +431,13 @@ class BlockStore:
             with self._env.begin() as txn:
                 return read_usage(txn, self._meta, self._index)
         return read_usage(txn, self._meta, self._index)
+
+    def check_pages(self) -> None:
+        """Check every B-tree page of the store (:mod:`.pages`; at open, trees larger than
+        :data:`~hkv.store.pages.BUDGET_PAGES` have only their branch pages checked).
+        StoreDamagedError naming the page and database."""
+        self._check_open()
+        check_pages(self.path / "data.mdb", budget_pages=None)
 
     def usage_problem(self) -> str | None:
         """What is wrong with the ``meta/usage`` row (missing, garbled, or not what the ``keys``

@@ -4,7 +4,8 @@ LMDB maps ``data.mdb`` and trusts it: a file shorter than the pages its meta pag
 the first read of a missing page a SIGBUS, and LMDB follows links, so a ``lock.mdb`` link would
 have its target overwritten with the lock table. :func:`check_store_files` runs before every
 open: the files the store opens must be regular files inside the folder (``lstat``, no link
-followed), and ``data.mdb`` must hold every page its newer meta page says is in use.
+followed), ``data.mdb`` must hold every page its newer meta page says is in use, and its B-tree
+pages must be sound (:mod:`.pages`).
 
 Meta page layout (LMDB 0.9, 64-bit; ``mdb.c``: ``MDB_page`` header, then ``MDB_meta``): magic
 u32 at byte 16, the free database's ``md_pad`` (the page size) at 40, ``mm_last_pg`` u64 at
@@ -23,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import StoreDamagedError, StoreError
+from .pages import check_pages
 
 DATA_FILE = "data.mdb"
 USERS_LOCK = "users.lock"
@@ -90,6 +92,7 @@ def check_store_files(folder: Path) -> bool:
             f"{data} is truncated: {size} bytes, but LMDB's meta page says {need} bytes are in use "
             f"(a copy cut short, or a full disk); {_HOW}"
         )
+    check_pages(data)  # LMDB would crash on a damaged page: StoreDamagedError first
     return True
 
 
