@@ -58,8 +58,13 @@ def chat(
     from .chat import run_chat, stdin_lines
     from ..default_model import ModelNotInstalledError, load_default_model
     from ..sessions.records import check_name
+    from ..tiers.manager import check_disk_budget
 
     cfg = load(config)
+    try:
+        check_disk_budget(cfg.tiers)  # before the model loads
+    except ConfigError as error:
+        raise fail(str(error), 2) from None
     with user_errors():
         check_name(session)  # before the model loads
     from transformers.utils import logging as hf_logging
@@ -95,10 +100,15 @@ def demo(
     from .demo import demo_config, drop_session, report_lines, resume_command, run_demo
     from ..default_model import ModelNotInstalledError, load_default_model
     from ..sessions.records import check_name
+    from ..tiers.manager import check_disk_budget
 
     try:
         cfg = demo_config(load(config), store)
     except ConfigError as error:  # --store names a file
+        raise fail(str(error), 2) from None
+    try:
+        check_disk_budget(cfg.tiers)  # before the model loads
+    except ConfigError as error:
         raise fail(str(error), 2) from None
     with user_errors():
         check_name(session)  # before the model loads

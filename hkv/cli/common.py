@@ -76,7 +76,7 @@ def user_errors() -> Iterator[None]:
     """Turn the store's and sessions' errors into one line on stderr and exit 1 (no traceback)."""
     try:
         yield
-    except (TierError, FileNotFoundError, PermissionError) as error:
+    except (TierError, ConfigError, FileNotFoundError, PermissionError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         raise fail(str(message)) from None
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from ..blocks import BlockKey, BlockLayout
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, TiersConfig
 from ..store.files import filesystem_bytes
 from ..store.txn import CommitResult
 from .base import TierError, TierFullError
@@ -48,6 +48,18 @@ from .policy import make_policy
 TIER_NAMES = ("device", "host", "disk")
 __all__ = ["GatherReport", "ManagerStats", "TIER_NAMES", "TierManager", "TierUsage"]
 log = logging.getLogger(__name__)
+
+
+def check_disk_budget(tiers: TiersConfig) -> None:
+    """ConfigError naming ``tiers.disk`` when it is larger than the whole filesystem holding
+    ``tiers.path`` (a budget the disk can never hold); cheap, so callers check it before
+    loading a model."""
+    room = filesystem_bytes(Path(tiers.path))
+    if int(tiers.disk) > room:
+        raise ConfigError(
+            f"tiers.disk = {int(tiers.disk)} bytes ({int(tiers.disk) / 2**30:.2f} GiB) is larger than the whole filesystem "
+            f"holding tiers.path = {str(tiers.path)!r} ({room} bytes, {room / 2**30:.2f} GiB); lower tiers.disk"
+        )
 
 
 @dataclass(slots=True)
@@ -87,12 +99,7 @@ class TierManager(Promotion):
         layout.check_budgets({"device": int(tiers.device), "host": int(tiers.host), "disk": int(tiers.disk)})
         if int(tiers.disk) < layout.record_nbytes:
             raise ConfigError(f"tiers.disk = {int(tiers.disk)} bytes: smaller than one disk record ({layout.record_nbytes} bytes)")
-        room = filesystem_bytes(Path(tiers.path))
-        if int(tiers.disk) > room:
-            raise ConfigError(
-                f"tiers.disk = {int(tiers.disk)} bytes ({int(tiers.disk) / 2**40:.1f} TiB) is larger than the whole filesystem "
-                f"holding tiers.path = {str(tiers.path)!r} ({room} bytes, {room / 2**40:.1f} TiB); lower tiers.disk"
-            )
+        check_disk_budget(tiers)
         self.config, self.layout = config, layout
         self.device = torch.device(device) if device is not None else resolve_device(tiers.accelerator)
         self.persist = config.store.persist

@@ -7,7 +7,6 @@ reason where the machine does not let tests mount one."""
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,24 +17,17 @@ from hkv import wrap
 from hkv.errors import DiskFullError
 
 from helpers.models import baseline, prompt, wrap_config
+from helpers.mounts import tmpfs
 
 FS_BYTES = 7 << 20
 
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "fs"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={FS_BYTES}", "tmpfs", str(mount)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "fs", FS_BYTES) as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-@pytest.mark.slow  # ~15 s: fills the disk turn by turn, then resumes, deletes and fills again
 def test_a_full_disk_fails_the_turn_by_name_and_rm_gc_free_it(tiny_lm, small_disk: Path, tmp_path: Path, cli) -> None:
     model = tiny_lm(hidden_size=256, num_key_value_heads=4)  # 32 KiB blocks: the disk fills in a few turns
     config = wrap_config(model, tmp_path)
