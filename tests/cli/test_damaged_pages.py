@@ -1,7 +1,7 @@
-"""`hkv sessions` on a 3-session store with one LMDB page damaged (issue 16's target): for each
-page, its flags byte and one random byte flipped, each in its own copy: `ls`, `verify`,
-`repair` and `gc` never die by a signal and never print a traceback; each exits 0 or names the
-damage in one error line.
+"""`hkv sessions` on a damaged 3-session store (issue 16's targets): for each page, its flags
+byte and one random byte flipped, and the file truncated at every 4 KiB boundary, each in its
+own copy: `ls`, `show`, `verify`, `repair` and `gc` never die by a signal and never print a
+traceback; each exits 0 or names the damage in one error line.
 
 Each case runs in a forked child, so that a crash is counted instead of ending the test run."""
 
@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from hkv.tiers.disk import DiskTier
 from helpers.records import LAYOUT, REC, ids_of, save
 
 PAGE = 4096
-COMMANDS = (["ls"], ["show", "a"], ["verify"], ["repair"], ["gc"], ["ls"])
+COMMANDS = (["ls"], ["show", "a"], ["verify"], ["repair"], ["gc"])
 
 
 def _store(path: Path) -> None:
@@ -48,33 +49,46 @@ def _child(store: Path) -> int:
     return 0
 
 
-@pytest.mark.slow  # ~25 s: 96 damaged copies x 6 commands, each copy in a forked child
+@pytest.mark.slow  # ~35 s: 146 damaged copies x 5 commands, each copy in a forked child
+def _flip(offset: int, mask: int) -> Callable[[Path], None]:
+    def damage(data: Path) -> None:
+        with open(data, "r+b") as file:
+            file.seek(offset)
+            byte = file.read(1)[0]
+            file.seek(offset)
+            file.write(bytes([byte ^ mask]))
+
+    return damage
+
+
+def _truncate(size: int) -> Callable[[Path], None]:
+    return lambda data: os.truncate(data, size)
+
+
 def test_cli_on_a_damaged_page_never_crashes_nor_prints_a_traceback(tmp_path: Path) -> None:
+    """Each page's flags byte and a random byte flipped, and the file cut at every 4 KiB
+    boundary, each in its own copy."""
     store = tmp_path / "store"
     _store(store)
     pages = (store / "data.mdb").stat().st_size // PAGE
     rng = random.Random(16)
+    cases = [(f"page {page} byte {offset}", _flip(page * PAGE + offset, mask))
+             for page in range(2, pages) for offset, mask in ((10, 0x03), (rng.randrange(16, PAGE), 0x40))]  # fmt: skip
+    cases += [(f"cut at {cut}", _truncate(cut)) for cut in range(0, pages * PAGE, PAGE)]
     crashes, tracebacks = [], []
-    cases = 0
-    for page in range(2, pages):
-        for offset, mask in ((10, 0x03), (rng.randrange(16, PAGE), 0x40)):
-            copy = tmp_path / "copy"
-            shutil.copytree(store, copy)
-            with open(copy / "data.mdb", "r+b") as data:
-                data.seek(page * PAGE + offset)
-                byte = data.read(1)[0]
-                data.seek(page * PAGE + offset)
-                data.write(bytes([byte ^ mask]))
-            pid = os.fork()
-            if pid == 0:  # pragma: no cover - the child
-                faulthandler.disable()
-                os._exit(_child(copy))
-            _, status = os.waitpid(pid, 0)
-            cases += 1
-            if os.WIFSIGNALED(status):
-                crashes.append((page, offset, signal.Signals(os.WTERMSIG(status)).name))
-            elif os.WEXITSTATUS(status):
-                tracebacks.append((page, offset))
-            shutil.rmtree(copy)
-    print(f"{cases} damaged copies of {pages - 2} pages: {len(crashes)} crashes, {len(tracebacks)} tracebacks")
+    for what, damage in cases:
+        copy = tmp_path / "copy"
+        shutil.copytree(store, copy)
+        damage(copy / "data.mdb")
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            faulthandler.disable()
+            os._exit(_child(copy))
+        _, status = os.waitpid(pid, 0)
+        if os.WIFSIGNALED(status):
+            crashes.append((what, signal.Signals(os.WTERMSIG(status)).name))
+        elif os.WEXITSTATUS(status):
+            tracebacks.append(what)
+        shutil.rmtree(copy)
+    print(f"{len(cases)} damaged copies ({pages - 2} pages x 2 bytes, {pages} cuts): {len(crashes)} crashes, {len(tracebacks)} tracebacks")
     assert not crashes and not tracebacks, (crashes, tracebacks)
