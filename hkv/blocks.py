@@ -23,6 +23,7 @@ import torch
 import xxhash
 
 from .config import ConfigError
+from .encoding import CODES, NAMES, decode, encoded_nbytes
 
 FORMAT_VERSION = 1
 RECORD_MAGIC = b"HKVB"
@@ -43,9 +44,10 @@ class CorruptRecordError(RecordError):
 
 
 class Encoding:
-    """How a record's payload is encoded; room for 8-bit / 4-bit blocks on the lower tiers."""
+    """How a record's payload is encoded (the header's encoding byte): raw, or one of the lossy
+    encodings of :mod:`hkv.encoding`."""
 
-    RAW = 0
+    RAW = CODES["none"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +79,10 @@ class BlockLayout:
     def record_nbytes(self) -> int:
         """Bytes of one block's disk record (header + payload)."""
         return HEADER_SIZE + self.nbytes
+
+    def encoded_record_nbytes(self, encoding: str) -> int:
+        """Bytes of one block's disk record under ``encoding`` (``"none"``, ``"int8"``, ``"int4"``)."""
+        return HEADER_SIZE + encoded_nbytes(encoding, self.shape, self.dtype.itemsize)
 
     def describe(self) -> str:
         return (
@@ -174,8 +180,8 @@ class RecordHeader:
     key: bytes
 
 
-def encode_header(key: BlockKey, block: torch.Tensor, payload: memoryview | bytes) -> bytes:
-    """The 64-byte header for ``block`` (whose raw bytes are ``payload``)."""
+def encode_header(key: BlockKey, block: torch.Tensor, payload: memoryview | bytes, encoding: int = Encoding.RAW) -> bytes:
+    """The 64-byte header for ``block`` (whose bytes, raw or under ``encoding``, are ``payload``)."""
     if block.dtype not in _DTYPE_CODES:
         raise ValueError(f"cannot store dtype {block.dtype}")
     if block.dim() > 4:
@@ -184,7 +190,7 @@ def encode_header(key: BlockKey, block: torch.Tensor, payload: memoryview | byte
     return _HEADER.pack(
         RECORD_MAGIC,
         FORMAT_VERSION,
-        Encoding.RAW,
+        encoding,
         _DTYPE_CODES[block.dtype],
         block.dim(),
         *shape,
@@ -216,8 +222,8 @@ def decode_header(record: memoryview | bytes, *, where: str = "record") -> Recor
         raise RecordError(f"{where}: not an hkv block record (magic {magic!r})")
     if version > FORMAT_VERSION:
         raise RecordError(f"{where}: format version {version} is newer than this hkv ({FORMAT_VERSION}); upgrade hkv")
-    if encoding != Encoding.RAW:
-        raise RecordError(f"{where}: unknown encoding {encoding}")
+    if encoding not in NAMES:
+        raise RecordError(f"{where}: unknown encoding {encoding} (a newer hkv's?)")
     if dtype_code not in _CODE_DTYPES or ndim > 4:
         raise RecordError(f"{where}: bad dtype code {dtype_code} or ndim {ndim}")
     return RecordHeader(version, encoding, _CODE_DTYPES[dtype_code], (s0, s1, s2, s3)[:ndim], nbytes, checksum, key)
@@ -237,11 +243,19 @@ def decode_into(record: memoryview | bytes, out: torch.Tensor, key: BlockKey | N
             f"{where}: stored block is {tuple(header.shape)} {header.dtype}, expected {tuple(out.shape)} {out.dtype}"
         )
     payload = memoryview(record)[HEADER_SIZE:]
-    if len(payload) != header.payload_nbytes or header.payload_nbytes != out.numel() * out.element_size():
+    lossy = header.encoding != Encoding.RAW and out.dim() == 4 and out.shape[0] == 2  # only blocks are ever encoded
+    if header.encoding != Encoding.RAW and not lossy:
+        raise RecordError(f"{where}: a {NAMES[header.encoding]} record where a raw one is expected")
+    expected = encoded_nbytes(NAMES[header.encoding], tuple(out.shape), out.element_size()) if lossy else out.numel() * out.element_size()
+    if len(payload) != header.payload_nbytes or header.payload_nbytes != expected:
         raise CorruptRecordError(f"{where}: truncated payload ({len(payload)} of {header.payload_nbytes} bytes)")
     if xxhash.xxh3_64_intdigest(payload) != header.checksum:
         raise CorruptRecordError(f"{where}: checksum mismatch, the stored block is corrupt")
     if out.device.type != "cpu" or not out.is_contiguous():
         raise ValueError("decode_into needs a contiguous CPU tensor")
+    if header.encoding != Encoding.RAW:
+        codes = torch.frombuffer(bytearray(payload), dtype=torch.uint8).unsqueeze(0)  # a copy: the map is read-only
+        decode(codes, NAMES[header.encoding], out.unsqueeze(0))
+        return
     # numpy copies straight from the (possibly read-only, memory-mapped) buffer into ``out``.
     np.copyto(out.view(-1).view(torch.uint8).numpy(), np.frombuffer(payload, dtype=np.uint8))

@@ -48,6 +48,9 @@ class TiersConfig(_Section):
     disk_full: Literal["evict", "refuse"] = Field(
         "evict", description="when the disk budget is reached: evict unreferenced blocks (LRU) or refuse the write"
     )
+    disk_encoding: Literal["none", "int8", "int4"] = Field(
+        "none", description="how blocks are stored on disk: none (exact), or lossy int8 / int4 (sparse attention only)"
+    )
 
     @field_validator("device", "host", "disk", mode="before")
     @classmethod
@@ -190,6 +193,15 @@ class Config(_Section):
     attention: AttentionConfig = AttentionConfig()
     prefetch: PrefetchConfig = PrefetchConfig()
     store: StoreConfig = StoreConfig()
+
+    @model_validator(mode="after")
+    def _exact_is_lossless(self) -> Config:
+        if self.attention.mode == "exact" and self.tiers.disk_encoding != "none":
+            raise ValueError(
+                f"tiers.disk_encoding = {self.tiers.disk_encoding!r} is lossy, and attention.mode = 'exact' must reproduce "
+                "the model's own outputs: use tiers.disk_encoding = 'none', or attention.mode = 'sparse'"
+            )
+        return self
 
     def __init__(self, **data: Any) -> None:
         try:

@@ -11,6 +11,11 @@ hides the key at a relative ``depth`` of the filler and ends in the question and
   model sees exceeds what it was trained on;
 - ``full``: transformers' ``DynamicCache``, full attention (where ``length <= full_max``).
 
+A sparse mode may name a lossy disk encoding (``remap+int4``, ``original+int8``:
+``tiers.disk_encoding``, docs/store.md): blocks read back from the store are then decoded from
+int8 / int4. Only blocks that come back from disk are affected, so the ``late`` variant (the
+session reopened from the store) is the one that measures an encoding.
+
 Variants (``VARIANTS``): ``single`` -- the whole prompt in one call; ``late`` -- the question
 arrives in a later turn, after the context was cached: the document is appended to an hkv
 session and committed, the runtime is closed, a NEW runtime reopens the session from the store
@@ -57,16 +62,29 @@ class PasskeyRun:
     reply: str
 
 
+def split_mode(mode: str) -> tuple[str, str]:
+    """``"remap+int4"`` -> ``("remap", "int4")``; ``"remap"`` -> ``("remap", "none")``."""
+    base, _, encoding = mode.partition("+")
+    return base, encoding or "none"
+
+
+def check_mode(mode: str) -> None:
+    base, encoding = split_mode(mode)
+    if base not in MODES or encoding not in ("none", "int8", "int4") or (encoding != "none" and base not in ("original", "remap")):
+        raise ValueError(f"unknown mode {mode!r}: modes are {MODES}, a sparse one optionally +int8 or +int4 (remap+int4)")
+
+
 def passkey_config(mode: str, store: str | Path, budget: int, base: Any = None) -> Any:
-    """The hkv config of ``mode`` (exact / original / remap) with its store at ``store``;
+    """The hkv config of ``mode`` (exact / original / remap, maybe +int8 / +int4) with its store at ``store``;
     ``base``: a Config whose tiers budgets and prefetch settings are kept (None: 256 MiB device,
     2 GiB host, 16 GiB disk, prefetch off -- on 2 cores its threads only compete with the model,
     and it never changes results)."""
     from ..config import Config
 
+    mode, encoding = split_mode(mode)
     tiers = {"device": "256MiB", "host": "2GiB", "disk": "16GiB"} if base is None else {
         "device": base.tiers.device, "host": base.tiers.host, "disk": base.tiers.disk}  # fmt: skip
-    tiers.update(path=str(store), dtype="auto" if mode == "exact" else "float16")
+    tiers.update(path=str(store), dtype="auto" if mode == "exact" else "float16", disk_encoding=encoding)
     attention = {"mode": "exact", "positions": "original"} if mode == "exact" else {
         "mode": "sparse", "positions": mode, "budget_tokens": budget}  # fmt: skip
     prefetch = {"enabled": False} if base is None else base.prefetch.model_dump()
@@ -82,7 +100,7 @@ def answer_single(model: torch.nn.Module, ids: list[int], mode: str, *, store: P
                   base: Any = None) -> list[int]:
     """The reply to the whole prompt ``ids`` in one call."""
     prompt = torch.tensor([ids], device=model.device)
-    if mode == "full":
+    if split_mode(mode)[0] == "full":
         from transformers import DynamicCache
 
         with torch.inference_mode():
@@ -100,7 +118,7 @@ def answer_late(model: torch.nn.Module, tokenizer: Any, ids: list[int], mode: st
     from ..passkey import split_passkey_question
 
     document, question = split_passkey_question(tokenizer, ids)
-    if mode == "full":
+    if split_mode(mode)[0] == "full":
         from transformers import DynamicCache
 
         cache = DynamicCache(config=model.config)
@@ -132,7 +150,7 @@ def summarise(runs: list[PasskeyRun]) -> list[dict[str, Any]]:
     order = {m: i for i, m in enumerate(MODES)}
     rows = [{"variant": v, "mode": m, "length": n, "correct": c, "trials": t, "accuracy": c / t}
             for (v, m, n), (c, t) in cells.items()]  # fmt: skip
-    return sorted(rows, key=lambda r: (VARIANTS.index(r["variant"]), order[r["mode"]], r["length"]))
+    return sorted(rows, key=lambda r: (VARIANTS.index(r["variant"]), order[split_mode(r["mode"])[0]], r["mode"], r["length"]))
 
 
 def run_passkey_bench(
@@ -164,9 +182,11 @@ def run_passkey_bench(
     from ..default_model import load_default_model
     from ..passkey import passkey_answer, passkey_prompt
 
-    bad = [m for m in modes if m not in MODES] + [v for v in variants if v not in VARIANTS]
+    for mode in modes:
+        check_mode(mode)
+    bad = [v for v in variants if v not in VARIANTS]
     if bad:
-        raise ValueError(f"unknown mode or variant {bad}: modes are {MODES}, variants {VARIANTS}")
+        raise ValueError(f"unknown variant {bad}: variants are {VARIANTS}")
     if any(not 0.0 <= d <= 1.0 for d in depths):
         raise ValueError(f"depths {depths}: each must be between 0 and 1")
     device = torch.device(device)
@@ -175,7 +195,7 @@ def run_passkey_bench(
     if model is None:
         model, tokenizer = load_default_model(dtype=torch.float32)
     model = model.to(device)
-    limits = {"full": full_max, "exact": exact_max}
+    limits = {"full": full_max, "exact": exact_max}  # by mode (a sparse mode has none)
     meta = {
         "model": getattr(model.config, "name_or_path", "") or type(model).__name__,
         "trained_length": getattr(model.config, "max_position_embeddings", None),
@@ -190,7 +210,7 @@ def run_passkey_bench(
     def figures() -> dict[str, Any]:
         return {"meta": meta, "summary": summarise(runs), "runs": [asdict(r) for r in runs], "skipped": skipped}
 
-    log(f"{'length':>7} {'depth':>5} {'trial':>5} {'variant':>7} {'mode':>8} {'ok':>3} {'answer':>8} {'key':>6} {'seconds':>8}")
+    log(f"{'length':>7} {'depth':>5} {'trial':>5} {'variant':>7} {'mode':>11} {'ok':>3} {'answer':>8} {'key':>6} {'seconds':>8}")
     for length in lengths:
         for depth in depths:
             for trial in range(trials):
@@ -213,7 +233,7 @@ def run_passkey_bench(
                                          variant=variant, key=key, answer=answer, correct=answer == key,
                                          seconds=round(time.perf_counter() - start, 2), reply=tokenizer.decode(reply))  # fmt: skip
                         runs.append(run)
-                        log(f"{length:>7} {depth:>5} {trial:>5} {variant:>7} {mode:>8} {'yes' if run.correct else 'no':>3} "
+                        log(f"{length:>7} {depth:>5} {trial:>5} {variant:>7} {mode:>11} {'yes' if run.correct else 'no':>3} "
                             f"{answer or '-':>8} {key:>6} {run.seconds:>8.1f}")  # fmt: skip
                         if on_run is not None:
                             on_run(figures())
@@ -226,7 +246,7 @@ def table_lines(figures: dict[str, Any]) -> list[str]:
     lengths = sorted({r["length"] for r in rows})
     keys = list(dict.fromkeys((r["variant"], r["mode"]) for r in rows))
     cell = {(r["variant"], r["mode"], r["length"]): f"{r['correct']}/{r['trials']}" for r in rows}
-    lines = [f"{'variant':>7} {'mode':>8} " + " ".join(f"{n:>8}" for n in lengths)]
+    lines = [f"{'variant':>7} {'mode':>11} " + " ".join(f"{n:>8}" for n in lengths)]
     for variant, mode in keys:
-        lines.append(f"{variant:>7} {mode:>8} " + " ".join(f"{cell.get((variant, mode, n), '-'):>8}" for n in lengths))
+        lines.append(f"{variant:>7} {mode:>11} " + " ".join(f"{cell.get((variant, mode, n), '-'):>8}" for n in lengths))
     return lines

@@ -111,7 +111,7 @@ def bench_passkey(
     lengths: Annotated[str, typer.Option(help="comma-separated prompt lengths in tokens")] = "4096,8192,32768,131072",
     depths: Annotated[str, typer.Option(help="comma-separated depths of the key in the filler, 0 to 1")] = "0.1,0.3,0.5,0.7,0.9",
     trials: Annotated[int, typer.Option(min=1, help="prompts (keys) per length and depth")] = 1,
-    modes: Annotated[str, typer.Option(help="comma-separated: exact, original, remap, full")] = "exact,original,remap,full",
+    modes: Annotated[str, typer.Option(help="comma-separated: exact, original, remap, full; a sparse one may add a lossy disk encoding: remap+int8, remap+int4")] = "exact,original,remap,full",
     variants: Annotated[str, typer.Option(help="single (one call), late (question in a later turn, after the context was stored)")] = "single",
     full_max: Annotated[int, typer.Option(help="longest prompt run with full attention (DynamicCache)")] = 8192,
     exact_max: Annotated[int, typer.Option(help="longest prompt run with hkv exact")] = 8192,
@@ -121,10 +121,16 @@ def bench_passkey(
     device: Annotated[str, typer.Option(help="torch device of the model and hkv's device tier: cpu, cuda, cuda:N")] = "cpu",
 ) -> None:
     """Passkey accuracy of SmolLM2 over depths x lengths: hkv exact / sparse original / sparse remap / full attention."""
-    from ..bench.passkey import MODES, VARIANTS, run_passkey_bench, table_lines
+    from ..bench.passkey import VARIANTS, check_mode, run_passkey_bench, table_lines
 
+    names = tuple(part.strip() for part in modes.split(",") if part.strip())
+    try:
+        for name in names or ("",):
+            check_mode(name)
+    except ValueError as error:
+        raise fail(f"--modes {modes!r}: {error}", 2) from None
     options = dict(lengths=parse_lengths(lengths, "--lengths"), depths=parse_depths(depths), trials=trials,
-                   modes=choices(modes, "--modes", MODES), variants=choices(variants, "--variants", VARIANTS),
+                   modes=names, variants=choices(variants, "--variants", VARIANTS),
                    full_max=full_max, exact_max=exact_max, budget=budget, device=device)  # fmt: skip
     base = load(config) if config is not None else None
     if store_dir is not None and store_dir.exists() and not store_dir.is_dir():

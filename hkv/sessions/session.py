@@ -239,7 +239,7 @@ class Session:
         if need > manager.disk_capacity_blocks:
             raise TierFullError(
                 f"session {self.name!r}: after this turn its {tokens} tokens would need {need} blocks on disk "
-                f"({need * self.runtime.layout.record_nbytes} bytes), more than tiers.disk = {manager.disk_capacity} bytes "
+                f"({need * manager.disk_record_nbytes} bytes), more than tiers.disk = {manager.disk_capacity} bytes "
                 f"holds ({manager.disk_capacity_blocks} blocks); raise tiers.disk (nothing was computed or committed)"
             )
 

@@ -66,6 +66,7 @@ from ..blocks import (
     encode_header,
     tensor_bytes,
 )
+from ..encoding import CODES, ENCODINGS, encode
 from ..errors import BlockNotFoundError, StoreDamagedError, StoreError, TierError, TierFullError
 from .files import LOCK_FILES, check_store_files, creating, hold_store
 from .pages import check_pages
@@ -109,9 +110,10 @@ def damage_named(path: Path, what: str) -> Iterator[None]:
         raise damage_error(path, what, error) from None
 
 
-def map_size_for(capacity_bytes: int, layout: BlockLayout, writer_batch: int) -> int:
-    """LMDB map size (bytes) that always holds ``capacity_bytes`` of records of ``layout``."""
-    record = layout.record_nbytes
+def map_size_for(capacity_bytes: int, layout: BlockLayout, writer_batch: int, record_nbytes: int | None = None) -> int:
+    """LMDB map size (bytes) that always holds ``capacity_bytes`` of records of ``layout``
+    (``record_nbytes``: their size, if encoded; the raw size otherwise)."""
+    record = record_nbytes or layout.record_nbytes
     pages = math.ceil((record + _PAGE_HEADER) / _PAGE) * _PAGE  # overflow pages of one record
     factor = (pages + _LEAF_BYTES) / record
     size = capacity_bytes * factor * 1.015 + 2 * writer_batch * pages + _SLACK
@@ -205,15 +207,20 @@ class BlockStore:
     Also the store's transactions for the rows beside the blocks (refs, summaries, sessions:
     :meth:`reading`, :meth:`submit_apply`). Thread-safe; several processes may open the same
     ``path`` (LMDB's lock file orders them). The disk tier (:class:`hkv.tiers.disk.DiskTier`) is
-    this class seen as a tier.
+    this class seen as a tier. ``encoding``: how new block records are written (``"none"``, or
+    lossy ``"int8"`` / ``"int4"``, :mod:`hkv.encoding`); a record of any encoding is read, as its
+    header says, so one store may hold several. ``record_nbytes``: one new record's size.
     """
 
     def __init__(
         self, path: str | Path, layout: BlockLayout, capacity_bytes: int, *, writer_batch: int = 64, readonly: bool = False,
-        exclusive: bool = False, _env: lmdb.Environment | None = None,
+        exclusive: bool = False, encoding: str = "none", _env: lmdb.Environment | None = None,
     ) -> None:  # fmt: skip
-        if capacity_bytes < layout.record_nbytes:
-            raise ValueError(f"capacity_bytes = {capacity_bytes} is smaller than one record ({layout.record_nbytes} bytes)")
+        if encoding not in ENCODINGS:
+            raise ValueError(f"encoding = {encoding!r}: one of {', '.join(ENCODINGS)}")
+        self.encoding, self.record_nbytes = encoding, layout.encoded_record_nbytes(encoding)
+        if capacity_bytes < self.record_nbytes:
+            raise ValueError(f"capacity_bytes = {capacity_bytes} is smaller than one record ({self.record_nbytes} bytes)")
         if writer_batch < 1:
             raise ValueError(f"writer_batch = {writer_batch} must be at least 1")
         self.path, self.layout, self.capacity_bytes = Path(path), layout, int(capacity_bytes)
@@ -236,7 +243,7 @@ class BlockStore:
                 os.close(self._users)
             raise
         self._blocks, self._index, self._meta = self._dbs["blocks"], self._dbs["keys"], self._dbs["meta"]
-        self._hints = ReadHints(KEY_BYTES, layout.record_nbytes)
+        self._hints = ReadHints(KEY_BYTES, self.record_nbytes)
         self._mapped = MappedPages(self.path / "data.mdb")
         self._reserve = SpaceReserve(self.path, reserve_bytes(self.capacity_bytes))
         self._closed = False
@@ -254,7 +261,8 @@ class BlockStore:
         if _env is None:
             with creating(self.path):  # a store created by two processes at once is initialised once
                 check_store_files(self.path)
-                _env = _open_env(self.path, map_size_for(self.capacity_bytes, self.layout, self.writer_batch), self.readonly)
+                map_size = map_size_for(self.capacity_bytes, self.layout, self.writer_batch, self.record_nbytes)
+                _env = _open_env(self.path, map_size, self.readonly)
                 self._env = _env
                 try:
                     with damage_named(self.path, "the database catalogue"):
@@ -379,7 +387,7 @@ class BlockStore:
                     raise BlockNotFoundError(f"{self._where(key)} not found")
                 self._hints.confirm(guess, record)
                 decode_into(record, block, key, where=self._where(key))
-        self._mapped.note(len(keys) * self.layout.record_nbytes)
+        self._mapped.note(len(keys) * self.record_nbytes)
 
     def contains(self, key: BlockKey) -> bool:
         self._check_open()
@@ -486,12 +494,15 @@ class BlockStore:
                 f"submit_put_many: {len(keys)} keys and blocks {tuple(blocks.shape)} {blocks.dtype}; "
                 f"expected [n, {', '.join(map(str, self.layout.shape))}] {self.layout.dtype}"
             )
-        blocks = blocks.detach().cpu()
+        blocks = blocks.detach()
+        encoded = encode(blocks, self.encoding).cpu() if self.encoding != "none" else None  # batched, on blocks' device
+        blocks = blocks.cpu()
+        code = CODES[self.encoding]
         puts: dict[bytes, bytearray] = {}  # a key given twice keeps its last block
-        for key, block in zip(keys, blocks):
-            payload = tensor_bytes(block)
+        for i, (key, block) in enumerate(zip(keys, blocks)):
+            payload = tensor_bytes(block) if encoded is None else memoryview(encoded[i].numpy())
             record = bytearray(HEADER_SIZE + len(payload))
-            record[:HEADER_SIZE] = encode_header(key, block, payload)
+            record[:HEADER_SIZE] = encode_header(key, block, payload, code)
             record[HEADER_SIZE:] = payload
             puts[bytes(key)] = record
         return self._writer.submit(WriteJob(puts=list(puts.items())))

@@ -97,8 +97,9 @@ class TierManager(Promotion):
         The disk store at ``tiers.path`` is opened now if it exists, else when first needed."""
         tiers = config.tiers
         layout.check_budgets({"device": int(tiers.device), "host": int(tiers.host), "disk": int(tiers.disk)})
-        if int(tiers.disk) < layout.record_nbytes:
-            raise ConfigError(f"tiers.disk = {int(tiers.disk)} bytes: smaller than one disk record ({layout.record_nbytes} bytes)")
+        record = layout.encoded_record_nbytes(tiers.disk_encoding)
+        if int(tiers.disk) < record:
+            raise ConfigError(f"tiers.disk = {int(tiers.disk)} bytes: smaller than one disk record ({record} bytes)")
         check_disk_budget(tiers)
         self.config, self.layout = config, layout
         self.device = torch.device(device) if device is not None else resolve_device(tiers.accelerator)
@@ -113,6 +114,7 @@ class TierManager(Promotion):
             disk_capacity=int(tiers.disk),
             disk_full=tiers.disk_full,
             evict_sessions=config.store.evict_sessions,
+            disk_record_nbytes=record,
         )
         self._closed = False
         if self.has_store():  # a store from an earlier run: its blocks are known
@@ -121,7 +123,8 @@ class TierManager(Promotion):
     # -- the disk tier, opened when first needed --------------------------------------------------
     def _open_disk(self) -> DiskTier:
         if self._disk is None:
-            self._disk = DiskTier(self.path, self.layout, self.disk_capacity, writer_batch=self.config.store.writer_batch)
+            self._disk = DiskTier(self.path, self.layout, self.disk_capacity, writer_batch=self.config.store.writer_batch,
+                                  encoding=self.config.tiers.disk_encoding)  # fmt: skip
             for key in self._disk.keys():
                 self._entry_for(key.digest).on_disk = True
                 self._recent["disk"][key.digest] = None
@@ -494,7 +497,7 @@ class TierManager(Promotion):
             usage = {
                 "device": TierUsage(self.device_pool.used_bytes(), self.device_pool.capacity_bytes, len(self.device_pool)),
                 "host": TierUsage(self.host_pool.used_bytes(), self.host_pool.capacity_bytes, len(self.host_pool)),
-                "disk": TierUsage(self._disk_count * self.layout.record_nbytes, self.disk_capacity, self._disk_count),
+                "disk": TierUsage(self._disk_count * self.disk_record_nbytes, self.disk_capacity, self._disk_count),
             }
             return ManagerStats(usage, dict(self.moved), dict(self.evictions), len(self._entries))
 

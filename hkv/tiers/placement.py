@@ -50,9 +50,11 @@ class Placement:
     def __init__(
         self, device_pool: SlotPool, host_pool: SlotPool, copies: CopyEngine, policy: EvictionPolicy, *,
         layout: BlockLayout, disk_capacity: int, disk_full: str, evict_sessions: bool = False,
+        disk_record_nbytes: int | None = None,
     ) -> None:  # fmt: skip
         self.device_pool, self.host_pool, self.copies, self.policy = device_pool, host_pool, copies, policy
         self.layout, self.disk_capacity, self.disk_full = layout, disk_capacity, disk_full
+        self.disk_record_nbytes = disk_record_nbytes or layout.record_nbytes  # one disk record (encoded, if so)
         self.evict_sessions = evict_sessions
         # reclaimer(need_bytes) -> CommitResult: drops sessions' KV when unreferenced blocks are not
         # enough (SessionStore.reclaim, bound by the session layer); runs with the lock held.
@@ -264,7 +266,7 @@ class Placement:
     # -- the disk tier --------------------------------------------------------------------------
     @property
     def disk_capacity_blocks(self) -> int:
-        return self.disk_capacity // self.layout.record_nbytes
+        return self.disk_capacity // self.disk_record_nbytes
 
     def _disk_reserve(self, n: int, exclude: set[Digest], *, partial: bool = False) -> int:
         """Reserve room for ``n`` disk records, evicting blocks that no live sequence and no
@@ -279,7 +281,7 @@ class Placement:
             short = n - free - len(victims)
             if short > 0 and not reclaimed and self._reclaimer is not None and self.disk_full == "evict" and self.evict_sessions:
                 reclaimed = True
-                self._apply_store_changes(self._reclaimer(short * self.layout.record_nbytes))
+                self._apply_store_changes(self._reclaimer(short * self.disk_record_nbytes))
                 continue  # the freed blocks are no longer counted; unreferenced ones may be victims now
             if short > 0 and not partial:
                 how = "no unreferenced block to evict" if self.disk_full == "evict" else 'tiers.disk_full = "refuse"'
