@@ -24,6 +24,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("sessions", {"sessions"}),
     ("integrations", {"integrations"}),
     ("bench", {"bench"}),
+    ("tune", {"tune"}),
     ("cli", {"cli"}),
 ]
 # Leaves import nothing of hkv but these (blocks raises ConfigError for impossible budgets and

@@ -18,6 +18,7 @@ from ..config import ConfigError
 from .bench import bench_app
 from .common import HELP_MARKUP, ConfigOption, JsonOption, StoreOption, fail, load, user_errors, write_json
 from .sessions import sessions_app
+from .tune import tune
 
 app = typer.Typer(
     help="hkv: tiered, attention-guided KV cache for long contexts.", no_args_is_help=True, rich_markup_mode=HELP_MARKUP
@@ -28,6 +29,7 @@ config_app = typer.Typer(
 app.add_typer(config_app, name="config")
 app.add_typer(bench_app, name="bench")
 app.add_typer(sessions_app, name="sessions")
+app.command("tune")(tune)
 
 
 @config_app.command("check")

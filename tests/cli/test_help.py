@@ -14,7 +14,7 @@ WIDTH = 100
 COMMANDS = [
     [], ["demo"], ["chat"], ["config"], ["config", "check"], ["config", "show"],
     ["sessions"], ["sessions", "ls"], ["sessions", "show"], ["sessions", "rm"], ["sessions", "verify"],
-    ["sessions", "gc"], ["sessions", "repair"],
+    ["sessions", "gc"], ["sessions", "repair"], ["tune"],
     ["bench"], ["bench", "tiers"], ["bench", "decode"], ["bench", "passkey"], ["bench", "plot"], ["bench", "resume"],
 ]  # fmt: skip
 
@@ -34,6 +34,7 @@ PHRASES = {
     "sessions verify": "exit 1 listing any problem",
     "sessions gc": "Delete the blocks no session references",
     "sessions repair": "Never deletes a record that checks out",
+    "tune": "Measure this machine (free memory and disk",
     "bench": "with --json, write their figures",
     "bench tiers": "against plain copies and raw file I/O",
     "bench decode": "hkv sparse vs transformers' DynamicCache",
