@@ -229,6 +229,20 @@ def decode_header(record: memoryview | bytes, *, where: str = "record") -> Recor
     return RecordHeader(version, encoding, _CODE_DTYPES[dtype_code], (s0, s1, s2, s3)[:ndim], nbytes, checksum, key)
 
 
+def check_record(record: memoryview | bytes, key: BlockKey | bytes, *, where: str = "record") -> RecordHeader:
+    """Check a record's header, key, payload length and checksum without decoding it (a record
+    that came over the network); its header. RecordError / CorruptRecordError."""
+    header = decode_header(record, where=where)
+    if header.key != bytes(key):
+        raise RecordError(f"{where}: record belongs to key {header.key.hex()}, not {bytes(key).hex()}")
+    payload = memoryview(record)[HEADER_SIZE:]
+    if len(payload) != header.payload_nbytes:
+        raise CorruptRecordError(f"{where}: truncated payload ({len(payload)} of {header.payload_nbytes} bytes)")
+    if xxhash.xxh3_64_intdigest(payload) != header.checksum:
+        raise CorruptRecordError(f"{where}: checksum mismatch, the stored block is corrupt")
+    return header
+
+
 def decode_into(record: memoryview | bytes, out: torch.Tensor, key: BlockKey | None = None, *, where: str = "record") -> None:
     """Check ``record`` (header, length, checksum, key) and copy its payload into ``out`` (CPU).
 

@@ -186,6 +186,51 @@ class StoreConfig(_Section):
         return value
 
 
+class RemoteConfig(_Section):
+    """A remote tier on Redis (or Valkey) for sessions, shared by every machine that names it."""
+
+    url: str = Field("", description="redis://host:port/db of the server; empty: no remote tier")
+    key_prefix: str = Field("hkv", description="prefix of every key hkv writes on the server")
+    timeout_s: float = Field(2.0, description="seconds a server call may take before the server counts as down")
+    lease_s: float = Field(30.0, description="seconds a session's writer lease lasts without renewal (a crashed writer's expires)")
+    sessions: StrictBool = Field(True, description="commit sessions to the remote tier and resume them from it")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be empty or a redis://, rediss:// or unix:// URL")
+        return value
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not value or any(ch.isspace() for ch in value) or len(value) > 64:
+            raise ValueError("must be 1-64 characters without spaces")
+        return value
+
+    @field_validator("timeout_s", "lease_s", mode="before")
+    @classmethod
+    def _seconds_type(cls, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError("must be a number of seconds")
+        return value
+
+    @field_validator("timeout_s")
+    @classmethod
+    def _timeout(cls, value: float) -> float:
+        if not 0.01 <= value <= 600:
+            raise ValueError("must be between 0.01 and 600 seconds")
+        return value
+
+    @field_validator("lease_s")
+    @classmethod
+    def _lease(cls, value: float) -> float:
+        if not 1 <= value <= 86400:
+            raise ValueError("must be between 1 and 86400 seconds")
+        return value
+
+
 class Config(_Section):
     """The whole hkv configuration. Build it with :meth:`load`, :meth:`from_file` or the constructor."""
 
@@ -193,6 +238,7 @@ class Config(_Section):
     attention: AttentionConfig = AttentionConfig()
     prefetch: PrefetchConfig = PrefetchConfig()
     store: StoreConfig = StoreConfig()
+    remote: RemoteConfig = RemoteConfig()
 
     @model_validator(mode="after")
     def _exact_is_lossless(self) -> Config:

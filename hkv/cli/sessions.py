@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..remote.client import RemoteStore
 from ..sessions.repair import repair
 from ..sessions.store import SessionStore
 from ..store.maintenance import collect_garbage
@@ -42,23 +43,47 @@ def _when(seconds: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds)) if seconds else "-"
 
 
+def _remote_names(config: Path | None) -> list[str] | None:
+    """Session names on the remote tier of ``--config`` (None: no remote tier, or it is down)."""
+    if config is None:
+        return None
+    remote = load(config).remote
+    if not remote.url:
+        return None
+    client = RemoteStore(remote)
+    try:
+        names = client.session_names()
+    finally:
+        client.close()
+    if names is None:
+        typer.echo(f"remote tier {remote.url} is unreachable: local sessions only", err=True)
+    return names
+
+
 @sessions_app.command("ls")
 def sessions_ls(store: StoreOption = None, config: ConfigOption = None) -> None:
-    """A table of the store's sessions, most recently used first (read without a model)."""
+    """A table of the store's sessions, most recently used first (read without a model); with a
+    --config naming a remote tier, where each session is (local, remote or both)."""
     path = _store_path(store, config)
     with _open_store(path) as opened, user_errors():
         infos = opened.list()
-    if not infos:
+    remote = _remote_names(config)
+    local = {info.name for info in infos}
+    remote_only = sorted(set(remote or ()) - local)
+    if not infos and not remote_only:
         typer.echo(f"no sessions in {path}")
         return
-    headers = ("name", "tokens", "kv tokens", "blocks", "bytes", "shared", "model", "last used")
+    headers = ("name", "tokens", "kv tokens", "blocks", "bytes", "shared", "model", "last used") + (("where",) if remote is not None else ())
+    where = (lambda name: ("both" if name in remote else "local",)) if remote is not None else (lambda name: ())
     rows = []
     for info in infos:
         if info.tokens < 0:
-            rows.append((info.name, "CORRUPT", "-", "-", "-", "-", f"run `hkv sessions verify {info.name}`", "-"))
+            rows.append((info.name, "CORRUPT", "-", "-", "-", "-", f"run `hkv sessions verify {info.name}`", "-", *where(info.name)))
             continue
         rows.append((info.name, str(info.tokens), str(info.kv_tokens), str(info.kv_blocks * info.num_layers),
-                     human_bytes(info.stored_bytes), str(info.shared_blocks), info.model, _when(info.last_used)))  # fmt: skip
+                     human_bytes(info.stored_bytes), str(info.shared_blocks), info.model, _when(info.last_used),
+                     *where(info.name)))  # fmt: skip
+    rows += [(name, "-", "-", "-", "-", "-", "-", "-", "remote") for name in remote_only]
     for line in table(headers, rows, right=(1, 2, 3, 4, 5)):
         typer.echo(line)
 

@@ -33,6 +33,8 @@ from ..memory import steady_heap, trim_heap
 from ..positions import RotaryShift
 from ..prefetch.prefetcher import Prefetcher
 from ..sessions.records import ModelIdentity
+from ..remote.client import RemoteStore
+from ..sessions.remote import RemoteSync
 from ..sessions.session import Session
 from ..sessions.store import SessionStore
 from ..tiers.manager import TierManager
@@ -97,6 +99,7 @@ class Runtime:
         self._reused_tokens = 0  # prompt tokens adopted from the store instead of prefilled (prefix reuse)
         self.open_sessions: dict[str, Session] = {}  # name -> open session (each adds and removes itself)
         self._session_store: SessionStore | None = None
+        self.remote_sync: RemoteSync | None = None  # sessions on the remote tier ([remote]), made with the session store
         try:
             if self.config.prefetch.enabled:
                 self.prefetcher = Prefetcher(self.manager, workers=self.config.prefetch.workers)
@@ -288,6 +291,9 @@ class Runtime:
         self._check_open()
         if self._session_store is None:
             store = self._session_store = SessionStore(self.manager.store)
+            remote = self.config.remote
+            if remote.url and remote.sessions:
+                self.remote_sync = RemoteSync(RemoteStore(remote), store, lambda: list(self.open_sessions))
             if self.config.store.evict_sessions:
                 manager, open_names = self.manager, self.open_sessions
                 manager.set_reclaimer(lambda need: store.reclaim(need, skip=set(open_names), in_use=manager.in_use))
@@ -350,6 +356,8 @@ class Runtime:
 
     def _close_rest(self) -> None:
         """Everything :meth:`close` does after the sessions."""
+        if self.remote_sync is not None:
+            self.remote_sync.close()  # the last commits' pushes first (bounded wait)
         for cache in list(getattr(self, "_caches", ())):
             cache.close()
         if hasattr(self, "_orphans"):

@@ -43,6 +43,7 @@ from .records import (
     SessionRecord,
     check_name,
 )
+from .remote import RemoteSync
 from .store import SessionStore
 
 
@@ -63,6 +64,7 @@ class SessionHost(Protocol):
     layout: BlockLayout
     manager: TierManager
     open_sessions: dict[str, Session]
+    remote_sync: RemoteSync | None
 
     @property
     def num_layers(self) -> int: ...
@@ -112,8 +114,13 @@ class Session:
             raise SessionLockedError(f"session {name!r} is already open in this process; close it before opening it again")
         self._store = runtime.session_store()
         self._lock = self._store.lock(name)
+        self._remote = runtime.remote_sync
         try:
+            if self._remote is not None:
+                self._take_remote_lease()
             record = self._store.get(name)
+            if record is None and self._remote is not None and self._remote.pull(name):
+                record = self._store.get(name)  # another machine's session, now in the local store
             self._identity = runtime.model_identity(tokenizer)
             if record is not None:
                 self._check(record)
@@ -130,12 +137,22 @@ class Session:
                 if self._cache is not None:
                     self._cache.close()
             finally:
+                if self._remote is not None:
+                    self._remote.release(name)
                 self._lock.release()
             raise
         runtime.open_sessions[name] = self
         self._closed = False
 
     # -- opening ---------------------------------------------------------------------------------
+
+    def _take_remote_lease(self) -> None:
+        taken = self._remote.acquire(self.name)
+        if taken is False:
+            raise SessionLockedError(
+                f"session {self.name!r} is open for writing on another machine (its lease on the remote tier "
+                f"{self.runtime.config.remote.url}); close it there, or wait for the lease to expire"
+            )
 
     def _layout(self) -> dict[str, object]:
         layout = self.runtime.layout
@@ -306,6 +323,8 @@ class Session:
         manager.apply_store_changes(result)
         self._record = record
         self._committed = (len(self._tokens), n_blocks, kv_tokens)
+        if self._remote is not None:
+            self._remote.push_later(self.name)  # the local commit is durable; the remote copy follows
 
     def info(self) -> SessionInfo:
         """What ``hkv sessions show`` reports, from the store (commit first to see the latest)."""
@@ -324,6 +343,8 @@ class Session:
             try:
                 self._cache.close()
             finally:
+                if self._remote is not None:
+                    self._remote.release_after_push(self.name)  # another machine then pulls this commit
                 self._lock.release()
 
     def __enter__(self) -> Session:

@@ -1,0 +1,196 @@
+"""The remote tier's client: block records, session rows and writer leases on a Redis (or
+Valkey) server, shared by every hkv process that names it.
+
+Keys (``P`` = ``remote.key_prefix``): ``P:b:<block key hex>`` a block record (the same bytes as
+on disk: header, checksum, key); ``P:m:<summary key hex>`` a block summary row;
+``P:s:<name>`` a session record; ``P:t:<name>`` its tail record; ``P:lease:<name>`` the
+session's writer lease. Block keys carry the model fingerprint and attention signature, so
+every process with the same model and layout finds the same blocks. Nothing is pickled; every
+record read is checked (header, key, checksum) by the caller before use.
+
+A server that is down, slow or restarted never stops hkv: every call is bounded by
+``remote.timeout_s``; a failure marks the server down (logged once per outage) and calls
+return "nothing" until a retry time that backs off from 1 s to 60 s; the first call that
+succeeds after it logs that the server is back. Reads and writes are batched (``MGET``, and
+pipelines of ``SET``) in chunks of :data:`CHUNK` keys over the client's connection pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import redis
+
+from ..config import RemoteConfig
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+CHUNK = 256  # keys per MGET / pipeline
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+_RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"
+
+
+class RemoteStore:
+    """One process's connection to the remote tier of ``config`` (``config.url`` must be set)."""
+
+    def __init__(self, config: RemoteConfig) -> None:
+        self.config, self.prefix = config, config.key_prefix
+        self.owner = f"{uuid.uuid4().hex}"  # this process's lease token
+        self._client = redis.Redis.from_url(
+            config.url, socket_timeout=config.timeout_s, socket_connect_timeout=config.timeout_s, health_check_interval=30,
+        )  # fmt: skip
+        self._lock = threading.Lock()
+        self._down_until = 0.0  # monotonic time before which the server is not tried
+        self._backoff = 1.0
+        self._down = False
+
+    # -- availability -----------------------------------------------------------------------------
+    def _call(self, what: str, action: Callable[[], T], default: T) -> T:
+        """``action()``, or ``default`` while the server is down (see the module docstring)."""
+        with self._lock:
+            if time.monotonic() < self._down_until:
+                return default
+        try:
+            result = action()
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as error:
+            with self._lock:
+                if not self._down:
+                    log.warning("remote tier %s is unreachable (%s: %s); serving from the local tiers, retrying with backoff",
+                                self.config.url, what, error)  # fmt: skip
+                self._down = True
+                self._down_until = time.monotonic() + self._backoff
+                self._backoff = min(60.0, self._backoff * 2)
+            return default
+        with self._lock:
+            if self._down:
+                log.warning("remote tier %s is reachable again", self.config.url)
+            self._down, self._backoff = False, 1.0
+        return result
+
+    @property
+    def up(self) -> bool:
+        """Whether the last call reached the server (a probe if it is marked down and due)."""
+        return self._call("ping", lambda: bool(self._client.ping()), False)
+
+    # -- keys ---------------------------------------------------------------------------------------
+    def _block(self, key: bytes) -> str:
+        return f"{self.prefix}:b:{key.hex()}"
+
+    def _summary(self, key: bytes) -> str:
+        return f"{self.prefix}:m:{key.hex()}"
+
+    def _session(self, name: str) -> str:
+        return f"{self.prefix}:s:{name}"
+
+    def _tail(self, name: str) -> str:
+        return f"{self.prefix}:t:{name}"
+
+    def _lease(self, name: str) -> str:
+        return f"{self.prefix}:lease:{name}"
+
+    # -- blocks and summaries -----------------------------------------------------------------------
+    def _mget(self, names: list[str]) -> list[bytes | None]:
+        out: list[bytes | None] = []
+        for start in range(0, len(names), CHUNK):
+            out += self._client.mget(names[start : start + CHUNK])
+        return out
+
+    def _put(self, items: list[tuple[str, bytes]]) -> int:
+        for start in range(0, len(items), CHUNK):
+            pipe = self._client.pipeline(transaction=False)
+            for name, value in items[start : start + CHUNK]:
+                pipe.set(name, value)
+            pipe.execute()
+        return len(items)
+
+    def get_blocks(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        """The records of ``keys`` (None: not there, or the server is down); unchecked."""
+        return self._call("read blocks", lambda: self._mget([self._block(k) for k in keys]), [None] * len(keys))
+
+    def get_summaries(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        return self._call("read summaries", lambda: self._mget([self._summary(k) for k in keys]), [None] * len(keys))
+
+    def has_blocks(self, keys: Sequence[bytes]) -> list[bool]:
+        """Which of ``keys`` the server holds (all False while it is down)."""
+
+        def run() -> list[bool]:
+            found: list[bool] = []
+            for start in range(0, len(keys), CHUNK):
+                pipe = self._client.pipeline(transaction=False)
+                for key in keys[start : start + CHUNK]:
+                    pipe.exists(self._block(key))
+                found += [bool(n) for n in pipe.execute()]
+            return found
+
+        return self._call("look up blocks", run, [False] * len(keys))
+
+    def put_blocks(self, records: list[tuple[bytes, bytes]], summaries: list[tuple[bytes, bytes]] = ()) -> bool:
+        """Store block records and summary rows; whether the server took them."""
+        items = [(self._block(k), v) for k, v in records] + [(self._summary(k), v) for k, v in summaries]
+        return self._call("write blocks", lambda: self._put(items) >= 0, False)
+
+    # -- sessions -----------------------------------------------------------------------------------
+    def get_session(self, name: str) -> tuple[bytes, bytes | None] | None:
+        """``(record, tail or None)`` of session ``name``; None if absent or the server is down."""
+
+        def run() -> tuple[bytes, bytes | None] | None:
+            record, tail = self._client.mget([self._session(name), self._tail(name)])
+            return None if record is None else (record, tail)
+
+        return self._call("read a session", run, None)
+
+    def put_session(self, name: str, record: bytes, tail: bytes | None) -> bool:
+        """Store a session's record and tail (after its blocks: a reader that finds the record
+        finds them too, short of the server's own eviction)."""
+
+        def run() -> bool:
+            pipe = self._client.pipeline(transaction=True)
+            if tail is None:
+                pipe.delete(self._tail(name))
+            else:
+                pipe.set(self._tail(name), tail)
+            pipe.set(self._session(name), record)
+            pipe.execute()
+            return True
+
+        return self._call("write a session", run, False)
+
+    def session_names(self) -> list[str] | None:
+        """Names of the sessions on the server; None while it is down."""
+
+        def run() -> list[str]:
+            start = len(self._session(""))
+            names = [bytes(key)[start:].decode("utf-8", "replace") for key in self._client.scan_iter(match=self._session("*"), count=1000)]
+            return sorted(names)
+
+        return self._call("list sessions", run, None)
+
+    def delete_session(self, name: str) -> bool:
+        return self._call("delete a session", lambda: bool(self._client.delete(self._session(name), self._tail(name))), False)
+
+    # -- leases -------------------------------------------------------------------------------------
+    def acquire(self, name: str) -> bool | None:
+        """Take session ``name``'s writer lease for ``lease_s``: True if taken (or already
+        ours), False if another process holds it, None if the server is down."""
+        ms = int(self.config.lease_s * 1000)
+
+        def run() -> bool:
+            if self._client.set(self._lease(name), self.owner, nx=True, px=ms):
+                return True
+            return bool(self._client.eval(_RENEW, 1, self._lease(name), self.owner, ms))
+
+        return self._call("take a lease", run, None)
+
+    def renew(self, name: str) -> bool:
+        return self._call("renew a lease", lambda: bool(self._client.eval(_RENEW, 1, self._lease(name), self.owner, int(self.config.lease_s * 1000))), False)
+
+    def release(self, name: str) -> None:
+        self._call("release a lease", lambda: self._client.eval(_RELEASE, 1, self._lease(name), self.owner), None)
+
+    def close(self) -> None:
+        self._client.close()

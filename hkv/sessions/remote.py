@@ -1,0 +1,201 @@
+"""Sessions on the remote tier (``[remote]``, :mod:`hkv.remote.client`): pushed after each local
+commit, pulled by a process whose local store lacks them, and one writer across machines.
+
+- **Push** (:meth:`RemoteSync.push_later`): a commit is durable locally first; a background
+  thread then copies the session to the server: the block records and summaries the server
+  lacks (checked with pipelined ``EXISTS``, sent in pipelines of 256), then the tail and the
+  record in one transaction, so a reader that finds the record finds its blocks. A push that
+  fails (the server down) is retried with the server's backoff; nothing local waits on it.
+- **Pull** (:func:`pull_session`): opening a session the local store lacks fetches its record
+  and tail, then the blocks (``MGET``) and summaries the local store lacks, checks every record
+  (header, key, checksum: a bad one is a miss, logged), and commits them to the local store in
+  one transaction; then the session resumes as a local one. Blocks the server no longer holds
+  (its memory limit evicted them) or that fail their checks cut the stored KV at the first
+  such block: the tokens after it are prefilled again from the session's token ids, never an
+  error.
+- **Leases**: a session opened for writing takes ``P:lease:<name>`` on the server (``SET NX PX``,
+  ``remote.lease_s``), renewed every third of that while it is open and released on close; a
+  lease held by another process is a SessionLockedError. With the server down, the session
+  opens with its local lock alone (logged).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+from ..blocks import RecordError, check_record
+from ..errors import TierFullError
+from ..remote.client import CHUNK, RemoteStore
+from ..store.txn import CommitResult, StoreTxn, summary_key
+from .records import SessionError, SessionRecord, tail_key
+from .rows import commit_in, record_key, tail_record_key
+from .store import SessionStore
+
+log = logging.getLogger(__name__)
+
+
+def push_session(store: SessionStore, remote: RemoteStore, name: str) -> bool:
+    """Copy session ``name`` (as committed locally) to the server; whether it got there."""
+    with store.disk.reading() as txn:
+        raw = txn.get("sessions", record_key(name))
+        tail = txn.get("sessions", tail_record_key(name))
+    if raw is None:
+        return True  # deleted meanwhile: nothing to push
+    raw, tail = bytes(raw), None if tail is None else bytes(tail)
+    keys = list(dict.fromkeys(SessionRecord.from_bytes(name, raw).key_digests()))
+    for start in range(0, len(keys), CHUNK):
+        chunk = keys[start : start + CHUNK]
+        missing = [key for key, held in zip(chunk, remote.has_blocks(chunk)) if not held]
+        if not missing:
+            continue
+        with store.disk.reading() as txn:
+            records = [(key, bytes(value)) for key in missing if (value := txn.get("blocks", key)) is not None]
+            summaries = [(where, bytes(value)) for key in missing for where in (summary_key(key), summary_key(key, True))
+                         if (value := txn.get("summaries", where)) is not None]  # fmt: skip
+        if not remote.put_blocks(records, summaries):
+            return False
+    return remote.put_session(name, raw, tail)
+
+
+def pull_session(store: SessionStore, remote: RemoteStore, name: str) -> bool:
+    """Copy session ``name`` from the server into the local store (see the module docstring);
+    whether there was one to copy."""
+    got = remote.get_session(name)
+    if got is None:
+        return False
+    raw, tail = got
+    try:
+        record = SessionRecord.from_bytes(name, raw)
+    except SessionError as error:
+        log.warning("remote tier: session %r is unreadable there (%s); not used", name, error)
+        return False
+    layers, keys = record.num_layers, record.key_digests()
+    with store.disk.reading() as txn:
+        local = set(txn.found("keys", keys))
+    fetched: dict[bytes, bytes] = {}
+    need = [key for key in dict.fromkeys(keys) if key not in local]
+    for key, value in zip(need, remote.get_blocks(need)):
+        if value is None:
+            continue
+        try:
+            check_record(value, key, where=f"remote block {key.hex()}")
+            fetched[key] = value
+        except RecordError as error:
+            log.warning("remote tier: %s; recomputed instead", error)
+    available = local | set(fetched)
+    kept = next((i for i in range(record.kv_blocks) if any(k not in available for k in keys[i * layers : (i + 1) * layers])), record.kv_blocks)
+    if tail is not None:
+        try:
+            check_record(tail, tail_key(name), where=f"remote tail of session {name!r}")
+        except RecordError as error:
+            log.warning("remote tier: %s; its tokens are recomputed", error)
+            tail = None
+    if kept < record.kv_blocks or (tail is None and record.tail_tokens):
+        log.warning("remote tier: session %r: %d of its %d blocks are missing there; the tokens after block %d are recomputed",
+                    name, record.kv_blocks - kept, record.kv_blocks, kept)  # fmt: skip
+        record.kv_blocks, record.tail_tokens, tail = kept, 0, None
+        record.kv_tokens = kept * record.block_tokens
+    wanted = keys[: kept * layers]
+    summary_wanted = [(key, where) for key in dict.fromkeys(wanted) if key not in local for where in (summary_key(key), summary_key(key, True))]
+    values = remote.get_summaries([where for _, where in summary_wanted]) if summary_wanted else []
+    summaries = [(key, where, value) for (key, where), value in zip(summary_wanted, values) if value is not None]
+    blocks = [(key, fetched[key]) for key in dict.fromkeys(wanted) if key in fetched]
+    need_bytes = sum(len(value) for _, value in blocks)
+
+    def job(txn: StoreTxn) -> CommitResult:
+        if txn.usage["used_bytes"] + need_bytes > store.disk.capacity_bytes:
+            raise TierFullError(f"session {name!r} from the remote tier needs {need_bytes} bytes; tiers.disk is full")
+        for key, value in blocks:
+            if txn.record_nbytes(key) is None:
+                txn.put_block(key, value)
+        return commit_in(txn, record, wanted, summaries, tail, time.time())[0]
+
+    store.disk.apply(job)
+    return True
+
+
+class RemoteSync:
+    """The remote tier of one runtime's sessions: leases, and the push thread."""
+
+    def __init__(self, remote: RemoteStore, store: SessionStore, open_names: Callable[[], list[str]]) -> None:
+        self.remote, self.store, self._open_names = remote, store, open_names
+        self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._pending: dict[str, int] = {}  # session -> commits not yet pushed (a push reads the latest)
+        self._release: set[str] = set()  # leases to release once their session's push is done
+        self._idle = threading.Condition()
+        self._thread = threading.Thread(target=self._loop, name="hkv remote sessions", daemon=True)
+        self._thread.start()
+
+    def pull(self, name: str) -> bool:
+        return pull_session(self.store, self.remote, name)
+
+    def acquire(self, name: str) -> bool | None:
+        return self.remote.acquire(name)
+
+    def release(self, name: str) -> None:
+        self.remote.release(name)
+
+    def release_after_push(self, name: str) -> None:
+        """Release ``name``'s lease once its pending push is done (at once if none is)."""
+        with self._idle:
+            if name not in self._pending:
+                self.remote.release(name)
+                return
+            self._release.add(name)
+
+    def push_later(self, name: str) -> None:
+        with self._idle:
+            queued = name in self._pending
+            self._pending[name] = self._pending.get(name, 0) + 1
+        if not queued:
+            self._queue.put(name)
+
+    def flush(self, timeout: float = 60.0) -> bool:
+        """Wait until every push asked for so far is done (or given up); whether none is left."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._pending, timeout=timeout)
+
+    def _loop(self) -> None:
+        renew_every = self.remote.config.lease_s / 3
+        next_renew = time.monotonic() + renew_every
+        while True:
+            try:
+                name = self._queue.get(timeout=max(0.05, next_renew - time.monotonic()))
+            except queue.Empty:
+                name = ""
+            if name is None:
+                return
+            if time.monotonic() >= next_renew:
+                for open_name in self._open_names():
+                    self.remote.renew(open_name)
+                next_renew = time.monotonic() + renew_every
+            if not name:
+                continue
+            with self._idle:
+                seen = self._pending.get(name, 0)
+            try:
+                done = push_session(self.store, self.remote, name)
+            except Exception as error:  # noqa: BLE001 -- the thread must survive; the local commit stands
+                log.warning("remote tier: pushing session %r failed: %s", name, error)
+                done = True
+            with self._idle:
+                if done and self._pending.get(name, 0) > seen:
+                    self._queue.put(name)  # committed again while it was pushed
+                elif done or not self.remote.up:
+                    self._pending.pop(name, None)  # given up while the server is down: the next commit pushes again
+                    if name in self._release:
+                        self._release.discard(name)
+                        self.remote.release(name)
+                    self._idle.notify_all()
+                else:
+                    self._queue.put(name)
+
+    def close(self) -> None:
+        self.flush(timeout=max(5.0, 3 * self.remote.config.timeout_s))
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+        self.remote.close()

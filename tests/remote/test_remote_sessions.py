@@ -1,0 +1,110 @@
+"""Sessions through the remote tier (issue 19) on a real redis-server: a second "machine" (its
+own local store) resumes the first's conversation token-identical; a lease keeps two writers
+apart; a block damaged or evicted on the server is recomputed; the server down costs nothing
+local."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import redis
+import torch
+
+from hkv import wrap
+from hkv.sessions import SessionLockedError
+
+from helpers.models import baseline, prompt, wrap_config
+
+
+def _config(model, tmp_path: Path, machine: str, url: str):
+    config = wrap_config(model, tmp_path / machine)
+    return config.model_copy(update={"remote": config.remote.model_copy(update={"url": url, "lease_s": 5.0})})
+
+
+def test_a_second_machine_resumes_the_conversation_token_identical(tiny_lm, tmp_path: Path, redis_server) -> None:
+    model = tiny_lm()
+    first = prompt(300, seed=5)[0]
+    with wrap(model, _config(model, tmp_path, "a", redis_server.url)) as rt, rt.session("chat") as session:
+        turn = session.generate(first, max_new_tokens=4, do_sample=False)[0]
+    more = torch.tensor([10, 20, 30])
+    with wrap(model, _config(model, tmp_path, "b", redis_server.url)) as rt:  # a store that never saw "chat"
+        with rt.session("chat") as session:
+            assert session.tokens.tolist() == turn.tolist() and session.kv_tokens == len(turn) - 1
+            out = session.generate(more, max_new_tokens=4, do_sample=False)[0]
+    assert out.tolist() == baseline(model, torch.cat([turn, more]).unsqueeze(0), 4)[0].tolist()
+    keys = redis.Redis.from_url(redis_server.url).keys("hkv:s:*")
+    assert keys == [b"hkv:s:chat"]
+
+
+def test_a_lease_keeps_a_second_writer_out(tiny_lm, tmp_path: Path, redis_server) -> None:
+    model, other = tiny_lm(), tiny_lm()  # the same weights: the same model on two "machines"
+    with wrap(model, _config(model, tmp_path, "a", redis_server.url)) as a, a.session("chat") as session:
+        session.generate(prompt(40)[0], max_new_tokens=2, do_sample=False)
+        with wrap(other, _config(other, tmp_path, "b", redis_server.url)) as b:
+            with pytest.raises(SessionLockedError, match="open for writing on another machine"):
+                b.session("chat")
+    with wrap(model, _config(model, tmp_path, "b", redis_server.url)) as b, b.session("chat") as session:  # released
+        assert len(session.tokens) == 42
+
+
+def test_blocks_damaged_or_gone_on_the_server_are_recomputed(tiny_lm, tmp_path: Path, redis_server, caplog) -> None:
+    model = tiny_lm()
+    with wrap(model, _config(model, tmp_path, "a", redis_server.url)) as rt, rt.session("chat") as session:
+        turn = session.generate(prompt(300, seed=6)[0], max_new_tokens=2, do_sample=False)[0]
+    client = redis.Redis.from_url(redis_server.url)
+    blocks = sorted(client.keys("hkv:b:*"))
+    client.delete(blocks[0])  # the server's eviction
+    damaged = bytearray(client.get(blocks[1]))
+    damaged[-1] ^= 0xFF
+    client.set(blocks[1], bytes(damaged))
+    more = torch.tensor([1, 2])
+    with caplog.at_level(logging.WARNING), wrap(model, _config(model, tmp_path, "b", redis_server.url)) as rt:
+        with rt.session("chat") as session:
+            assert session.kv_tokens < len(turn) - 1  # cut at the first missing block
+            out = session.generate(more, max_new_tokens=3, do_sample=False)[0]
+    assert "checksum mismatch" in caplog.text and "are recomputed" in caplog.text
+    assert out.tolist() == baseline(model, torch.cat([turn, more]).unsqueeze(0), 3)[0].tolist()
+
+
+def test_the_server_down_costs_nothing_local(tiny_lm, tmp_path: Path, redis_server, caplog) -> None:
+    model = tiny_lm()
+    redis_server.stop()
+    config = _config(model, tmp_path, "a", redis_server.url)
+    config = config.model_copy(update={"remote": config.remote.model_copy(update={"timeout_s": 0.2})})
+    with caplog.at_level(logging.WARNING), wrap(model, config) as rt:
+        for turn in range(3):
+            with rt.session("chat") as session:
+                session.generate(prompt(30, seed=turn)[0], max_new_tokens=2, do_sample=False)
+    assert caplog.text.count("is unreachable") == 1  # logged once per outage
+    with wrap(model, config) as rt, rt.session("chat") as session:
+        assert len(session.tokens) == 3 * 32
+    redis_server.start()  # back: the next commit is pushed
+    with wrap(model, config) as rt, rt.session("chat") as session:
+        session.generate(torch.tensor([5]), max_new_tokens=1, do_sample=False)
+    assert redis.Redis.from_url(redis_server.url).exists("hkv:s:chat")
+
+
+def test_sessions_ls_says_where_each_session_is(tiny_lm, tmp_path: Path, redis_server, cli) -> None:
+    model = tiny_lm()
+    with wrap(model, _config(model, tmp_path, "a", redis_server.url)) as rt, rt.session("shared") as session:
+        session.generate(prompt(40)[0], max_new_tokens=2, do_sample=False)
+    config_b = _config(model, tmp_path, "b", redis_server.url)
+    with wrap(model, config_b) as rt, rt.session("mine") as session:
+        session.generate(prompt(40, seed=2)[0], max_new_tokens=2, do_sample=False)
+    toml = tmp_path / "b.toml"
+    toml.write_text(config_b.to_toml())
+
+    def where() -> dict[str, str]:
+        listed = cli("sessions", "ls", "--config", str(toml))
+        assert listed.exit_code == 0, listed.output
+        return {line.split()[0]: line.split()[-1] for line in listed.output.splitlines()[1:]}
+
+    assert where() == {"mine": "both", "shared": "remote"}  # "mine" was pushed after its commit
+    with wrap(model, config_b) as rt, rt.session("shared"):
+        pass
+    assert where() == {"mine": "both", "shared": "both"}
+    redis_server.stop()
+    listed = cli("sessions", "ls", "--config", str(toml))
+    assert listed.exit_code == 0 and "unreachable" in listed.output and "where" not in listed.output
