@@ -13,7 +13,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..config import ConfigError
-from .common import HELP_MARKUP, ConfigOption, JsonOption, choices, fail, load, parse_lengths, user_errors, write_json
+from .common import HELP_MARKUP, ConfigOption, JsonOption, choices, fail, human_bytes, load, parse_lengths, user_errors, write_json
 
 bench_app = typer.Typer(
     help="Benchmarks that print a table and, with --json, write their figures.", no_args_is_help=True, rich_markup_mode=HELP_MARKUP
@@ -181,3 +181,25 @@ def bench_resume(
     figures = run_resume_bench(cfg, tokens=lengths, weights=weights, fill=fill, reprefill_max=reprefill_max or None)
     print_table(figures)
     write_json(json_path, figures)
+
+
+@bench_app.command("remote")
+def bench_remote(
+    url: Annotated[str, typer.Option(help="redis:// URL of the server (a scratch one: hkv writes and deletes keys under hkv-bench:)")],
+    blocks: Annotated[int, typer.Option(min=1, help="SmolLM2-shaped fp16 block records written and read")] = 2048,
+    repeats: Annotated[int, typer.Option(min=1, help="interleaved runs of each read; the best is kept")] = 3,
+    json_path: JsonOption = None,
+) -> None:
+    """Block reads from the remote tier (MGET, every record checked) against a raw pipelined GET loop of the same bytes."""
+    from ..bench.remote import measure_remote
+
+    with user_errors():
+        try:
+            figures = measure_remote(url, blocks=blocks, repeats=repeats)
+        except RuntimeError as error:
+            raise fail(str(error)) from None
+    typer.echo(f"{figures.blocks} blocks, {human_bytes(figures.record_bytes)} on {url}")
+    typer.echo(f"remote tier reads  {figures.tier_read_gbps:7.3f} GB/s")
+    typer.echo(f"raw pipelined GETs {figures.raw_get_gbps:7.3f} GB/s")
+    typer.echo(f"ratio              {figures.ratio:7.3f}")
+    write_json(json_path, figures.as_dict())
