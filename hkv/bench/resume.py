@@ -377,3 +377,48 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@dataclass(slots=True)
+class RemoteResume:
+    """Seconds to the first token of a new turn: resuming from the local store (its pages
+    dropped from the page cache first), and on a second "machine" whose local store is empty,
+    pulling the session from the remote tier; ``ratio`` = remote / local (issue 19's target:
+    <= 2). ``same_token``: both first tokens agree."""
+
+    tokens: int
+    local_cold_s: float
+    remote_s: float
+    ratio: float
+    same_token: bool
+    weights: str
+    url: str
+
+
+def run_remote_resume(url: str, tokens: int, *, weights: str = "random", folder: Path | None = None) -> RemoteResume:
+    """Save a ``tokens``-token conversation (synthetic KV; SmolLM2's shape) with the remote tier
+    at ``url``, then time both resumes in this process (the model loaded once)."""
+    model, tokenizer, used = _build_model(weights, tokens + 64)
+    ids, new = conversation_ids(tokenizer, model.config.vocab_size, tokens)
+    own = folder is None
+    folder = Path(tempfile.mkdtemp(prefix="hkv-bench-remote-")) if own else folder
+    prefix = f"hkv-bench-{os.getpid()}"
+    config = Config.load(default_config(model, tokens), env={}, remote={"url": url, "key_prefix": prefix, "timeout_s": 30.0})
+    try:
+        build_session(model, config, folder / "a", ids, "synthetic")  # pushed to the server as it closes
+        drop_page_cache(folder / "a" / "data.mdb")
+        local_s, _, local_token, _ = _resume_once(model, config, folder / "a", torch.from_numpy(new))
+        remote_s, _, remote_token, restored = _resume_once(model, config, folder / "b", torch.from_numpy(new))
+        if restored.new:
+            raise RuntimeError(f"the session was not found on the remote tier {url}")
+    finally:
+        import redis
+
+        client = redis.Redis.from_url(url)
+        names = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        for begin in range(0, len(names), 256):
+            client.delete(*names[begin : begin + 256])
+        client.close()
+        if own:
+            shutil.rmtree(folder, ignore_errors=True)
+    return RemoteResume(tokens, round(local_s, 3), round(remote_s, 3), round(remote_s / local_s, 3), local_token == remote_token, used, url)

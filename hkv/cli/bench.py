@@ -6,6 +6,8 @@ A sub-app of the ``hkv`` command (:mod:`hkv.cli.app`); the benchmarks themselves
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import json
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -188,18 +190,29 @@ def bench_remote(
     url: Annotated[str, typer.Option(help="redis:// URL of the server (a scratch one: hkv writes and deletes keys under hkv-bench:)")],
     blocks: Annotated[int, typer.Option(min=1, help="SmolLM2-shaped fp16 block records written and read")] = 2048,
     repeats: Annotated[int, typer.Option(min=1, help="interleaved runs of each read; the best is kept")] = 3,
+    resume_tokens: Annotated[int, typer.Option(help="also time resuming a conversation of this many tokens from the remote tier vs the local store (0: skip)")] = 0,
+    weights: Annotated[str, typer.Option(help="the resume's model: random (SmolLM2's shape) or smollm2")] = "random",
     json_path: JsonOption = None,
 ) -> None:
-    """Block reads from the remote tier (MGET, every record checked) against a raw pipelined GET loop of the same bytes."""
+    """Block reads from the remote tier (MGET, every record checked) against a raw pipelined GET
+    loop of the same bytes; with --resume-tokens, a conversation resumed on a second "machine"
+    through the remote tier against a cold local resume."""
     from ..bench.remote import measure_remote
+    from ..bench.resume import run_remote_resume
 
     with user_errors():
         try:
             figures = measure_remote(url, blocks=blocks, repeats=repeats)
+            resume = run_remote_resume(url, resume_tokens, weights=weights) if resume_tokens else None
         except RuntimeError as error:
             raise fail(str(error)) from None
     typer.echo(f"{figures.blocks} blocks, {human_bytes(figures.record_bytes)} on {url}")
     typer.echo(f"remote tier reads  {figures.tier_read_gbps:7.3f} GB/s")
     typer.echo(f"raw pipelined GETs {figures.raw_get_gbps:7.3f} GB/s")
     typer.echo(f"ratio              {figures.ratio:7.3f}")
-    write_json(json_path, figures.as_dict())
+    result = {"reads": figures.as_dict()}
+    if resume is not None:
+        typer.echo(f"resume {resume.tokens} tokens: local cold {resume.local_cold_s:.3f} s, through the remote tier "
+                   f"{resume.remote_s:.3f} s (ratio {resume.ratio:.2f}, same first token: {resume.same_token})")  # fmt: skip
+        result["resume"] = asdict(resume)
+    write_json(json_path, result)
