@@ -189,17 +189,18 @@ class StoreConfig(_Section):
 class RemoteConfig(_Section):
     """A remote tier on Redis (or Valkey) for sessions, shared by every machine that names it."""
 
-    url: str = Field("", description="redis://host:port/db of the server; empty: no remote tier")
+    url: str = Field("", description="redis://host:port/db of the server (a cluster: its nodes, comma-separated); empty: no remote tier")
     key_prefix: str = Field("hkv", description="prefix of every key hkv writes on the server")
     timeout_s: float = Field(2.0, description="seconds a server call may take before the server counts as down")
     lease_s: float = Field(30.0, description="seconds a session's writer lease lasts without renewal (a crashed writer's expires)")
     sessions: StrictBool = Field(True, description="commit sessions to the remote tier and resume them from it")
+    cluster: StrictBool = Field(False, description="url names one node of a Redis Cluster: keys are sharded over its nodes")
 
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
-        if value and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must be empty or a redis://, rediss:// or unix:// URL")
+        if value and not all(part.strip().startswith(("redis://", "rediss://", "unix://")) for part in value.split(",")):
+            raise ValueError("must be empty or redis://, rediss:// or unix:// URLs (comma-separated: a cluster's nodes)")
         return value
 
     @field_validator("key_prefix")

@@ -3,8 +3,9 @@ Valkey) server, shared by every hkv process that names it.
 
 Keys (``P`` = ``remote.key_prefix``): ``P:b:<block key hex>`` a block record (the same bytes as
 on disk: header, checksum, key); ``P:m:<summary key hex>`` a block summary row;
-``P:s:<name>`` a session record; ``P:t:<name>`` its tail record; ``P:lease:<name>`` the
-session's writer lease. Block keys carry the model fingerprint and attention signature, so
+``P:s:{<name>}`` a session record; ``P:t:{<name>}`` its tail record; ``P:lease:{<name>}`` the
+session's writer lease (the braces are a Redis Cluster hash tag: a session's rows share a node,
+so its record and tail are written in one transaction; blocks spread over every node). Block keys carry the model fingerprint and attention signature, so
 every process with the same model and layout finds the same blocks. Nothing is pickled; every
 record read is checked (header, key, checksum) by the caller before use.
 
@@ -12,7 +13,9 @@ A server that is down, slow or restarted never stops hkv: every call is bounded 
 ``remote.timeout_s``; a failure marks the server down (logged once per outage) and calls
 return "nothing" until a retry time that backs off from 1 s to 60 s; the first call that
 succeeds after it logs that the server is back. Reads and writes are batched (``MGET``, and
-pipelines of ``SET``) in chunks of :data:`CHUNK` keys over the client's connection pool.
+pipelines of ``SET``) in chunks of :data:`CHUNK` keys over the client's connection pool; with
+``remote.cluster``, through redis-py's cluster client (keys grouped by node, one round trip
+per node), and a node that is down makes only its keys misses.
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
+from urllib.parse import urlparse
+
 import redis
+from redis.cluster import ClusterNode
 
 from ..config import RemoteConfig
 
@@ -41,13 +47,25 @@ class RemoteStore:
     def __init__(self, config: RemoteConfig) -> None:
         self.config, self.prefix = config, config.key_prefix
         self.owner = f"{uuid.uuid4().hex}"  # this process's lease token
-        self._client = redis.Redis.from_url(
-            config.url, socket_timeout=config.timeout_s, socket_connect_timeout=config.timeout_s, health_check_interval=30,
-        )  # fmt: skip
+        self._made: redis.Redis | redis.RedisCluster | None = None  # connected on first use
         self._lock = threading.Lock()
         self._down_until = 0.0  # monotonic time before which the server is not tried
         self._backoff = 1.0
         self._down = False
+
+    @property
+    def _client(self) -> redis.Redis | redis.RedisCluster:
+        """The client, made on first use (a cluster client asks its startup nodes for the slot
+        map then, so a node down at start is a server-down failure like any other)."""
+        if self._made is None:
+            options = dict(socket_timeout=self.config.timeout_s, socket_connect_timeout=self.config.timeout_s)
+            if self.config.cluster:
+                nodes = [urlparse(part.strip()) for part in self.config.url.split(",")]
+                startup = [ClusterNode(node.hostname or "127.0.0.1", node.port or 6379) for node in nodes]
+                self._made = redis.RedisCluster(startup_nodes=startup, **options)
+            else:
+                self._made = redis.Redis.from_url(self.config.url, health_check_interval=30, **options)
+        return self._made
 
     # -- availability -----------------------------------------------------------------------------
     def _call(self, what: str, action: Callable[[], T], default: T) -> T:
@@ -57,7 +75,7 @@ class RemoteStore:
                 return default
         try:
             result = action()
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as error:
+        except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.RedisClusterException, OSError) as error:
             with self._lock:
                 if not self._down:
                     log.warning("remote tier %s is unreachable (%s: %s); serving from the local tiers, retrying with backoff",
@@ -85,19 +103,40 @@ class RemoteStore:
         return f"{self.prefix}:m:{key.hex()}"
 
     def _session(self, name: str) -> str:
-        return f"{self.prefix}:s:{name}"
+        return f"{self.prefix}:s:{{{name}}}"
 
     def _tail(self, name: str) -> str:
-        return f"{self.prefix}:t:{name}"
+        return f"{self.prefix}:t:{{{name}}}"
 
     def _lease(self, name: str) -> str:
-        return f"{self.prefix}:lease:{name}"
+        return f"{self.prefix}:lease:{{{name}}}"
 
     # -- blocks and summaries -----------------------------------------------------------------------
     def _mget(self, names: list[str]) -> list[bytes | None]:
+        if self.config.cluster:
+            return self._cluster_mget(names)
         out: list[bytes | None] = []
         for start in range(0, len(names), CHUNK):
             out += self._client.mget(names[start : start + CHUNK])
+        return out
+
+    def _cluster_mget(self, names: list[str]) -> list[bytes | None]:
+        """One MGET per node and chunk; a node that is down gives misses for its keys only."""
+        out: list[bytes | None] = [None] * len(names)
+        by_node: dict[str, list[int]] = {}
+        for i, name in enumerate(names):
+            node = self._client.get_node_from_key(name)
+            by_node.setdefault(node.name if node is not None else "", []).append(i)
+        for indices in by_node.values():
+            for start in range(0, len(indices), CHUNK):
+                chunk = indices[start : start + CHUNK]
+                try:
+                    values = self._client.mget_nonatomic([names[i] for i in chunk])
+                except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.RedisClusterException, OSError) as error:
+                    log.warning("remote tier: a cluster node is unreachable (%s): %d blocks are misses", error, len(chunk))
+                    continue
+                for i, value in zip(chunk, values):
+                    out[i] = value
         return out
 
     def _put(self, items: list[tuple[str, bytes]]) -> int:
@@ -164,9 +203,9 @@ class RemoteStore:
         """Names of the sessions on the server; None while it is down."""
 
         def run() -> list[str]:
-            start = len(self._session(""))
-            names = [bytes(key)[start:].decode("utf-8", "replace") for key in self._client.scan_iter(match=self._session("*"), count=1000)]
-            return sorted(names)
+            start = len(f"{self.prefix}:s:{{")
+            found = self._client.scan_iter(match=f"{self.prefix}:s:{{*}}", count=1000)
+            return sorted({bytes(key)[start:-1].decode("utf-8", "replace") for key in found})
 
         return self._call("list sessions", run, None)
 
@@ -193,4 +232,5 @@ class RemoteStore:
         self._call("release a lease", lambda: self._client.eval(_RELEASE, 1, self._lease(name), self.owner), None)
 
     def close(self) -> None:
-        self._client.close()
+        if self._made is not None:
+            self._made.close()

@@ -35,7 +35,7 @@ def test_a_second_machine_resumes_the_conversation_token_identical(tiny_lm, tmp_
             out = session.generate(more, max_new_tokens=4, do_sample=False)[0]
     assert out.tolist() == baseline(model, torch.cat([turn, more]).unsqueeze(0), 4)[0].tolist()
     keys = redis.Redis.from_url(redis_server.url).keys("hkv:s:*")
-    assert keys == [b"hkv:s:chat"]
+    assert keys == [b"hkv:s:{chat}"]
 
 
 def test_a_lease_keeps_a_second_writer_out(tiny_lm, tmp_path: Path, redis_server) -> None:
@@ -83,7 +83,7 @@ def test_the_server_down_costs_nothing_local(tiny_lm, tmp_path: Path, redis_serv
     redis_server.start()  # back: the next commit is pushed
     with wrap(model, config) as rt, rt.session("chat") as session:
         session.generate(torch.tensor([5]), max_new_tokens=1, do_sample=False)
-    assert redis.Redis.from_url(redis_server.url).exists("hkv:s:chat")
+    assert redis.Redis.from_url(redis_server.url).exists("hkv:s:{chat}")
 
 
 def test_sessions_ls_says_where_each_session_is(tiny_lm, tmp_path: Path, redis_server, cli) -> None:
