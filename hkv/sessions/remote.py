@@ -6,7 +6,8 @@ commit, pulled by a process whose local store lacks them, and one writer across 
   lacks (checked with pipelined ``EXISTS``, sent in pipelines of 256), then the tail and the
   record in one transaction, so a reader that finds the record finds its blocks. A push that
   fails (the server down) is retried with the server's backoff; nothing local waits on it.
-- **Pull** (:func:`pull_session`): opening a session the local store lacks fetches its record
+- **Pull** (:func:`pull_session`): opening a session the local store lacks, or holds an older
+  commit of (another machine went on with it), fetches its record
   and tail, then the blocks (``MGET``) and summaries the local store lacks, checks every record
   (header, key, checksum: a bad one is a miss, logged), and commits them to the local store in
   one transaction; then the session resumes as a local one. Blocks the server no longer holds
@@ -61,9 +62,10 @@ def push_session(store: SessionStore, remote: RemoteStore, name: str) -> bool:
     return remote.put_session(name, raw, tail)
 
 
-def pull_session(store: SessionStore, remote: RemoteStore, name: str) -> bool:
-    """Copy session ``name`` from the server into the local store (see the module docstring);
-    whether there was one to copy."""
+def pull_session(store: SessionStore, remote: RemoteStore, name: str, local: SessionRecord | None = None) -> bool:
+    """Copy session ``name`` from the server into the local store (see the module docstring)
+    unless the local copy ``local`` is as new (committed at the same time or later); whether
+    the local store now holds the server's copy."""
     got = remote.get_session(name)
     if got is None:
         return False
@@ -72,6 +74,8 @@ def pull_session(store: SessionStore, remote: RemoteStore, name: str) -> bool:
         record = SessionRecord.from_bytes(name, raw)
     except SessionError as error:
         log.warning("remote tier: session %r is unreadable there (%s); not used", name, error)
+        return False
+    if local is not None and local.updated >= record.updated:
         return False
     layers, keys = record.num_layers, record.key_digests()
     with store.disk.reading() as txn:
@@ -130,8 +134,8 @@ class RemoteSync:
         self._thread = threading.Thread(target=self._loop, name="hkv remote sessions", daemon=True)
         self._thread.start()
 
-    def pull(self, name: str) -> bool:
-        return pull_session(self.store, self.remote, name)
+    def pull(self, name: str, local: SessionRecord | None = None) -> bool:
+        return pull_session(self.store, self.remote, name, local)
 
     def acquire(self, name: str) -> bool | None:
         return self.remote.acquire(name)

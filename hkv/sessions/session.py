@@ -119,8 +119,8 @@ class Session:
             if self._remote is not None:
                 self._take_remote_lease()
             record = self._store.get(name)
-            if record is None and self._remote is not None and self._remote.pull(name):
-                record = self._store.get(name)  # another machine's session, now in the local store
+            if self._remote is not None and self._remote.pull(name, record):
+                record = self._store.get(name)  # another machine's session (or later commit), now in the local store
             self._identity = runtime.model_identity(tokenizer)
             if record is not None:
                 self._check(record)

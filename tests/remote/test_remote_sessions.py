@@ -108,3 +108,19 @@ def test_sessions_ls_says_where_each_session_is(tiny_lm, tmp_path: Path, redis_s
     redis_server.stop()
     listed = cli("sessions", "ls", "--config", str(toml))
     assert listed.exit_code == 0 and "unreachable" in listed.output and "where" not in listed.output
+
+
+def test_machines_take_turns_on_one_conversation(tiny_lm, tmp_path: Path, redis_server) -> None:
+    """A, then B, then A again: each opening pulls the other's newer commit."""
+    model = tiny_lm()
+    config_a, config_b = _config(model, tmp_path, "a", redis_server.url), _config(model, tmp_path, "b", redis_server.url)
+    turns = [prompt(100, seed=11)[0], torch.tensor([7, 8, 9]), torch.tensor([4, 5])]
+    whole = torch.empty(0, dtype=torch.long)
+    for turn, config in zip(turns, (config_a, config_b, config_a)):
+        with wrap(model, config) as rt, rt.session("chat") as session:
+            assert session.tokens.tolist() == whole.tolist()
+            whole = session.generate(turn, max_new_tokens=3, do_sample=False)[0]
+    expected = baseline(model, torch.cat([turns[0]]).unsqueeze(0), 3)[0]
+    for turn in turns[1:]:
+        expected = baseline(model, torch.cat([expected, turn]).unsqueeze(0), 3)[0]
+    assert whole.tolist() == expected.tolist()
