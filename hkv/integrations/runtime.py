@@ -252,6 +252,9 @@ class Runtime:
         a tqdm bar; default on for more than 8 chunks). Returns the tokens adopted."""
         token_ids = token_ids.reshape(-1)
         adopted = 0
+        if len(token_ids) and self.config.store.reuse_prefix and self.config.remote.url and self.config.remote.sessions:
+            self.session_store()  # the remote tier comes with the session store
+            self.remote_sync.fetch_prefix(cache.sequence, token_ids)  # the server's blocks past the local run
         if len(token_ids) and self.config.store.reuse_prefix and self.manager.has_store():
             adopted = adopt_stored_prefix(cache.sequence, token_ids)
             cache.sync_lengths()

@@ -14,6 +14,10 @@ commit, pulled by a process whose local store lacks them, and one writer across 
   (its memory limit evicted them) or that fail their checks cut the stored KV at the first
   such block: the tokens after it are prefilled again from the session's token ids, never an
   error.
+- **Prefixes** (:func:`fetch_prefix`): before a fill adopts the stored prefix of a prompt
+  (``store.reuse_prefix``), the blocks the server holds past the local store's run are copied
+  in (checked, with their summaries, unreferenced: a prefix cache), so a document or system
+  prompt one machine's session stored is not prefilled again by another.
 - **Leases**: a session opened for writing takes ``P:lease:<name>`` on the server (``SET NX PX``,
   ``remote.lease_s``), renewed every third of that while it is open and released on close; a
   lease held by another process is a SessionLockedError. With the server down, the session
@@ -28,7 +32,11 @@ import threading
 import time
 from collections.abc import Callable
 
-from ..blocks import RecordError, check_record
+import torch
+
+from ..attention.prefix import as_ids
+from ..attention.sequence import SequenceKV
+from ..blocks import BlockKey, RecordError, chain_hashes, check_record
 from ..errors import TierFullError
 from ..remote.client import CHUNK, RemoteStore
 from ..store.txn import CommitResult, StoreTxn, summary_key
@@ -122,6 +130,58 @@ def pull_session(store: SessionStore, remote: RemoteStore, name: str, local: Ses
     return True
 
 
+def fetch_prefix(store: SessionStore, remote: RemoteStore, seq: SequenceKV, token_ids: torch.Tensor) -> int:
+    """Copy into the local store the blocks the server holds that continue ``seq`` with
+    ``token_ids`` past what the local store holds (another machine's sessions' blocks: a shared
+    system prompt, a document), so that prefix adoption takes them; the blocks copied (every
+    layer counted). Stops at the first block missing, on the server or in its checks."""
+    bt, first = seq.block_tokens, seq.sealed_blocks()
+    previous = seq.prefix_chain()
+    ids = as_ids(token_ids)
+    count = len(ids) // bt
+    if previous is None or count <= 0 or seq.seq_length() != first * bt:
+        return 0
+    chains = chain_hashes(ids[: count * bt], bt, previous=previous)
+    layers = seq.num_layers
+    keys = [bytes(key) for key in (BlockKey.make(seq.fingerprint, chain, layer) for chain in chains for layer in range(layers))]
+    with store.disk.reading() as txn:
+        local = set(txn.found("keys", keys))
+    start = next((i for i in range(count) if any(k not in local for k in keys[i * layers : (i + 1) * layers])), count)
+    if start == count:
+        return 0
+    held = remote.has_blocks(keys[start * layers :: layers])  # layer 0 of each block: where the server's run ends
+    end = start + next((i for i, ok in enumerate(held) if not ok), len(held))
+    wanted = [key for key in keys[start * layers : end * layers] if key not in local]
+    if not wanted:
+        return 0
+    fetched: dict[bytes, bytes] = {}
+    for key, value in zip(wanted, remote.get_blocks(wanted)):
+        if value is None:
+            continue
+        try:
+            check_record(value, key, where=f"remote block {key.hex()}")
+            fetched[key] = value
+        except RecordError as error:
+            log.warning("remote tier: %s; recomputed instead", error)
+    end = next((i for i in range(start, end) if any(k not in local and k not in fetched for k in keys[i * layers : (i + 1) * layers])), end)
+    blocks = [(key, fetched[key]) for key in keys[start * layers : end * layers] if key in fetched]
+    if not blocks:
+        return 0
+    where = [summary_key(key, relative) for key, _ in blocks for relative in (False, True)]
+    summaries = [(name, value) for name, value in zip(where, remote.get_summaries(where)) if value is not None]
+
+    def job(txn: StoreTxn) -> int:
+        if txn.usage["used_bytes"] + sum(len(v) for _, v in blocks) > store.disk.capacity_bytes:
+            return 0  # no room: the prefix is computed instead
+        for key, value in blocks:
+            if txn.record_nbytes(key) is None:
+                txn.put_block(key, value)
+        txn.put_many("summaries", summaries)
+        return len(blocks)
+
+    return store.disk.apply(job)
+
+
 class RemoteSync:
     """The remote tier of one runtime's sessions: leases, and the push thread."""
 
@@ -133,6 +193,9 @@ class RemoteSync:
         self._idle = threading.Condition()
         self._thread = threading.Thread(target=self._loop, name="hkv remote sessions", daemon=True)
         self._thread.start()
+
+    def fetch_prefix(self, seq: SequenceKV, token_ids: torch.Tensor) -> int:
+        return fetch_prefix(self.store, self.remote, seq, token_ids)
 
     def pull(self, name: str, local: SessionRecord | None = None) -> bool:
         return pull_session(self.store, self.remote, name, local)

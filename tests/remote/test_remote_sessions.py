@@ -124,3 +124,16 @@ def test_machines_take_turns_on_one_conversation(tiny_lm, tmp_path: Path, redis_
     for turn in turns[1:]:
         expected = baseline(model, torch.cat([expected, turn]).unsqueeze(0), 3)[0]
     assert whole.tolist() == expected.tolist()
+
+
+def test_a_prefix_one_machine_stored_is_not_prefilled_by_another(tiny_lm, tmp_path: Path, redis_server) -> None:
+    model = tiny_lm()
+    document = prompt(320, seed=12)[0]
+    with wrap(model, _config(model, tmp_path, "a", redis_server.url)) as rt, rt.session("reader") as session:
+        session.append(document)
+    question = torch.tensor([9, 9, 9])
+    with wrap(model, _config(model, tmp_path, "b", redis_server.url)) as rt:
+        out = rt.generate(torch.cat([document, question]).unsqueeze(0), max_new_tokens=4, do_sample=False)
+        reused = rt.stats().extra["reused_tokens"]
+    assert reused == 319 // 16 * 16  # every block the session sealed (its KV is all but the last token) came from the server
+    assert out.tolist() == baseline(model, torch.cat([document, question]).unsqueeze(0), 4).tolist()
