@@ -118,6 +118,12 @@ def answer_late(model: torch.nn.Module, tokenizer: Any, ids: list[int], mode: st
     from ..passkey import split_passkey_question
 
     document, question = split_passkey_question(tokenizer, ids)
+    return answer_turns(model, tokenizer, document, question, mode, store=store, budget=budget, new_tokens=new_tokens, base=base)
+
+
+def answer_turns(model: torch.nn.Module, tokenizer: Any, document: list[int], question: list[int], mode: str, *, store: Path,
+                 budget: int, new_tokens: int, base: Any = None) -> list[int]:  # fmt: skip
+    """The reply to ``question`` asked in a later turn than ``document`` (see the module doc)."""
     if split_mode(mode)[0] == "full":
         from transformers import DynamicCache
 

@@ -216,3 +216,34 @@ def bench_remote(
                    f"{resume.remote_s:.3f} s (ratio {resume.ratio:.2f}, same first token: {resume.same_token})")  # fmt: skip
         result["resume"] = asdict(resume)
     write_json(json_path, result)
+
+
+@bench_app.command("ruler")
+def bench_ruler(
+    length: Annotated[int, typer.Option(min=64, help="prompt length in tokens")] = 4096,
+    tasks: Annotated[str, typer.Option(help="comma-separated: multikey, multivalue, vartrack, wordcount")] = "multikey,multivalue,vartrack,wordcount",
+    trials: Annotated[int, typer.Option(min=1, help="prompts per task")] = 2,
+    modes: Annotated[str, typer.Option(help="comma-separated: full, exact, original, remap; a sparse one may add +int8 / +int4")] = "full,remap,remap+int8,remap+int4",
+    variant: Annotated[str, typer.Option(help="late (the question after the document was stored and reopened) or single")] = "late",
+    budget: Annotated[int, typer.Option(help="attention.budget_tokens of the sparse modes")] = 2048,
+    config: ConfigOption = None,
+    json_path: JsonOption = None,
+) -> None:
+    """RULER-style tasks (several keys with distractors, several values, variable tracking, word counts) with full attention and every hkv mode and encoding asked for, same prompts."""
+    from ..bench.passkey import check_mode
+    from ..bench.ruler import run_ruler_bench, table_lines
+    from ..ruler import TASKS
+
+    names = tuple(part.strip() for part in modes.split(",") if part.strip())
+    try:
+        for name in names or ("",):
+            check_mode(name)
+    except ValueError as error:
+        raise fail(f"--modes {modes!r}: {error}", 2) from None
+    base = load(config) if config is not None else None
+    with user_errors():
+        figures = run_ruler_bench(length=length, tasks=choices(tasks, "--tasks", TASKS), trials=trials, modes=names,
+                                  variant=variant, budget=budget, base_config=base, log=typer.echo)  # fmt: skip
+    for line in table_lines(figures):
+        typer.echo(line)
+    write_json(json_path, figures)

@@ -15,7 +15,7 @@ COMMANDS = [
     [], ["demo"], ["chat"], ["config"], ["config", "check"], ["config", "show"],
     ["sessions"], ["sessions", "ls"], ["sessions", "show"], ["sessions", "rm"], ["sessions", "verify"],
     ["sessions", "gc"], ["sessions", "repair"], ["tune"],
-    ["bench"], ["bench", "tiers"], ["bench", "decode"], ["bench", "passkey"], ["bench", "plot"], ["bench", "resume"], ["bench", "remote"],
+    ["bench"], ["bench", "tiers"], ["bench", "decode"], ["bench", "passkey"], ["bench", "plot"], ["bench", "resume"], ["bench", "remote"], ["bench", "ruler"],
 ]  # fmt: skip
 
 # A phrase of each help that must sit on one line at WIDTH columns. Those of demo and chat span a
@@ -42,6 +42,7 @@ PHRASES = {
     "bench plot": "from its saved JSON (needs matplotlib)",
     "bench resume": "in a fresh process vs re-prefilling it",
     "bench remote": "Block reads from the remote tier (MGET, every record checked)",
+    "bench ruler": "RULER-style tasks (several keys with distractors",
 }
 
 
