@@ -32,6 +32,14 @@ def _flash_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any)
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, **kwargs)
 
 
+def _batch_of_one(x: torch.Tensor) -> torch.Tensor:
+    """``[H, N, D]`` as a contiguous fp32 ``[1, H, N, D]``; no op is dispatched when it is one
+    already (a decode step's gathered piece): each costs microseconds of host time per layer."""
+    if x.dtype != torch.float32:
+        x = x.to(torch.float32)
+    return x[None] if x.is_contiguous() else x.contiguous()[None]
+
+
 class AttentionAccumulator:
     """Softmax attention of fixed queries over KV given in pieces.
 
@@ -111,8 +119,7 @@ class AttentionAccumulator:
     def _add_fused(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> None:
         """CPU: PyTorch's fused flash-attention kernel gives the piece's normalised output and
         per-row log-sum-exp ``lse``; merged as a piece with running max ``lse``, sum 1."""
-        k = keys.to(torch.float32).unsqueeze(0).contiguous()
-        v = values.to(torch.float32).unsqueeze(0).contiguous()
+        k, v = _batch_of_one(keys), _batch_of_one(values)
         additive = None
         hidden = None
         if mask is not None:
@@ -120,7 +127,7 @@ class AttentionAccumulator:
             additive = torch.zeros(keep.shape, dtype=torch.float32).masked_fill_(~keep, float("-inf"))
             hidden = ~keep.any(dim=1)  # rows that see no key of this piece (the kernel returns lse 0 there)
         started = time.perf_counter()
-        out, lse = _flash_cpu(self.q.unsqueeze(0), k, v, attn_mask=additive, scale=1.0)
+        out, lse = _flash_cpu(self.q[None], k, v, attn_mask=additive, scale=1.0)
         self.kernel_s += time.perf_counter() - started
         out, lse = out[0], lse[0]  # [Hkv, g*S, D], [Hkv, g*S]
         if mask is None and self.m is None and self._single is None:

@@ -426,7 +426,7 @@ class SequenceKV:
                 acc.add(*fresh)
             return
         keys = self._keys[layer]
-        wanted = [keys[i] for i in indices]
+        wanted = [keys[i].digest for i in indices]
         predicted = self._take_prediction(layer, step)
         bt, d, h = self.block_tokens, self.head_dim, self.kv_heads
         per_piece = max(1, PIECE_KV_ELEMENTS // (2 * h * bt * d))
@@ -439,7 +439,7 @@ class SequenceKV:
             n = len(part)
             extra = fresh[0].shape[1] if fresh is not None and p0 + n == len(wanted) else 0
             piece = torch.empty(2, h, n * bt + extra, d, dtype=self.dtype, device=self.device)
-            gather_into([key.digest for key in part], piece[:, :, : n * bt].view(2, h, n, bt, d), report=report)
+            gather_into(part, piece[:, :, : n * bt].view(2, h, n, bt, d), report=report)
             if deltas is not None:
                 piece[0, :, : n * bt] = self.rotary.rotate_blocks(piece[0, :, : n * bt], [x * bt for x in deltas[p0 : p0 + n]], bt)
             if extra:
@@ -451,25 +451,25 @@ class SequenceKV:
 
     # -- prefetch --------------------------------------------------------------------------------
 
-    def _take_prediction(self, layer: int, step: StepStats) -> set[BlockKey] | None:
-        """The blocks this step's prefetch predicted for the layer's next read (None when it
-        predicted nothing); the prediction is used up by that read."""
+    def _take_prediction(self, layer: int, step: StepStats) -> set[bytes] | None:
+        """The digests of the blocks this step's prefetch predicted for the layer's next read
+        (None when it predicted nothing); the prediction is used up by that read."""
         ticket = self._tickets[layer]
         if ticket is None:
             return None
         self._tickets[layer] = None
         step.predicted += len(ticket.keys)
-        return set(ticket.keys)
+        return {key.digest for key in ticket.keys}
 
-    def _count_prefetch(self, layer: int, wanted: list[BlockKey], indices: list[int], predicted: set[BlockKey] | None,
+    def _count_prefetch(self, layer: int, wanted: list[bytes], indices: list[int], predicted: set[bytes] | None,
                         report: GatherReport, step: StepStats) -> None:
-        """Count every block of one read (``wanted``, distinct, gathered with ``report``) in one
+        """Count every block of one read (``wanted``: digests, distinct, gathered with ``report``) in one
         bucket of :class:`~hkv.attention.stats.StepStats`: pinned, hit, unpredicted, waited or
         fetched (the gather found the last two not on the device: ``report.late_keys``)."""
         pinned, late = self._pinned[layer], report.late_keys
         n_pinned = hit = unpredicted = 0
         for key, i in zip(wanted, indices):
-            if late and key.digest in late:
+            if late and key in late:
                 continue  # waited for or fetched: counted by the report
             if i in pinned:
                 n_pinned += 1

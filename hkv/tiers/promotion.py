@@ -139,6 +139,8 @@ class Promotion(Placement):
                     return
                 capacity = self.device_pool.n_slots - self._pinned_count
                 missing = [key for key, slot in zip(keys, slots) if slot is None]
+                if not self.copies.cuda and self._read_from_host(keys, slots, missing, out, report if attempt == 0 else None):
+                    return
             if attempt == 1 or len(missing) > capacity:
                 break
             self._bring(missing, report)  # counts the missing blocks: waited for or fetched
@@ -151,6 +153,40 @@ class Promotion(Placement):
         for w in range(0, n, capacity):
             part = self.gather(blocks[w : w + capacity], report=None if counted else report)  # [m, 2, Hkv, bt, D]
             out[:, :, w : w + part.shape[0]].copy_(part.permute(1, 2, 0, 3, 4))
+
+    def _read_from_host(self, keys: Sequence[Digest], slots: list[int | None], missing: list[Digest], out: torch.Tensor,
+                        report: GatherReport | None) -> bool:
+        """Without a GPU (lock held): when every block of ``keys`` not on the device (``missing``)
+        has a host copy, read those from the host pool and the rest from the device pool into
+        ``out``, without promoting anything; True when done. The two pools are both RAM there:
+        a promotion would copy each block twice more (host -> device slot, device slot -> out)
+        and evict another block, where the read needs one copy. The bytes are the same, so the
+        attention's result does not change. The blocks read from the host count as fetched (on
+        demand, the time of their copies as stall); a disk-only block leaves it to the promotion."""
+        on_host = self.host_pool.slot_map
+        host_slots = [on_host.get(key) for key in missing]
+        if None in host_slots:
+            return False
+        started = time.perf_counter()
+        # every row from the device pool (a missing one from slot 0, overwritten below): one pass
+        pool = self.device_pool
+        torch.index_select(pool.data.permute(1, 2, 0, 3, 4), 2, pool.index([0 if slot is None else slot for slot in slots]), out=out)
+        copied = time.perf_counter()
+        host = self.host_pool.data
+        fetched = iter(host_slots)
+        for i, slot in enumerate(slots):
+            if slot is None:
+                out[:, :, i].copy_(host[next(fetched)])
+        if report is not None:
+            done = time.perf_counter()
+            report.copy_s += copied - started
+            report.stall_s += done - copied
+            report.resident += len(keys) - len(missing)
+            report.fetched += len(missing)
+            if report.late_keys is not None:
+                report.late_keys.update(missing)
+        self.moved["host->device"] += self.layout.nbytes * len(missing)
+        return True
 
     def _bring(self, keys: list[Digest], report: GatherReport | None) -> None:
         """Bring the distinct blocks ``keys`` to the device as far as room allows (:meth:`gather`
