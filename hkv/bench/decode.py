@@ -164,7 +164,7 @@ def _hkv_run(model: torch.nn.Module, config: Config, context: int, steps: int, s
     kv_bytes = storage_kv_bytes(spec_cfg, config, context, next(model.parameters()).dtype)
     tiers = {"path": str(store), "disk": _disk_budget(config, kv_bytes)}
     # env={}: HKV_* were applied when config was made; again here, HKV_TIERS__PATH would send the KV to the user's store
-    config = Config.load(config, env={}, tiers=tiers, attention={"mode": "sparse"}, prefetch={"enabled": True})
+    config = Config.load(config, env={}, tiers=tiers, attention={"mode": "sparse"})
     rss_start = rss_bytes()
     whole_rss = RssSampler().start()  # fill, decode and teardown (stats, closing cache and runtime)
     fill_rss = RssSampler().start()
@@ -317,11 +317,12 @@ def run_decode_bench(
     baseline_max_bytes: int | None = None,
     isolate: bool = False,
     store_dir: str | Path | None = None,
+    prefetch: bool = True,
 ) -> dict[str, Any]:
     """Decode latency per token of hkv sparse mode and of ``DynamicCache`` at each context length.
 
     ``config``: hkv's config (its attention/tier settings; mode is forced to sparse, prefetch
-    on, the disk store goes to a temporary folder, under ``store_dir`` if given, removed after
+    to ``prefetch`` (on by default), the disk store goes to a temporary folder, under ``store_dir`` if given, removed after
     each context, and the disk budget is raised to the KV + 2% + 1 GiB where it is smaller);
     None: defaults with :data:`BENCH_TIERS`. ``weights``: "smollm2" (the real model, so decode
     queries are realistic), "random" (SmolLM2's shape) or "auto" (smollm2 when installed).
@@ -342,6 +343,7 @@ def run_decode_bench(
     if isolate and model is not None:
         raise ValueError("isolate=True builds the model in each context's process; do not pass model=")
     config = config if config is not None else Config.load(tiers=BENCH_TIERS)
+    config = Config.load(config, env={}, prefetch={"enabled": prefetch})
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model_dtype = None
     if not isolate:
@@ -443,6 +445,9 @@ def print_table(figures: dict[str, Any]) -> None:
     tiers = figures.get("hkv_config", {}).get("tiers", {})
     if tiers:
         print(f"tiers: device {tiers['device'] / GiB:.2f} GiB, host {tiers['host'] / GiB:.2f} GiB, rest on disk; storage dtype {tiers['dtype']}")
+    pf = figures.get("hkv_config", {}).get("prefetch", {})
+    if pf:
+        print(f"prefetch: {'on, ' + str(pf['workers']) + ' workers' if pf['enabled'] else 'off'}")
     print(f"{'context':>9} {'hkv ms':>9} {'Dynamic ms':>11} {'speedup':>8} {'host ms/layer':>14} {'hit rate':>9} {'miss/step':>10}"
           f" {'stall':>7} {'fill s':>8} {'peak RSS':>9} {'dev/host/disk GiB':>19}")
     for i, context in enumerate(figures["contexts"]):
