@@ -171,13 +171,15 @@ def block_scores(query: torch.Tensor, summary: torch.Tensor, *, normalize: bool 
     q_heads, s, _ = query.shape
     if n == 0:
         return torch.empty(0, device=summary.device)
-    q = query.to(device=summary.device, dtype=torch.float32).reshape(kv_heads, (q_heads // kv_heads) * s, dim)
+    if query.dtype != torch.float32 or query.device != summary.device:
+        query = query.to(device=summary.device, dtype=torch.float32)
+    q = query.reshape(kv_heads, (q_heads // kv_heads) * s, dim)
     kmin, kmax = summary[0], summary[1]  # [kv_heads, D, n] views
     rows = max(1, _SCORE_ELEMENTS // (kv_heads * n))
     best = None
     started = time.perf_counter()
     for start in range(0, q.shape[1], rows):
-        piece = q[:, start : start + rows]
+        piece = q if rows >= q.shape[1] else q[:, start : start + rows]
         bound = torch.bmm(piece.clamp(min=0), kmax).add_(torch.bmm(piece.clamp(max=0), kmin))  # [kv_heads, r, n]
         piece_best = bound.amax(dim=1)
         best = piece_best if best is None else torch.maximum(best, piece_best)

@@ -350,7 +350,8 @@ class SequenceKV:
         fk, fv, f_start = fresh
         past = f_start // self.block_tokens
         out_device = query.device
-        query = query.to(self.device)
+        if out_device != self.device:
+            query = query.to(self.device)
         summary = self.summaries.summary(layer)
         relative = self.summaries.relative and self.topk is not None  # exact mode scores nothing
         outputs = []
@@ -385,7 +386,7 @@ class SequenceKV:
             self._prefetch(layer, selection.prediction())
         step.attend_s += time.perf_counter() - started
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
-        return out.to(out_device)
+        return out if out_device == self.device else out.to(out_device)
 
     def _add_keys(self, acc: AttentionAccumulator, k: torch.Tensor, v: torch.Tensor, k_start: int, q_pos: int, nq: int) -> None:
         """Feed keys at positions ``k_start ...`` to ``acc`` in memory-bounded pieces, causally masked."""
