@@ -73,3 +73,22 @@ def test_gather_into_on_a_cpu_reads_host_blocks_without_promoting_them(manager: 
     before = {i: manager.where(_key(i)) for i in range(12)}
     _read(manager, host_only)
     assert {i: manager.where(_key(i)) for i in range(12)} == before  # nothing moved, nothing evicted
+
+
+@pytest.mark.cuda
+def test_cuda_gather_into_promotes_misses_and_reads_the_same_bytes(tmp_path) -> None:
+    # On a GPU nothing is read from the host pool directly: misses are promoted (copy stream,
+    # events), then one index_select reads every block from the device pool into the buffer.
+    config = Config(tiers={"device": 4 * LAYOUT.nbytes, "host": 6 * LAYOUT.nbytes, "disk": 64 * LAYOUT.record_nbytes,
+                           "path": str(tmp_path / "store")})  # fmt: skip
+    with TierManager(config, LAYOUT, device="cuda") as m:
+        for i in range(12):
+            m.put(_key(i), _block(i).cuda())
+        indices = [3, 11, 0, 7]
+        n, (_, h, t, d) = len(indices), LAYOUT.shape
+        out = torch.empty(2, h, n, t, d, device="cuda")
+        report = GatherReport(late_keys=set())
+        m.gather_into([_key(i).digest for i in indices], out, report=report)
+        assert torch.equal(out.reshape(2, h, n * t, d).cpu(), _expected(indices))
+        assert report.resident + report.waited + report.fetched == n
+        assert all("device" in m.where(_key(i)) for i in indices)  # promoted, not read from the host
