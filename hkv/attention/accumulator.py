@@ -18,6 +18,7 @@ this accumulator is :class:`hkv.attention.sequence.SequenceKV`.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -29,6 +30,14 @@ PIECE_KV_ELEMENTS = 1 << 24  # key + value elements gathered at once per piece (
 def _flash_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """PyTorch's CPU flash attention, ``[B, H, L, D]`` in; (output, log-sum-exp ``[B, H, L]``) out."""
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, **kwargs)
+
+
+def _batch_of_one(x: torch.Tensor) -> torch.Tensor:
+    """``[H, N, D]`` as a contiguous fp32 ``[1, H, N, D]``; no op is dispatched when it is one
+    already (a decode step's gathered piece): each costs microseconds of host time per layer."""
+    if x.dtype != torch.float32:
+        x = x.to(torch.float32)
+    return x[None] if x.is_contiguous() else x.contiguous()[None]
 
 
 class AttentionAccumulator:
@@ -49,13 +58,33 @@ class AttentionAccumulator:
         self.group = q_heads // kv_heads
         # [Hkv, group * S, D], rows ordered (group member, query)
         self.q = (query.to(torch.float32) * scaling).reshape(kv_heads, self.group * s, d)
-        rows = self.group * s
-        self.m = torch.full((kv_heads, rows), float("-inf"), device=query.device)
-        self.l = torch.zeros(kv_heads, rows, device=query.device)
-        self.acc = torch.zeros(kv_heads, rows, d, device=query.device)
+        self.rows = self.group * s
+        self.device = query.device
         self.fused = query.device.type == "cpu" if fused is None else fused
         if self.fused and query.device.type != "cpu":
             raise ValueError("the fused attention kernel runs on the CPU only")
+        # The running state (max logit m, sum l, weighted values acc), made at the first merge.
+        # A fused piece seen by every row is kept as is until a second piece arrives: with one
+        # piece (a decode step's usual case) the result is the kernel's output, bitwise what the
+        # merge would give (weight exp(0) = 1, sum 1), without the merge's operations.
+        self.m: torch.Tensor | None = None
+        self.l: torch.Tensor | None = None
+        self.acc: torch.Tensor | None = None
+        self._single: torch.Tensor | None = None  # the first fused piece's output, unmerged
+        self._single_lse: torch.Tensor | None = None
+        self.kernel_s = 0.0  # seconds inside the attention kernels (the bytes read), for the step's host time
+
+    def _state(self) -> None:
+        """Make the running state: empty, or from the unmerged first piece."""
+        if self.m is not None:
+            return
+        if self._single is not None:
+            self.m, self.l, self.acc = self._single_lse, torch.ones_like(self._single_lse), self._single
+            self._single = self._single_lse = None
+            return
+        self.m = torch.full((self.kv_heads, self.rows), float("-inf"), device=self.device)
+        self.l = torch.zeros(self.kv_heads, self.rows, device=self.device)
+        self.acc = torch.zeros(self.kv_heads, self.rows, self.shape[2], device=self.device)
 
     @property
     def materializes_scores(self) -> bool:
@@ -72,6 +101,8 @@ class AttentionAccumulator:
         if not self.materializes_scores:
             self._add_fused(keys, values, mask)
             return
+        self._state()
+        started = time.perf_counter()
         logits = torch.bmm(self.q, keys.to(self.q.device, torch.float32).transpose(1, 2))  # [Hkv, g*S, N]
         if mask is not None:
             keep = mask.to(self.q.device).repeat(self.group, 1)  # [g*S, N]
@@ -83,20 +114,26 @@ class AttentionAccumulator:
         self.l = self.l * correction + probs.sum(dim=2)
         self.acc = torch.baddbmm(self.acc * correction.unsqueeze(2), probs, values.to(self.q.device, torch.float32))
         self.m = m_new
+        self.kernel_s += time.perf_counter() - started
 
     def _add_fused(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> None:
         """CPU: PyTorch's fused flash-attention kernel gives the piece's normalised output and
         per-row log-sum-exp ``lse``; merged as a piece with running max ``lse``, sum 1."""
-        k = keys.to(torch.float32).unsqueeze(0).contiguous()
-        v = values.to(torch.float32).unsqueeze(0).contiguous()
+        k, v = _batch_of_one(keys), _batch_of_one(values)
         additive = None
         hidden = None
         if mask is not None:
             keep = mask.repeat(self.group, 1)  # [g*S, N]
             additive = torch.zeros(keep.shape, dtype=torch.float32).masked_fill_(~keep, float("-inf"))
             hidden = ~keep.any(dim=1)  # rows that see no key of this piece (the kernel returns lse 0 there)
-        out, lse = _flash_cpu(self.q.unsqueeze(0), k, v, attn_mask=additive, scale=1.0)
+        started = time.perf_counter()
+        out, lse = _flash_cpu(self.q[None], k, v, attn_mask=additive, scale=1.0)
+        self.kernel_s += time.perf_counter() - started
         out, lse = out[0], lse[0]  # [Hkv, g*S, D], [Hkv, g*S]
+        if mask is None and self.m is None and self._single is None:
+            self._single, self._single_lse = out, lse  # merged only if another piece comes
+            return
+        self._state()
         if hidden is not None and bool(hidden.any()):
             lse = lse.masked_fill(hidden.unsqueeze(0), float("-inf"))
         m_new = torch.maximum(self.m, lse)
@@ -109,6 +146,9 @@ class AttentionAccumulator:
 
     def result(self) -> torch.Tensor:
         """``[Hq, S, D]`` in the query's dtype (rows that saw no key are zero)."""
+        if self._single is not None:
+            return self._single.reshape(self.shape).to(self.dtype)
+        self._state()
         out = self.acc / self.l.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(2)
         return out.reshape(self.shape).to(self.dtype)
 

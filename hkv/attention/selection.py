@@ -16,6 +16,7 @@ included and never scored.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -153,7 +154,8 @@ def canonical_queries(query: torch.Tensor, first_position: int, distance: int, r
     return rotary.rotate(picked, distance - first_position - offsets)
 
 
-def block_scores(query: torch.Tensor, summary: torch.Tensor, *, normalize: bool = True, scaling: float | None = None) -> torch.Tensor:
+def block_scores(query: torch.Tensor, summary: torch.Tensor, *, normalize: bool = True, scaling: float | None = None,
+                 timing: list[float] | None = None) -> torch.Tensor:
     """Quest upper-bound score of each block for ``query``; ``[n_blocks]`` fp32.
 
     ``query``: ``[q_heads, S, head_dim]`` (any float dtype; GQA: query head ``h`` reads KV head
@@ -162,21 +164,27 @@ def block_scores(query: torch.Tensor, summary: torch.Tensor, *, normalize: bool 
     each KV head's bounds into a log-softmax over the blocks (logits scaled by ``scaling``,
     default ``head_dim ** -0.5``): roughly the log of the attention share a block can take in
     that head, so a head whose logits are large but flat does not claim every slot while a head
-    with one dominant block does get it.
+    with one dominant block does get it. ``timing``: ``timing[0]`` grows by the seconds spent
+    in the matmuls over the summaries.
     """
     _, kv_heads, dim, n = summary.shape
     q_heads, s, _ = query.shape
     if n == 0:
         return torch.empty(0, device=summary.device)
-    q = query.to(device=summary.device, dtype=torch.float32).reshape(kv_heads, (q_heads // kv_heads) * s, dim)
+    if query.dtype != torch.float32 or query.device != summary.device:
+        query = query.to(device=summary.device, dtype=torch.float32)
+    q = query.reshape(kv_heads, (q_heads // kv_heads) * s, dim)
     kmin, kmax = summary[0], summary[1]  # [kv_heads, D, n] views
     rows = max(1, _SCORE_ELEMENTS // (kv_heads * n))
     best = None
+    started = time.perf_counter()
     for start in range(0, q.shape[1], rows):
-        piece = q[:, start : start + rows]
+        piece = q if rows >= q.shape[1] else q[:, start : start + rows]
         bound = torch.bmm(piece.clamp(min=0), kmax).add_(torch.bmm(piece.clamp(max=0), kmin))  # [kv_heads, r, n]
         piece_best = bound.amax(dim=1)
         best = piece_best if best is None else torch.maximum(best, piece_best)
+    if timing is not None:
+        timing[0] += time.perf_counter() - started
     if normalize:
         best = best * (dim**-0.5 if scaling is None else scaling)
         best = best - torch.logsumexp(best, dim=1, keepdim=True)
@@ -191,12 +199,26 @@ class Selection:
     ``predicted``: indices of the top ``k + margin`` scored candidates, best first (no sink or
     local blocks: those are pinned on the device); what the prefetcher brings for the next step.
     ``scores``: the selected candidates' scores, aligned with ``scored`` (their indices).
+    ``block_list`` / ``predicted_list``: the same indices as Python lists when the selection
+    made them anyway (the reader needs lists; None: taken from the tensors).
+    ``kernel_s``: seconds spent in the scoring matmuls (the summary bytes read).
     """
 
     blocks: torch.Tensor
     predicted: torch.Tensor
     scored: torch.Tensor
     scores: torch.Tensor
+    block_list: list[int] | None = None
+    predicted_list: list[int] | None = None
+    kernel_s: float = 0.0
+
+    def indices(self) -> list[int]:
+        """``blocks`` as a list."""
+        return self.block_list if self.block_list is not None else self.blocks.tolist()
+
+    def prediction(self) -> list[int]:
+        """``predicted`` as a list."""
+        return self.predicted_list if self.predicted_list is not None else self.predicted.tolist()
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,21 +279,23 @@ def select_blocks(
     :func:`scoring_queries` (``topk=None``: exact mode, every block, no scoring). ``margin``: extra candidates predicted for prefetch, as a fraction
     of ``topk``. ``normalize``, ``scaling``: see :func:`block_scores`.
     """
-    every = torch.arange(past_blocks)
     low = min(sink_blocks, past_blocks)
     high = max(low, past_blocks - local_blocks)
     candidates = high - low
     empty = torch.empty(0, dtype=torch.long)
     if topk is None or candidates <= topk:  # every block is read: nothing to score
-        return Selection(every, every[low:high], empty, torch.empty(0))
-    scores = block_scores(scoring_queries(query), summary[..., low:high], normalize=normalize, scaling=scaling)
+        every = list(range(past_blocks))
+        return Selection(torch.arange(past_blocks), torch.arange(low, high), empty, torch.empty(0), every, every[low:high])
+    timing = [0.0]
+    scores = block_scores(scoring_queries(query), summary[..., low:high], normalize=normalize, scaling=scaling, timing=timing)
     want = min(candidates, topk + math.ceil(margin * topk))
-    top = torch.topk(scores, want, sorted=True)  # best first
-    # One device -> host transfer for both (float64 holds every fp32 score and index exactly).
-    both = torch.stack([top.values.to(torch.float64), top.indices.to(torch.float64)]).cpu()
-    order = both[1].to(torch.long)
+    values, order = torch.topk(scores, want, sorted=True)  # best first
+    if values.device.type != "cpu":  # one device -> host transfer for both (float64 holds every fp32 score and index exactly)
+        both = torch.stack([values.to(torch.float64), order.to(torch.float64)]).cpu()
+        values, order = both[0].to(scores.dtype), both[1].to(torch.long)
     k = min(topk, candidates)
-    chosen = order[:k]
-    chosen_sorted = torch.sort(chosen).values + low
-    blocks = torch.cat([every[:low], chosen_sorted, every[high:]])
-    return Selection(blocks, order + low, chosen + low, both[0, :k].to(scores.dtype))
+    predicted = [i + low for i in order.tolist()]
+    blocks = list(range(low)) + sorted(predicted[:k]) + list(range(high, past_blocks))
+    chosen = torch.tensor(predicted[:k], dtype=torch.long)
+    return Selection(torch.tensor(blocks, dtype=torch.long), torch.tensor(predicted, dtype=torch.long), chosen, values[:k],
+                     blocks, predicted, timing[0])

@@ -163,6 +163,7 @@ class SequenceKV:
         Full blocks are sealed into the manager (sink / local blocks pinned), summarised and
         retained; the rest stays in the fresh window."""
         self._check_open()
+        started = time.perf_counter()
         if keys.dim() != 3 or keys.shape != values.shape or keys.shape[0] != self.kv_heads or keys.shape[2] != self.head_dim:
             raise ValueError(f"append expects keys and values [{self.kv_heads}, S, {self.head_dim}], got {tuple(keys.shape)} and {tuple(values.shape)}")
         bt = self.block_tokens
@@ -183,6 +184,8 @@ class SequenceKV:
         sealed_before, sealed_after = before // bt, after // bt
         if sealed_after > sealed_before:
             self._seal(layer, k, v, sealed_before, sealed_after)
+        if self._step is not None:
+            self._step.append_s += time.perf_counter() - started
 
     def _seal(self, layer: int, k: torch.Tensor, v: torch.Tensor, first: int, end: int) -> None:
         n, bt = end - first, self.block_tokens
@@ -347,7 +350,8 @@ class SequenceKV:
         fk, fv, f_start = fresh
         past = f_start // self.block_tokens
         out_device = query.device
-        query = query.to(self.device)
+        if out_device != self.device:
+            query = query.to(self.device)
         summary = self.summaries.summary(layer)
         relative = self.summaries.relative and self.topk is not None  # exact mode scores nothing
         outputs = []
@@ -362,22 +366,27 @@ class SequenceKV:
             selection = select_blocks(scoring, summary, past_blocks=past, sink_blocks=self.sink_blocks, local_blocks=local,
                                       topk=self.topk, margin=self.margin, scaling=scaling)
             step.select_s += time.perf_counter() - choosing
+            step.kernel_s += selection.kernel_s
             if self.on_selection is not None:
                 selection = observed_selection(self.on_selection, SelectionEvent(layer, q_pos, q.shape[1], past, selection))
             acc = AttentionAccumulator(q, scaling, self.kv_heads)
-            blocks = selection.blocks.tolist()
-            self._read_blocks(layer, acc, blocks, q.shape[1], step, self._remap_deltas(blocks, past, local))
+            blocks = selection.indices()
             visible = q_pos + q.shape[1] - f_start
-            self._add_keys(acc, fk[:, :visible], fv[:, :visible], f_start, q_pos, q.shape[1])
+            if s == 1:  # a decode step: the fresh window joins the blocks' last piece (no mask: all visible)
+                self._read_blocks(layer, acc, blocks, 1, step, self._remap_deltas(blocks, past, local), (fk, fv))
+            else:
+                self._read_blocks(layer, acc, blocks, q.shape[1], step, self._remap_deltas(blocks, past, local))
+                self._add_keys(acc, fk[:, :visible], fv[:, :visible], f_start, q_pos, q.shape[1])
             outputs.append(acc.result())
+            step.kernel_s += acc.kernel_s
         if selection is not None and self.score_policy and selection.scored.numel():
             keys = self._keys[layer]
             self.manager.note_scores([keys[i] for i in selection.scored.tolist()], selection.scores)
         if self.prefetcher is not None and selection is not None:
-            self._prefetch(layer, selection.predicted)
+            self._prefetch(layer, selection.prediction())
         step.attend_s += time.perf_counter() - started
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
-        return out.to(out_device)
+        return out if out_device == self.device else out.to(out_device)
 
     def _add_keys(self, acc: AttentionAccumulator, k: torch.Tensor, v: torch.Tensor, k_start: int, q_pos: int, nq: int) -> None:
         """Feed keys at positions ``k_start ...`` to ``acc`` in memory-bounded pieces, causally masked."""
@@ -402,61 +411,66 @@ class SequenceKV:
         return deltas if any(deltas) else None
 
     def _read_blocks(self, layer: int, acc: AttentionAccumulator, indices: list[int], nq: int, step: StepStats,
-                     deltas: list[int] | None = None) -> None:
+                     deltas: list[int] | None = None, fresh: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Gather the blocks ``indices`` (sorted) of ``layer`` and feed them to ``acc``; ``deltas``
-        (positions = "remap"): per block, the blocks' worth of positions its keys move by."""
+        (positions = "remap"): per block, the blocks' worth of positions its keys move by.
+        ``fresh``: keys and values ``[Hkv, F, D]`` that every query sees (a decode step's fresh
+        window), read in the same piece as the last blocks.
+
+        Each piece is one buffer ``[2, Hkv, tokens, D]``: the manager writes the blocks straight
+        into it (:meth:`~hkv.tiers.promotion.Promotion.gather_into`: one ``index_select`` when
+        they are all on the device), the fresh window is copied behind them, and the accumulator
+        reads it in one attention call. Piece sizes depend on memory constants and the selection
+        only, never on the manager's state, so results never depend on timing."""
         if not indices:
+            if fresh is not None:
+                acc.add(*fresh)
             return
         keys = self._keys[layer]
-        wanted = [keys[i] for i in indices]
+        wanted = [keys[i].digest for i in indices]
         predicted = self._take_prediction(layer, step)
-        bt, d = self.block_tokens, self.head_dim
-        # Piece size is fixed by memory only (never by the manager's state), so results never
-        # depend on timing; gathered pieces are transient, outside the tier budget.
-        per_piece = max(1, PIECE_KV_ELEMENTS // (2 * self.kv_heads * bt * d))
+        bt, d, h = self.block_tokens, self.head_dim, self.kv_heads
+        per_piece = max(1, PIECE_KV_ELEMENTS // (2 * h * bt * d))
         if acc.materializes_scores:
             per_piece = max(1, min(per_piece, PIECE_SCORE_ELEMENTS // (self.q_heads * nq * bt)))
         report = GatherReport(late_keys=set())
+        gather_into = self.manager.gather_into
         for p0 in range(0, len(wanted), per_piece):
-            blocks = self._gather(wanted[p0 : p0 + per_piece], report)  # [n, 2, Hkv, bt, D]
-            n = blocks.shape[0]
-            k = blocks[:, 0].transpose(0, 1).reshape(self.kv_heads, n * bt, d)
-            v = blocks[:, 1].transpose(0, 1).reshape(self.kv_heads, n * bt, d)
+            part = wanted[p0 : p0 + per_piece]
+            n = len(part)
+            extra = fresh[0].shape[1] if fresh is not None and p0 + n == len(wanted) else 0
+            piece = torch.empty(2, h, n * bt + extra, d, dtype=self.dtype, device=self.device)
+            gather_into(part, piece[:, :, : n * bt].view(2, h, n, bt, d), report=report)
             if deltas is not None:
-                k = self.rotary.rotate_blocks(k, [x * bt for x in deltas[p0 : p0 + n]], bt)
-            acc.add(k, v)
+                piece[0, :, : n * bt] = self.rotary.rotate_blocks(piece[0, :, : n * bt], [x * bt for x in deltas[p0 : p0 + n]], bt)
+            if extra:
+                piece[0, :, n * bt :] = fresh[0]
+                piece[1, :, n * bt :] = fresh[1]
+            acc.add(piece[0], piece[1])
+        step.kernel_s += report.copy_s
         self._count_prefetch(layer, wanted, indices, predicted, report, step)
-
-    def _gather(self, keys: list[BlockKey], report: GatherReport) -> torch.Tensor:
-        """``[n, 2, Hkv, bt, D]`` on the device, in waves of at most ``gather_capacity()`` blocks."""
-        capacity = self.manager.gather_capacity()
-        if capacity < 1:
-            raise RuntimeError("the device tier has no unpinned room to read blocks into; raise tiers.device")
-        if len(keys) <= capacity:
-            return self.manager.gather(keys, report=report)
-        return torch.cat([self.manager.gather(keys[w : w + capacity], report=report) for w in range(0, len(keys), capacity)])
 
     # -- prefetch --------------------------------------------------------------------------------
 
-    def _take_prediction(self, layer: int, step: StepStats) -> set[BlockKey] | None:
-        """The blocks this step's prefetch predicted for the layer's next read (None when it
-        predicted nothing); the prediction is used up by that read."""
+    def _take_prediction(self, layer: int, step: StepStats) -> set[bytes] | None:
+        """The digests of the blocks this step's prefetch predicted for the layer's next read
+        (None when it predicted nothing); the prediction is used up by that read."""
         ticket = self._tickets[layer]
         if ticket is None:
             return None
         self._tickets[layer] = None
         step.predicted += len(ticket.keys)
-        return set(ticket.keys)
+        return {key.digest for key in ticket.keys}
 
-    def _count_prefetch(self, layer: int, wanted: list[BlockKey], indices: list[int], predicted: set[BlockKey] | None,
+    def _count_prefetch(self, layer: int, wanted: list[bytes], indices: list[int], predicted: set[bytes] | None,
                         report: GatherReport, step: StepStats) -> None:
-        """Count every block of one read (``wanted``, distinct, gathered with ``report``) in one
+        """Count every block of one read (``wanted``: digests, distinct, gathered with ``report``) in one
         bucket of :class:`~hkv.attention.stats.StepStats`: pinned, hit, unpredicted, waited or
         fetched (the gather found the last two not on the device: ``report.late_keys``)."""
         pinned, late = self._pinned[layer], report.late_keys
         n_pinned = hit = unpredicted = 0
         for key, i in zip(wanted, indices):
-            if late and key.digest in late:
+            if late and key in late:
                 continue  # waited for or fetched: counted by the report
             if i in pinned:
                 n_pinned += 1
@@ -476,14 +490,14 @@ class SequenceKV:
         step.missed += report.fetched
         step.stall_s += report.stall_s
 
-    def _prefetch(self, layer: int, predicted: torch.Tensor) -> None:
+    def _prefetch(self, layer: int, predicted: list[int]) -> None:
         self.prefetcher.cancel(self._tickets[layer])
-        count = min(predicted.numel(), self._share)
+        count = min(len(predicted), self._share)
         if count == 0:
             self._tickets[layer] = None
             return
         keys = self._keys[layer]
-        self._tickets[layer] = self.prefetcher.submit(layer, [keys[i] for i in predicted[:count].tolist()])
+        self._tickets[layer] = self.prefetcher.submit(layer, [keys[i] for i in predicted[:count]])
 
     # -- stats -----------------------------------------------------------------------------------
 

@@ -57,7 +57,19 @@ class StepStats:
     stall_s: float = 0.0
     attend_s: float = 0.0
     select_s: float = 0.0  # of attend_s: choosing the blocks (scoring their summaries)
+    append_s: float = 0.0  # appending the new tokens' KV (sealing full blocks into the tiers)
+    kernel_s: float = 0.0  # of attend_s: in the kernels that read the step's bytes (scoring matmuls, the gather's copy, attention)
     moved_bytes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def host_s(self) -> float:
+        """Seconds of hkv's own work outside the kernels that read the step's bytes and outside
+        stalls: ``attend_s + append_s - kernel_s - stall_s``. Selection's small ops (top-k,
+        normalising), block bookkeeping, the manager's lock, copying the fresh window and the
+        prefetch submissions are in it. On a GPU, where kernels run asynchronously, this is the
+        host time the step's launches and bookkeeping take; on a CPU it is the same work run
+        inline. Divided by the layers and steps, the figure ``hkv bench decode`` prints."""
+        return max(0.0, self.attend_s + self.append_s - self.kernel_s - self.stall_s)
 
     @property
     def read_buckets(self) -> dict[str, int]:
@@ -93,4 +105,4 @@ class SequenceStats(StepStats):
 
 COUNTERS = (  # the StepStats fields summed over steps
     "predicted", "read", "pinned", "needed", "hit", "unpredicted", "late", "missed", "resident", "waited", "fetched",
-    "stall_s", "attend_s", "select_s")
+    "stall_s", "attend_s", "select_s", "append_s", "kernel_s")

@@ -13,7 +13,10 @@ Figures: ``hkv_ms`` and ``baseline_ms`` (median ms per token; ``None`` where the
 does not fit in RAM), ``hit_rate`` (blocks read that the prefetcher had on the device in time /
 unpinned blocks read), ``precision`` (the same hits / blocks predicted, margin included),
 ``missed_per_step`` (blocks fetched on demand per step), ``stall_frac`` (time attention waited
-for blocks that were not on the device / decode time). All over the timed steps only.
+for blocks that were not on the device / decode time), ``host_ms_per_layer`` (hkv's own time
+per layer and step outside the kernels that read the step's bytes and outside stalls:
+:attr:`~hkv.attention.stats.StepStats.host_s`) and ``layer_ms`` (per layer and step: attend,
+append, kernel, select, stall). All over the timed steps only.
 Memory and placement: ``tier_bytes`` (bytes per tier once the fill is done: every block in
 exactly one tier; the disk's count 64-byte record headers; ``tiers`` is the same after decode,
 when blocks read from below also have a copy above), ``kv_bytes`` (the KV in the storage dtype),
@@ -161,7 +164,7 @@ def _hkv_run(model: torch.nn.Module, config: Config, context: int, steps: int, s
     kv_bytes = storage_kv_bytes(spec_cfg, config, context, next(model.parameters()).dtype)
     tiers = {"path": str(store), "disk": _disk_budget(config, kv_bytes)}
     # env={}: HKV_* were applied when config was made; again here, HKV_TIERS__PATH would send the KV to the user's store
-    config = Config.load(config, env={}, tiers=tiers, attention={"mode": "sparse"}, prefetch={"enabled": True})
+    config = Config.load(config, env={}, tiers=tiers, attention={"mode": "sparse"})
     rss_start = rss_bytes()
     whole_rss = RssSampler().start()  # fill, decode and teardown (stats, closing cache and runtime)
     fill_rss = RssSampler().start()
@@ -193,6 +196,10 @@ def _hkv_run(model: torch.nn.Module, config: Config, context: int, steps: int, s
     hits = _stat(after, "hit") - _stat(before, "hit")
     missed = _stat(after, "missed") - _stat(before, "missed")
     stall = _stat(after, "stall_s") - _stat(before, "stall_s")
+    layer_steps = steps * spec_cfg.num_hidden_layers
+    host = {name: (_stat(after, name) - _stat(before, name)) / layer_steps
+            for name in ("attend_s", "append_s", "kernel_s", "select_s", "stall_s")}  # fmt: skip
+    host_s = max(0.0, host["attend_s"] + host["append_s"] - host["kernel_s"] - host["stall_s"])  # StepStats.host_s
     median = statistics.median(times)
     peak = {name: max(fill_peak[name], decode_rss.peak[name]) for name in fill_peak}
     return {
@@ -202,6 +209,8 @@ def _hkv_run(model: torch.nn.Module, config: Config, context: int, steps: int, s
         "precision": hits / predicted if predicted else None,
         "missed_per_step": missed / steps,
         "stall_frac": stall / sum(times) if times else None,
+        "host_ms_per_layer": 1000 * host_s,
+        "layer_ms": {name[:-2]: 1000 * value for name, value in host.items()},
         "tiers": stats.tiers,
         "tiers_after_fill": filled,
         "moved_bytes": stats.moved_bytes,
@@ -308,11 +317,12 @@ def run_decode_bench(
     baseline_max_bytes: int | None = None,
     isolate: bool = False,
     store_dir: str | Path | None = None,
+    prefetch: bool = True,
 ) -> dict[str, Any]:
     """Decode latency per token of hkv sparse mode and of ``DynamicCache`` at each context length.
 
     ``config``: hkv's config (its attention/tier settings; mode is forced to sparse, prefetch
-    on, the disk store goes to a temporary folder, under ``store_dir`` if given, removed after
+    to ``prefetch`` (on by default), the disk store goes to a temporary folder, under ``store_dir`` if given, removed after
     each context, and the disk budget is raised to the KV + 2% + 1 GiB where it is smaller);
     None: defaults with :data:`BENCH_TIERS`. ``weights``: "smollm2" (the real model, so decode
     queries are realistic), "random" (SmolLM2's shape) or "auto" (smollm2 when installed).
@@ -333,6 +343,7 @@ def run_decode_bench(
     if isolate and model is not None:
         raise ValueError("isolate=True builds the model in each context's process; do not pass model=")
     config = config if config is not None else Config.load(tiers=BENCH_TIERS)
+    config = Config.load(config, env={}, prefetch={"enabled": prefetch})
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model_dtype = None
     if not isolate:
@@ -348,6 +359,8 @@ def run_decode_bench(
         "baseline_ms": [],
         "hit_rate": [],
         "stall_frac": [],
+        "host_ms_per_layer": [],
+        "layer_ms": [],
         "precision": [],
         "missed_per_step": [],
         "hkv_fill_s": [],
@@ -389,6 +402,8 @@ def run_decode_bench(
         figures["hkv_ms"].append(run["ms"])
         figures["hit_rate"].append(run["hit_rate"])
         figures["stall_frac"].append(run["stall_frac"])
+        figures["host_ms_per_layer"].append(run["host_ms_per_layer"])
+        figures["layer_ms"].append(run["layer_ms"])
         figures["precision"].append(run["precision"])
         figures["missed_per_step"].append(run["missed_per_step"])
         figures["hkv_fill_s"].append(run["fill_s"])
@@ -430,8 +445,11 @@ def print_table(figures: dict[str, Any]) -> None:
     tiers = figures.get("hkv_config", {}).get("tiers", {})
     if tiers:
         print(f"tiers: device {tiers['device'] / GiB:.2f} GiB, host {tiers['host'] / GiB:.2f} GiB, rest on disk; storage dtype {tiers['dtype']}")
-    print(f"{'context':>9} {'hkv ms':>9} {'Dynamic ms':>11} {'speedup':>8} {'hit rate':>9} {'miss/step':>10} {'stall':>7}"
-          f" {'fill s':>8} {'peak RSS':>9} {'dev/host/disk GiB':>19}")
+    pf = figures.get("hkv_config", {}).get("prefetch", {})
+    if pf:
+        print(f"prefetch: {'on, ' + str(pf['workers']) + ' workers' if pf['enabled'] else 'off'}")
+    print(f"{'context':>9} {'hkv ms':>9} {'Dynamic ms':>11} {'speedup':>8} {'host ms/layer':>14} {'hit rate':>9} {'miss/step':>10}"
+          f" {'stall':>7} {'fill s':>8} {'peak RSS':>9} {'dev/host/disk GiB':>19}")
     for i, context in enumerate(figures["contexts"]):
         hkv, base = figures["hkv_ms"][i], figures["baseline_ms"][i]
         speed = base / hkv if base else None
@@ -440,14 +458,21 @@ def print_table(figures: dict[str, Any]) -> None:
         per_tier = figures.get("tier_bytes", [None] * (i + 1))[i]
         tier_text = "/".join(f"{per_tier[name] / GiB:.2f}" for name in ("device", "host", "disk")) if per_tier else "-"
         print(
-            f"{context:>9} {fmt(hkv, '9.2f')} {fmt(base, '11.2f')} {fmt(speed, '7.1f') + ('x' if speed else ''):>8} "
-            f"{fmt(figures['hit_rate'][i], '9.1%')} {fmt(figures.get('missed_per_step', [None] * (i + 1))[i], '10.0f')} "
+            f"{context:>9} {fmt(hkv, '9.2f')} {fmt(base, '11.2f')} {fmt(speed, '7.2f') + ('x' if speed else ''):>8} "
+            f"{fmt(figures.get('host_ms_per_layer', [None] * (i + 1))[i], '14.3f')} {fmt(figures['hit_rate'][i], '9.1%')} {fmt(figures.get('missed_per_step', [None] * (i + 1))[i], '10.0f')} "
             f"{fmt(figures['stall_frac'][i], '7.1%')} {fmt(figures['hkv_fill_s'][i], '8.1f')} "
             f"{fmt(peak, '8.2f') + ('G' if peak is not None else ''):>9} {tier_text:>19}"
         )
     for i, reason in enumerate(figures.get("baseline_skipped", [])):
         if reason and reason != "not run":
             print(f"DynamicCache skipped at {figures['contexts'][i]}: {reason}")
+    if figures.get("host_ms_per_layer"):
+        print("host ms/layer: hkv's own time per layer and step outside the kernels that read the step's bytes (scoring "
+              "matmuls, the gather's copy, attention) and outside stalls: selection's small ops, bookkeeping, lock, prefetch "
+              "submissions, appending (StepStats.host_s)")
+        for i, parts in enumerate(figures.get("layer_ms", [])):
+            if parts:
+                print(f"  {figures['contexts'][i]}: per layer ms " + ", ".join(f"{name} {value:.3f}" for name, value in parts.items()))
     if figures.get("hkv_growth") is not None:
         print(f"hkv latency at {figures['contexts'][-1]} / at {figures['contexts'][0]}: {figures['hkv_growth']:.2f}x")
     if figures.get("rss_limit_bytes"):

@@ -73,6 +73,7 @@ def bench_decode(
     isolate: Annotated[Optional[bool], typer.Option("--isolate/--no-isolate", help="each context in a fresh process (its own peak RSS)")] = None,
     baseline_max: Annotated[Optional[str], typer.Option(help="skip DynamicCache where its KV exceeds this, e.g. 8GiB")] = None,
     png: Annotated[Optional[Path], typer.Option(help="latency and memory against context length (needs matplotlib)")] = None,
+    prefetch: Annotated[bool, typer.Option("--prefetch/--no-prefetch", help="hkv's prefetcher on (the default) or off")] = True,
 ) -> None:
     """Decode latency per token, hkv sparse vs transformers' DynamicCache, same model shape."""
     from pydantic import ByteSize, TypeAdapter
@@ -89,7 +90,7 @@ def bench_decode(
     except (ConfigError, ValueError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
-    figures = run_decode_bench(**options, steps=steps, weights=weights, store_dir=store_dir)
+    figures = run_decode_bench(**options, steps=steps, weights=weights, store_dir=store_dir, prefetch=prefetch)
     print_table(figures)
     write_json(json_path, figures)
     write_png(png, figures)

@@ -109,18 +109,17 @@ class Prefetcher:
         # a job per resident block would only cost the main thread GIL and lock time.
         todo = self.manager.missing_from_device(keys) if to == "device" else list(keys)
         size = max(1, self.job_blocks)
+        # Keep the device's next eviction victims clean (a host copy below them), so that making
+        # room for these blocks, or for a gather's misses, drops instead of copying down on the
+        # critical path. Only when something is promoted (with nothing to promote, nothing is
+        # evicted for the prefetch), and in the last promotion job rather than a job of its own:
+        # every job is a thread hand-off that takes the GIL from the model's thread.
+        clean = max(len(todo), 4 * size) if to == "device" else 0
         for start in range(0, len(todo), size):
             part = todo[start : start + size]
-            future = self._pool.submit(self._promote, layer, part, to)
+            last = start + size >= len(todo)
+            future = self._pool.submit(self._promote, layer, part, to, clean if last else 0)
             future.hkv_keys = part  # type: ignore[attr-defined]
-            futures.append(future)
-        if to == "device" and todo:
-            # Keep the device's next eviction victims clean (a host copy below them), so that
-            # making room for these blocks, or for a gather's misses, drops instead of copying
-            # down on the critical path. Only when something is promoted: with nothing to
-            # promote, nothing is evicted for the prefetch.
-            future = self._pool.submit(self._write_back, layer, max(len(todo), 4 * self.job_blocks))
-            future.hkv_keys = []  # type: ignore[attr-defined]
             futures.append(future)
         with self._lock:
             self._stats.submitted_blocks += len(todo)
@@ -135,13 +134,16 @@ class Prefetcher:
                 with self._lock:
                     self._stats.cancelled_jobs += cancelled
 
-    def _promote(self, layer: int, keys: list[BlockKey], to: str) -> None:
+    def _promote(self, layer: int, keys: list[BlockKey], to: str, clean: int = 0) -> None:
+        """Promote ``keys``; then, with ``clean``, write back up to that many device victims."""
         try:
             self.manager.promote(keys, to)
         except Exception:  # noqa: BLE001 -- prefetch is best effort; gather fetches on demand
             log.debug("prefetch of %d blocks of layer %d failed", len(keys), layer, exc_info=True)
             with self._lock:
                 self._stats.failed_jobs += 1
+        if clean:
+            self._write_back(layer, clean)
 
     def _write_back(self, layer: int, limit: int) -> None:
         try:

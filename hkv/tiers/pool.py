@@ -152,7 +152,8 @@ class SlotPool(Tier):
 
     def index(self, slots: Sequence[int]) -> torch.Tensor:
         """Slot indices as a long tensor on the pool's device (for ``index_select`` / ``index_copy_``)."""
-        return torch.as_tensor(slots, dtype=torch.long).to(self.device, non_blocking=True)
+        index = torch.as_tensor(slots, dtype=torch.long)
+        return index if self.device.type == "cpu" else index.to(self.device, non_blocking=True)
 
     # -- Tier interface -------------------------------------------------------------------------
     def used_bytes(self) -> int:

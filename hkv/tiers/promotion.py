@@ -40,6 +40,7 @@ class GatherReport:
     fetched: int = 0  # not on the device, fetched on demand
     stall_s: float = 0.0  # time spent because blocks were not on the device: waiting for a promotion in flight, or fetching on demand (not lock waits or per-gather bookkeeping)
     late_keys: set[bytes] | None = field(default=None, compare=False)  # digests of the blocks waited for or fetched (when a set)
+    copy_s: float = 0.0  # time in gather_into's one read of the device pool (the bytes read), with the lock held
 
 
 @dataclass(slots=True)
@@ -101,6 +102,116 @@ class Promotion(Placement):
                 report.late_keys.update(busy)
                 report.late_keys.update(missing)
         return out
+
+    def gather_into(self, keys: Sequence[Digest], out: torch.Tensor, *, report: GatherReport | None = None) -> None:
+        """Write the distinct blocks ``keys`` (digests) into ``out`` ``[2, kv_heads, n, block_tokens,
+        head_dim]`` (keys / values first, the attention layout: ``out[0, h]`` reshaped is head
+        ``h``'s keys of all ``n`` blocks in order); ``out`` may be a view into a larger buffer.
+
+        The decode step's read. The blocks not on the device are brought there first (waiting
+        for promotions in flight, fetching the rest on demand, as :meth:`gather` does); then,
+        under the lock, one dict lookup per block and one ``index_select`` from the device pool
+        straight into ``out``: no block can be evicted or its slot reused meanwhile (on CUDA the
+        read is ordered after the blocks' promotion events and before any later copy into their
+        slots, as in :meth:`gather`). When blocks cannot all be on the device at once (more than
+        :meth:`gather_capacity`, or evicted again before the read) they go through :meth:`gather`
+        in waves. Either way ``out`` ends up with the same bytes, and ``report`` counts each
+        block once."""
+        n = len(keys)
+        if n == 0:
+            return
+        for attempt in range(2):
+            with self._cond:
+                self._check_open()
+                on_device = self.device_pool.slot_map
+                slots = [on_device.get(key) for key in keys]
+                if None not in slots:
+                    if self.copies.cuda:
+                        self.copies.order_after([self._entries[key].event for key in keys])
+                    pool = self.device_pool
+                    started = time.perf_counter()
+                    torch.index_select(pool.data.permute(1, 2, 0, 3, 4), 2, pool.index(slots), out=out)
+                    self.copies.mark_use()
+                    if report is not None:
+                        report.copy_s += time.perf_counter() - started
+                        if attempt == 0:
+                            report.resident += n
+                    return
+                capacity = self.device_pool.n_slots - self._pinned_count
+                missing = [key for key, slot in zip(keys, slots) if slot is None]
+                if not self.copies.cuda and self._read_from_host(keys, slots, missing, out, report if attempt == 0 else None):
+                    return
+            if attempt == 1 or len(missing) > capacity:
+                break
+            self._bring(missing, report)  # counts the missing blocks: waited for or fetched
+            if report is not None:
+                report.resident += n - len(missing)
+        if capacity < 1:
+            raise RuntimeError("the device tier has no unpinned room to read blocks into; raise tiers.device")
+        counted = attempt == 1  # the first attempt counted every block already
+        blocks = [BlockKey(key) for key in keys]
+        for w in range(0, n, capacity):
+            part = self.gather(blocks[w : w + capacity], report=None if counted else report)  # [m, 2, Hkv, bt, D]
+            out[:, :, w : w + part.shape[0]].copy_(part.permute(1, 2, 0, 3, 4))
+
+    def _read_from_host(self, keys: Sequence[Digest], slots: list[int | None], missing: list[Digest], out: torch.Tensor,
+                        report: GatherReport | None) -> bool:
+        """Without a GPU (lock held): when every block of ``keys`` not on the device (``missing``)
+        has a host copy, read those from the host pool and the rest from the device pool into
+        ``out``, without promoting anything; True when done. The two pools are both RAM there:
+        a promotion would copy each block twice more (host -> device slot, device slot -> out)
+        and evict another block, where the read needs one copy. The bytes are the same, so the
+        attention's result does not change. The blocks read from the host count as fetched (on
+        demand, the time of their copies as stall); a disk-only block leaves it to the promotion."""
+        on_host = self.host_pool.slot_map
+        host_slots = [on_host.get(key) for key in missing]
+        if None in host_slots:
+            return False
+        started = time.perf_counter()
+        # every row from the device pool (a missing one from slot 0, overwritten below): one pass
+        pool = self.device_pool
+        torch.index_select(pool.data.permute(1, 2, 0, 3, 4), 2, pool.index([0 if slot is None else slot for slot in slots]), out=out)
+        copied = time.perf_counter()
+        host = self.host_pool.data
+        fetched = iter(host_slots)
+        for i, slot in enumerate(slots):
+            if slot is None:
+                out[:, :, i].copy_(host[next(fetched)])
+        if report is not None:
+            done = time.perf_counter()
+            report.copy_s += copied - started
+            report.stall_s += done - copied
+            report.resident += len(keys) - len(missing)
+            report.fetched += len(missing)
+            if report.late_keys is not None:
+                report.late_keys.update(missing)
+        self.moved["host->device"] += self.layout.nbytes * len(missing)
+        return True
+
+    def _bring(self, keys: list[Digest], report: GatherReport | None) -> None:
+        """Bring the distinct blocks ``keys`` to the device as far as room allows (:meth:`gather`
+        without the read): hold them, wait for the busy ones, fetch the rest; count them in
+        ``report`` (waited or fetched; those found resident meanwhile as resident)."""
+        with self._cond:
+            self._check_open()
+            entries = [self._get(key) for key in keys]
+            for entry in entries:
+                entry.holds += 1
+        try:
+            busy, resident, missing, _, stalled = self._fetch(keys, entries)
+        finally:
+            with self._cond:
+                for entry in entries:
+                    entry.holds -= 1
+                self._cond.notify_all()  # release/delete wait for holds to drop
+        if report is not None:
+            report.resident += resident
+            report.waited += len(busy)
+            report.fetched += len(missing)
+            report.stall_s += stalled
+            if report.late_keys is not None:
+                report.late_keys.update(busy)
+                report.late_keys.update(missing)
 
     def _fetch(self, unique: list[Digest], entries: list[Entry]) -> tuple[list[Digest], int, list[Digest], _Plan | None, float]:
         """Bring held blocks to the device (as far as room allows): wait for the busy ones, fetch

@@ -83,3 +83,18 @@ def test_rejects_bad_grouping() -> None:
     q, _, _ = _qkv(6, 4, 1, 1, 4)
     with pytest.raises(ValueError, match="multiple of kv heads"):
         AttentionAccumulator(q, 1.0, 4)
+
+
+def test_one_unmasked_piece_is_the_kernel_output_bitwise_as_the_merge_gives_it() -> None:
+    # A decode step reads its blocks and fresh window as one piece: the accumulator returns the
+    # kernel's output without merging; merging the same piece (a second, empty-visibility piece
+    # forces the running state) gives the same bits.
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = torch.randn(6, 1, 16, generator=gen), torch.randn(2, 40, 16, generator=gen), torch.randn(2, 40, 16, generator=gen)
+    single = AttentionAccumulator(q, 0.25, 2)
+    single.add(k, v)
+    merged = AttentionAccumulator(q, 0.25, 2)
+    merged.add(k, v)
+    merged.add(k[:, :3], v[:, :3], torch.zeros(1, 3, dtype=torch.bool))  # nothing visible: weight 0
+    assert single.m is None and merged.m is not None and single.kernel_s > 0
+    assert torch.equal(single.result(), merged.result())

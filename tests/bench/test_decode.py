@@ -47,8 +47,11 @@ def test_tiny_run_spills_to_disk_and_reports_memory(decode_model, tmp_path: Path
                                baseline_max_bytes=300 * KIB, store_dir=tmp_path)
     json.dumps(figures)  # what --json writes
     for key in ("hkv_ms", "baseline_ms", "stall_frac", "hit_rate", "hkv_fill_s", "tier_bytes", "kv_bytes",
-                "rss_peak_bytes", "rss_lifetime_peak_bytes", "rss_limit_bytes", "baseline_skipped", "rss_within_limit"):
+                "rss_peak_bytes", "rss_lifetime_peak_bytes", "rss_limit_bytes", "baseline_skipped", "rss_within_limit",
+                "host_ms_per_layer", "layer_ms"):
         assert key in figures, key
+    for host, parts in zip(figures["host_ms_per_layer"], figures["layer_ms"]):  # hkv's own time per layer, measured
+        assert 0 <= host <= parts["attend"] + parts["append"] and parts["kernel"] > 0
     assert figures["kv_bytes"] == [2 * 2 * 16 * 2 * n for n in (1024, 2048)]
     for tiers, kv in zip(figures["tiers_after_fill"], figures["kv_bytes"]):
         disk = tiers["disk"]
