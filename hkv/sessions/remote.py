@@ -70,6 +70,41 @@ def push_session(store: SessionStore, remote: RemoteStore, name: str) -> bool:
     return remote.put_session(name, raw, tail)
 
 
+def _copy_blocks(store: SessionStore, remote: RemoteStore, keys: list[bytes]) -> set[bytes]:
+    """Copy the blocks of ``keys`` (with their summaries) from the server into the local store,
+    unreferenced, a chunk of 1,024 at a time (bounded memory: a 1M-token session is 23 GB); those
+    now stored locally. A record missing on the server, or failing its checks (logged), is not."""
+    stored: set[bytes] = set()
+    capacity = store.disk.capacity_bytes
+    for start in range(0, len(keys), 4 * CHUNK):
+        chunk = keys[start : start + 4 * CHUNK]
+        good: list[tuple[bytes, bytes]] = []
+        for key, value in zip(chunk, remote.get_blocks(chunk)):
+            if value is None:
+                continue
+            try:
+                check_record(value, key, where=f"remote block {key.hex()}")
+                good.append((key, value))
+            except RecordError as error:
+                log.warning("remote tier: %s; recomputed instead", error)
+        if not good:
+            continue
+        where = [summary_key(key, relative) for key, _ in good for relative in (False, True)]
+        summaries = [(name, value) for name, value in zip(where, remote.get_summaries(where)) if value is not None]
+
+        def job(txn: StoreTxn, good: list[tuple[bytes, bytes]] = good, summaries: list[tuple[bytes, bytes]] = summaries) -> list[bytes]:
+            if txn.usage["used_bytes"] + sum(len(value) for _, value in good) > capacity:
+                raise TierFullError(f"{store.path}: blocks from the remote tier do not fit tiers.disk = {capacity} bytes")
+            for key, value in good:
+                if txn.record_nbytes(key) is None:
+                    txn.put_block(key, value)
+            txn.put_many("summaries", summaries)
+            return [key for key, _ in good]
+
+        stored.update(store.disk.apply(job))
+    return stored
+
+
 def pull_session(store: SessionStore, remote: RemoteStore, name: str, local: SessionRecord | None = None) -> bool:
     """Copy session ``name`` from the server into the local store (see the module docstring)
     unless the local copy ``local`` is as new (committed at the same time or later); whether
@@ -87,19 +122,9 @@ def pull_session(store: SessionStore, remote: RemoteStore, name: str, local: Ses
         return False
     layers, keys = record.num_layers, record.key_digests()
     with store.disk.reading() as txn:
-        local = set(txn.found("keys", keys))
-    fetched: dict[bytes, bytes] = {}
-    need = [key for key in dict.fromkeys(keys) if key not in local]
-    for key, value in zip(need, remote.get_blocks(need)):
-        if value is None:
-            continue
-        try:
-            check_record(value, key, where=f"remote block {key.hex()}")
-            fetched[key] = value
-        except RecordError as error:
-            log.warning("remote tier: %s; recomputed instead", error)
-    available = local | set(fetched)
-    kept = next((i for i in range(record.kv_blocks) if any(k not in available for k in keys[i * layers : (i + 1) * layers])), record.kv_blocks)
+        stored = set(txn.found("keys", keys))
+    stored |= _copy_blocks(store, remote, [key for key in dict.fromkeys(keys) if key not in stored])
+    kept = next((i for i in range(record.kv_blocks) if any(k not in stored for k in keys[i * layers : (i + 1) * layers])), record.kv_blocks)
     if tail is not None:
         try:
             check_record(tail, tail_key(name), where=f"remote tail of session {name!r}")
@@ -112,19 +137,9 @@ def pull_session(store: SessionStore, remote: RemoteStore, name: str, local: Ses
         record.kv_blocks, record.tail_tokens, tail = kept, 0, None
         record.kv_tokens = kept * record.block_tokens
     wanted = keys[: kept * layers]
-    summary_wanted = [(key, where) for key in dict.fromkeys(wanted) if key not in local for where in (summary_key(key), summary_key(key, True))]
-    values = remote.get_summaries([where for _, where in summary_wanted]) if summary_wanted else []
-    summaries = [(key, where, value) for (key, where), value in zip(summary_wanted, values) if value is not None]
-    blocks = [(key, fetched[key]) for key in dict.fromkeys(wanted) if key in fetched]
-    need_bytes = sum(len(value) for _, value in blocks)
 
-    def job(txn: StoreTxn) -> CommitResult:
-        if txn.usage["used_bytes"] + need_bytes > store.disk.capacity_bytes:
-            raise TierFullError(f"session {name!r} from the remote tier needs {need_bytes} bytes; tiers.disk is full")
-        for key, value in blocks:
-            if txn.record_nbytes(key) is None:
-                txn.put_block(key, value)
-        return commit_in(txn, record, wanted, summaries, tail, time.time())[0]
+    def job(txn: StoreTxn) -> CommitResult:  # the summaries came with the blocks
+        return commit_in(txn, record, wanted, [], tail, time.time())[0]
 
     store.disk.apply(job)
     return True
@@ -145,41 +160,16 @@ def fetch_prefix(store: SessionStore, remote: RemoteStore, seq: SequenceKV, toke
     layers = seq.num_layers
     keys = [bytes(key) for key in (BlockKey.make(seq.fingerprint, chain, layer) for chain in chains for layer in range(layers))]
     with store.disk.reading() as txn:
-        local = set(txn.found("keys", keys))
-    start = next((i for i in range(count) if any(k not in local for k in keys[i * layers : (i + 1) * layers])), count)
+        stored = set(txn.found("keys", keys))
+    start = next((i for i in range(count) if any(k not in stored for k in keys[i * layers : (i + 1) * layers])), count)
     if start == count:
         return 0
     held = remote.has_blocks(keys[start * layers :: layers])  # layer 0 of each block: where the server's run ends
     end = start + next((i for i, ok in enumerate(held) if not ok), len(held))
-    wanted = [key for key in keys[start * layers : end * layers] if key not in local]
-    if not wanted:
-        return 0
-    fetched: dict[bytes, bytes] = {}
-    for key, value in zip(wanted, remote.get_blocks(wanted)):
-        if value is None:
-            continue
-        try:
-            check_record(value, key, where=f"remote block {key.hex()}")
-            fetched[key] = value
-        except RecordError as error:
-            log.warning("remote tier: %s; recomputed instead", error)
-    end = next((i for i in range(start, end) if any(k not in local and k not in fetched for k in keys[i * layers : (i + 1) * layers])), end)
-    blocks = [(key, fetched[key]) for key in keys[start * layers : end * layers] if key in fetched]
-    if not blocks:
-        return 0
-    where = [summary_key(key, relative) for key, _ in blocks for relative in (False, True)]
-    summaries = [(name, value) for name, value in zip(where, remote.get_summaries(where)) if value is not None]
-
-    def job(txn: StoreTxn) -> int:
-        if txn.usage["used_bytes"] + sum(len(v) for _, v in blocks) > store.disk.capacity_bytes:
-            return 0  # no room: the prefix is computed instead
-        for key, value in blocks:
-            if txn.record_nbytes(key) is None:
-                txn.put_block(key, value)
-        txn.put_many("summaries", summaries)
-        return len(blocks)
-
-    return store.disk.apply(job)
+    try:
+        return len(_copy_blocks(store, remote, [key for key in keys[start * layers : end * layers] if key not in stored]))
+    except TierFullError:
+        return 0  # no room: the prefix is computed instead
 
 
 class RemoteSync:
