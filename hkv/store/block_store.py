@@ -398,7 +398,11 @@ class BlockStore:
         """The stored keys (a snapshot taken at the call), in key order."""
         self._check_open()
         with damage_named(self.path, "the key index"), self._env.begin(db=self._index) as txn:
-            return iter([BlockKey(k) for k in txn.cursor().iternext(keys=True, values=False)])
+            raw = list(txn.cursor().iternext(keys=True, values=False))
+        bad = next((k for k in raw if len(k) != KEY_BYTES), None)
+        if bad is not None:  # a damaged node the page check did not see (a large tree at open)
+            raise damage_error(self.path, "the key index", ValueError(f"a key of {len(bad)} bytes"))
+        return iter([BlockKey(k) for k in raw])
 
     def __len__(self) -> int:
         return self._usage()["blocks"]

@@ -11,7 +11,7 @@ the one its parent names; a branch page above the tree's depth and a leaf page a
 else; ``lower`` / ``upper`` within the page and ordered; every node offset and node (key, and
 inline data) within the page; every child or overflow page number within the file's pages in
 use (``mm_last_pg``); an overflow page's header (its number, type, and a page count that holds
-the value). Sub-databases are found through the main database's leaves, as LMDB finds them.
+the value); in the databases whose keys have a fixed size (``KEY_SIZES``), every key's size. Sub-databases are found through the main database's leaves, as LMDB finds them.
 
 Cost: one read of each branch and leaf page, and of each overflow header. A tree of at most
 ``budget_pages`` pages (from its ``MDB_db`` record, before reading it) is checked whole; a larger
@@ -37,6 +37,9 @@ P_INVALID = 2**64 - 1
 _META_DBS = 40  # mm_dbs[FREE_DBI] at 40, mm_dbs[MAIN_DBI] at 88
 _LAST_PAGE, _TXNID, _MAGIC = 136, 144, 0xBEEFC0DE
 BUDGET_PAGES = 4096  # pages of one tree checked whole at open (16 MiB at 4 KiB pages)
+# Key sizes of the hkv databases whose keys are fixed (a damaged key-size field is caught here,
+# not by a caller meeting an 80-byte "block key"); the others (meta, sessions) vary.
+KEY_SIZES = {b"blocks": (16,), b"keys": (16,), b"refs": (16,), b"summaries": (16, 17)}
 
 
 @dataclass(slots=True)
@@ -94,8 +97,8 @@ class _Pages:
 
 
 class _Walk:
-    def __init__(self, pages: _Pages, db: str, budget: int | None) -> None:
-        self.pages, self.db, self.budget = pages, db, budget
+    def __init__(self, pages: _Pages, db: str, budget: int | None, key_sizes: tuple[int, ...] = ()) -> None:
+        self.pages, self.db, self.budget, self.key_sizes = pages, db, budget, key_sizes
 
     def fail(self, pgno: int, what: str) -> StoreDamagedError:
         return StoreDamagedError(
@@ -130,10 +133,12 @@ class _Walk:
         count = (lower - PAGE_HEADER) // 2
         if count == 0 and want == P_BRANCH:
             raise self.fail(pgno, "is a branch page without children")
-        for offset in struct.unpack_from(f"<{count}H", page, PAGE_HEADER):
+        for index, offset in enumerate(struct.unpack_from(f"<{count}H", page, PAGE_HEADER)):
             if not upper <= offset <= pages.psize - NODE_HEADER:
                 raise self.fail(pgno, f"has a node offset {offset} outside its nodes ({upper}..{pages.psize})")
             lo, hi, nflags, ksize = struct.unpack_from("<HHHH", page, offset)
+            if self.key_sizes and ksize not in self.key_sizes and not (want == P_BRANCH and index == 0):
+                raise self.fail(pgno, f"has a key of {ksize} bytes where this database's keys have {self.key_sizes}")
             key_end = offset + NODE_HEADER + ksize
             if want == P_BRANCH:
                 if key_end > pages.psize:
@@ -176,7 +181,7 @@ def _check_once(data: Path, budget_pages: int | None) -> tuple[int, StoreDamaged
         subdbs: dict[bytes, TreeInfo] = {}
         _Walk(pages, "main", None).tree(pages.main, subdbs)
         for name, info in sorted(subdbs.items()):
-            _Walk(pages, repr(name.decode(errors="replace")), budget_pages).tree(info)
+            _Walk(pages, repr(name.decode(errors="replace")), budget_pages, KEY_SIZES.get(name, ())).tree(info)
         return pages.txnid, None
     except StoreDamagedError as error:
         return pages.txnid, error
