@@ -107,6 +107,17 @@ def parse_depths(text: str) -> tuple[float, ...]:
     return depths
 
 
+def _modes(text: str, check: Any) -> tuple[str, ...]:
+    """``--modes`` of the passkey and ruler benchmarks: names ``check`` accepts; exit 2 otherwise."""
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    try:
+        for name in names or ("",):
+            check(name)
+    except ValueError as error:
+        raise fail(f"--modes {text!r}: {error}", 2) from None
+    return names
+
+
 @bench_app.command("passkey")
 def bench_passkey(
     json_path: JsonOption = None,
@@ -126,12 +137,7 @@ def bench_passkey(
     """Passkey accuracy of SmolLM2 over depths x lengths: hkv exact / sparse original / sparse remap / full attention."""
     from ..bench.passkey import VARIANTS, check_mode, run_passkey_bench, table_lines
 
-    names = tuple(part.strip() for part in modes.split(",") if part.strip())
-    try:
-        for name in names or ("",):
-            check_mode(name)
-    except ValueError as error:
-        raise fail(f"--modes {modes!r}: {error}", 2) from None
+    names = _modes(modes, check_mode)
     options = dict(lengths=parse_lengths(lengths, "--lengths"), depths=parse_depths(depths), trials=trials,
                    modes=names, variants=choices(variants, "--variants", VARIANTS),
                    full_max=full_max, exact_max=exact_max, budget=budget, device=device)  # fmt: skip
@@ -235,12 +241,7 @@ def bench_ruler(
     from ..bench.ruler import run_ruler_bench, table_lines
     from ..ruler import TASKS
 
-    names = tuple(part.strip() for part in modes.split(",") if part.strip())
-    try:
-        for name in names or ("",):
-            check_mode(name)
-    except ValueError as error:
-        raise fail(f"--modes {modes!r}: {error}", 2) from None
+    names = _modes(modes, check_mode)
     base = load(config) if config is not None else None
     with user_errors():
         figures = run_ruler_bench(length=length, tasks=choices(tasks, "--tasks", TASKS), trials=trials, modes=names,
