@@ -6,15 +6,16 @@ A sub-app of the ``hkv`` command (:mod:`hkv.cli.app`); the benchmarks themselves
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 import json
+import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
-from ..config import ConfigError
+from ..blocks import BlockLayout
+from ..config import Config, ConfigError
 from .common import HELP_MARKUP, ConfigOption, JsonOption, choices, fail, human_bytes, load, parse_lengths, user_errors, write_json
 
 bench_app = typer.Typer(
@@ -74,6 +75,7 @@ def bench_decode(
     baseline_max: Annotated[Optional[str], typer.Option(help="skip DynamicCache where its KV exceeds this, e.g. 8GiB")] = None,
     png: Annotated[Optional[Path], typer.Option(help="latency and memory against context length (needs matplotlib)")] = None,
     prefetch: Annotated[bool, typer.Option("--prefetch/--no-prefetch", help="hkv's prefetcher on (the default) or off")] = True,
+    predict: Annotated[bool, typer.Option("--predict", help="also measure this machine as hkv tune does and print the cost model's step beside each measured one")] = False,
 ) -> None:
     """Decode latency per token, hkv sparse vs transformers' DynamicCache, same model shape."""
     from pydantic import ByteSize, TypeAdapter
@@ -90,8 +92,32 @@ def bench_decode(
     except (ConfigError, ValueError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
-    figures = run_decode_bench(**options, steps=steps, weights=weights, store_dir=store_dir, prefetch=prefetch)
+    model = None
+    if predict:
+        if options["isolate"]:
+            raise fail("--predict measures in this process: add --no-isolate", 2)
+        import torch
+
+        from ..bench.smollm2 import build_model
+
+        model, weights = build_model(weights, device="cuda" if torch.cuda.is_available() else "cpu", max_tokens=max(options["contexts"]))
+    figures = run_decode_bench(**options, steps=steps, weights=weights, store_dir=store_dir, prefetch=prefetch, model=model)
     print_table(figures)
+    if model is not None:
+        from ..tune.compute import model_step_ms
+        from ..tune.machine import measure_machine
+        from ..tune.plan import ModelShape, predict_step
+
+        run_config = Config.load(figures["hkv_config"], env={})
+        shape = ModelShape.of(model)
+        layout = BlockLayout(shape.kv_heads, run_config.attention.block_tokens, shape.head_dim, shape.dtype)
+        machine = measure_machine(store_dir or Path(tempfile.gettempdir()), layout, sample_bytes=64 << 20)
+        compute_ms = model_step_ms(model, run_config.attention.budget_tokens)
+        figures["machine"], figures["predicted"] = machine.as_dict(), []
+        for context, measured in zip(figures["contexts"], figures["hkv_ms"]):
+            step = predict_step(run_config, shape, context, machine, compute_ms)
+            figures["predicted"].append(asdict(step))
+            typer.echo(f"{context:>8} tokens: predicted {step.total_ms:8.1f} ms (bound by {step.bound}), measured {measured:8.1f} ms")
     write_json(json_path, figures)
     write_png(png, figures)
 

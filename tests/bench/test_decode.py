@@ -89,3 +89,20 @@ def test_cli_isolated_run_writes_json(cli, tmp_path: Path) -> None:
     assert figures["isolated"] is True and figures["baseline_ms"] == [None]
     assert figures["rss_lifetime_peak_bytes"][0] >= figures["rss_peak_bytes"][0] > 0
     assert figures["tier_bytes"][0]["disk"] > 0
+
+
+@pytest.mark.slow
+def test_cli_predict_prints_the_cost_models_step_beside_the_measured(cli, tmp_path: Path) -> None:
+    """`--predict` (issue 17): the machine measured as `hkv tune` does, a prediction per context."""
+    out = tmp_path / "decode.json"
+    result = cli(
+        "bench", "decode", "--contexts", "1024", "--steps", "1", "--weights", "random", "--no-isolate", "--predict",
+        "--device-budget", "8MiB", "--host-budget", "8MiB", "--dtype", "float16", "--baseline-max", "1MiB",
+        "--store-dir", str(tmp_path / "store"), "--json", str(out),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    figures = json.loads(out.read_text())
+    (step,) = figures["predicted"]
+    assert step["total_ms"] > 0 and step["bound"] in ("compute", "summaries", "host", "disk")
+    assert figures["machine"]["cores"] >= 1 and "1024 tokens: predicted" in result.output
+    assert cli("bench", "decode", "--predict", "--isolate").exit_code == 2
