@@ -93,14 +93,7 @@ class Promotion(Placement):
                 for entry in entries:
                     entry.holds -= 1
                 self._cond.notify_all()  # release/delete wait for holds to drop
-        if report is not None:
-            report.resident += resident
-            report.waited += len(busy)
-            report.fetched += len(missing)
-            report.stall_s += stalled
-            if report.late_keys is not None:
-                report.late_keys.update(busy)
-                report.late_keys.update(missing)
+        _count(report, busy, resident, missing, stalled)
         return out
 
     def gather_into(self, keys: Sequence[Digest], out: torch.Tensor, *, report: GatherReport | None = None) -> None:
@@ -204,14 +197,7 @@ class Promotion(Placement):
                 for entry in entries:
                     entry.holds -= 1
                 self._cond.notify_all()  # release/delete wait for holds to drop
-        if report is not None:
-            report.resident += resident
-            report.waited += len(busy)
-            report.fetched += len(missing)
-            report.stall_s += stalled
-            if report.late_keys is not None:
-                report.late_keys.update(busy)
-                report.late_keys.update(missing)
+        _count(report, busy, resident, missing, stalled)
 
     def _fetch(self, unique: list[Digest], entries: list[Entry]) -> tuple[list[Digest], int, list[Digest], _Plan | None, float]:
         """Bring held blocks to the device (as far as room allows): wait for the busy ones, fetch
@@ -455,3 +441,16 @@ class Promotion(Placement):
         self.moved["host->device"] += nbytes * len(dev_keys)
         self.moved["disk->host"] += nbytes * len(plan.disk_keys)
         self._cond.notify_all()
+
+
+def _count(report: GatherReport | None, busy: list[Digest], resident: int, missing: list[Digest], stalled: float) -> None:
+    """Add one fetch's outcome (:meth:`Promotion._fetch`) to ``report``, if any."""
+    if report is None:
+        return
+    report.resident += resident
+    report.waited += len(busy)
+    report.fetched += len(missing)
+    report.stall_s += stalled
+    if report.late_keys is not None:
+        report.late_keys.update(busy)
+        report.late_keys.update(missing)
