@@ -5,6 +5,9 @@ Five figures, in GB/s (10^9 bytes per second, payload bytes), each the best of `
 - ``raw_disk_write_gbps``: one file written sequentially in 4 MiB O_DIRECT writes from an
   aligned buffer, then fsync'ed (the clock stops after the fsync);
 - ``raw_disk_read_gbps``: the same file read back sequentially in 4 MiB O_DIRECT reads;
+- ``raw_random_read_gbps``: as many block-sized (``layout.nbytes``) O_DIRECT reads as the tier
+  reads blocks, at random page-aligned offsets of that file, ``THREADS`` in flight at once (the
+  disk tier's own read parallelism, :data:`hkv.store.direct_reads.THREADS`), page cache dropped;
 - ``raw_buffered_write_gbps``: a second baseline, the same file written through the page cache
   and fsync'ed. LMDB always writes through the page cache, so this is its ceiling; on a small
   cloud VM it can be several times below O_DIRECT (measured 0.17-0.24 vs 1.3-1.6 GB/s here);
@@ -36,6 +39,7 @@ import torch
 import xxhash
 
 from ..blocks import BlockKey, BlockLayout
+from ..store.direct_reads import THREADS
 from ..tiers.disk import DiskTier
 
 SMOLLM2_LAYOUT = BlockLayout(kv_heads=3, block_tokens=64, head_dim=64, dtype=torch.float16)  # 48 KiB
@@ -50,6 +54,7 @@ class DiskFigures:
     disk_write_gbps: float
     raw_disk_read_gbps: float
     raw_disk_write_gbps: float
+    raw_random_read_gbps: float  # block-sized O_DIRECT reads at random offsets, read_parallelism at once
     raw_buffered_write_gbps: float  # the same file written through the page cache, then fsync'ed
     read_cache: str  # "cold" (page cache dropped before each read) or "warm"
     total_bytes: int
@@ -59,6 +64,7 @@ class DiskFigures:
     submit_batch: int  # blocks per submit_put_many call
     read_batch: int  # blocks per get_many_into call
     read_threads: int
+    read_parallelism: int  # disk requests in flight: the tier's and the random raw reads'
     repeats: int  # each figure is the best of this many runs
     raw_direct: bool  # the raw file used O_DIRECT
 
@@ -109,6 +115,31 @@ def _raw_read(path: Path, direct: bool) -> float:
     finally:
         os.close(fd)
         buffer.close()
+
+
+def _raw_random_read(path: Path, block_bytes: int, count: int, threads: int, direct: bool) -> float:
+    """Seconds to read ``count`` blocks of ``block_bytes`` at random page-aligned offsets of the
+    file, ``threads`` requests in flight (one thread each; ``preadv`` releases the GIL)."""
+    size = path.stat().st_size
+    rng = random.Random(0)
+    offsets = [rng.randrange(0, (size - block_bytes) // mmap.PAGESIZE + 1) * mmap.PAGESIZE for _ in range(count)]
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+    try:
+        def reader(mine: list[int]) -> None:
+            buffer = mmap.mmap(-1, block_bytes)
+            try:
+                for offset in mine:
+                    os.preadv(fd, [buffer], offset)
+            finally:
+                buffer.close()
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="hkv bench raw reader") as pool:
+            for future in [pool.submit(reader, offsets[i::threads]) for i in range(threads)]:
+                future.result()
+        return time.perf_counter() - start
+    finally:
+        os.close(fd)
 
 
 def _keys(count: int) -> list[BlockKey]:
@@ -177,7 +208,7 @@ def measure_disk(
     count = max(1, total_bytes // layout.nbytes)
     raw_bytes = max(RAW_CHUNK, count * layout.nbytes // RAW_CHUNK * RAW_CHUNK)
     keys = _keys(count)
-    best = dict.fromkeys(("raw_write", "raw_read", "buffered_write", "tier_write", "tier_read"), math.inf)
+    best = dict.fromkeys(("raw_write", "raw_read", "raw_random_read", "buffered_write", "tier_write", "tier_read"), math.inf)
     cold, direct, made = True, True, []
     try:
         for repeat in range(repeats):  # interleaved, so a slow spell of the disk hits both sides
@@ -191,6 +222,9 @@ def measure_disk(
             best["raw_write"] = min(best["raw_write"], seconds)
             cold = drop_page_cache() and cold
             best["raw_read"] = min(best["raw_read"], _raw_read(raw_file, direct))
+            cold = drop_page_cache() and cold
+            seconds = _raw_random_read(raw_file, layout.nbytes, count, THREADS, direct)
+            best["raw_random_read"] = min(best["raw_random_read"], seconds)
             best["buffered_write"] = min(best["buffered_write"], _raw_write(buffered_file, raw_bytes, direct=False)[0])
             best["tier_write"] = min(best["tier_write"], _tier_write(store, layout, keys, writer_batch, submit_batch))
             cold = drop_page_cache() and cold
@@ -207,6 +241,7 @@ def measure_disk(
         disk_write_gbps=payload / best["tier_write"] / 1e9,
         raw_disk_read_gbps=raw_bytes / best["raw_read"] / 1e9,
         raw_disk_write_gbps=raw_bytes / best["raw_write"] / 1e9,
+        raw_random_read_gbps=payload / best["raw_random_read"] / 1e9,
         raw_buffered_write_gbps=raw_bytes / best["buffered_write"] / 1e9,
         read_cache="cold" if cold else "warm",
         total_bytes=payload,
@@ -216,6 +251,7 @@ def measure_disk(
         submit_batch=submit_batch,
         read_batch=read_batch,
         read_threads=read_threads,
+        read_parallelism=THREADS,
         repeats=repeats,
         raw_direct=direct,
     )

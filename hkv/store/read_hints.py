@@ -50,21 +50,34 @@ class ReadHints:
 
     def __init__(self, key_nbytes: int, record_nbytes: int) -> None:
         self.key_nbytes, self.record_nbytes = key_nbytes, record_nbytes
-        self.enabled = lmdb.version()[:2] == (0, 9) and record_nbytes > _PAGE // 2
+        self.layout_ok = lmdb.version()[:2] == (0, 9)  # the node layout read below is LMDB 0.9's
+        self.enabled = self.layout_ok and record_nbytes > _PAGE // 2
 
-    def record_address(self, cursor: lmdb.Cursor, key: bytes) -> int:
-        """Where ``get(key)`` will find the record, or 0 if unknown. Touches only the B-tree."""
-        if not self.enabled or not cursor.set_key(key):
-            return 0
+    def record_location(self, cursor: lmdb.Cursor, key: bytes, *, any_size: bool = False) -> tuple[int, int] | None:
+        """``(first overflow page number, record bytes)`` of the value under ``key``, or None if
+        unknown (no such key, a small value on a leaf page, hints off). Touches only the B-tree.
+        ``any_size``: also for records of another size than ``record_nbytes`` (another encoding)."""
+        if not (self.enabled or any_size and self.layout_ok) or not cursor.set_key(key):
+            return None
         key_address = address_of(cursor.key())
         node = key_address - _NODE_HEADER
         size_lo, size_hi, flags, key_size = (ctypes.c_uint16.from_address(node + 2 * i).value for i in range(4))
-        if key_size != self.key_nbytes or not flags & _F_BIGDATA or size_lo | size_hi << 16 != self.record_nbytes:
+        size = size_lo | size_hi << 16
+        if key_size != self.key_nbytes or not flags & _F_BIGDATA or size <= _PAGE // 2:
+            return None
+        if not any_size and size != self.record_nbytes:
+            return None
+        return ctypes.c_uint64.from_address(key_address + key_size).value, size
+
+    def record_address(self, cursor: lmdb.Cursor, key: bytes) -> int:
+        """Where ``get(key)`` will find the record, or 0 if unknown. Touches only the B-tree."""
+        location = self.record_location(cursor, key)
+        if location is None:
             return 0
-        overflow_page = ctypes.c_uint64.from_address(key_address + key_size).value
-        leaf = key_address - key_address % _PAGE
+        leaf_address = address_of(cursor.key())
+        leaf = leaf_address - leaf_address % _PAGE
         map_base = leaf - ctypes.c_uint64.from_address(leaf).value * _PAGE
-        return map_base + overflow_page * _PAGE + _PAGE_HEADER
+        return map_base + location[0] * _PAGE + _PAGE_HEADER
 
     def prefetch(self, cursor: lmdb.Cursor, keys: list[bytes]) -> list[int]:
         """Hint every record of ``keys``; their predicted addresses (0 where unknown)."""

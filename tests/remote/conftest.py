@@ -15,10 +15,45 @@ import pytest
 import redis
 
 
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct loopback ports that were free a moment ago (all probes held open at
+    once, so no two are the same)."""
+    probes = [socket.socket() for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
+
+
 def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    return _free_ports(1)[0]
+
+
+def _launch(folder: Path, port: int, options: list[str]) -> subprocess.Popen:
+    """Start redis-server on ``port`` and wait (up to 30 s) until it answers; if it exits or
+    never answers, raise with the end of its log."""
+    folder.mkdir(parents=True, exist_ok=True)
+    log = folder / f"redis-{port}.log"
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(folder), "--logfile", str(log), *options],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    client = redis.Redis(port=port, socket_connect_timeout=1)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if client.ping():
+                return process
+        except redis.ConnectionError:
+            time.sleep(0.02)
+    process.kill()
+    process.wait()
+    tail = log.read_text(errors="replace")[-2000:] if log.exists() else "(no log)"
+    raise RuntimeError(f"redis-server on port {port} did not start (exit {process.returncode}); its log:\n{tail}")
 
 
 class RedisServer:
@@ -30,12 +65,7 @@ class RedisServer:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.folder)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        _wait(redis.Redis(port=self.port))
+        self.process = _launch(self.folder, self.port, [])
 
     def stop(self) -> None:
         if self.process is not None:
@@ -62,29 +92,28 @@ class RedisCluster:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.ports = [_free_port() for _ in range(3)]
+        # The cluster bus port is chosen too: redis's default (port + 10000) may pass 65535 or be taken.
+        ports = _free_ports(6)
+        self.ports, self.bus_ports = ports[:3], ports[3:]
         self.url = ",".join(f"redis://127.0.0.1:{port}" for port in self.ports)
         self.processes: list[subprocess.Popen | None] = []
 
     def start(self) -> None:
-        for port in self.ports:
+        for port, bus in zip(self.ports, self.bus_ports, strict=True):
             node = self.folder / f"node-{port}"
             node.mkdir(parents=True, exist_ok=True)
-            self.processes.append(subprocess.Popen(
-                ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "1000",
-                 "--cluster-require-full-coverage", "no", "--dir", str(node)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            ))  # fmt: skip
-        for port in self.ports:
-            _wait(redis.Redis(port=port))
+            self.processes.append(_launch(node, port, [
+                "--cluster-enabled", "yes", "--cluster-port", str(bus), "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", "1000", "--cluster-require-full-coverage", "no",
+            ]))  # fmt: skip
         subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports), "--cluster-replicas", "0",
                         "--cluster-yes"], check=True, capture_output=True)  # fmt: skip
-        for _ in range(300):
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
             if all(redis.Redis(port=p).cluster("info")["cluster_state"] == "ok" for p in self.ports):
                 return
             time.sleep(0.05)
-        raise RuntimeError("the redis cluster did not come up")
+        raise RuntimeError("the redis cluster did not come up in 30 s")
 
     def node_of(self, key: str) -> int:
         """Index of the node serving ``key``."""
@@ -108,16 +137,6 @@ class RedisCluster:
     def stop(self) -> None:
         for index in range(len(self.processes)):
             self.kill(index)
-
-
-def _wait(client: redis.Redis) -> None:
-    for _ in range(200):
-        try:
-            if client.ping():
-                return
-        except redis.ConnectionError:
-            time.sleep(0.02)
-    raise RuntimeError("redis-server did not start")
 
 
 @pytest.fixture
