@@ -20,7 +20,8 @@ from .sequence import SequenceKV
 
 
 @torch.inference_mode()
-def adopt_stored_prefix(seq: SequenceKV, token_ids: torch.Tensor | np.ndarray) -> int:
+def adopt_stored_prefix(seq: SequenceKV, token_ids: torch.Tensor | np.ndarray, *,
+                        known_summaries: list[torch.Tensor] | None = None) -> int:  # fmt: skip
     """Adopt into ``seq`` the longest run of stored blocks that continues it with ``token_ids``.
 
     ``token_ids``: ``[S]``, the tokens that follow the sequence's current length (which must be
@@ -51,7 +52,13 @@ def adopt_stored_prefix(seq: SequenceKV, token_ids: torch.Tensor | np.ndarray) -
     summaries = []
     for layer in range(seq.num_layers):
         out = torch.empty(count, 2, seq.kv_heads, seq.head_dim, dtype=torch.float32)
-        count = min(count, rows.read(keys[layer][:count], out, relative=seq.summaries.relative))
+        known = 0
+        if known_summaries is not None:
+            known = min(count, len(known_summaries[layer]))
+            out[:known] = known_summaries[layer][:known].reshape(known, 2, seq.kv_heads, seq.head_dim)
+        if known < count:
+            known += rows.read(keys[layer][known:count], out[known:], relative=seq.summaries.relative)
+        count = min(count, known)
         if count == 0:
             return 0
         summaries.append(out)

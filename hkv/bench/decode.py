@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from ..config import Config
+from .disk import drop_file_pages
 from .smollm2 import build_model, synthetic_kv
 
 GiB = 2**30
@@ -155,7 +156,11 @@ def _disk_budget(config: Config, kv_bytes: int) -> int:
     return max(int(config.tiers.disk), int(kv_bytes * 1.02) + GiB)
 
 
-def _hkv_run(model: torch.nn.Module, config: Config, context: int, steps: int, store: Path) -> dict[str, Any]:
+def _hkv_run(model: torch.nn.Module, config: Config, context: int, steps: int, store: Path, *,
+             drop_pages: bool = False) -> dict[str, Any]:  # fmt: skip
+    """hkv at one context: fill, then ``steps`` timed decode steps. ``drop_pages``: the store's
+    file is dropped from the page cache after the fill (``posix_fadvise``), so the steps' disk
+    reads are cold."""
     from ..integrations.runtime import wrap
     from .rss import RssSampler, rss_bytes
 
@@ -181,14 +186,17 @@ def _hkv_run(model: torch.nn.Module, config: Config, context: int, steps: int, s
             cache.append_kv(ids[begin : begin + n], lambda layer: synthetic_kv(layer, begin, n, **shape), None)
         rt.manager.flush()  # disk writes durable: the fill time includes them
         fill_s = time.perf_counter() - start
+        if drop_pages:
+            drop_file_pages(store / "data.mdb")
         filled = rt.stats().tiers  # where the KV lives before decode copies blocks up
         fill_peak = fill_rss.stop()
         # Prefetch figures over the timed steps only, like the times they are divided by.
         snapshot: dict[str, Any] = {}
         with RssSampler() as decode_rss:
-            times = _time_steps(model, cache, steps, on_warm=lambda: snapshot.setdefault("before", sequence.stats()))
+            times = _time_steps(model, cache, steps, on_warm=lambda: snapshot.update(before=sequence.stats(), moved=rt.stats().moved_bytes))
         before, after = snapshot.get("before"), sequence.stats()
         stats = rt.stats()
+        disk_bytes = stats.moved_bytes.get("disk->host", 0) - snapshot.get("moved", {}).get("disk->host", 0)
         cache.close()
     whole_peak = whole_rss.stop()
     predicted = _stat(after, "predicted") - _stat(before, "predicted")
@@ -208,6 +216,9 @@ def _hkv_run(model: torch.nn.Module, config: Config, context: int, steps: int, s
         "hit_rate": hits / needed if needed else None,
         "precision": hits / predicted if predicted else None,
         "missed_per_step": missed / steps,
+        # blocks read from disk in the timed steps, per step, and as a share of the blocks read (pinned ones excluded)
+        "disk_blocks_per_step": disk_bytes / rt.manager.layout.nbytes / steps,
+        "disk_share": disk_bytes / rt.manager.layout.nbytes / needed if needed else None,
         "stall_frac": stall / sum(times) if times else None,
         "host_ms_per_layer": 1000 * host_s,
         "layer_ms": {name[:-2]: 1000 * value for name, value in host.items()},
@@ -486,3 +497,72 @@ if __name__ == "__main__":  # one context in a fresh process, for run_decode_ben
     import sys
 
     Path(sys.argv[1]).write_text(json.dumps(_isolated_context(json.loads(sys.stdin.read())), default=str))
+
+
+# Issue 15's disk-bound decode ("--preset disk"): the host tier far below the KV, so most blocks
+# a step reads come from the disk store (its pages dropped from the page cache after the fill),
+# against the same run with the host tier holding the whole KV. float16 blocks, as on a GPU.
+DISK_PRESET: dict[str, Any] = {"contexts": (131072,), "tiers": {"device": "256MiB", "host": "256MiB", "dtype": "float16"}}
+
+
+def run_disk_bound_bench(
+    config: Config | None = None, *, contexts: tuple[int, ...] = DISK_PRESET["contexts"], steps: int = 16,
+    weights: str = "auto", model: torch.nn.Module | None = None, store_dir: str | Path | None = None, prefetch: bool = True,
+) -> dict[str, Any]:  # fmt: skip
+    """hkv's decode step at each context, twice on the same model and synthetic KV: disk-bound
+    (``config``'s tiers, default :data:`DISK_PRESET`'s: host 256 MiB; store pages dropped before
+    timing) and host-resident (the same config with the host tier raised to the KV + 10%).
+
+    Returns ``contexts``, and per context ``disk_ms`` / ``host_ms`` (median step), ``ratio``
+    (disk / host), ``disk_stall_frac``, ``disk_share`` (blocks read from disk in the timed steps
+    / blocks read), ``disk_blocks_per_step``, ``disk_hit_rate``, ``host_hit_rate``, and ``runs``
+    (both runs' full figures)."""
+    config = config if config is not None else Config.load(tiers={**BENCH_TIERS, **DISK_PRESET["tiers"]})
+    config = Config.load(config, env={}, prefetch={"enabled": prefetch})
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if model is None:
+        model, weights = build_model(weights, device=device, max_tokens=max(contexts))
+    figures: dict[str, Any] = {"contexts": list(contexts), "steps": steps, "model": f"SmolLM2-135M shape ({weights} weights)",
+                               "device": str(device), "threads": torch.get_num_threads(), "host_budget": int(config.tiers.host),
+                               "device_budget": int(config.tiers.device), "storage_dtype": config.tiers.dtype, "runs": []}  # fmt: skip
+    for name in ("disk_ms", "host_ms", "ratio", "disk_stall_frac", "disk_share", "disk_blocks_per_step", "disk_hit_rate", "host_hit_rate"):
+        figures[name] = []
+    for context in contexts:
+        kv = storage_kv_bytes(model.config, config, context, next(model.parameters()).dtype)
+        resident = Config.load(config, env={}, tiers={"host": max(int(config.tiers.host), int(kv * 1.1))})
+        runs = {}
+        for label, run_config, drop in (("disk", config, True), ("host", resident, False)):
+            store = Path(tempfile.mkdtemp(prefix="hkv-bench-", dir=store_dir))
+            try:
+                runs[label] = _hkv_run(model, run_config, context, steps, store, drop_pages=drop)
+            finally:
+                shutil.rmtree(store, ignore_errors=True)
+            gc.collect()
+        disk, host = runs["disk"], runs["host"]
+        figures["disk_ms"].append(disk["ms"])
+        figures["host_ms"].append(host["ms"])
+        figures["ratio"].append(disk["ms"] / host["ms"])
+        figures["disk_stall_frac"].append(disk["stall_frac"])
+        figures["disk_share"].append(disk["disk_share"])
+        figures["disk_blocks_per_step"].append(disk["disk_blocks_per_step"])
+        figures["disk_hit_rate"].append(disk["hit_rate"])
+        figures["host_hit_rate"].append(host["hit_rate"])
+        figures["runs"].append({"disk": {k: v for k, v in disk.items() if k != "tiers"}, "host": {k: v for k, v in host.items() if k != "tiers"}})
+    return figures
+
+
+def print_disk_bound_table(figures: dict[str, Any]) -> None:
+    """The disk-bound figures as a table: each context's step from disk against from host RAM."""
+
+    def fmt(value: Any, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    print(f"disk-bound decode, {figures['model']} on {figures['device']} ({figures['threads']} threads): host tier "
+          f"{figures['host_budget'] / 2**20:.0f} MiB, device {figures['device_budget'] / 2**20:.0f} MiB, {figures['storage_dtype']} "
+          f"blocks; store pages dropped before timing; against the same run with the host tier holding the KV")  # fmt: skip
+    print(f"{'context':>9} {'disk ms':>9} {'host ms':>9} {'ratio':>6} {'target':>7} {'stall':>7} {'target':>7} "
+          f"{'from disk':>10} {'target':>7} {'disk blocks/step':>17}")  # fmt: skip
+    for i, context in enumerate(figures["contexts"]):
+        ratio, stall, share = figures["ratio"][i], figures["disk_stall_frac"][i], figures["disk_share"][i]
+        print(f"{context:>9,} {figures['disk_ms'][i]:>9.1f} {figures['host_ms'][i]:>9.1f} {ratio:>6.2f} {'<= 2':>7} "
+              f"{fmt(stall, '.0%'):>7} {'< 25%':>7} {fmt(share, '.0%'):>10} {'>= 80%':>7} {figures['disk_blocks_per_step'][i]:>17.0f}")  # fmt: skip

@@ -83,6 +83,21 @@ def drop_page_cache() -> bool:
         return False
 
 
+def drop_file_pages(path: Path) -> str:
+    """Ask the kernel to drop ``path``'s cached pages; "ok" or why not."""
+    if not hasattr(os, "posix_fadvise"):
+        return "posix_fadvise unavailable"
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    except OSError as error:
+        return f"posix_fadvise failed: {error}"
+    return "ok"
+
+
 def _raw_write(path: Path, total_bytes: int, *, direct: bool = True) -> tuple[float, bool]:
     """Seconds to write ``total_bytes`` sequentially and fsync; whether O_DIRECT was used."""
     buffer = mmap.mmap(-1, RAW_CHUNK)  # page-aligned, as O_DIRECT needs

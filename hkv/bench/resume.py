@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from ..config import Config
+from .disk import drop_file_pages
 
 SESSION = "bench-resume"
 NEW_TURN = "\nWhat is the pass key? The pass key is"  # the continuation (real weights: tokenized)
@@ -163,21 +164,6 @@ def _synthetic_append(model: torch.nn.Module, rt: Any, session: Any, tokens: tor
 # -- the fresh process -------------------------------------------------------------------------
 
 
-def drop_page_cache(path: Path) -> str:
-    """Ask the kernel to drop ``path``'s cached pages; "ok" or why not."""
-    if not hasattr(os, "posix_fadvise"):
-        return "posix_fadvise unavailable"
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    except OSError as error:
-        return f"posix_fadvise failed: {error}"
-    return "ok"
-
-
 def cached_fraction(path: Path) -> float | None:
     """Fraction of ``path``'s bytes in the page cache (util-linux ``fincore``); None if unknown."""
     if shutil.which("fincore") is None:
@@ -229,7 +215,7 @@ def child(spec: dict[str, Any]) -> ChildResult:
     store = Path(spec["store"])
     ids = torch.from_numpy(np.load(spec["ids"]))
     new = torch.from_numpy(np.load(spec["new"]))
-    fadvise = drop_page_cache(store / "data.mdb")
+    fadvise = drop_file_pages(store / "data.mdb")
     cached = cached_fraction(store / "data.mdb")
     resume_s, open_s, token, restored = _resume_once(model, config, store, new)
     _read_through(store / "data.mdb")
@@ -406,7 +392,7 @@ def run_remote_resume(url: str, tokens: int, *, weights: str = "random", folder:
     config = Config.load(default_config(model, tokens), env={}, remote={"url": url, "key_prefix": prefix, "timeout_s": 30.0})
     try:
         build_session(model, config, folder / "a", ids, "synthetic")  # pushed to the server as it closes
-        drop_page_cache(folder / "a" / "data.mdb")
+        drop_file_pages(folder / "a" / "data.mdb")
         local_s, _, local_token, _ = _resume_once(model, config, folder / "a", torch.from_numpy(new))
         remote_s, _, remote_token, restored = _resume_once(model, config, folder / "b", torch.from_numpy(new))
         if restored.new:

@@ -54,6 +54,22 @@ def bench_tiers(
     write_json(json_path, figures)
 
 
+def _bench_disk_bound(cfg: Config | None, lengths: tuple[int, ...] | None, steps: int, device_budget: str | None,
+                      host_budget: str | None, weights: str, store_dir: Path | None, prefetch: bool, json_path: Path | None) -> None:  # fmt: skip
+    """``hkv bench decode --preset disk``: :func:`hkv.bench.decode.run_disk_bound_bench`."""
+    from ..bench.decode import BENCH_TIERS, DISK_PRESET, print_disk_bound_table, run_disk_bound_bench
+
+    tiers = {**DISK_PRESET["tiers"], **({"device": device_budget} if device_budget else {}), **({"host": host_budget} if host_budget else {})}
+    try:
+        run_config = Config.load(cfg if cfg is not None else Config.load(tiers=BENCH_TIERS), env={}, tiers=tiers)
+    except ConfigError as error:
+        raise fail(str(error), 2) from None
+    figures = run_disk_bound_bench(run_config, contexts=lengths or DISK_PRESET["contexts"], steps=steps, weights=weights,
+                                   store_dir=store_dir, prefetch=prefetch)  # fmt: skip
+    print_disk_bound_table(figures)
+    write_json(json_path, figures)
+
+
 @bench_app.command("decode")
 def bench_decode(
     json_path: JsonOption = None,
@@ -63,7 +79,8 @@ def bench_decode(
     ] = None,
     steps: Annotated[int, typer.Option(help="decode steps timed per context (median reported)")] = 16,
     preset: Annotated[
-        Optional[str], typer.Option(help="million: 8K/512K/1M tokens, device 1GiB, host 4GiB, rest on disk, float16 blocks, a fresh process per context")
+        Optional[str], typer.Option(help="million: 8K/512K/1M tokens, device 1GiB, host 4GiB, rest on disk, float16 blocks, a fresh process per context; "
+                                          "disk: 128K tokens with the host tier at 256MiB (store pages dropped) against the same run with the KV in host RAM")
     ] = None,
     device_budget: Annotated[Optional[str], typer.Option(help="tiers.device for the run, e.g. 1GiB")] = None,
     host_budget: Annotated[Optional[str], typer.Option(help="tiers.host for the run, e.g. 4GiB")] = None,
@@ -85,6 +102,9 @@ def bench_decode(
     # Without --config the benchmark sizes the host tier itself so that 128K tokens fit in RAM.
     cfg = load(config) if config is not None else None
     lengths = parse_lengths(contexts, "--contexts") if contexts else None
+    if preset == "disk":
+        _bench_disk_bound(cfg, lengths, steps, device_budget, host_budget, weights, store_dir, prefetch, json_path)
+        return
     try:
         limit = int(TypeAdapter(ByteSize).validate_python(baseline_max)) if baseline_max is not None else None
         options = bench_options(cfg, preset=preset, contexts=lengths, device_budget=device_budget, host_budget=host_budget,

@@ -26,6 +26,7 @@ from ..store.maintenance import BlockRepair, repair_blocks
 from ..store.summary_rows import summary_values
 from ..store.txn import CommitResult, StoreTxn, summary_key
 from .records import CorruptSessionError, SessionError, SessionRecord
+from .summary_runs import RUN_PREFIX
 from .rows import RECORD_PREFIX, TAIL_PREFIX, decode_tail, drop_references, record_key, session_names, tail_record_key
 from .store import SessionStore
 
@@ -87,6 +88,11 @@ def _reset(record: SessionRecord):
     return run
 
 
+def _drop_summary_runs(txn: StoreTxn) -> None:
+    for key in txn.keys_with_prefix("sessions", RUN_PREFIX):
+        txn.delete("sessions", key)
+
+
 def _recount_refs(txn: StoreTxn) -> int:
     """Set every ``refs`` count to the number of sessions referencing the block; how many changed."""
     users: Counter[bytes] = Counter()
@@ -129,6 +135,7 @@ def repair(store: SessionStore) -> RepairReport:
         store.disk.apply(_reset(record), frees=True)
         report.reset_sessions.append(record.name)
         report.problems.append(f"session {record.name!r}: {why}: its KV dropped, its {tokens} tokens kept (the next resume prefills them)")
+    store.disk.apply(_drop_summary_runs, frees=True)  # a copy: the next commit of each session writes them again
     changed = store.disk.apply(_recount_refs, frees=True)
     if changed:
         report.problems.append(f"{changed} block refs counts disagreed with the sessions: recounted")

@@ -17,6 +17,7 @@ import torch
 from ..blocks import BlockKey, BlockLayout, RecordError, decode_into
 from ..store.summary_rows import summary_values
 from ..store.txn import REFS_BYTES, CommitResult, StoreTxn, summary_key
+from .summary_runs import delete_runs
 from .records import (
     CorruptSessionError,
     ModelIdentity,
@@ -145,6 +146,7 @@ def commit_in(
         txn.delete("sessions", tail_record_key(name))
     else:
         txn.put("sessions", tail_record_key(name), tail)
+    delete_runs(txn, name, keep_blocks=common)  # runs past the kept history name other keys now
     stamped = dataclasses.replace(
         record, commits=(previous.commits if previous else 0) + 1, created=previous.created if previous else now,
         updated=now, last_used=now,

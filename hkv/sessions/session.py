@@ -18,6 +18,7 @@ integrations, which import it.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,9 +30,9 @@ import torch
 
 from ..attention.prefix import adopt_stored_prefix
 from ..attention.sequence import SequenceKV
-from ..blocks import BlockLayout, CorruptRecordError
+from ..blocks import BlockKey, BlockLayout, CorruptRecordError
 from ..config import Config
-from ..errors import StoreDamagedError, TierFullError
+from ..errors import StoreDamagedError, TierError, TierFullError
 from ..tiers.manager import TierManager
 from .records import (
     CorruptSessionError,
@@ -44,7 +45,12 @@ from .records import (
     check_name,
 )
 from .remote import RemoteSync
+from .rows import common_blocks
 from .store import SessionStore
+from .summary_runs import encode_run
+
+log = logging.getLogger(__name__)
+RUN_BLOCKS = 512  # blocks per summary run: 23 MB of SmolLM2 summaries built at a time
 
 
 class SessionCache(Protocol):
@@ -176,10 +182,17 @@ class Session:
         if record is None:
             self._tokens = torch.empty(0, dtype=torch.long)
             self._committed = (0, 0, 0)  # (tokens, kv_blocks, kv_tokens) at the last commit or restore
+            self._run_end = 0  # leading blocks the session's summary runs cover
             return RestoreReport(0, 0, 0, 0, 0, time.perf_counter() - started, True)
         self._tokens = torch.from_numpy(np.asarray(record.token_ids, dtype=np.int64).copy())
         bt = self.runtime.layout.block_tokens
-        adopted = adopt_stored_prefix(self._cache.sequence, self._tokens[: record.kv_blocks * bt]) // bt
+        seq = self._cache.sequence
+        digests = record.key_digests()  # block-major
+        runs = self._store.read_summary_runs(self.name, [digests[layer :: record.num_layers] for layer in range(record.num_layers)],
+                                             seq.summaries.relative)  # fmt: skip
+        known = [torch.from_numpy(run) for run in runs]
+        adopted = adopt_stored_prefix(seq, self._tokens[: record.kv_blocks * bt], known_summaries=known) // bt
+        self._run_end = min(adopted, len(runs[0]) if runs else 0)
         self._cache.sync_lengths()
         tail = 0
         if adopted == record.kv_blocks and record.tail_tokens:
@@ -321,10 +334,33 @@ class Session:
                                     relative=seq.summaries.relative)  # fmt: skip
         seq.summaries_committed(unsummarised)
         manager.apply_store_changes(result)
+        self._run_end = min(self._run_end, common_blocks(previous, record) if previous is not None else 0)
         self._record = record
         self._committed = (len(self._tokens), n_blocks, kv_tokens)
+        self._write_summary_runs(keys, n_blocks)
         if self._remote is not None:
             self._remote.push_later(self.name)  # the local commit is durable; the remote copy follows
+
+    def _write_summary_runs(self, keys: list[list[BlockKey]], n_blocks: int) -> None:
+        """After a commit: the summaries of the blocks past the session's runs, as runs of at
+        most RUN_BLOCKS blocks (memory stays bounded), each its own small transaction. Runs are a
+        copy that only makes resuming faster: one that cannot be written is skipped, logged."""
+        seq = self._cache.sequence
+        raw = [[bytes(key) for key in layer_keys] for layer_keys in keys]
+        while self._run_end < n_blocks:
+            first = self._run_end
+            count = min(RUN_BLOCKS, n_blocks - first)
+            summaries = torch.stack([seq.summaries.export(layer, first, first + count) for layer in range(seq.num_layers)])
+            value = encode_run(first, raw, summaries.cpu(), seq.summaries.relative)
+            try:
+                written = self._store.put_summary_run(self.name, first, count, value)
+            except TierError as error:
+                log.warning("session %r: its summary run of blocks %d-%d was not written (%s); resuming reads them one by one",
+                            self.name, first, first + count, error)  # fmt: skip
+                return
+            if not written:
+                return
+            self._run_end = first + count
 
     def info(self) -> SessionInfo:
         """What ``hkv sessions show`` reports, from the store (commit first to see the latest)."""

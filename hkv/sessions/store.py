@@ -42,6 +42,7 @@ from .records import (
     check_name,
     tail_key,
 )
+from .summary_runs import delete_runs, put_run, read_runs
 from .rows import (
     RECORD_PREFIX,
     commit_in,
@@ -182,6 +183,17 @@ class SessionStore:
         )  # fmt: skip
         return result
 
+    def put_summary_run(self, name: str, first: int, count: int, value: bytes) -> bool:
+        """Add a summary run (:mod:`.summary_runs`) of blocks ``[first, first + count)`` to
+        ``name``'s, after a commit; False (nothing written) unless its runs end at ``first``."""
+        return self.disk.apply(lambda txn: put_run(txn, name, first, count, value, keep_blocks=first))
+
+    def read_summary_runs(self, name: str, keys_by_layer: list[list[bytes]], relative: bool) -> list[np.ndarray]:
+        """Per layer, the fp32 summaries ``[covered, 2 * kv_heads * head_dim]`` of ``name``'s
+        leading blocks that its runs hold (:func:`~.summary_runs.read_runs`)."""
+        layout = self.disk.layout
+        return read_runs(self.disk, name, keys_by_layer, relative, 2 * layout.kv_heads * layout.head_dim)
+
     def touch(self, name: str) -> None:
         """Set last_used = now (one small transaction). SessionNotFoundError if absent."""
         check_name(name)
@@ -221,6 +233,7 @@ class SessionStore:
                 drop_references(txn, record.key_digests(), in_use, result)
             txn.delete("sessions", record_key(name))
             txn.delete("sessions", tail_record_key(name))
+            delete_runs(txn, name)
             return result
 
         try:
@@ -253,6 +266,7 @@ class SessionStore:
                     taken.append(record.name)
                 drop_references(txn, record.key_digests(), in_use, result)
                 txn.delete("sessions", tail_record_key(record.name))
+                delete_runs(txn, record.name)
                 record.kv_tokens = record.kv_blocks = record.tail_tokens = 0
                 txn.put("sessions", record_key(record.name), record.to_bytes())
                 result.sessions.append(record.name)

@@ -71,6 +71,7 @@ from ..errors import BlockNotFoundError, StoreDamagedError, StoreError, TierErro
 from .files import LOCK_FILES, check_store_files, creating, hold_store
 from .pages import check_pages
 from .direct_reads import DirectReader
+from .locate import Locator
 from .read_hints import MappedPages, ReadHints
 from .space import SpaceReserve, out_of_space, reserve_bytes, write_error
 from .txn import DeleteResult, StoreTxn
@@ -247,6 +248,8 @@ class BlockStore:
         self._hints = ReadHints(KEY_BYTES, self.record_nbytes)
         self._mapped = MappedPages(self.path / "data.mdb")
         self.direct = DirectReader(self.path / "data.mdb")
+        self._locator = Locator(self.path / "data.mdb")
+        self._main_db = self._env.open_db(None)
         self._reserve = SpaceReserve(self.path, reserve_bytes(self.capacity_bytes))
         self._closed = False
         self._close_lock = threading.Lock()
@@ -383,8 +386,7 @@ class BlockStore:
         raw = [bytes(key) for key in keys]
         with damage_named(self.path, "block records"), self._env.begin(db=self._blocks, buffers=True) as txn:
             if self.direct.available:  # the transaction keeps the records' pages in place during the reads
-                cursor = txn.cursor()
-                views = self.direct.read([self._hints.record_location(cursor, key, any_size=True) for key in raw])
+                views = self.direct.read(self._locator.locate(txn, self._main_db, b"blocks", raw))
                 for key, raw_key, view, block in zip(keys, raw, views, out):
                     self._read_one(txn, key, raw_key, view, block)
                 return
@@ -397,11 +399,19 @@ class BlockStore:
                 decode_into(record, block, key, where=self._where(key))
         self._mapped.note(len(keys) * self.record_nbytes)
 
+    def read_large_values(self, db: str, keys: Sequence[bytes], txn: StoreTxn) -> list[memoryview | None]:
+        """The values of ``keys`` in database ``db`` under ``txn`` (a :meth:`reading` snapshot
+        with ``buffers``): those in overflow pages read with O_DIRECT, all in flight together;
+        the others through the map. None for a missing key. Views are valid until this thread's
+        next direct read or the end of the transaction. The caller checks what it reads."""
+        handle = txn.db[db]
+        views = self.direct.read(self._locator.locate(txn.txn, self._main_db, db.encode(), keys))
+        return [view if view is not None else txn.txn.get(key, db=handle) for key, view in zip(keys, views)]
+
     def _read_one(self, txn: lmdb.Transaction, key: BlockKey, raw_key: bytes, view: memoryview | None, block: torch.Tensor) -> None:
         """Decode a record read with O_DIRECT (``view``), or read through the map where ``view``
         is None. A direct read that fails the record's own checks is read again through the map,
-        which decides; if the map's copy is good, direct reads are off for good (a layout this
-        code misreads), so a wrong location costs time, never a false error."""
+        which decides, so a wrong location costs time, never a false error (logged once)."""
         if view is not None:
             try:
                 decode_into(view, block, key, where=self._where(key))
@@ -414,8 +424,9 @@ class BlockStore:
         decode_into(record, block, key, where=self._where(key))
         self._mapped.note(len(record))
         if view is not None:
-            log.warning("disk tier %s: a direct read of block %s disagreed with the map; reading through the map from now on", self.path, key.hex())
-            self.direct.disable()
+            self.direct.mismatches += 1
+            if self.direct.mismatches == 1:
+                log.warning("disk tier %s: a direct read of block %s disagreed with the map (read through the map)", self.path, key.hex())
 
     def contains(self, key: BlockKey) -> bool:
         self._check_open()

@@ -35,6 +35,7 @@ from pathlib import Path
 PAGE = mmap.PAGESIZE
 PAGE_HEADER = 16  # LMDB 0.9: page number u64, pad u16, flags u16, overflow page count u32
 P_OVERFLOW = 0x04
+KEEP_BYTES = 64 << 20  # larger read buffers are not kept per thread
 THREADS = 32  # requests in flight per store: what this machine's disk needs to reach its random-read speed
 _HEADER = struct.Struct("<QHHI")
 
@@ -51,6 +52,8 @@ class _Buffers(threading.local):
         self.buffer: mmap.mmap | None = None
 
     def get(self, nbytes: int) -> mmap.mmap:
+        if nbytes > KEEP_BYTES:  # a one-off (a long session's summary runs): not kept for the thread's life
+            return mmap.mmap(-1, nbytes)
         if self.buffer is None or len(self.buffer) < nbytes:
             # The old buffer is dropped, not closed: views of it from an earlier read may live on.
             self.buffer = mmap.mmap(-1, max(nbytes, 1 << 20))
@@ -69,7 +72,8 @@ class DirectReader:
         self.data_file = Path(data_file)
         self.threads = threads
         self.reads = 0
-        self.fallbacks = 0
+        self.fallbacks = 0  # spans that failed their page check or came back short: read through the map
+        self.mismatches = 0  # spans whose record the map's copy contradicted
         self._fd: int | None = None
         self._tried = False
         self._pool: ThreadPoolExecutor | None = None

@@ -56,14 +56,16 @@ class ReadHints:
     def record_location(self, cursor: lmdb.Cursor, key: bytes, *, any_size: bool = False) -> tuple[int, int] | None:
         """``(first overflow page number, record bytes)`` of the value under ``key``, or None if
         unknown (no such key, a small value on a leaf page, hints off). Touches only the B-tree.
-        ``any_size``: also for records of another size than ``record_nbytes`` (another encoding)."""
+        ``any_size``: also for records of another size than ``record_nbytes`` (another encoding),
+        and keys of any length (rows of other databases)."""
         if not (self.enabled or any_size and self.layout_ok) or not cursor.set_key(key):
             return None
+        key_nbytes = len(key) if any_size else self.key_nbytes
         key_address = address_of(cursor.key())
         node = key_address - _NODE_HEADER
         size_lo, size_hi, flags, key_size = (ctypes.c_uint16.from_address(node + 2 * i).value for i in range(4))
         size = size_lo | size_hi << 16
-        if key_size != self.key_nbytes or not flags & _F_BIGDATA or size <= _PAGE // 2:
+        if key_size != key_nbytes or not flags & _F_BIGDATA or size <= _PAGE // 2:
             return None
         if not any_size and size != self.record_nbytes:
             return None

@@ -91,6 +91,23 @@ class StoreTxn:
                 return
             yield key, value
 
+    def keys_with_prefix(self, db: str, prefix: bytes) -> list[bytes]:
+        """The keys of database ``db`` that start with ``prefix``, in key order (no value is read)."""
+        handle = self.db.get(db)
+        self.last_db = db
+        if handle is None:
+            return []
+        cursor = self.txn.cursor(db=handle)
+        if not cursor.set_range(prefix):
+            return []
+        out = []
+        for key in cursor.iternext(keys=True, values=False):
+            key = bytes(key)
+            if not key.startswith(prefix):
+                break
+            out.append(key)
+        return out
+
     def keys(self, db: str) -> list[bytes]:
         """Every key of database ``db``, in key order (no value is read)."""
         handle = self.db.get(db)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hkv.bench.decode import BENCH_TIERS, GiB, bench_options, run_decode_bench
+from hkv.bench.decode import run_disk_bound_bench, BENCH_TIERS, GiB, bench_options, run_decode_bench
 from hkv.config import Config
 
 KIB = 1024
@@ -64,6 +64,19 @@ def test_tiny_run_spills_to_disk_and_reports_memory(decode_model, tmp_path: Path
     assert figures["baseline_skipped"][0] is None and "GiB" in figures["baseline_skipped"][1]
     assert list(tmp_path.iterdir()) == []  # the temporary store is removed
     assert not user_store.exists()
+
+
+def test_disk_bound_preset_reads_from_disk_against_the_same_run_from_host(decode_model, tmp_path: Path) -> None:
+    # 4 KiB blocks, 2,048 tokens = 64 blocks per run: a 64 KiB host tier (16 blocks) sends most to disk.
+    config = Config.load(tiers={"device": 64 * KIB, "host": 64 * KIB, "disk": 64 * KIB, "dtype": "float16"})
+    figures = run_disk_bound_bench(config, contexts=(2048,), steps=2, model=decode_model, weights="random", store_dir=tmp_path)
+    json.dumps(figures)
+    disk, host = figures["runs"][0]["disk"], figures["runs"][0]["host"]
+    assert figures["disk_share"][0] > 0.5 and figures["disk_blocks_per_step"][0] > 0  # most reads came from disk
+    assert host["disk_share"] == 0 and host["disk_blocks_per_step"] == 0  # the host tier held the whole KV
+    assert host["tiers_after_fill"]["host"]["used_bytes"] > disk["tiers_after_fill"]["host"]["used_bytes"]
+    assert figures["ratio"][0] == pytest.approx(figures["disk_ms"][0] / figures["host_ms"][0])
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_rejects_bad_options(cli) -> None:

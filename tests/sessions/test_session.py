@@ -384,6 +384,11 @@ def test_remap_sessions_never_score_with_stored_frame_summaries(model, tmp_path)
         for key, value in relative:
             txn.delete(key, db=summaries)
             txn.put(key[:16], value, db=summaries)
+        sessions = env.open_db(b"sessions", txn=txn, create=False)  # such a store had no summary runs either
+        runs = [bytes(k) for k in txn.cursor(db=sessions).iternext(values=False) if bytes(k).startswith(b"u:")]
+        assert runs, "a session commit writes summary runs"
+        for key in runs:
+            txn.delete(key, db=sessions)
     env.close()
     with wrap(model, config) as rt:
         with rt.session("chat") as s:

@@ -442,6 +442,7 @@ def test_mapped_store_pages_do_not_pile_up_in_rss(tmp_path: Path, release: bool)
     pages; released, the data read is unchanged and the resident mapping stays near the threshold."""
     layout = BlockLayout(kv_heads=2, block_tokens=16, head_dim=64)  # 8 KiB records
     tier = DiskTier(tmp_path / "store", layout, 64 << 20)
+    tier.direct.disable()  # the map path (O_DIRECT reads map nothing: tests/store/test_direct_reads.py)
     tier._mapped.every_bytes = (1 << 20) if release else (1 << 40)
     g = torch.Generator().manual_seed(0)
     keys = [BlockKey(os.urandom(16)) for _ in range(1024)]  # 8 MiB of records

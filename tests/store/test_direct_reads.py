@@ -80,33 +80,49 @@ def test_a_flipped_payload_byte_is_named_by_a_direct_read(tmp_path: Path) -> Non
             tier.get_many_into([key_of(99)], out[:1])
 
 
+def _shift(locations: list, index: int, pages: int) -> list:
+    return [(loc[0] + pages, loc[1]) if i == index and loc is not None else loc for i, loc in enumerate(locations)]
+
+
 def test_a_span_that_fails_its_page_check_is_read_through_the_map(tmp_path: Path, monkeypatch) -> None:
     data = _store(tmp_path / "store", 6)
     with DiskTier(tmp_path / "store", SMOL, 1 << 28, readonly=True) as tier:
-        real = tier._hints.record_location
+        real = tier._locator.locate
         # One location one page off: the span's header names another page, so the map reads it.
-        monkeypatch.setattr(tier._hints, "record_location",
-                            lambda cursor, key, any_size=False: (lambda loc: (loc[0] + 1, loc[1]) if key == bytes(key_of(3)) else loc)(real(cursor, key, any_size=any_size)))  # fmt: skip
+        monkeypatch.setattr(tier._locator, "locate", lambda *args: _shift(real(*args), 3, 1))
         out = torch.empty(6, *SMOL.shape, dtype=SMOL.dtype)
         tier.get_many_into([key_of(i) for i in range(6)], out)
         assert tier.direct.fallbacks == 1 and tier.direct.reads == 5
     assert torch.equal(out.view(torch.int16), data.view(torch.int16))
 
 
-def test_a_record_the_direct_read_misplaces_turns_direct_reads_off(tmp_path: Path, monkeypatch, caplog) -> None:
+def test_a_record_the_direct_read_misplaces_is_read_through_the_map(tmp_path: Path, monkeypatch, caplog) -> None:
     data = _store(tmp_path / "store", 4)
     with DiskTier(tmp_path / "store", SMOL, 1 << 28, readonly=True) as tier:
-        # Every location points at record 0's pages: each span passes its page check (a real
-        # overflow record is there) but holds another key, so the map decides, and wins.
-        first = tier._hints.record_location
-        with tier.reading(buffers=True) as txn:
-            zero = first(txn.txn.cursor(db=tier._blocks), bytes(key_of(0)), any_size=True)
-        monkeypatch.setattr(tier._hints, "record_location", lambda cursor, key, any_size=False: zero)
+        # Every location is record 0's: each span passes its page check (a real overflow record
+        # is there) but holds another key, so the map decides, and wins.
+        real = tier._locator.locate
+        monkeypatch.setattr(tier._locator, "locate", lambda *args: [real(*args)[0]] * len(args[-1]))
         out = torch.empty(4, *SMOL.shape, dtype=SMOL.dtype)
         tier.get_many_into([key_of(i) for i in range(4)], out)
-        assert not tier.direct.available
-        assert "reading through the map from now on" in caplog.text
+        assert tier.direct.mismatches == 3
+        assert "disagreed with the map" in caplog.text
     assert torch.equal(out.view(torch.int16), data.view(torch.int16))
+
+
+def test_the_locator_finds_every_record_of_a_deep_tree(tmp_path: Path) -> None:
+    """2,000 records: a B-tree with branch pages; every record found where LMDB has it."""
+    layout = BlockLayout(kv_heads=1, block_tokens=16, head_dim=64, dtype=torch.float16)  # 2 KiB + header: overflow
+    _store(tmp_path / "store", 2000, layout)
+    with BlockStore(tmp_path / "store", layout, 1 << 30, readonly=True) as store, store.reading(buffers=True) as txn:
+        raw = [bytes(key_of(i)) for i in range(2000)] + [bytes(key_of(5000))]
+        found = store._locator.locate(txn.txn, store._main_db, b"blocks", raw)
+        assert txn.txn.stat(txn.db["blocks"])["depth"] >= 2
+        cursor = txn.txn.cursor(db=txn.db["blocks"])
+        for key, location in zip(raw[:-1], found):
+            assert location is not None
+            assert store._hints.record_location(cursor, key, any_size=True) == location  # the node LMDB's cursor finds
+        assert found[-1] is None
 
 
 def test_without_o_direct_the_map_reads_everything(tmp_path: Path, monkeypatch) -> None:

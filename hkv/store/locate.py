@@ -1,0 +1,144 @@
+"""Where a large value lies in ``data.mdb``, found by walking LMDB's B-tree ourselves.
+
+Why: O_DIRECT reads (:mod:`.direct_reads`) need a record's first overflow page before reading
+it, and py-lmdb cannot give it without reading the record: every cursor positioning and every
+``get`` "preloads" the value (touches each of its pages, so that the copy that usually follows
+does not fault with the GIL held). Read that way, each cold block was read twice, once 4 KiB at a
+time through the map and once by O_DIRECT.
+
+How: the named database's ``MDB_db`` record (a 48-byte value of the main database, read in the
+caller's transaction, so its root is that snapshot's) gives the root page and the depth; branch
+pages are searched for the last key <= the wanted one, the leaf for the key itself, as LMDB's
+``mdb_page_search`` does with its default comparison (``memcmp`` over the shorter length, then
+the shorter key first: Python's ``bytes`` order). The leaf node of a value in overflow pages
+(``F_BIGDATA``) holds its first page number after the key. LMDB 0.9's layout (64-bit): page
+header 16 bytes (page number u64, pad u16, flags u16, lower u16, upper u16), node offsets u16
+after it; node header 8 bytes (lo u16, hi u16, flags u16, key size u16: for a leaf, lo | hi << 16
+is the data size; for a branch, lo | hi << 16 | flags << 32 the child page).
+
+Every page number is checked against the file's size and every page's type and node offsets
+against the page before anything is read from it: damage makes a lookup return None (the caller
+then reads through py-lmdb, whose own checks and :mod:`.pages` name the damage), never a read
+outside the map. The pages walked are read through the map, as LMDB itself reads them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+
+import lmdb
+import numpy as np
+
+from .pages import F_BIGDATA, NODE_HEADER, P_BRANCH, P_LEAF, PAGE_HEADER
+
+_PAGE = mmap.PAGESIZE
+_HEADER = struct.Struct("<QHHHH")  # page number, pad, flags, lower, upper
+_NODE = struct.Struct("<HHHH")  # lo, hi, flags, key size
+_MAX_DEPTH = 16
+
+
+def _address(view: memoryview) -> int:
+    return np.frombuffer(view, dtype=np.uint8).ctypes.data if len(view) else 0
+
+
+class Locator:
+    """Finds the overflow pages of values in the named databases of one LMDB file."""
+
+    def __init__(self, data_file: Path) -> None:
+        self.data_file = Path(data_file)
+        self.enabled = lmdb.version()[:2] == (0, 9)
+
+    def locate(self, txn: lmdb.Transaction, main: object, db_name: bytes, keys: Sequence[bytes]) -> list[tuple[int, int] | None]:
+        """Per key, ``(first overflow page, value bytes)`` in ``txn``'s snapshot, or None (not
+        found, a small value kept on its leaf page, or anything unexpected). ``txn`` must have
+        been begun with ``buffers=True`` and stay open while the pages are read; ``main``: the
+        environment's main database (``env.open_db(None)``)."""
+        if not self.enabled or not keys:
+            return [None] * len(keys)
+        record = txn.get(db_name, db=main)  # the named database's MDB_db record
+        if record is None or len(record) != 48:
+            return [None] * len(keys)
+        depth, root = struct.unpack_from("<H", record, 6)[0], struct.unpack_from("<Q", record, 40)[0]
+        anchor = _address(record)
+        page_start = anchor - anchor % _PAGE
+        main_leaf = ctypes.c_uint64.from_address(page_start).value
+        map_base = page_start - main_leaf * _PAGE
+        try:
+            pages = os.stat(self.data_file).st_size // _PAGE
+        except OSError:
+            return [None] * len(keys)
+        if not 1 <= depth <= _MAX_DEPTH or not root < pages or not main_leaf < pages:
+            return [None] * len(keys)
+        return [self._find(map_base, pages, root, depth, bytes(key)) for key in keys]
+
+    @staticmethod
+    def _page(map_base: int, pages: int, number: int, kind: int) -> tuple[memoryview, int] | None:
+        """The page ``number`` (its memory and node count) if it is of ``kind`` and sound."""
+        if not 0 < number < pages:
+            return None
+        memory = memoryview((ctypes.c_char * _PAGE).from_address(map_base + number * _PAGE)).cast("B")
+        own, _, flags, lower, upper = _HEADER.unpack_from(memory)
+        if own != number or not flags & kind or not PAGE_HEADER <= lower <= upper <= _PAGE or (lower - PAGE_HEADER) % 2:
+            return None
+        return memory, (lower - PAGE_HEADER) // 2
+
+    @staticmethod
+    def _node(memory: memoryview, index: int) -> tuple[int, int, int, bytes, int] | None:
+        """``(lo, hi, flags, key, key offset)`` of node ``index``, if it lies within the page."""
+        offset = struct.unpack_from("<H", memory, PAGE_HEADER + 2 * index)[0]
+        if offset + NODE_HEADER > _PAGE:
+            return None
+        lo, hi, flags, size = _NODE.unpack_from(memory, offset)
+        start = offset + NODE_HEADER
+        if start + size > _PAGE:
+            return None
+        return lo, hi, flags, bytes(memory[start : start + size]), start
+
+    def _find(self, map_base: int, pages: int, root: int, depth: int, key: bytes) -> tuple[int, int] | None:
+        number = root
+        for _ in range(depth - 1):  # branch levels: the child whose range holds the key
+            found = self._page(map_base, pages, number, P_BRANCH)
+            if found is None:
+                return None
+            memory, count = found
+            low, high = 1, count - 1  # node 0's key is implicitly below every key
+            chosen = 0
+            while low <= high:
+                middle = (low + high) // 2
+                node = self._node(memory, middle)
+                if node is None:
+                    return None
+                if node[3] <= key:
+                    chosen, low = middle, middle + 1
+                else:
+                    high = middle - 1
+            node = self._node(memory, chosen)
+            if node is None:
+                return None
+            number = node[0] | node[1] << 16 | node[2] << 32
+        found = self._page(map_base, pages, number, P_LEAF)
+        if found is None:
+            return None
+        memory, count = found
+        low, high = 0, count - 1
+        while low <= high:
+            middle = (low + high) // 2
+            node = self._node(memory, middle)
+            if node is None:
+                return None
+            lo, hi, flags, node_key, start = node
+            if node_key == key:
+                if not flags & F_BIGDATA or start + len(key) + 8 > _PAGE:
+                    return None
+                first = struct.unpack_from("<Q", memory, start + len(key))[0]
+                return (first, lo | hi << 16) if 0 < first < pages else None
+            if node_key < key:
+                low = middle + 1
+            else:
+                high = middle - 1
+        return None
