@@ -173,6 +173,9 @@ class StoreConfig(_Section):
 
     persist: StrictBool = Field(False, description="write every sealed block through to disk")
     writer_batch: StrictInt = Field(64, description="blocks per LMDB write transaction")
+    direct_reads: StrictBool = Field(
+        False, description="read disk blocks with O_DIRECT, many at once, instead of through LMDB's map (hkv bench tiers measures both)"
+    )
     reuse_prefix: StrictBool = Field(True, description="adopt the longest stored prefix of a prompt instead of prefilling it")
     evict_sessions: StrictBool = Field(
         True, description='with tiers.disk_full = "evict": when unreferenced blocks are not enough, drop the KV of least-recently-used sessions'

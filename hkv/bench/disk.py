@@ -6,8 +6,9 @@ Five figures, in GB/s (10^9 bytes per second, payload bytes), each the best of `
   aligned buffer, then fsync'ed (the clock stops after the fsync);
 - ``raw_disk_read_gbps``: the same file read back sequentially in 4 MiB O_DIRECT reads;
 - ``raw_random_read_gbps``: as many block-sized (``layout.nbytes``) O_DIRECT reads as the tier
-  reads blocks, at random page-aligned offsets of that file, ``THREADS`` in flight at once (the
-  disk tier's own read parallelism, :data:`hkv.store.direct_reads.THREADS`), page cache dropped;
+  reads blocks, at random page-aligned offsets of that file, ``read_threads x read_batch`` in
+  flight at once (the tier's parallelism: so many records are hinted or read at once), page cache
+  dropped;
 - ``raw_buffered_write_gbps``: a second baseline, the same file written through the page cache
   and fsync'ed. LMDB always writes through the page cache, so this is its ceiling; on a small
   cloud VM it can be several times below O_DIRECT (measured 0.17-0.24 vs 1.3-1.6 GB/s here);
@@ -15,9 +16,11 @@ Five figures, in GB/s (10^9 bytes per second, payload bytes), each the best of `
   ``submit_batch`` per ``submit_put_many``, which the writer groups into transactions of up to
   ``writer_batch`` blocks (the clock stops when the last transaction is committed and durable);
 - ``disk_read_gbps``: every block read back in a random order with ``get_many_into`` batches
-  of ``read_batch`` blocks into a host buffer, by ``read_threads`` threads (the prefetcher
-  reads with worker threads too), after the page cache is dropped (``read_cache = "cold"``).
-  Where dropping the cache is refused the figure is labelled ``"warm"``.
+  of ``read_batch`` blocks into a host buffer, by ``read_threads`` threads (the prefetcher's
+  defaults: 2 workers, 16-block jobs), after the page cache is dropped (``read_cache = "cold"``),
+  the store opened before the clock starts. Where dropping the cache is refused the figure is
+  labelled ``"warm"``;
+- ``disk_direct_read_gbps``: the same with ``store.direct_reads = true`` (O_DIRECT).
 
 Where O_DIRECT is not supported the raw file is read and written through the page cache (write
 + fsync; read after the cache drop) and ``raw_direct`` is False.
@@ -39,7 +42,6 @@ import torch
 import xxhash
 
 from ..blocks import BlockKey, BlockLayout
-from ..store.direct_reads import THREADS
 from ..tiers.disk import DiskTier
 
 SMOLLM2_LAYOUT = BlockLayout(kv_heads=3, block_tokens=64, head_dim=64, dtype=torch.float16)  # 48 KiB
@@ -52,6 +54,7 @@ class DiskFigures:
 
     disk_read_gbps: float
     disk_write_gbps: float
+    disk_direct_read_gbps: float  # the same reads with store.direct_reads = true (O_DIRECT)
     raw_disk_read_gbps: float
     raw_disk_write_gbps: float
     raw_random_read_gbps: float  # block-sized O_DIRECT reads at random offsets, read_parallelism at once
@@ -64,7 +67,7 @@ class DiskFigures:
     submit_batch: int  # blocks per submit_put_many call
     read_batch: int  # blocks per get_many_into call
     read_threads: int
-    read_parallelism: int  # disk requests in flight: the tier's and the random raw reads'
+    read_parallelism: int  # records in flight: read_threads x read_batch, the raw random reads' threads
     repeats: int  # each figure is the best of this many runs
     raw_direct: bool  # the raw file used O_DIRECT
 
@@ -176,22 +179,22 @@ def _tier_write(store: Path, layout: BlockLayout, keys: list[BlockKey], writer_b
         return time.perf_counter() - start
 
 
-def _tier_read(store: Path, layout: BlockLayout, keys: list[BlockKey], read_batch: int, threads: int) -> float:
-    """Seconds to open the store and read every block once in a random order.
-
-    ``threads`` readers of ``read_batch`` blocks each.
-    """
+def _tier_read(store: Path, layout: BlockLayout, keys: list[BlockKey], read_batch: int, threads: int,
+               direct: bool = False) -> float:  # fmt: skip
+    """Seconds to read every block once in a random order from an opened store (opening it, a
+    walk of its B-tree pages, is not timed). ``threads`` readers of ``read_batch`` blocks each;
+    ``direct``: with O_DIRECT (``store.direct_reads``) instead of through the map."""
     order = keys[:]
     random.Random(0).shuffle(order)
     batches = [order[i : i + read_batch] for i in range(0, len(order), read_batch)]
-    start = time.perf_counter()
-    with DiskTier(store, layout, len(keys) * layout.record_nbytes, readonly=True) as tier:
+    with DiskTier(store, layout, len(keys) * layout.record_nbytes, readonly=True, direct_reads=direct) as tier:
 
         def reader(mine: list[list[BlockKey]]) -> None:
             out = torch.empty(read_batch, *layout.shape, dtype=layout.dtype)  # the host buffer
             for batch in mine:
                 tier.get_many_into(batch, out[: len(batch)])
 
+        start = time.perf_counter()
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="hkv bench reader") as pool:
             futures = [pool.submit(reader, batches[i::threads]) for i in range(threads)]
             for future in futures:
@@ -206,8 +209,8 @@ def measure_disk(
     layout: BlockLayout = SMOLLM2_LAYOUT,
     writer_batch: int = 1024,
     submit_batch: int = 64,
-    read_batch: int = 64,
-    read_threads: int = 8,
+    read_batch: int = 16,
+    read_threads: int = 2,
     repeats: int = 2,
 ) -> DiskFigures:
     """Measure the disk tier and the raw file baseline in the folder ``path`` (created; cleaned after).
@@ -223,7 +226,7 @@ def measure_disk(
     count = max(1, total_bytes // layout.nbytes)
     raw_bytes = max(RAW_CHUNK, count * layout.nbytes // RAW_CHUNK * RAW_CHUNK)
     keys = _keys(count)
-    best = dict.fromkeys(("raw_write", "raw_read", "raw_random_read", "buffered_write", "tier_write", "tier_read"), math.inf)
+    best = dict.fromkeys(("raw_write", "raw_read", "raw_random_read", "buffered_write", "tier_write", "tier_read", "tier_direct_read"), math.inf)
     cold, direct, made = True, True, []
     try:
         for repeat in range(repeats):  # interleaved, so a slow spell of the disk hits both sides
@@ -238,12 +241,15 @@ def measure_disk(
             cold = drop_page_cache() and cold
             best["raw_read"] = min(best["raw_read"], _raw_read(raw_file, direct))
             cold = drop_page_cache() and cold
-            seconds = _raw_random_read(raw_file, layout.nbytes, count, THREADS, direct)
+            seconds = _raw_random_read(raw_file, layout.nbytes, count, read_threads * read_batch, direct)
             best["raw_random_read"] = min(best["raw_random_read"], seconds)
             best["buffered_write"] = min(best["buffered_write"], _raw_write(buffered_file, raw_bytes, direct=False)[0])
             best["tier_write"] = min(best["tier_write"], _tier_write(store, layout, keys, writer_batch, submit_batch))
             cold = drop_page_cache() and cold
             best["tier_read"] = min(best["tier_read"], _tier_read(store, layout, keys, read_batch, read_threads))
+            cold = drop_page_cache() and cold
+            seconds = _tier_read(store, layout, keys, read_batch, read_threads, direct=True)
+            best["tier_direct_read"] = min(best["tier_direct_read"], seconds)
     finally:
         for made_path in made:  # deleted at the end: deleting (discarding) 1 GiB disturbs the next timing
             if made_path.is_dir():
@@ -254,6 +260,7 @@ def measure_disk(
     return DiskFigures(
         disk_read_gbps=payload / best["tier_read"] / 1e9,
         disk_write_gbps=payload / best["tier_write"] / 1e9,
+        disk_direct_read_gbps=payload / best["tier_direct_read"] / 1e9,
         raw_disk_read_gbps=raw_bytes / best["raw_read"] / 1e9,
         raw_disk_write_gbps=raw_bytes / best["raw_write"] / 1e9,
         raw_random_read_gbps=payload / best["raw_random_read"] / 1e9,
@@ -266,7 +273,7 @@ def measure_disk(
         submit_batch=submit_batch,
         read_batch=read_batch,
         read_threads=read_threads,
-        read_parallelism=THREADS,
+        read_parallelism=read_threads * read_batch,
         repeats=repeats,
         raw_direct=direct,
     )

@@ -70,9 +70,9 @@ from ..encoding import CODES, ENCODINGS, encode
 from ..errors import BlockNotFoundError, StoreDamagedError, StoreError, TierError, TierFullError
 from .files import LOCK_FILES, check_store_files, creating, hold_store
 from .pages import check_pages
-from .direct_reads import DirectReader
+from .direct_reads import PAGE, PAGE_HEADER, DirectReader
 from .locate import Locator
-from .read_hints import MappedPages, ReadHints
+from .read_hints import MappedPages, will_need
 from .space import SpaceReserve, out_of_space, reserve_bytes, write_error
 from .txn import DeleteResult, StoreTxn
 from .writer import BatchWriter, WriteJob
@@ -216,7 +216,7 @@ class BlockStore:
 
     def __init__(
         self, path: str | Path, layout: BlockLayout, capacity_bytes: int, *, writer_batch: int = 64, readonly: bool = False,
-        exclusive: bool = False, encoding: str = "none", _env: lmdb.Environment | None = None,
+        exclusive: bool = False, encoding: str = "none", direct_reads: bool = False, _env: lmdb.Environment | None = None,
     ) -> None:  # fmt: skip
         if encoding not in ENCODINGS:
             raise ValueError(f"encoding = {encoding!r}: one of {', '.join(ENCODINGS)}")
@@ -245,9 +245,9 @@ class BlockStore:
                 os.close(self._users)
             raise
         self._blocks, self._index, self._meta = self._dbs["blocks"], self._dbs["keys"], self._dbs["meta"]
-        self._hints = ReadHints(KEY_BYTES, self.record_nbytes)
         self._mapped = MappedPages(self.path / "data.mdb")
         self.direct = DirectReader(self.path / "data.mdb")
+        self.direct_reads = direct_reads  # block records with O_DIRECT (summary runs always, where it works)
         self._locator = Locator(self.path / "data.mdb")
         self._main_db = self._env.open_db(None)
         self._reserve = SpaceReserve(self.path, reserve_bytes(self.capacity_bytes))
@@ -385,17 +385,19 @@ class BlockStore:
             raise ValueError(f"get_many_into: {len(keys)} keys but out holds {len(out)} blocks")
         raw = [bytes(key) for key in keys]
         with damage_named(self.path, "block records"), self._env.begin(db=self._blocks, buffers=True) as txn:
-            if self.direct.available:  # the transaction keeps the records' pages in place during the reads
-                views = self.direct.read(self._locator.locate(txn, self._main_db, b"blocks", raw))
+            locations = self._locator.locate(txn, self._main_db, b"blocks", raw)  # the transaction keeps them in place
+            if self.direct_reads and self.direct.available:
+                views = self.direct.read(locations)
                 for key, raw_key, view, block in zip(keys, raw, views, out):
                     self._read_one(txn, key, raw_key, view, block)
                 return
-            predicted = self._hints.prefetch(txn.cursor(), raw)  # start every record's disk read now
-            for key, raw_key, guess, block in zip(keys, raw, predicted, out):
+            for location in locations:  # every record's disk read starts now, before the first get waits on one
+                if location is not None:
+                    will_need(self._locator.map_base + location[0] * PAGE + PAGE_HEADER, location[1])
+            for key, raw_key, block in zip(keys, raw, out):
                 record = txn.get(raw_key)
                 if record is None:
                     raise BlockNotFoundError(f"{self._where(key)} not found")
-                self._hints.confirm(guess, record)
                 decode_into(record, block, key, where=self._where(key))
         self._mapped.note(len(keys) * self.record_nbytes)
 

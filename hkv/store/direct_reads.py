@@ -1,14 +1,15 @@
 """Block records read from ``data.mdb`` with O_DIRECT, at their place in the file, many at once.
 
-Why: through LMDB's memory map a cold record arrives in 4 KiB page faults, and even with
-``madvise`` hints (:mod:`.read_hints`) the disk tier read random blocks at 0.26-0.31 GB/s, a
-third of what this machine's disk gives to O_DIRECT reads of the same size issued 32 at a time
-(docs/benchmarks.md). Here each record is one read request, and a batch's requests are all in
-flight together.
+Why: through LMDB's memory map a record is read by page faults and kernel read-ahead; O_DIRECT
+makes each record one read request, with a batch's requests all in flight together, into memory
+of our own (no page cache). Which is faster depends on the disk: on this project's cloud VM the
+map with batch hints (:mod:`.read_hints`) measured faster (docs/store.md), so block reads use
+O_DIRECT only with ``store.direct_reads = true``; a session's summary runs, large sequential
+values, are always read this way where the filesystem allows.
 
 How: under the caller's read transaction (which keeps LMDB from reusing the pages it sees), the
 record's first overflow page is found from its B-tree node without touching the record
-(:meth:`~hkv.store.read_hints.ReadHints.record_location`). The whole pages holding the record
+(:mod:`.locate`). The whole pages holding the record
 (a 16-byte page header, then the record) are read with ``preadv`` on an O_DIRECT descriptor into
 a page-aligned buffer, one request per record, by a pool of ``threads`` threads (``preadv``
 releases the GIL). Each span's page header is checked (its own page number, the overflow flag,

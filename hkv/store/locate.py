@@ -52,6 +52,7 @@ class Locator:
     def __init__(self, data_file: Path) -> None:
         self.data_file = Path(data_file)
         self.enabled = lmdb.version()[:2] == (0, 9)
+        self.map_base = 0  # address of the map's page 0, as found by the last locate
 
     def locate(self, txn: lmdb.Transaction, main: object, db_name: bytes, keys: Sequence[bytes]) -> list[tuple[int, int] | None]:
         """Per key, ``(first overflow page, value bytes)`` in ``txn``'s snapshot, or None (not
@@ -67,7 +68,7 @@ class Locator:
         anchor = _address(record)
         page_start = anchor - anchor % _PAGE
         main_leaf = ctypes.c_uint64.from_address(page_start).value
-        map_base = page_start - main_leaf * _PAGE
+        map_base = self.map_base = page_start - main_leaf * _PAGE
         try:
             pages = os.stat(self.data_file).st_size // _PAGE
         except OSError:

@@ -124,6 +124,7 @@ class TierManager(Promotion):
     def _open_disk(self) -> DiskTier:
         if self._disk is None:
             self._disk = DiskTier(self.path, self.layout, self.disk_capacity, writer_batch=self.config.store.writer_batch,
+                                  direct_reads=self.config.store.direct_reads,
                                   encoding=self.config.tiers.disk_encoding)  # fmt: skip
             for key in self._disk.keys():
                 self._entry_for(key.digest).on_disk = True

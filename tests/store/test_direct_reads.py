@@ -1,5 +1,6 @@
-"""O_DIRECT block reads (hkv/store/direct_reads.py): the same bytes as the map, damage still
-named, and the map taking over wherever a direct read cannot be trusted."""
+"""O_DIRECT block reads (hkv/store/direct_reads.py, ``store.direct_reads``) and the B-tree walk
+that locates records for them and for the map's read hints (hkv/store/locate.py): the same bytes
+as the map, damage still named, and the map taking over wherever a direct read cannot be trusted."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import random
 from pathlib import Path
 
 import lmdb
+import numpy as np
 import pytest
 import torch
 import xxhash
@@ -41,7 +43,7 @@ def test_direct_reads_return_the_stored_bytes_in_any_order(tmp_path: Path) -> No
     data = _store(tmp_path / "store", 96)
     order = list(range(96))
     random.Random(1).shuffle(order)
-    with DiskTier(tmp_path / "store", SMOL, 1 << 30, readonly=True) as tier:
+    with DiskTier(tmp_path / "store", SMOL, 1 << 30, readonly=True, direct_reads=True) as tier:
         out = torch.empty(len(order), *SMOL.shape, dtype=SMOL.dtype)
         tier.get_many_into([key_of(i) for i in order], out)
         assert tier.direct.available, "ext4 under /tmp takes O_DIRECT"
@@ -54,7 +56,7 @@ def test_a_store_of_two_encodings_is_read_directly(tmp_path: Path) -> None:
     extra = blocks(8, seed=5)
     with DiskTier(tmp_path / "store", SMOL, 1 << 28, encoding="int8") as tier:
         tier.put_many([key_of(100 + i) for i in range(8)], extra)
-    with DiskTier(tmp_path / "store", SMOL, 1 << 28, readonly=True) as tier:
+    with DiskTier(tmp_path / "store", SMOL, 1 << 28, readonly=True, direct_reads=True) as tier:
         out = torch.empty(16, *SMOL.shape, dtype=SMOL.dtype)
         tier.get_many_into([key_of(i) for i in range(8)] + [key_of(100 + i) for i in range(8)], out)
         assert tier.direct.reads == 16
@@ -71,7 +73,7 @@ def test_a_flipped_payload_byte_is_named_by_a_direct_read(tmp_path: Path) -> Non
         record[-100] ^= 0x40
         txn.put(bytes(key_of(2)), bytes(record))
     env.close()
-    with DiskTier(tmp_path / "store", SMOL, 1 << 28, readonly=True) as tier:
+    with DiskTier(tmp_path / "store", SMOL, 1 << 28, readonly=True, direct_reads=True) as tier:
         out = torch.empty(4, *SMOL.shape, dtype=SMOL.dtype)
         with pytest.raises(CorruptRecordError, match=key_of(2).hex()):
             tier.get_many_into([key_of(i) for i in range(4)], out)
@@ -86,7 +88,7 @@ def _shift(locations: list, index: int, pages: int) -> list:
 
 def test_a_span_that_fails_its_page_check_is_read_through_the_map(tmp_path: Path, monkeypatch) -> None:
     data = _store(tmp_path / "store", 6)
-    with DiskTier(tmp_path / "store", SMOL, 1 << 28, readonly=True) as tier:
+    with DiskTier(tmp_path / "store", SMOL, 1 << 28, readonly=True, direct_reads=True) as tier:
         real = tier._locator.locate
         # One location one page off: the span's header names another page, so the map reads it.
         monkeypatch.setattr(tier._locator, "locate", lambda *args: _shift(real(*args), 3, 1))
@@ -98,7 +100,7 @@ def test_a_span_that_fails_its_page_check_is_read_through_the_map(tmp_path: Path
 
 def test_a_record_the_direct_read_misplaces_is_read_through_the_map(tmp_path: Path, monkeypatch, caplog) -> None:
     data = _store(tmp_path / "store", 4)
-    with DiskTier(tmp_path / "store", SMOL, 1 << 28, readonly=True) as tier:
+    with DiskTier(tmp_path / "store", SMOL, 1 << 28, readonly=True, direct_reads=True) as tier:
         # Every location is record 0's: each span passes its page check (a real overflow record
         # is there) but holds another key, so the map decides, and wins.
         real = tier._locator.locate
@@ -118,17 +120,18 @@ def test_the_locator_finds_every_record_of_a_deep_tree(tmp_path: Path) -> None:
         raw = [bytes(key_of(i)) for i in range(2000)] + [bytes(key_of(5000))]
         found = store._locator.locate(txn.txn, store._main_db, b"blocks", raw)
         assert txn.txn.stat(txn.db["blocks"])["depth"] >= 2
-        cursor = txn.txn.cursor(db=txn.db["blocks"])
         for key, location in zip(raw[:-1], found):
             assert location is not None
-            assert store._hints.record_location(cursor, key, any_size=True) == location  # the node LMDB's cursor finds
+            value = txn.get("blocks", key)  # where LMDB itself has the record: 16 bytes into its first page
+            where = np.frombuffer(value, dtype=np.uint8).ctypes.data
+            assert (where, len(value)) == (store._locator.map_base + location[0] * 4096 + 16, location[1])
         assert found[-1] is None
 
 
 def test_without_o_direct_the_map_reads_everything(tmp_path: Path, monkeypatch) -> None:
     data = _store(tmp_path / "store", 5)
     monkeypatch.delattr(os, "O_DIRECT")  # a platform without it (macOS); tmpfs takes it on this kernel
-    with DiskTier(tmp_path / "store", SMOL, 1 << 28, readonly=True) as tier:
+    with DiskTier(tmp_path / "store", SMOL, 1 << 28, readonly=True, direct_reads=True) as tier:
         out = torch.empty(5, *SMOL.shape, dtype=SMOL.dtype)
         tier.get_many_into([key_of(i) for i in range(5)], out)
         assert not tier.direct.available and tier.direct.reads == 0
@@ -138,7 +141,7 @@ def test_without_o_direct_the_map_reads_everything(tmp_path: Path, monkeypatch) 
 def test_small_records_live_on_leaf_pages_and_are_read_through_the_map(tmp_path: Path) -> None:
     tiny = BlockLayout(kv_heads=1, block_tokens=4, head_dim=8, dtype=torch.float16)  # 64 B payload
     data = _store(tmp_path / "store", 10, tiny)
-    with BlockStore(tmp_path / "store", tiny, 1 << 24, readonly=True) as store:
+    with BlockStore(tmp_path / "store", tiny, 1 << 24, readonly=True, direct_reads=True) as store:
         out = torch.empty(10, *tiny.shape, dtype=tiny.dtype)
         store.get_many_into([key_of(i) for i in range(10)], out)
         assert store.direct.reads == 0
