@@ -252,7 +252,7 @@ class SequenceKV:
 
     # -- sessions: adopting stored blocks, exporting what a commit needs ---------------------------
 
-    def adopt(self, n_blocks: int, summaries: list[torch.Tensor]) -> None:
+    def adopt(self, n_blocks: int, summaries: list[torch.Tensor], block_keys: list[list[BlockKey]] | None = None) -> None:
         """Take the next ``n_blocks`` complete blocks of the noted tokens as sealed blocks of every
         layer WITHOUT reading them: they are already stored (a restored session, a reused prefix).
 
@@ -260,7 +260,8 @@ class SequenceKV:
         stored. Every layer must be at the same block boundary (no unsealed tail) and
         :meth:`note_tokens` must cover the adopted tokens. The blocks are retained; the sink /
         local ones are pinned (read now, from wherever they are); the others stay where they are
-        until attention or the prefetcher needs them."""
+        until attention or the prefetcher needs them. ``block_keys[layer]``: the blocks' keys, where the
+        caller has them already (at least ``n_blocks`` per layer; else computed here)."""
         self._check_open()
         bt, first = self.block_tokens, len(self._keys[0])
         if any(t != first * bt for t in self._tokens) or any(len(k) != first for k in self._keys):
@@ -272,7 +273,8 @@ class SequenceKV:
         end = first + n_blocks
         self._chain(end - 1)  # raises (nothing changed) when note_tokens does not cover them
         for layer in range(self.num_layers):
-            new_keys = [BlockKey.make(self.fingerprint, self._chain(i), layer) for i in range(first, end)]
+            new_keys = (block_keys[layer][:n_blocks] if block_keys is not None
+                        else [BlockKey.make(self.fingerprint, self._chain(i), layer) for i in range(first, end)])  # fmt: skip
             self.manager.retain(new_keys)
             keys = self._keys[layer]
             keys.extend(new_keys)

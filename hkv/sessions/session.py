@@ -188,10 +188,11 @@ class Session:
         bt = self.runtime.layout.block_tokens
         seq = self._cache.sequence
         digests = record.key_digests()  # block-major
-        runs = self._store.read_summary_runs(self.name, [digests[layer :: record.num_layers] for layer in range(record.num_layers)],
-                                             seq.summaries.relative)  # fmt: skip
+        by_layer = [digests[layer :: record.num_layers] for layer in range(record.num_layers)]
+        runs = self._store.read_summary_runs(self.name, by_layer, seq.summaries.relative)
         known = [torch.from_numpy(run) for run in runs]
-        adopted = adopt_stored_prefix(seq, self._tokens[: record.kv_blocks * bt], known_summaries=known) // bt
+        keys = [[BlockKey(digest) for digest in layer_digests] for layer_digests in by_layer]
+        adopted = adopt_stored_prefix(seq, self._tokens[: record.kv_blocks * bt], known_keys=keys, known_summaries=known) // bt
         self._run_end = min(adopted, len(runs[0]) if runs else 0)
         self._cache.sync_lengths()
         tail = 0

@@ -24,8 +24,10 @@ Measured here: ``metasync=True`` (two fsyncs per commit) halved the write rate, 
 was slower still.
 
 Reads take a read transaction and copy straight from LMDB's memory map into the caller's tensor
-(header and xxh3 checksum checked, see :func:`hkv.blocks.decode_into`); :mod:`.read_hints` first
-asks the kernel to read each record of the batch in one request, so the reads overlap, and
+(header and xxh3 checksum checked, see :func:`hkv.blocks.decode_into`); first every record of the
+batch is located (:mod:`.locate`, the B-tree only) and :mod:`.read_hints` asks the kernel to read
+each in one request, so the reads overlap; with ``direct_reads`` the records are read with
+O_DIRECT instead (:mod:`.direct_reads`). :mod:`.read_hints` also
 unmaps the pages read (and those writes walked) from the process every 64 MiB of traffic, so
 that a store of any size does not pile up in the process's resident set (``MappedPages``); a
 lookup of a small record (summary, index entry) counts as ``READ_MAP_BYTES`` of traffic.

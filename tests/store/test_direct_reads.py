@@ -148,7 +148,7 @@ def test_small_records_live_on_leaf_pages_and_are_read_through_the_map(tmp_path:
     assert torch.equal(out.view(torch.int16), data.view(torch.int16))
 
 
-def test_the_reader_refuses_nothing_it_cannot_open(tmp_path: Path) -> None:
+def test_a_reader_of_a_missing_file_is_unavailable_and_reads_nothing(tmp_path: Path) -> None:
     reader = DirectReader(tmp_path / "missing.mdb")
     assert not reader.available
     assert reader.read([(1, 50_000), None]) == [None, None]
