@@ -115,6 +115,9 @@ def test_rm_and_repair_drop_the_runs(model, tmp_path, cli) -> None:
             with rt.session(name) as s:
                 s.append(prompt(100, seed=seed))
     assert {key.split(b"\x00")[0] for key in _run_keys(path)} == {b"u:a", b"u:b"}
+    listed = cli("sessions", "ls", "--store", str(path))
+    assert listed.exit_code == 0 and "u:" not in listed.output  # runs are not sessions
+    assert cli("sessions", "verify", "--store", str(path)).exit_code == 0
     assert cli("sessions", "rm", "a", "--store", str(path), "--yes").exit_code == 0
     assert {key.split(b"\x00")[0] for key in _run_keys(path)} == {b"u:b"}
     assert cli("sessions", "repair", "--store", str(path)).exit_code == 0
