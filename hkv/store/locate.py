@@ -38,7 +38,8 @@ from .pages import F_BIGDATA, NODE_HEADER, P_BRANCH, P_LEAF, PAGE_HEADER
 
 _PAGE = mmap.PAGESIZE
 _HEADER = struct.Struct("<QHHHH")  # page number, pad, flags, lower, upper
-_NODE = struct.Struct("<HHHH")  # lo, hi, flags, key size
+_CHILD = struct.Struct("<HHH")  # a node's lo, hi, flags
+_KEY_SIZE = struct.Struct("<H")
 _MAX_DEPTH = 16
 
 
@@ -78,27 +79,27 @@ class Locator:
         return [self._find(map_base, pages, root, depth, bytes(key)) for key in keys]
 
     @staticmethod
-    def _page(map_base: int, pages: int, number: int, kind: int) -> tuple[memoryview, int] | None:
-        """The page ``number`` (its memory and node count) if it is of ``kind`` and sound."""
+    def _page(map_base: int, pages: int, number: int, kind: int) -> tuple[bytes, int, list[int]] | None:
+        """A copy of page ``number`` (4 KiB), its node count and node offsets, if it is of
+        ``kind`` and sound (every node header within the page)."""
         if not 0 < number < pages:
             return None
-        memory = memoryview((ctypes.c_char * _PAGE).from_address(map_base + number * _PAGE)).cast("B")
-        own, _, flags, lower, upper = _HEADER.unpack_from(memory)
+        page = ctypes.string_at(map_base + number * _PAGE, _PAGE)
+        own, _, flags, lower, upper = _HEADER.unpack_from(page)
         if own != number or not flags & kind or not PAGE_HEADER <= lower <= upper <= _PAGE or (lower - PAGE_HEADER) % 2:
             return None
-        return memory, (lower - PAGE_HEADER) // 2
+        count = (lower - PAGE_HEADER) // 2
+        offsets = list(struct.unpack_from(f"<{count}H", page, PAGE_HEADER))
+        if count and max(offsets) + NODE_HEADER > _PAGE:
+            return None
+        return page, count, offsets
 
     @staticmethod
-    def _node(memory: memoryview, index: int) -> tuple[int, int, int, bytes, int] | None:
-        """``(lo, hi, flags, key, key offset)`` of node ``index``, if it lies within the page."""
-        offset = struct.unpack_from("<H", memory, PAGE_HEADER + 2 * index)[0]
-        if offset + NODE_HEADER > _PAGE:
-            return None
-        lo, hi, flags, size = _NODE.unpack_from(memory, offset)
+    def _key(page: bytes, offset: int) -> bytes | None:
+        """Node key at ``offset``, if it lies within the page."""
+        size = _KEY_SIZE.unpack_from(page, offset + 6)[0]
         start = offset + NODE_HEADER
-        if start + size > _PAGE:
-            return None
-        return lo, hi, flags, bytes(memory[start : start + size]), start
+        return page[start : start + size] if start + size <= _PAGE else None
 
     def _find(self, map_base: int, pages: int, root: int, depth: int, key: bytes) -> tuple[int, int] | None:
         number = root
@@ -106,37 +107,35 @@ class Locator:
             found = self._page(map_base, pages, number, P_BRANCH)
             if found is None:
                 return None
-            memory, count = found
-            low, high = 1, count - 1  # node 0's key is implicitly below every key
-            chosen = 0
+            page, count, offsets = found
+            low, high, chosen = 1, count - 1, 0  # node 0's key is implicitly below every key
             while low <= high:
                 middle = (low + high) // 2
-                node = self._node(memory, middle)
-                if node is None:
+                node_key = self._key(page, offsets[middle])
+                if node_key is None:
                     return None
-                if node[3] <= key:
+                if node_key <= key:
                     chosen, low = middle, middle + 1
                 else:
                     high = middle - 1
-            node = self._node(memory, chosen)
-            if node is None:
-                return None
-            number = node[0] | node[1] << 16 | node[2] << 32
+            lo, hi, flags = _CHILD.unpack_from(page, offsets[chosen])
+            number = lo | hi << 16 | flags << 32
         found = self._page(map_base, pages, number, P_LEAF)
         if found is None:
             return None
-        memory, count = found
+        page, count, offsets = found
         low, high = 0, count - 1
         while low <= high:
             middle = (low + high) // 2
-            node = self._node(memory, middle)
-            if node is None:
+            node_key = self._key(page, offsets[middle])
+            if node_key is None:
                 return None
-            lo, hi, flags, node_key, start = node
             if node_key == key:
-                if not flags & F_BIGDATA or start + len(key) + 8 > _PAGE:
+                lo, hi, flags = _CHILD.unpack_from(page, offsets[middle])
+                start = offsets[middle] + NODE_HEADER + len(key)
+                if not flags & F_BIGDATA or start + 8 > _PAGE:
                     return None
-                first = struct.unpack_from("<Q", memory, start + len(key))[0]
+                first = struct.unpack_from("<Q", page, start)[0]
                 return (first, lo | hi << 16) if 0 < first < pages else None
             if node_key < key:
                 low = middle + 1
