@@ -439,13 +439,19 @@ class BlockStore:
 
     def keys(self) -> Iterator[BlockKey]:
         """The stored keys (a snapshot taken at the call), in key order."""
+        return iter([BlockKey(k) for k in self.key_digests()])
+
+    def key_digests(self) -> list[bytes]:
+        """The stored keys' 16 bytes (a snapshot taken at the call), in key order; the index's
+        leaf pages are all asked of the disk first (:meth:`~.locate.Locator.warm_leaves`)."""
         self._check_open()
-        with damage_named(self.path, "the key index"), self._env.begin(db=self._index) as txn:
-            raw = list(txn.cursor().iternext(keys=True, values=False))
+        with damage_named(self.path, "the key index"), self._env.begin(db=self._index, buffers=True) as txn:
+            self._locator.warm_leaves(txn, self._main_db, b"keys")
+            raw = [bytes(k) for k in txn.cursor().iternext(keys=True, values=False)]
         bad = next((k for k in raw if len(k) != KEY_BYTES), None)
         if bad is not None:  # a damaged node the page check did not see (a large tree at open)
             raise damage_error(self.path, "the key index", ValueError(f"a key of {len(bad)} bytes"))
-        return iter([BlockKey(k) for k in raw])
+        return raw
 
     def __len__(self) -> int:
         return self._usage()["blocks"]

@@ -35,12 +35,24 @@ import lmdb
 import numpy as np
 
 from .pages import F_BIGDATA, NODE_HEADER, P_BRANCH, P_LEAF, PAGE_HEADER
+from .read_hints import will_need
 
 _PAGE = mmap.PAGESIZE
 _HEADER = struct.Struct("<QHHHH")  # page number, pad, flags, lower, upper
 _CHILD = struct.Struct("<HHH")  # a node's lo, hi, flags
 _KEY_SIZE = struct.Struct("<H")
 _MAX_DEPTH = 16
+
+
+def _runs(numbers: list[int]) -> list[tuple[int, int]]:
+    """Sorted page numbers as ``(first, count)`` runs of consecutive pages."""
+    runs: list[tuple[int, int]] = []
+    for number in numbers:
+        if runs and runs[-1][0] + runs[-1][1] == number:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        elif not runs or runs[-1][0] + runs[-1][1] < number:
+            runs.append((number, 1))
+    return runs
 
 
 def _address(view: memoryview) -> int:
@@ -77,6 +89,47 @@ class Locator:
         if not 1 <= depth <= _MAX_DEPTH or not root < pages or not main_leaf < pages:
             return [None] * len(keys)
         return [self._find(map_base, pages, root, depth, bytes(key)) for key in keys]
+
+    def warm_leaves(self, txn: lmdb.Transaction, main: object, db_name: bytes) -> int:
+        """Ask the kernel to read every leaf page of database ``db_name`` now, all at once
+        (``madvise(MADV_WILLNEED)``, asynchronous), before a cursor walks them in key order: in
+        a large store the leaves lie all over the file, and walked one fault at a time they cost
+        a disk round trip each (1.7 s for the 122,880 keys of a 256K-token session). Reads the
+        branch pages only; returns how many leaf pages were asked for (0 where the tree is not
+        understood: nothing is asked, nothing changes)."""
+        if not self.enabled:
+            return 0
+        record = txn.get(db_name, db=main)
+        if record is None or len(record) != 48:
+            return 0
+        depth, root = struct.unpack_from("<H", record, 6)[0], struct.unpack_from("<Q", record, 40)[0]
+        anchor = _address(record)
+        page_start = anchor - anchor % _PAGE
+        map_base = page_start - ctypes.c_uint64.from_address(page_start).value * _PAGE
+        try:
+            pages = os.stat(self.data_file).st_size // _PAGE
+        except OSError:
+            return 0
+        if not 2 <= depth <= _MAX_DEPTH or not 0 < root < pages:
+            return 0
+        level = [root]
+        for _ in range(depth - 1):
+            children = []
+            for number in level:
+                found = self._page(map_base, pages, number, P_BRANCH)
+                if found is None:
+                    return 0
+                page, _, offsets = found
+                for offset in offsets:
+                    lo, hi, flags = _CHILD.unpack_from(page, offset)
+                    child = lo | hi << 16 | flags << 32
+                    if not 0 < child < pages:
+                        return 0
+                    children.append(child)
+            level = children
+        for start, count in _runs(sorted(level)):
+            will_need(map_base + start * _PAGE, count * _PAGE)
+        return len(level)
 
     @staticmethod
     def _page(map_base: int, pages: int, number: int, kind: int) -> tuple[bytes, int, list[int]] | None:

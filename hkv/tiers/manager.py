@@ -126,9 +126,10 @@ class TierManager(Promotion):
             self._disk = DiskTier(self.path, self.layout, self.disk_capacity, writer_batch=self.config.store.writer_batch,
                                   direct_reads=self.config.store.direct_reads,
                                   encoding=self.config.tiers.disk_encoding)  # fmt: skip
-            for key in self._disk.keys():
-                self._entry_for(key.digest).on_disk = True
-                self._recent["disk"][key.digest] = None
+            recent = self._recent["disk"]
+            for digest in self._disk.key_digests():
+                self._entry_for(digest).on_disk = True
+                recent[digest] = None
                 self._disk_count += 1
             for key in self._disk.referenced_keys():
                 entry = self._entries.get(key)

@@ -126,6 +126,11 @@ def test_the_locator_finds_every_record_of_a_deep_tree(tmp_path: Path) -> None:
             where = np.frombuffer(value, dtype=np.uint8).ctypes.data
             assert (where, len(value)) == (store._locator.map_base + location[0] * 4096 + 16, location[1])
         assert found[-1] is None
+        for db in (b"blocks", b"keys"):  # the leaves a key listing walks, all asked for at once
+            stat = txn.txn.stat(txn.db[db.decode()])
+            assert store._locator.warm_leaves(txn.txn, store._main_db, db) == (stat["leaf_pages"] if stat["depth"] >= 2 else 0)
+    with BlockStore(tmp_path / "store", layout, 1 << 30, readonly=True) as store:
+        assert store.key_digests() == sorted(raw[:-1])
 
 
 def test_without_o_direct_the_map_reads_everything(tmp_path: Path, monkeypatch) -> None:
