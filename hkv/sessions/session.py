@@ -7,9 +7,11 @@ A session owns one long-lived :class:`~hkv.integrations.transformers.HkvCache` w
 blocks are written through to the store (with their summaries). A commit makes the conversation
 durable in one store transaction: token ids, the block keys it references (refcounted, so
 sessions sharing a prefix store its blocks once), the new blocks' summaries and the unsealed
-tail's KV. Opening a session restores it lazily: the blocks are *adopted*
-(:func:`hkv.attention.prefix.adopt_stored_prefix`: keys and summaries, no block data read but the
-pinned sink / local blocks), so resuming costs a few reads, not a prefill.
+tail's KV; after it, the new blocks' summaries are also written together as summary runs
+(:mod:`.summary_runs`). Opening a session restores it lazily: the blocks are *adopted*
+(:func:`hkv.attention.prefix.adopt_stored_prefix`: keys and summaries, the summaries read in one
+pass from the runs, no block data read but the pinned sink / local blocks), so resuming costs a
+few reads, not a prefill.
 
 A session talks to the model only through its runtime's public seam (:class:`SessionHost`,
 which :class:`hkv.integrations.runtime.Runtime` is): this package never imports the
