@@ -72,46 +72,45 @@ class Locator:
         found, a small value kept on its leaf page, or anything unexpected). ``txn`` must have
         been begun with ``buffers=True`` and stay open while the pages are read; ``main``: the
         environment's main database (``env.open_db(None)``)."""
-        if not self.enabled or not keys:
+        tree = self._tree(txn, main, db_name) if keys else None
+        if tree is None:
             return [None] * len(keys)
+        map_base, pages, root, depth = tree
+        return [self._find(map_base, pages, root, depth, bytes(key)) for key in keys]
+
+    def _tree(self, txn: lmdb.Transaction, main: object, db_name: bytes) -> tuple[int, int, int, int] | None:
+        """``(map base address, pages in the file, root page, depth)`` of database ``db_name``
+        in ``txn``'s snapshot, from its ``MDB_db`` record; None where anything is unexpected.
+        Sets :attr:`map_base`."""
+        if not self.enabled:
+            return None
         record = txn.get(db_name, db=main)  # the named database's MDB_db record
         if record is None or len(record) != 48:
-            return [None] * len(keys)
+            return None
         depth, root = struct.unpack_from("<H", record, 6)[0], struct.unpack_from("<Q", record, 40)[0]
         anchor = _address(record)
         page_start = anchor - anchor % _PAGE
         main_leaf = ctypes.c_uint64.from_address(page_start).value
-        map_base = self.map_base = page_start - main_leaf * _PAGE
         try:
             pages = os.stat(self.data_file).st_size // _PAGE
         except OSError:
-            return [None] * len(keys)
-        if not 1 <= depth <= _MAX_DEPTH or not root < pages or not main_leaf < pages:
-            return [None] * len(keys)
-        return [self._find(map_base, pages, root, depth, bytes(key)) for key in keys]
+            return None
+        if not 1 <= depth <= _MAX_DEPTH or not 0 < root < pages or not main_leaf < pages:
+            return None
+        self.map_base = page_start - main_leaf * _PAGE
+        return self.map_base, pages, root, depth
 
     def warm_leaves(self, txn: lmdb.Transaction, main: object, db_name: bytes) -> int:
         """Ask the kernel to read every leaf page of database ``db_name`` now, all at once
         (``madvise(MADV_WILLNEED)``, asynchronous), before a cursor walks them in key order: in
         a large store the leaves lie all over the file, and walked one fault at a time they cost
-        a disk round trip each (1.7 s for the 122,880 keys of a 256K-token session). Reads the
+        a disk round trip each (about 2 s for the 122,880 keys of a 256K-token session). Reads the
         branch pages only; returns how many leaf pages were asked for (0 where the tree is not
         understood: nothing is asked, nothing changes)."""
-        if not self.enabled:
+        tree = self._tree(txn, main, db_name)
+        if tree is None or tree[3] < 2:
             return 0
-        record = txn.get(db_name, db=main)
-        if record is None or len(record) != 48:
-            return 0
-        depth, root = struct.unpack_from("<H", record, 6)[0], struct.unpack_from("<Q", record, 40)[0]
-        anchor = _address(record)
-        page_start = anchor - anchor % _PAGE
-        map_base = page_start - ctypes.c_uint64.from_address(page_start).value * _PAGE
-        try:
-            pages = os.stat(self.data_file).st_size // _PAGE
-        except OSError:
-            return 0
-        if not 2 <= depth <= _MAX_DEPTH or not 0 < root < pages:
-            return 0
+        map_base, pages, root, depth = tree
         level = [root]
         for _ in range(depth - 1):
             children = []

@@ -414,10 +414,7 @@ class TierManager(Promotion):
                         entry.pinned = True
                         self._pinned_count += 1
         finally:
-            with self._cond:
-                for entry in entries:
-                    entry.holds -= 1
-                self._cond.notify_all()  # release/delete wait for holds to drop
+            self._unhold(entries)
 
     def unpin(self, keys: Sequence[BlockKey]) -> None:
         """Let blocks be evicted again; unknown or unpinned keys are ignored."""

@@ -89,10 +89,7 @@ class Promotion(Placement):
                 events = [entry.event for entry in entries]
             out = self._assemble(keys, on_device, direct, plan, events)
         finally:
-            with self._cond:
-                for entry in entries:
-                    entry.holds -= 1
-                self._cond.notify_all()  # release/delete wait for holds to drop
+            self._unhold(entries)
         _count(report, busy, resident, missing, stalled)
         return out
 
@@ -181,6 +178,14 @@ class Promotion(Placement):
         self.moved["host->device"] += self.layout.nbytes * len(missing)
         return True
 
+    def _unhold(self, entries: list[Entry]) -> None:
+        """Drop the holds a gather, bring or pin took on ``entries``; wake release/delete, which
+        wait for holds to drop."""
+        with self._cond:
+            for entry in entries:
+                entry.holds -= 1
+            self._cond.notify_all()
+
     def _bring(self, keys: list[Digest], report: GatherReport | None) -> None:
         """Bring the distinct blocks ``keys`` to the device as far as room allows (:meth:`gather`
         without the read): hold them, wait for the busy ones, fetch the rest; count them in
@@ -193,10 +198,7 @@ class Promotion(Placement):
         try:
             busy, resident, missing, _, stalled = self._fetch(keys, entries)
         finally:
-            with self._cond:
-                for entry in entries:
-                    entry.holds -= 1
-                self._cond.notify_all()  # release/delete wait for holds to drop
+            self._unhold(entries)
         _count(report, busy, resident, missing, stalled)
 
     def _fetch(self, unique: list[Digest], entries: list[Entry]) -> tuple[list[Digest], int, list[Digest], _Plan | None, float]:
