@@ -45,7 +45,7 @@ needs_smollm2 = pytest.mark.skipif(not smollm2_installed(), reason="needs the de
 
 
 def test_every_script_is_covered():
-    assert PYTHON_SCRIPTS == ["heap_faults.py", "heap_probe.py", "passkey_selection.py", "score_cost.py"]
+    assert PYTHON_SCRIPTS == ["heap_faults.py", "heap_probe.py", "passkey_selection.py", "prediction_recall.py", "score_cost.py"]
     assert SHELL_SCRIPTS == ["gpu_check.sh", "million_run.sh"]
 
 
@@ -85,6 +85,14 @@ def test_passkey_selection(force):
     out = run([sys.executable, "scripts/passkey_selection.py", "1024", "0.5", "original", *force, "--budget", "448"], timeout=600).stdout
     assert "answer" in out and "needle at" in out
     assert "layers hitting all needle blocks" in out
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_prediction_recall():
+    out = run([sys.executable, "scripts/prediction_recall.py", "--tokens", "1024", "--new-tokens", "3", "--budget", "448"], timeout=600).stdout
+    assert "next-layer: recall" in out and "same-layer: recall" in out
+    assert "generated tokens identical: True" in out
 
 
 @pytest.mark.slow

@@ -58,17 +58,24 @@ class SequenceKV:
     to the disk store whatever ``store.persist`` says (a session's sequence). ``on_selection``:
     a :data:`~hkv.attention.selection.SelectionObserver` called with every block selection
     :meth:`attend` makes (it may return a selection to read instead); None: no call.
+    ``predicted_ahead``: next-layer hooks (:mod:`hkv.integrations.next_layer`) call
+    :meth:`prefetch_ahead` for layers ``1 ..`` at decode steps, so :meth:`attend` predicts the
+    next step's blocks for layer 0 only.
     """
 
     def __init__(self, manager: TierManager, config: Config, *, num_layers: int, num_kv_heads: int, num_q_heads: int,
                  head_dim: int, dtype: torch.dtype, fingerprint: bytes, prefetcher: Prefetcher | None = None,
-                 persist: bool = False, rotary: RotaryShift | None = None, on_selection: SelectionObserver | None = None) -> None:
+                 persist: bool = False, rotary: RotaryShift | None = None, on_selection: SelectionObserver | None = None,
+                 predicted_ahead: bool = False) -> None:
         if num_q_heads % num_kv_heads:
             raise ValueError(f"num_q_heads = {num_q_heads} must be a multiple of num_kv_heads = {num_kv_heads}")
         a = config.attention
         self.manager, self.config, self.prefetcher = manager, config, prefetcher
         self.persist = persist  # sealed blocks written through to disk with their summaries (sessions)
         self.on_selection = on_selection  # diagnosis hook: sees (and may replace) every selection
+        # layers 1.. get their decode predictions from prefetch_ahead (next-layer hooks): the same-layer
+        # prediction of the previous step would only be replaced, its reads wasted
+        self.predicted_ahead = predicted_ahead
         self.num_layers, self.kv_heads, self.q_heads, self.head_dim = num_layers, num_kv_heads, num_q_heads, head_dim
         self.fingerprint = fingerprint
         self.dtype = dtype if config.tiers.dtype == "auto" else DTYPE_NAMES[config.tiers.dtype]
@@ -384,7 +391,7 @@ class SequenceKV:
         if selection is not None and self.score_policy and selection.scored.numel():
             keys = self._keys[layer]
             self.manager.note_scores([keys[i] for i in selection.scored.tolist()], selection.scores)
-        if self.prefetcher is not None and selection is not None:
+        if self.prefetcher is not None and selection is not None and not (self.predicted_ahead and layer > 0 and s == 1):
             self._prefetch(layer, selection.prediction())
         step.attend_s += time.perf_counter() - started
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
@@ -491,6 +498,29 @@ class SequenceKV:
         step.late += report.waited
         step.missed += report.fetched
         step.stall_s += report.stall_s
+
+    def prefetch_ahead(self, layer: int, query: torch.Tensor, rotary: RotaryShift) -> None:
+        """Prefetch the blocks that ``layer``'s next decode query is likely to read, from an
+        estimate of that query (:mod:`hkv.integrations.next_layer`): ``query`` ``[Hq, D]``
+        before RoPE, for the token the layer appends next; ``rotary``: the model's rotation.
+
+        Scores the layer's summaries as :meth:`attend` will (same frame, same budget, the
+        blocks sealed so far) and replaces the layer's pending prediction with this one.
+        Nothing else changes: :meth:`attend` chooses its blocks from the real query."""
+        if self.prefetcher is None or self.topk is None or self._closed:
+            return
+        fresh = self._fresh[layer]
+        if fresh is None:
+            return
+        q_pos, f_start, bt = self._tokens[layer], fresh[2], self.block_tokens
+        past = f_start // bt
+        local = max(0, self.local_blocks - (q_pos + 1 - f_start) // bt)
+        # pre-RoPE -> the frame attend scores in: at its own position, or (remap) at score_distance
+        turn = self.score_distance if self.summaries.relative else q_pos
+        scoring = rotary.rotate(query.unsqueeze(1), torch.tensor([turn]))
+        selection = select_blocks(scoring, self.summaries.summary(layer), past_blocks=past, sink_blocks=self.sink_blocks,
+                                  local_blocks=local, topk=self.topk, margin=self.margin, scaling=self.head_dim**-0.5)  # fmt: skip
+        self._prefetch(layer, selection.prediction())
 
     def _prefetch(self, layer: int, predicted: list[int]) -> None:
         self.prefetcher.cancel(self._tickets[layer])

@@ -39,6 +39,7 @@ from ..sessions.session import Session
 from ..sessions.store import SessionStore
 from ..tiers.manager import TierManager
 from .model import ModelSpec, kv_fingerprint, model_identity, storage_dtype
+from .next_layer import NextLayerHooks
 from .transformers import HkvCache, ModelHooks, check_not_wrapped, check_padding
 
 
@@ -89,6 +90,7 @@ class Runtime:
         self.manager = TierManager(self.config, self.layout, device=device)
         self.prefetcher = None
         self._hooks: ModelHooks | None = None
+        self._next_layer: NextLayerHooks | None = None
         self._caches: weakref.WeakSet[HkvCache] = weakref.WeakSet()  # open caches, held weakly
         self._current: weakref.ref[HkvCache] | None = None  # the newest open cache
         self._orphans: list[SequenceKV] = []  # of caches collected unclosed, closed by _drain_orphans
@@ -104,6 +106,8 @@ class Runtime:
             if self.config.prefetch.enabled:
                 self.prefetcher = Prefetcher(self.manager, workers=self.config.prefetch.workers)
             self._hooks = ModelHooks(model, self, after_forward=self._after_forward)
+            if self.prefetcher is not None and self.config.prefetch.next_layer and self.config.attention.mode != "exact":
+                self._next_layer = NextLayerHooks.install(model)
             self.new_cache().close()  # a config whose device tier cannot hold the pinned blocks fails here
             self._last_sequence_stats = None
         except BaseException:
@@ -145,6 +149,7 @@ class Runtime:
             rotary=self.rotary,
             persist=persist,
             on_selection=on_selection,
+            predicted_ahead=self._next_layer is not None,
         )
         cache = HkvCache(sequence, spec, self, self._retire)
         # A cache collected unclosed only queues its sequence (list.append is safe wherever the
@@ -365,6 +370,8 @@ class Runtime:
             cache.close()
         if hasattr(self, "_orphans"):
             self._drain_orphans()
+        if getattr(self, "_next_layer", None) is not None:
+            self._next_layer.remove()
         if self._hooks is not None:
             self._hooks.remove()
         if self.prefetcher is not None:

@@ -1,22 +1,24 @@
 """The asynchronous prefetcher: moves predicted blocks up to the device on worker threads.
 
-After layer ``l`` of decode step ``t`` has chosen its blocks, :class:`~hkv.attention.sequence.SequenceKV`
-submits the blocks it predicts layer ``l`` reads at step ``t + 1`` (the current query's top-k
-plus a margin). Workers call :meth:`TierManager.promote` (disk -> host -> device; on CUDA the
-host -> device copy runs on the manager's copy stream), while the main thread computes layers
-``l + 1 ...``. When step ``t + 1`` reaches layer ``l``, :meth:`TierManager.gather` waits for
-blocks still in flight and fetches misses on demand, so results never depend on timing.
+Two predictions feed it at decode steps. After layer ``l`` of step ``t`` has chosen its blocks,
+:class:`~hkv.attention.sequence.SequenceKV` submits the blocks that query predicts for layer
+``l`` at step ``t + 1`` (its top-k plus a margin). With ``prefetch.next_layer`` (the default, for
+models with the Llama layer layout) that prediction is kept for layer 0 only: at step ``t + 1``
+the forward pre-hook of layer ``l - 1`` estimates layer ``l``'s query from layer ``l - 1``'s
+input (:mod:`hkv.integrations.next_layer`) and replaces it, a prediction from this step's token
+with one layer's compute as lead time. Workers call :meth:`TierManager.promote` (disk -> host
+-> device; on CUDA the host -> device copy runs on the manager's copy stream) while the main
+thread computes. When a layer attends, :meth:`TierManager.gather` waits for blocks still in
+flight and fetches misses on demand, so results never depend on timing.
+
+After the promotions of a submission, the last job keeps the next victims clean: device blocks
+get a host copy (:meth:`TierManager.write_back`) and host blocks a disk copy
+(:meth:`TierManager.clean_host`), so that making room on the critical path drops blocks instead
+of copying them down.
 
 One prefetcher may serve several sequences (the runtime owns it); it owns its thread pool and
 :meth:`close` joins it. Promotion is best effort: a failed promote is counted, never raised into
 the model's forward.
-
-Why not predict layer ``l + 1`` from layer ``l`` (InfiniGen)? The same-layer, next-step
-prediction starts a whole decode step (all other layers' compute) before the blocks are needed;
-a next-layer prediction has one layer's compute as lead time, and needs the next layer's query,
-which SequenceKV never sees (it would need the hidden state and a partial ``W_q`` of layer
-``l + 1``, i.e. model-specific hooks). Consecutive decode queries of one layer are highly
-similar, so the same-layer prediction is both earlier and cheaper.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class PrefetcherStats:
     submitted_blocks: int = 0  # blocks queued for promotion
     skipped_blocks: int = 0  # blocks asked for that were already on the device
     written_back_blocks: int = 0  # device blocks given a host copy ahead of their eviction
+    cleaned_host_blocks: int = 0  # host blocks given a disk copy ahead of their eviction
     jobs: int = 0  # promotion and write-back jobs queued
     cancelled_jobs: int = 0
     failed_jobs: int = 0
@@ -146,16 +149,19 @@ class Prefetcher:
             self._write_back(layer, clean)
 
     def _write_back(self, layer: int, limit: int) -> None:
+        """Keep the next victims of the device and of the host clean (a copy one tier down)."""
         try:
             cleaned = self.manager.write_back(limit)
+            written = self.manager.clean_host(limit)
         except Exception:  # noqa: BLE001 -- best effort, like promotion
             log.debug("write-back for layer %d failed", layer, exc_info=True)
             with self._lock:
                 self._stats.failed_jobs += 1
             return
-        if cleaned:
+        if cleaned or written:
             with self._lock:
                 self._stats.written_back_blocks += cleaned
+                self._stats.cleaned_host_blocks += written
 
     def stats(self) -> PrefetcherStats:
         with self._lock:

@@ -353,6 +353,41 @@ class Promotion(Placement):
                 self._cond.notify_all()
         return len(todo)
 
+    def clean_host(self, limit: int, *, scan: int | None = None) -> int:
+        """Give disk copies to up to ``limit`` of the host's least recently used blocks that have
+        no copy on the device or the disk; returns how many were queued.
+
+        The host's counterpart of :meth:`write_back`. A gather reads disk blocks into host slots
+        only by evicting blocks that have a copy elsewhere; after a long prefill the host is full
+        of blocks that have none (the newest ones, never spilled), so every on-demand disk read
+        scanned the whole host tier for a victim and then read into a staging row instead,
+        caching nothing. The prefetcher's workers call this off the critical path. The write is
+        the store writer's (asynchronous: the block counts as on disk at once, and an eviction
+        that needs the copy waits for it); only free disk records are used, never evictions, and
+        only the ``scan`` (default ``4 * limit + 64``) next victims in LRU order are looked at."""
+        if limit < 1 or self._disk is None:
+            return 0
+        scan = 4 * limit + 64 if scan is None else scan
+        with self._cond:
+            self._check_open()
+            room = min(limit, self.disk_capacity_blocks - self._disk_count)
+            if room < 1:
+                return 0
+            on_device, entries = self.device_pool.slot_map, self._entries
+            todo: list[Digest] = []
+            for i, key in enumerate(self._recent["host"]):
+                if i >= scan or len(todo) >= room:
+                    break
+                entry = entries[key]
+                if not (entry.on_disk or entry.busy or key in on_device):
+                    todo.append(key)
+            if not todo:
+                return 0
+            self._disk_reserve(len(todo), set(todo), partial=True)  # free records only: no evictions
+            pool = self.host_pool
+            self._write_disk(todo, pool.data.index_select(0, pool.index(pool.slots(todo))), sync=False)
+        return len(todo)
+
     def _plan_up(self, keys: list[Digest], to: str, *, must: bool, exclude: set[Digest]) -> _Plan:
         """Reserve slots and mark the moved blocks busy (lock held). Device slots are best effort;
         a disk-only block gets a host slot when there is room, else (``must``) a staging row."""

@@ -16,8 +16,8 @@ from helpers.sequences import Driver, make_config, open_sequence
 
 
 class RecordingManager:
-    """Only what the prefetcher calls: ``missing_from_device`` (nothing resident), ``promote``
-    and ``write_back`` (nothing to clean)."""
+    """Only what the prefetcher calls: ``missing_from_device`` (nothing resident), ``promote``,
+    ``write_back`` and ``clean_host`` (nothing to clean)."""
 
     def __init__(self, *, delay: float = 0.0, fail: bool = False) -> None:
         self.promoted: list[BlockKey] = []
@@ -25,6 +25,7 @@ class RecordingManager:
         self.delay, self.fail = delay, fail
         self.lock = threading.Lock()
         self.write_backs: list[int] = []
+        self.host_cleanings: list[int] = []
 
     def missing_from_device(self, keys):
         return list(keys)
@@ -32,6 +33,11 @@ class RecordingManager:
     def write_back(self, limit: int) -> int:
         with self.lock:
             self.write_backs.append(limit)
+        return 0
+
+    def clean_host(self, limit: int) -> int:
+        with self.lock:
+            self.host_cleanings.append(limit)
         return 0
 
     def promote(self, keys, to="device") -> None:
@@ -128,6 +134,11 @@ class ResidencyManager(RecordingManager):
             self.write_backs.append(limit)
         return 1
 
+    def clean_host(self, limit: int) -> int:
+        with self.lock:
+            self.host_cleanings.append(limit)
+        return 2
+
 
 def test_submit_skips_resident_blocks_and_keeps_victims_clean() -> None:
     keys = _keys(10)
@@ -140,6 +151,7 @@ def test_submit_skips_resident_blocks_and_keeps_victims_clean() -> None:
         stats = prefetcher.stats()
         assert (stats.submitted_blocks, stats.skipped_blocks) == (5, 5)
         assert manager.write_backs and stats.written_back_blocks == len(manager.write_backs)
+        assert manager.host_cleanings and stats.cleaned_host_blocks == 2 * len(manager.host_cleanings)
         # Everything resident: no promotion and no write-back job is queued.
         manager.resident.update(keys)
         jobs, write_backs = stats.jobs, len(manager.write_backs)

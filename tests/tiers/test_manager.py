@@ -483,6 +483,37 @@ def test_write_back_never_spills_the_host_to_disk(make):
     check_budgets(manager)
 
 
+def test_clean_host_gives_host_only_blocks_a_disk_copy_so_a_gather_keeps_its_disk_reads(make):
+    manager = make(device=2, host=4, disk=32)
+    put_range(manager, range(10))  # disk: 0 .. 3; host: 4 .. 7 (their only copies); device: 8, 9
+    where = {i: sorted(manager.where(key_of(i))) for i in range(10)}
+    assert [i for i in range(10) if where[i] == ["host"]] == [4, 5, 6, 7]
+    # A disk read needs a host slot; every host block is someone's only copy: the gather reads
+    # block 0 into a staging row and the host keeps nothing of it (making device room for it
+    # moved block 8 down, spilling 4).
+    manager.gather([key_of(0)])
+    assert sorted(manager.where(key_of(0))) == ["device", "disk"]
+    assert [i for i in range(10) if sorted(manager.where(key_of(i))) == ["host"]] == [5, 6, 7, 8]
+    assert manager.clean_host(2) == 2  # the two least recently used
+    manager.flush()
+    assert [sorted(manager.where(key_of(i))) for i in range(5, 9)] == [["disk", "host"]] * 2 + [["host"]] * 2
+    assert manager.clean_host(2, scan=2) == 0  # the next victims are clean now; nothing looked at beyond them
+    manager.gather([key_of(1)])  # now a clean host block is dropped for it: the host caches the read
+    assert sorted(manager.where(key_of(1))) == ["device", "disk", "host"]
+    check_all(manager, range(10))
+    check_budgets(manager)
+
+
+def test_clean_host_takes_free_disk_records_only(make):
+    manager = make(device=2, host=2, disk=4)
+    put_range(manager, range(8))  # disk full: 0 .. 3; host: 4, 5 (only copies)
+    used = manager.stats().tiers["disk"].blocks
+    assert manager.clean_host(2) == 0  # no free record; nothing on disk is evicted for a clean-up
+    assert manager.stats().tiers["disk"].blocks == used
+    assert [sorted(manager.where(key_of(i))) for i in (4, 5)] == [["host"]] * 2
+    check_all(manager, range(8))
+
+
 def test_a_disk_write_failure_while_making_room_returns_the_reserved_slots(make, monkeypatch):
     manager = make(device=2, host=1, disk=8)
     put_range(manager, range(3))  # device: 1, 2; host: 0
