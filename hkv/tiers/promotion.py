@@ -228,6 +228,9 @@ class Promotion(Placement):
             finally:
                 with self._cond:
                     self._commit_plan(plan)
+            uncached = len(plan.disk_keys) - len(plan.host_dst)
+            if uncached:  # no host victim could be dropped: queue disk copies so the next reads can
+                self.clean_host(uncached)
         stalled = time.perf_counter() - start if start is not None else 0.0
         waited = set(busy)
         fetched = [key for key in missing if key not in waited]
@@ -363,14 +366,18 @@ class Promotion(Placement):
         scanned the whole host tier for a victim and then read into a staging row instead,
         caching nothing. The prefetcher's workers call this off the critical path. The write is
         the store writer's (asynchronous: the block counts as on disk at once, and an eviction
-        that needs the copy waits for it); only free disk records are used, never evictions, and
-        only the ``scan`` (default ``4 * limit + 64``) next victims in LRU order are looked at."""
+        that needs the copy waits for it); only disk records beyond those every block of the host
+        and device tiers could still spill into are used (never an eviction, never a record a later
+        spill needs), and only the ``scan`` (default ``4 * limit + 64``) next victims in LRU order
+        are looked at. Gathers call it too when a disk read found no host slot to keep."""
         if limit < 1 or self._disk is None:
             return 0
         scan = 4 * limit + 64 if scan is None else scan
         with self._cond:
             self._check_open()
-            room = min(limit, self.disk_capacity_blocks - self._disk_count)
+            # leave the records every block above could spill into: a copy made early never takes a later spill's room
+            spare = self.disk_capacity_blocks - self._disk_count - self.host_pool.n_slots - self.device_pool.n_slots
+            room = min(limit, spare)
             if room < 1:
                 return 0
             on_device, entries = self.device_pool.slot_map, self._entries

@@ -335,10 +335,12 @@ def test_stats_accounting_through_a_round_trip(make):
     manager = make(device=1, host=1, disk=8)
     put_range(manager, range(3))  # one batch: 0 -> disk, 1 -> host, 2 -> device
     assert manager.stats().moved_bytes["host->disk"] == NB
-    manager.gather([key_of(0)])  # 1 spills to disk, 2 moves to host, 0 comes up (host full: staged)
+    # 1 spills to disk, 2 moves to host, 0 comes up (host full: staged), then the host's victim
+    # (2, its only copy) gets a disk copy for the next read to drop
+    manager.gather([key_of(0)])
     stats = manager.stats()
-    assert stats.moved_bytes == {"host->device": NB, "device->host": NB, "disk->host": NB, "host->disk": 2 * NB}
-    assert manager.where(key_of(0)) == {"device", "disk"} and manager.where(key_of(2)) == {"host"}
+    assert stats.moved_bytes == {"host->device": NB, "device->host": NB, "disk->host": NB, "host->disk": 3 * NB}
+    assert manager.where(key_of(0)) == {"device", "disk"} and manager.where(key_of(2)) == {"host", "disk"}
     assert stats.tiers["device"].used_bytes == NB and stats.tiers["device"].capacity_bytes == NB
     assert stats.tiers["disk"].used_bytes == stats.tiers["disk"].blocks * REC
     assert stats.blocks == 3
@@ -490,13 +492,14 @@ def test_clean_host_gives_host_only_blocks_a_disk_copy_so_a_gather_keeps_its_dis
     assert [i for i in range(10) if where[i] == ["host"]] == [4, 5, 6, 7]
     # A disk read needs a host slot; every host block is someone's only copy: the gather reads
     # block 0 into a staging row and the host keeps nothing of it (making device room for it
-    # moved block 8 down, spilling 4).
+    # moved block 8 down, spilling 4); then it queues a disk copy of the next host victim.
     manager.gather([key_of(0)])
-    assert sorted(manager.where(key_of(0))) == ["device", "disk"]
-    assert [i for i in range(10) if sorted(manager.where(key_of(i))) == ["host"]] == [5, 6, 7, 8]
-    assert manager.clean_host(2) == 2  # the two least recently used
     manager.flush()
-    assert [sorted(manager.where(key_of(i))) for i in range(5, 9)] == [["disk", "host"]] * 2 + [["host"]] * 2
+    assert sorted(manager.where(key_of(0))) == ["device", "disk"]
+    assert [sorted(manager.where(key_of(i))) for i in range(5, 9)] == [["disk", "host"]] + [["host"]] * 3
+    assert manager.clean_host(2) == 2  # the two least recently used without a disk copy: 6, 7
+    manager.flush()
+    assert [sorted(manager.where(key_of(i))) for i in range(5, 9)] == [["disk", "host"]] * 3 + [["host"]]
     assert manager.clean_host(2, scan=2) == 0  # the next victims are clean now; nothing looked at beyond them
     manager.gather([key_of(1)])  # now a clean host block is dropped for it: the host caches the read
     assert sorted(manager.where(key_of(1))) == ["device", "disk", "host"]
@@ -504,14 +507,16 @@ def test_clean_host_gives_host_only_blocks_a_disk_copy_so_a_gather_keeps_its_dis
     check_budgets(manager)
 
 
-def test_clean_host_takes_free_disk_records_only(make):
-    manager = make(device=2, host=2, disk=4)
-    put_range(manager, range(8))  # disk full: 0 .. 3; host: 4, 5 (only copies)
+def test_clean_host_leaves_the_disk_records_a_spill_needs(make):
+    manager = make(device=2, host=2, disk=8)
+    put_range(manager, range(8))  # disk: 0 .. 3; host: 4, 5 (only copies); 4 records left = host + device slots
     used = manager.stats().tiers["disk"].blocks
-    assert manager.clean_host(2) == 0  # no free record; nothing on disk is evicted for a clean-up
+    assert manager.clean_host(2) == 0  # a copy now could take the room a later spill needs; nothing evicted either
     assert manager.stats().tiers["disk"].blocks == used
     assert [sorted(manager.where(key_of(i))) for i in (4, 5)] == [["host"]] * 2
-    check_all(manager, range(8))
+    put_range(manager, range(8, 12))  # every block above can still spill: the disk is exactly full
+    assert manager.stats().tiers["disk"].blocks == 8
+    check_all(manager, range(12))
 
 
 def test_a_disk_write_failure_while_making_room_returns_the_reserved_slots(make, monkeypatch):
