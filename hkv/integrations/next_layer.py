@@ -130,6 +130,7 @@ class NextLayerHooks:
                 cache.sequence.prefetch_ahead(layer + 1, query, self.rotary)
             except Exception:  # noqa: BLE001 -- a prediction is best effort; the forward must not fail for it
                 self.failed = True
+                cache.sequence.predicted_ahead = False  # back to the same-layer prediction for every layer
                 log.warning("next-layer prefetch failed at layer %d; off for this runtime", layer + 1, exc_info=True)
 
         return hook

@@ -149,7 +149,7 @@ class Runtime:
             rotary=self.rotary,
             persist=persist,
             on_selection=on_selection,
-            predicted_ahead=self._next_layer is not None,
+            predicted_ahead=self._next_layer is not None and not self._next_layer.failed,
         )
         cache = HkvCache(sequence, spec, self, self._retire)
         # A cache collected unclosed only queues its sequence (list.append is safe wherever the
