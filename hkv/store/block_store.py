@@ -548,14 +548,32 @@ class BlockStore:
                 f"expected [n, {', '.join(map(str, self.layout.shape))}] {self.layout.dtype}"
             )
         blocks = blocks.detach()
-        encoded = encode(blocks, self.encoding).cpu() if self.encoding != "none" else None  # batched, on blocks' device
-        blocks = blocks.cpu()
+        if self.encoding != "none":
+            encoded = encode(blocks, self.encoding).cpu()  # batched, on blocks' device
+            return self._submit_records(keys, [memoryview(row.numpy()) for row in encoded])
+        return self._submit_records(keys, [tensor_bytes(block) for block in blocks.cpu()])
+
+    def submit_put_encoded(self, keys: Sequence[BlockKey], payloads: torch.Tensor) -> Future[None]:
+        """:meth:`submit_put_many` for blocks already encoded in this store's (lossy) encoding:
+        ``payloads`` ``[n, payload bytes]`` uint8 (:func:`hkv.encoding.encode`'s rows, e.g. an
+        encoded host tier's slots), written as they are, without a decode and re-encode."""
+        self._check_writable()
+        expected = self.record_nbytes - HEADER_SIZE
+        if self.encoding == "none" or payloads.dtype != torch.uint8 or tuple(payloads.shape) != (len(keys), expected):
+            raise ValueError(
+                f"submit_put_encoded: {len(keys)} keys and payloads {tuple(payloads.shape)} {payloads.dtype}; expected "
+                f"[n, {expected}] uint8 of a lossy encoding (this store writes {self.encoding})"
+            )
+        return self._submit_records(keys, [memoryview(row.numpy()) for row in payloads.detach().cpu().contiguous()])
+
+    def _submit_records(self, keys: Sequence[BlockKey], payloads: Sequence[memoryview]) -> Future[None]:
+        """Queue one record per key (header + payload, in this store's encoding) for the writer."""
+        shape_of = torch.empty(self.layout.shape, dtype=self.layout.dtype, device="meta")  # the header's dtype and shape
         code = CODES[self.encoding]
         puts: dict[bytes, bytearray] = {}  # a key given twice keeps its last block
-        for i, (key, block) in enumerate(zip(keys, blocks)):
-            payload = tensor_bytes(block) if encoded is None else memoryview(encoded[i].numpy())
+        for key, payload in zip(keys, payloads):
             record = bytearray(HEADER_SIZE + len(payload))
-            record[:HEADER_SIZE] = encode_header(key, block, payload, code)
+            record[:HEADER_SIZE] = encode_header(key, shape_of, payload, code)
             record[HEADER_SIZE:] = payload
             puts[bytes(key)] = record
         return self._writer.submit(WriteJob(puts=list(puts.items())))

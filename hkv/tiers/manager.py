@@ -107,7 +107,7 @@ class TierManager(Promotion):
         self.path = Path(tiers.path)
         super().__init__(
             DeviceTier(layout, int(tiers.device), self.device),
-            HostTier(layout, int(tiers.host), pin_memory=self.device.type == "cuda"),
+            HostTier(layout, int(tiers.host), pin_memory=self.device.type == "cuda", encoding=tiers.host_encoding),
             CopyEngine(self.device, layout),
             make_policy(tiers.policy),
             layout=layout,
@@ -341,7 +341,7 @@ class TierManager(Promotion):
                 self.copies.order_after([entry.event])
                 return self.device_pool.view(key).cpu().clone()
             if self.host_pool.contains(key):
-                return self.host_pool.view(key).clone()
+                return self.host_pool.block(key)
             entry.busy = True  # the disk read runs without the lock; nobody may delete it meanwhile
         try:
             out = torch.empty(self.layout.shape, dtype=self.layout.dtype)
