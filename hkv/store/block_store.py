@@ -64,8 +64,9 @@ from ..blocks import (
     BlockKey,
     BlockLayout,
     RecordError,
-    decode_into,
     encode_header,
+    decode_into,
+    payload_into,
     tensor_bytes,
 )
 from ..encoding import CODES, ENCODINGS, encode
@@ -377,21 +378,29 @@ class BlockStore:
         """Copy the block into ``out`` (``layout.shape``, CPU). Raises BlockNotFoundError, RecordError."""
         self.get_many_into([key], out.unsqueeze(0))
 
-    def get_many_into(self, keys: Sequence[BlockKey], out: torch.Tensor) -> None:
+    def get_many_into(self, keys: Sequence[BlockKey], out: torch.Tensor, *, encoding: str = "none") -> None:
         """``out``: ``[n, *layout.shape]`` (CPU). One read transaction; the disk reads of the batch overlap.
+        With a lossy ``encoding``, ``out`` is ``[n, payload bytes]`` uint8 and receives the blocks
+        in that encoding (records already in it are copied as they are: :func:`hkv.blocks.payload_into`).
 
         Raises BlockNotFoundError, RecordError / CorruptRecordError naming the key.
         """
         self._check_open()
         if len(keys) != len(out):
             raise ValueError(f"get_many_into: {len(keys)} keys but out holds {len(out)} blocks")
+        read_record: Callable[..., None] = decode_into
+        if encoding != "none":
+            layout = self.layout
+
+            def read_record(record: memoryview, block: torch.Tensor, key: BlockKey, *, where: str) -> None:
+                payload_into(record, block, layout, encoding, key, where=where)
         raw = [bytes(key) for key in keys]
         with damage_named(self.path, "block records"), self._env.begin(db=self._blocks, buffers=True) as txn:
             locations = self._locator.locate(txn, self._main_db, b"blocks", raw)  # the transaction keeps them in place
             if self.direct_reads and self.direct.available:
                 views = self.direct.read(locations)
                 for key, raw_key, view, block in zip(keys, raw, views, out):
-                    self._read_one(txn, key, raw_key, view, block)
+                    self._read_one(txn, key, raw_key, view, block, read_record)
                 return
             for location in locations:  # every record's disk read starts now, before the first get waits on one
                 if location is not None:
@@ -400,7 +409,7 @@ class BlockStore:
                 record = txn.get(raw_key)
                 if record is None:
                     raise BlockNotFoundError(f"{self._where(key)} not found")
-                decode_into(record, block, key, where=self._where(key))
+                read_record(record, block, key, where=self._where(key))
         self._mapped.note(len(keys) * self.record_nbytes)
 
     def read_large_values(self, db: str, keys: Sequence[bytes], txn: StoreTxn) -> list[memoryview | None]:
@@ -412,20 +421,21 @@ class BlockStore:
         views = self.direct.read(self._locator.locate(txn.txn, self._main_db, db.encode(), keys))
         return [view if view is not None else txn.txn.get(key, db=handle) for key, view in zip(keys, views)]
 
-    def _read_one(self, txn: lmdb.Transaction, key: BlockKey, raw_key: bytes, view: memoryview | None, block: torch.Tensor) -> None:
+    def _read_one(self, txn: lmdb.Transaction, key: BlockKey, raw_key: bytes, view: memoryview | None, block: torch.Tensor,
+                  read_record: Callable[..., None] = decode_into) -> None:  # fmt: skip
         """Decode a record read with O_DIRECT (``view``), or read through the map where ``view``
         is None. A direct read that fails the record's own checks is read again through the map,
         which decides, so a wrong location costs time, never a false error (logged once)."""
         if view is not None:
             try:
-                decode_into(view, block, key, where=self._where(key))
+                read_record(view, block, key, where=self._where(key))
                 return
             except RecordError:
                 pass
         record = txn.get(raw_key)
         if record is None:
             raise BlockNotFoundError(f"{self._where(key)} not found")
-        decode_into(record, block, key, where=self._where(key))
+        read_record(record, block, key, where=self._where(key))
         self._mapped.note(len(record))
         if view is not None:
             self.direct.mismatches += 1

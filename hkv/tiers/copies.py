@@ -39,9 +39,12 @@ class CopyEngine:
         self._use_event: torch.cuda.Event | None = None  # last gather's reads of device slots
         self._lock = threading.Lock()
 
-    def staging(self, n: int) -> torch.Tensor:
-        """A CPU buffer ``[n, *layout.shape]``, pinned on CUDA (the caching host allocator keeps it
-        alive until the copies reading it complete)."""
+    def staging(self, n: int, codec: SlotCodec | None = None) -> torch.Tensor:
+        """A CPU buffer ``[n, *layout.shape]`` (``[n, *codec.slot_shape]`` of ``codec.slot_dtype``
+        when given), pinned on CUDA (the caching host allocator keeps it alive until the copies
+        reading it complete)."""
+        if codec is not None:
+            return torch.empty((n, *codec.slot_shape), dtype=codec.slot_dtype, pin_memory=self.cuda)
         return torch.empty((n, *self.layout.shape), dtype=self.layout.dtype, pin_memory=self.cuda)
 
     def to_device(
