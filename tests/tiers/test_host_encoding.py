@@ -224,3 +224,25 @@ def test_smollm2_finds_the_passkey_through_an_int4_host(smollm2, tmp_path: Path)
             assert rt.stats().moved_bytes["host->device"] > 0
         answers[encoding] = passkey_answer(tokenizer, out[0, ids.shape[1] :])
     assert answers == {"none": key, "int4": key}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("encoding", ["int8", "int4"])
+def test_cuda_encoded_host_decodes_on_the_copy_stream(tmp_path: Path, encoding: str) -> None:
+    """On a GPU: demotions encode on the device, promotions copy the payload up and decode it on
+    the copy stream (an event per move); the blocks read back are the round trip, on the GPU."""
+    blocks, keys = _blocks(SMALL, 6, seed=11), _keys(6)
+    slot = HostTier(SMALL, 1 << 20, encoding=encoding).slot_nbytes
+    config = Config(tiers={"device": 8 * SMALL.nbytes, "host": 8 * slot, "disk": "64MiB", "path": str(tmp_path / "s"),
+                           "host_encoding": encoding})  # fmt: skip
+    with TierManager(config, SMALL, device="cuda") as manager:
+        assert manager.host_pool.pin_memory and manager.host_pool.data.dtype == torch.uint8
+        manager.put_many(keys, blocks.cuda())
+        manager.demote(keys, to="host")
+        manager.promote(keys[:3])
+        assert isinstance(manager._entries[keys[0].digest].event, torch.cuda.Event)  # decoded on the copy stream
+        out = manager.gather(keys)
+        assert out.device.type == "cuda"
+        expected = _round_trip(blocks, encoding)
+        assert torch.allclose(out.cpu(), expected, rtol=0, atol=1e-5)  # the GPU's decode may round its last bit otherwise
+        assert torch.allclose(torch.stack([manager.read(key) for key in keys]), expected, rtol=0, atol=1e-5)
