@@ -72,6 +72,7 @@ def bench_options(
     dtype: str | None = None,
     baseline_max_bytes: int | None = None,
     isolate: bool | None = None,
+    disk_encoding: str | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments of :func:`run_decode_bench` (``config``, ``contexts``,
     ``baseline_max_bytes``, ``isolate``) from the command's options: ``preset`` ("million":
@@ -82,7 +83,8 @@ def bench_options(
         raise ValueError(f"preset = {preset!r}: expected 'million' or none")
     base: dict[str, Any] = dict(MILLION_PRESET) if preset == "million" else {}
     tiers = dict(base.get("tiers", {}))
-    for name, value in (("device", device_budget), ("host", host_budget), ("disk", disk_budget), ("dtype", dtype)):
+    for name, value in (("device", device_budget), ("host", host_budget), ("disk", disk_budget), ("dtype", dtype),
+                        ("disk_encoding", disk_encoding)):  # fmt: skip
         if value is not None:
             tiers[name] = value
     if tiers:
@@ -524,7 +526,8 @@ def run_disk_bound_bench(
         model, weights = build_model(weights, device=device, max_tokens=max(contexts))
     figures: dict[str, Any] = {"contexts": list(contexts), "steps": steps, "model": f"SmolLM2-135M shape ({weights} weights)",
                                "device": str(device), "threads": torch.get_num_threads(), "host_budget": int(config.tiers.host),
-                               "device_budget": int(config.tiers.device), "storage_dtype": config.tiers.dtype, "runs": []}  # fmt: skip
+                               "device_budget": int(config.tiers.device), "storage_dtype": config.tiers.dtype,
+                               "disk_encoding": config.tiers.disk_encoding, "runs": []}  # fmt: skip
     for name in ("disk_ms", "host_ms", "ratio", "disk_stall_frac", "disk_share", "disk_blocks_per_step", "disk_hit_rate", "host_hit_rate"):
         figures[name] = []
     for context in contexts:
@@ -559,7 +562,8 @@ def print_disk_bound_table(figures: dict[str, Any]) -> None:
 
     print(f"disk-bound decode, {figures['model']} on {figures['device']} ({figures['threads']} threads): host tier "
           f"{figures['host_budget'] / 2**20:.0f} MiB, device {figures['device_budget'] / 2**20:.0f} MiB, {figures['storage_dtype']} "
-          f"blocks; store pages dropped before timing; against the same run with the host tier holding the KV")  # fmt: skip
+          f"blocks, disk encoding {figures.get('disk_encoding', 'none')}; store pages dropped before timing; against the same "
+          "run with the host tier holding the KV")  # fmt: skip
     print(f"{'context':>9} {'disk ms':>9} {'host ms':>9} {'ratio':>6} {'target':>7} {'stall':>7} {'target':>7} "
           f"{'from disk':>10} {'target':>7} {'disk blocks/step':>17}")  # fmt: skip
     for i, context in enumerate(figures["contexts"]):
