@@ -87,6 +87,7 @@ def test_hkv_demo_command_finds_the_passkey_and_resumes(cli, smollm2, tmp_path: 
     import hkv.default_model
 
     monkeypatch.setattr(hkv.default_model, "load_default_model", lambda: smollm2)  # the model loaded once per test run
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # no --config: the rates it measures are kept here
     store = str(tmp_path / "store")
     first = cli("demo", "--tokens", "1024", "--store", store)
     assert first.exit_code == 0, first.output
