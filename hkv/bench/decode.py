@@ -330,12 +330,12 @@ def run_decode_bench(
     baseline_max_bytes: int | None = None,
     isolate: bool = False,
     store_dir: str | Path | None = None,
-    prefetch: bool = True,
+    prefetch: bool | None = True,
 ) -> dict[str, Any]:
     """Decode latency per token of hkv sparse mode and of ``DynamicCache`` at each context length.
 
     ``config``: hkv's config (its attention/tier settings; mode is forced to sparse, prefetch
-    to ``prefetch`` (on by default), the disk store goes to a temporary folder, under ``store_dir`` if given, removed after
+    to ``prefetch`` (on by default; None keeps the config's), the disk store goes to a temporary folder, under ``store_dir`` if given, removed after
     each context, and the disk budget is raised to the KV + 2% + 1 GiB where it is smaller);
     None: defaults with :data:`BENCH_TIERS`. ``weights``: "smollm2" (the real model, so decode
     queries are realistic), "random" (SmolLM2's shape) or "auto" (smollm2 when installed).
@@ -356,7 +356,8 @@ def run_decode_bench(
     if isolate and model is not None:
         raise ValueError("isolate=True builds the model in each context's process; do not pass model=")
     config = config if config is not None else Config.load(tiers=BENCH_TIERS)
-    config = Config.load(config, env={}, prefetch={"enabled": prefetch})
+    if prefetch is not None:
+        config = Config.load(config, env={}, prefetch={"enabled": prefetch})
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model_dtype = None
     if not isolate:
@@ -509,7 +510,7 @@ DISK_PRESET: dict[str, Any] = {"contexts": (131072,), "tiers": {"device": "256Mi
 
 def run_disk_bound_bench(
     config: Config | None = None, *, contexts: tuple[int, ...] = DISK_PRESET["contexts"], steps: int = 16,
-    weights: str = "auto", model: torch.nn.Module | None = None, store_dir: str | Path | None = None, prefetch: bool = True,
+    weights: str = "auto", model: torch.nn.Module | None = None, store_dir: str | Path | None = None, prefetch: bool | None = True,
 ) -> dict[str, Any]:  # fmt: skip
     """hkv's decode step at each context, twice on the same model and synthetic KV: disk-bound
     (``config``'s tiers, default :data:`DISK_PRESET`'s: host 256 MiB; store pages dropped before
@@ -520,7 +521,8 @@ def run_disk_bound_bench(
     / blocks read), ``disk_blocks_per_step``, ``disk_hit_rate``, ``host_hit_rate``, and ``runs``
     (both runs' full figures)."""
     config = config if config is not None else Config.load(tiers={**BENCH_TIERS, **DISK_PRESET["tiers"]})
-    config = Config.load(config, env={}, prefetch={"enabled": prefetch})
+    if prefetch is not None:  # None: the config's
+        config = Config.load(config, env={}, prefetch={"enabled": prefetch})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if model is None:
         model, weights = build_model(weights, device=device, max_tokens=max(contexts))

@@ -55,7 +55,7 @@ def bench_tiers(
 
 
 def _bench_disk_bound(cfg: Config | None, lengths: tuple[int, ...] | None, steps: int, device_budget: str | None,
-                      host_budget: str | None, weights: str, store_dir: Path | None, prefetch: bool, json_path: Path | None,
+                      host_budget: str | None, weights: str, store_dir: Path | None, prefetch: bool | None, json_path: Path | None,
                       disk_encoding: str | None = None) -> None:  # fmt: skip
     """``hkv bench decode --preset disk``: :func:`hkv.bench.decode.run_disk_bound_bench`."""
     from ..bench.decode import BENCH_TIERS, DISK_PRESET, print_disk_bound_table, run_disk_bound_bench
@@ -93,7 +93,7 @@ def bench_decode(
     isolate: Annotated[Optional[bool], typer.Option("--isolate/--no-isolate", help="each context in a fresh process (its own peak RSS)")] = None,
     baseline_max: Annotated[Optional[str], typer.Option(help="skip DynamicCache where its KV exceeds this, e.g. 8GiB")] = None,
     png: Annotated[Optional[Path], typer.Option(help="latency and memory against context length (needs matplotlib)")] = None,
-    prefetch: Annotated[bool, typer.Option("--prefetch/--no-prefetch", help="hkv's prefetcher on (the default) or off")] = True,
+    prefetch: Annotated[Optional[bool], typer.Option("--prefetch/--no-prefetch", help="hkv's prefetcher on or off (default: on, or --config's prefetch.enabled)")] = None,
     predict: Annotated[bool, typer.Option("--predict", help="also measure this machine as hkv tune does and print the cost model's step beside each measured one")] = False,
     disk_encoding: Annotated[Optional[str], typer.Option(help="tiers.disk_encoding for the run: none, int8 or int4 (sparse only)")] = None,
 ) -> None:
