@@ -271,15 +271,24 @@ def decode_into(record: memoryview | bytes, out: torch.Tensor, key: BlockKey | N
     Reads straight from ``record`` (e.g. an LMDB memory map) into ``out``: no intermediate bytes.
     Raises RecordError / CorruptRecordError with ``where`` in the message.
     """
+    deferred = read_into(record, out, key, where=where)
+    if deferred is not None:
+        decode(deferred[1].unsqueeze(0), deferred[0], out.unsqueeze(0))
+
+
+def read_into(record: memoryview | bytes, out: torch.Tensor, key: BlockKey | None = None, *,
+              where: str = "record") -> tuple[str, torch.Tensor] | None:  # fmt: skip
+    """:func:`decode_into` without the decode of a lossy record: a raw record's payload is copied
+    into ``out`` (None returned); a lossy one's is returned as ``(encoding, codes)`` (``[payload
+    bytes]`` uint8, a copy) for the caller to decode, with others in one batch."""
     header, payload = _checked_payload(record, tuple(out.shape), out.dtype, key, where)
     if out.device.type != "cpu" or not out.is_contiguous():
         raise ValueError("decode_into needs a contiguous CPU tensor")
     if header.encoding != Encoding.RAW:
-        codes = torch.frombuffer(bytearray(payload), dtype=torch.uint8).unsqueeze(0)  # a copy: the map is read-only
-        decode(codes, NAMES[header.encoding], out.unsqueeze(0))
-        return
+        return NAMES[header.encoding], torch.frombuffer(bytearray(payload), dtype=torch.uint8)  # a copy: the map is read-only
     # numpy copies straight from the (possibly read-only, memory-mapped) buffer into ``out``.
     np.copyto(out.view(-1).view(torch.uint8).numpy(), np.frombuffer(payload, dtype=np.uint8))
+    return None
 
 
 def payload_into(record: memoryview | bytes, out: torch.Tensor, layout: BlockLayout, encoding: str, key: BlockKey | None = None,

@@ -65,12 +65,12 @@ from ..blocks import (
     BlockLayout,
     RecordError,
     encode_header,
-    decode_into,
     payload_into,
     tensor_bytes,
 )
 from ..encoding import CODES, ENCODINGS, encode
 from ..errors import BlockNotFoundError, StoreDamagedError, StoreError, TierError, TierFullError
+from .batched_decode import BatchedDecode
 from .files import LOCK_FILES, check_store_files, creating, hold_store
 from .pages import check_pages
 from .direct_reads import PAGE, PAGE_HEADER, DirectReader
@@ -388,28 +388,31 @@ class BlockStore:
         self._check_open()
         if len(keys) != len(out):
             raise ValueError(f"get_many_into: {len(keys)} keys but out holds {len(out)} blocks")
-        read_record: Callable[..., None] = decode_into
+        batch = BatchedDecode(out)  # raw blocks: lossy records decoded together at the end
+        read_record: Callable[..., None] = batch.read
         if encoding != "none":
             layout = self.layout
 
-            def read_record(record: memoryview, block: torch.Tensor, key: BlockKey, *, where: str) -> None:
-                payload_into(record, block, layout, encoding, key, where=where)
+            def read_record(record: memoryview, row: int, key: BlockKey, *, where: str) -> None:
+                payload_into(record, out[row], layout, encoding, key, where=where)
         raw = [bytes(key) for key in keys]
         with damage_named(self.path, "block records"), self._env.begin(db=self._blocks, buffers=True) as txn:
             locations = self._locator.locate(txn, self._main_db, b"blocks", raw)  # the transaction keeps them in place
             if self.direct_reads and self.direct.available:
                 views = self.direct.read(locations)
-                for key, raw_key, view, block in zip(keys, raw, views, out):
-                    self._read_one(txn, key, raw_key, view, block, read_record)
+                for row, (key, raw_key, view) in enumerate(zip(keys, raw, views)):
+                    self._read_one(txn, key, raw_key, view, row, read_record)
+                batch.finish()
                 return
             for location in locations:  # every record's disk read starts now, before the first get waits on one
                 if location is not None:
                     will_need(self._locator.map_base + location[0] * PAGE + PAGE_HEADER, location[1])
-            for key, raw_key, block in zip(keys, raw, out):
+            for row, (key, raw_key) in enumerate(zip(keys, raw)):
                 record = txn.get(raw_key)
                 if record is None:
                     raise BlockNotFoundError(f"{self._where(key)} not found")
-                read_record(record, block, key, where=self._where(key))
+                read_record(record, row, key, where=self._where(key))
+        batch.finish()
         self._mapped.note(len(keys) * self.record_nbytes)
 
     def read_large_values(self, db: str, keys: Sequence[bytes], txn: StoreTxn) -> list[memoryview | None]:
@@ -421,21 +424,21 @@ class BlockStore:
         views = self.direct.read(self._locator.locate(txn.txn, self._main_db, db.encode(), keys))
         return [view if view is not None else txn.txn.get(key, db=handle) for key, view in zip(keys, views)]
 
-    def _read_one(self, txn: lmdb.Transaction, key: BlockKey, raw_key: bytes, view: memoryview | None, block: torch.Tensor,
-                  read_record: Callable[..., None] = decode_into) -> None:  # fmt: skip
+    def _read_one(self, txn: lmdb.Transaction, key: BlockKey, raw_key: bytes, view: memoryview | None, row: int,
+                  read_record: Callable[..., None]) -> None:  # fmt: skip
         """Decode a record read with O_DIRECT (``view``), or read through the map where ``view``
-        is None. A direct read that fails the record's own checks is read again through the map,
+        is None, into row ``row`` of the read (``read_record(record, row, key, where=)``). A direct read that fails the record's own checks is read again through the map,
         which decides, so a wrong location costs time, never a false error (logged once)."""
         if view is not None:
             try:
-                read_record(view, block, key, where=self._where(key))
+                read_record(view, row, key, where=self._where(key))
                 return
             except RecordError:
                 pass
         record = txn.get(raw_key)
         if record is None:
             raise BlockNotFoundError(f"{self._where(key)} not found")
-        read_record(record, block, key, where=self._where(key))
+        read_record(record, row, key, where=self._where(key))
         self._mapped.note(len(record))
         if view is not None:
             self.direct.mismatches += 1
