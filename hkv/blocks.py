@@ -14,6 +14,7 @@ Nothing is pickled.
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import torch
 import xxhash
 
 from .config import ConfigError
-from .encoding import CODES, NAMES, decode, encoded_nbytes
+from .encoding import CODES, NAMES, decode, encode, encoded_nbytes
 
 FORMAT_VERSION = 1
 RECORD_MAGIC = b"HKVB"
@@ -243,33 +244,62 @@ def check_record(record: memoryview | bytes, key: BlockKey | bytes, *, where: st
     return header
 
 
+def _checked_payload(record: memoryview | bytes, shape: tuple[int, ...], dtype: torch.dtype, key: BlockKey | None,
+                     where: str) -> tuple[RecordHeader, memoryview]:  # fmt: skip
+    """The header and payload of ``record`` once its header, key, shape, dtype, length and checksum
+    match a block of ``shape`` and ``dtype``. RecordError / CorruptRecordError."""
+    header = decode_header(record, where=where)
+    if key is not None and header.key != bytes(key):
+        raise RecordError(f"{where}: record belongs to key {header.key.hex()}, not {key.hex()}")
+    if header.dtype != dtype or tuple(header.shape) != shape:
+        raise RecordError(f"{where}: stored block is {tuple(header.shape)} {header.dtype}, expected {shape} {dtype}")
+    payload = memoryview(record)[HEADER_SIZE:]
+    lossy = header.encoding != Encoding.RAW and len(shape) == 4 and shape[0] == 2  # only blocks are ever encoded
+    if header.encoding != Encoding.RAW and not lossy:
+        raise RecordError(f"{where}: a {NAMES[header.encoding]} record where a raw one is expected")
+    expected = encoded_nbytes(NAMES[header.encoding], shape, dtype.itemsize) if lossy else math.prod(shape) * dtype.itemsize
+    if len(payload) != header.payload_nbytes or header.payload_nbytes != expected:
+        raise CorruptRecordError(f"{where}: truncated payload ({len(payload)} of {header.payload_nbytes} bytes)")
+    if xxhash.xxh3_64_intdigest(payload) != header.checksum:
+        raise CorruptRecordError(f"{where}: checksum mismatch, the stored block is corrupt")
+    return header, payload
+
+
 def decode_into(record: memoryview | bytes, out: torch.Tensor, key: BlockKey | None = None, *, where: str = "record") -> None:
     """Check ``record`` (header, length, checksum, key) and copy its payload into ``out`` (CPU).
 
     Reads straight from ``record`` (e.g. an LMDB memory map) into ``out``: no intermediate bytes.
     Raises RecordError / CorruptRecordError with ``where`` in the message.
     """
-    header = decode_header(record, where=where)
-    if key is not None and header.key != bytes(key):
-        raise RecordError(f"{where}: record belongs to key {header.key.hex()}, not {key.hex()}")
-    if header.dtype != out.dtype or tuple(header.shape) != tuple(out.shape):
-        raise RecordError(
-            f"{where}: stored block is {tuple(header.shape)} {header.dtype}, expected {tuple(out.shape)} {out.dtype}"
-        )
-    payload = memoryview(record)[HEADER_SIZE:]
-    lossy = header.encoding != Encoding.RAW and out.dim() == 4 and out.shape[0] == 2  # only blocks are ever encoded
-    if header.encoding != Encoding.RAW and not lossy:
-        raise RecordError(f"{where}: a {NAMES[header.encoding]} record where a raw one is expected")
-    expected = encoded_nbytes(NAMES[header.encoding], tuple(out.shape), out.element_size()) if lossy else out.numel() * out.element_size()
-    if len(payload) != header.payload_nbytes or header.payload_nbytes != expected:
-        raise CorruptRecordError(f"{where}: truncated payload ({len(payload)} of {header.payload_nbytes} bytes)")
-    if xxhash.xxh3_64_intdigest(payload) != header.checksum:
-        raise CorruptRecordError(f"{where}: checksum mismatch, the stored block is corrupt")
+    deferred = read_into(record, out, key, where=where)
+    if deferred is not None:
+        decode(deferred[1].unsqueeze(0), deferred[0], out.unsqueeze(0))
+
+
+def read_into(record: memoryview | bytes, out: torch.Tensor, key: BlockKey | None = None, *,
+              where: str = "record") -> tuple[str, torch.Tensor] | None:  # fmt: skip
+    """:func:`decode_into` without the decode of a lossy record: a raw record's payload is copied
+    into ``out`` (None returned); a lossy one's is returned as ``(encoding, codes)`` (``[payload
+    bytes]`` uint8, a copy) for the caller to decode, with others in one batch."""
+    header, payload = _checked_payload(record, tuple(out.shape), out.dtype, key, where)
     if out.device.type != "cpu" or not out.is_contiguous():
         raise ValueError("decode_into needs a contiguous CPU tensor")
     if header.encoding != Encoding.RAW:
-        codes = torch.frombuffer(bytearray(payload), dtype=torch.uint8).unsqueeze(0)  # a copy: the map is read-only
-        decode(codes, NAMES[header.encoding], out.unsqueeze(0))
-        return
+        return NAMES[header.encoding], torch.frombuffer(bytearray(payload), dtype=torch.uint8)  # a copy: the map is read-only
     # numpy copies straight from the (possibly read-only, memory-mapped) buffer into ``out``.
     np.copyto(out.view(-1).view(torch.uint8).numpy(), np.frombuffer(payload, dtype=np.uint8))
+    return None
+
+
+def payload_into(record: memoryview | bytes, out: torch.Tensor, layout: BlockLayout, encoding: str, key: BlockKey | None = None,
+                 *, where: str = "record") -> None:  # fmt: skip
+    """Check a block record of ``layout`` and write the block in the lossy ``encoding`` into ``out``
+    (``[payload bytes]`` uint8, CPU): the payload as it is when the record is stored in
+    ``encoding`` (no decode and re-encode, which would round twice), else decoded and encoded."""
+    header, payload = _checked_payload(record, layout.shape, layout.dtype, key, where)
+    if header.encoding == CODES[encoding]:
+        np.copyto(out.numpy(), np.frombuffer(payload, dtype=np.uint8))
+        return
+    block = torch.empty(layout.shape, dtype=layout.dtype)
+    decode_into(record, block, key, where=where)
+    out.copy_(encode(block.unsqueeze(0), encoding)[0])

@@ -51,6 +51,9 @@ class TiersConfig(_Section):
     disk_encoding: Literal["none", "int8", "int4"] = Field(
         "none", description="how blocks are stored on disk: none (exact), or lossy int8 / int4 (sparse attention only)"
     )
+    host_encoding: Literal["none", "int8", "int4"] = Field(
+        "none", description="how blocks are stored in host RAM: none (exact), or lossy int8 / int4 (sparse attention only)"
+    )
 
     @field_validator("device", "host", "disk", mode="before")
     @classmethod
@@ -248,11 +251,13 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _exact_is_lossless(self) -> Config:
-        if self.attention.mode == "exact" and self.tiers.disk_encoding != "none":
-            raise ValueError(
-                f"tiers.disk_encoding = {self.tiers.disk_encoding!r} is lossy, and attention.mode = 'exact' must reproduce "
-                "the model's own outputs: use tiers.disk_encoding = 'none', or attention.mode = 'sparse'"
-            )
+        for key in ("disk_encoding", "host_encoding"):
+            value = getattr(self.tiers, key)
+            if self.attention.mode == "exact" and value != "none":
+                raise ValueError(
+                    f"tiers.{key} = {value!r} is lossy, and attention.mode = 'exact' must reproduce "
+                    f"the model's own outputs: use tiers.{key} = 'none', or attention.mode = 'sparse'"
+                )
         return self
 
     def __init__(self, **data: Any) -> None:

@@ -3,6 +3,8 @@
 # under /usr/bin/time -v, its RSS sampled every SAMPLE_S (20) s. Writes under $OUT (OUTDIR to change it).
 # TOKENS=262144 scripts/million_run.sh runs the same at another length (a shorter check of RSS);
 # ANSWER_TOKENS=32 replies with 32 tokens (8 by default).
+# CONFIG=auto runs hkv demo without --config (its budgets planned at start for this machine, as hkv tune
+# plans them); the default is examples/million.toml (written by hkv tune, its header says how).
 # STORE=/root/million/store OUTDIR=/root/million/resume SAMPLE_S=1 scripts/million_run.sh resumes the
 # saved session instead (hkv demo resumes when the store holds it): the resume's RSS, sampled every second.
 cd "$(dirname "$0")/.."
@@ -11,9 +13,12 @@ TOKENS=${TOKENS:-1000000}
 STORE=${STORE:-$OUT/store}
 SAMPLE_S=${SAMPLE_S:-20}
 ANSWER_TOKENS=${ANSWER_TOKENS:-8}  # reply tokens: more give a steadier median decode step
+CONFIG=${CONFIG:-examples/million.toml}
+CONFIG_ARGS=(--config "$CONFIG")
+[ "$CONFIG" = auto ] && CONFIG_ARGS=()
 mkdir -p "$OUT"
 date -u +%FT%TZ > "$OUT"/start.txt
-/usr/bin/time -v hkv demo --tokens "$TOKENS" --config examples/million.toml --store "$STORE" \
+/usr/bin/time -v hkv demo --tokens "$TOKENS" "${CONFIG_ARGS[@]}" --store "$STORE" \
     --answer-tokens "$ANSWER_TOKENS" --json "$OUT"/demo.json > "$OUT"/stdout.txt 2> "$OUT"/stderr.txt &
 TPID=$!
 sleep 5

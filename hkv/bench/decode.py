@@ -72,6 +72,7 @@ def bench_options(
     dtype: str | None = None,
     baseline_max_bytes: int | None = None,
     isolate: bool | None = None,
+    disk_encoding: str | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments of :func:`run_decode_bench` (``config``, ``contexts``,
     ``baseline_max_bytes``, ``isolate``) from the command's options: ``preset`` ("million":
@@ -82,7 +83,8 @@ def bench_options(
         raise ValueError(f"preset = {preset!r}: expected 'million' or none")
     base: dict[str, Any] = dict(MILLION_PRESET) if preset == "million" else {}
     tiers = dict(base.get("tiers", {}))
-    for name, value in (("device", device_budget), ("host", host_budget), ("disk", disk_budget), ("dtype", dtype)):
+    for name, value in (("device", device_budget), ("host", host_budget), ("disk", disk_budget), ("dtype", dtype),
+                        ("disk_encoding", disk_encoding)):  # fmt: skip
         if value is not None:
             tiers[name] = value
     if tiers:
@@ -328,12 +330,12 @@ def run_decode_bench(
     baseline_max_bytes: int | None = None,
     isolate: bool = False,
     store_dir: str | Path | None = None,
-    prefetch: bool = True,
+    prefetch: bool | None = True,
 ) -> dict[str, Any]:
     """Decode latency per token of hkv sparse mode and of ``DynamicCache`` at each context length.
 
     ``config``: hkv's config (its attention/tier settings; mode is forced to sparse, prefetch
-    to ``prefetch`` (on by default), the disk store goes to a temporary folder, under ``store_dir`` if given, removed after
+    to ``prefetch`` (on by default; None keeps the config's), the disk store goes to a temporary folder, under ``store_dir`` if given, removed after
     each context, and the disk budget is raised to the KV + 2% + 1 GiB where it is smaller);
     None: defaults with :data:`BENCH_TIERS`. ``weights``: "smollm2" (the real model, so decode
     queries are realistic), "random" (SmolLM2's shape) or "auto" (smollm2 when installed).
@@ -354,7 +356,8 @@ def run_decode_bench(
     if isolate and model is not None:
         raise ValueError("isolate=True builds the model in each context's process; do not pass model=")
     config = config if config is not None else Config.load(tiers=BENCH_TIERS)
-    config = Config.load(config, env={}, prefetch={"enabled": prefetch})
+    if prefetch is not None:
+        config = Config.load(config, env={}, prefetch={"enabled": prefetch})
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model_dtype = None
     if not isolate:
@@ -507,7 +510,7 @@ DISK_PRESET: dict[str, Any] = {"contexts": (131072,), "tiers": {"device": "256Mi
 
 def run_disk_bound_bench(
     config: Config | None = None, *, contexts: tuple[int, ...] = DISK_PRESET["contexts"], steps: int = 16,
-    weights: str = "auto", model: torch.nn.Module | None = None, store_dir: str | Path | None = None, prefetch: bool = True,
+    weights: str = "auto", model: torch.nn.Module | None = None, store_dir: str | Path | None = None, prefetch: bool | None = True,
 ) -> dict[str, Any]:  # fmt: skip
     """hkv's decode step at each context, twice on the same model and synthetic KV: disk-bound
     (``config``'s tiers, default :data:`DISK_PRESET`'s: host 256 MiB; store pages dropped before
@@ -518,13 +521,15 @@ def run_disk_bound_bench(
     / blocks read), ``disk_blocks_per_step``, ``disk_hit_rate``, ``host_hit_rate``, and ``runs``
     (both runs' full figures)."""
     config = config if config is not None else Config.load(tiers={**BENCH_TIERS, **DISK_PRESET["tiers"]})
-    config = Config.load(config, env={}, prefetch={"enabled": prefetch})
+    if prefetch is not None:  # None: the config's
+        config = Config.load(config, env={}, prefetch={"enabled": prefetch})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if model is None:
         model, weights = build_model(weights, device=device, max_tokens=max(contexts))
     figures: dict[str, Any] = {"contexts": list(contexts), "steps": steps, "model": f"SmolLM2-135M shape ({weights} weights)",
                                "device": str(device), "threads": torch.get_num_threads(), "host_budget": int(config.tiers.host),
-                               "device_budget": int(config.tiers.device), "storage_dtype": config.tiers.dtype, "runs": []}  # fmt: skip
+                               "device_budget": int(config.tiers.device), "storage_dtype": config.tiers.dtype,
+                               "disk_encoding": config.tiers.disk_encoding, "runs": []}  # fmt: skip
     for name in ("disk_ms", "host_ms", "ratio", "disk_stall_frac", "disk_share", "disk_blocks_per_step", "disk_hit_rate", "host_hit_rate"):
         figures[name] = []
     for context in contexts:
@@ -559,7 +564,8 @@ def print_disk_bound_table(figures: dict[str, Any]) -> None:
 
     print(f"disk-bound decode, {figures['model']} on {figures['device']} ({figures['threads']} threads): host tier "
           f"{figures['host_budget'] / 2**20:.0f} MiB, device {figures['device_budget'] / 2**20:.0f} MiB, {figures['storage_dtype']} "
-          f"blocks; store pages dropped before timing; against the same run with the host tier holding the KV")  # fmt: skip
+          f"blocks, disk encoding {figures.get('disk_encoding', 'none')}; store pages dropped before timing; against the same "
+          "run with the host tier holding the KV")  # fmt: skip
     print(f"{'context':>9} {'disk ms':>9} {'host ms':>9} {'ratio':>6} {'target':>7} {'stall':>7} {'target':>7} "
           f"{'from disk':>10} {'target':>7} {'disk blocks/step':>17}")  # fmt: skip
     for i, context in enumerate(figures["contexts"]):

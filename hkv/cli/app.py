@@ -97,7 +97,9 @@ def demo(
 
     First run: prefill a passkey prompt of --tokens tokens (progress bar), answer it, print tier
     occupancy, prefetch statistics and timings, save the session. Later runs resume the session
-    from the store and ask a follow-up question instead of prefilling again.
+    from the store and ask a follow-up question instead of prefilling again. Without --config the
+    tier budgets, encodings and prefetch come from hkv tune's plan for this machine and --tokens
+    (rates cached by hkv tune, else measured with quick probes), printed before the run.
     """
     from .demo import demo_config, drop_session, report_lines, resume_command, run_demo
     from ..default_model import ModelNotInstalledError, load_default_model
@@ -108,10 +110,11 @@ def demo(
         cfg = demo_config(load(config), store)
     except ConfigError as error:  # --store names a file
         raise fail(str(error), 2) from None
-    try:
-        check_disk_budget(cfg.tiers)  # before the model loads
-    except ConfigError as error:
-        raise fail(str(error), 2) from None
+    if config is not None:
+        try:
+            check_disk_budget(cfg.tiers)  # before the model loads
+        except ConfigError as error:
+            raise fail(str(error), 2) from None
     with user_errors():
         check_name(session)  # before the model loads
         if fresh and drop_session(cfg, session):
@@ -122,6 +125,16 @@ def demo(
     except ModelNotInstalledError as error:
         raise fail(str(error)) from None
     load_s = time.perf_counter() - start
+    if config is None:
+        from .demo_budgets import auto_demo_config
+
+        try:
+            cfg, lines = auto_demo_config(model, cfg, name=session, tokens=tokens)
+            check_disk_budget(cfg.tiers)
+        except ConfigError as error:
+            raise fail(str(error)) from None
+        for line in lines:
+            typer.echo(line)
     with user_errors():
         result = run_demo(model, tokenizer, cfg, name=session, tokens=tokens, depth=depth, progress=True,
                           answer_tokens=answer_tokens)  # fmt: skip

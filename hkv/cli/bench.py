@@ -55,11 +55,13 @@ def bench_tiers(
 
 
 def _bench_disk_bound(cfg: Config | None, lengths: tuple[int, ...] | None, steps: int, device_budget: str | None,
-                      host_budget: str | None, weights: str, store_dir: Path | None, prefetch: bool, json_path: Path | None) -> None:  # fmt: skip
+                      host_budget: str | None, weights: str, store_dir: Path | None, prefetch: bool | None, json_path: Path | None,
+                      disk_encoding: str | None = None) -> None:  # fmt: skip
     """``hkv bench decode --preset disk``: :func:`hkv.bench.decode.run_disk_bound_bench`."""
     from ..bench.decode import BENCH_TIERS, DISK_PRESET, print_disk_bound_table, run_disk_bound_bench
 
-    tiers = {**DISK_PRESET["tiers"], **({"device": device_budget} if device_budget else {}), **({"host": host_budget} if host_budget else {})}
+    tiers = {**DISK_PRESET["tiers"], **({"device": device_budget} if device_budget else {}), **({"host": host_budget} if host_budget else {}),
+             **({"disk_encoding": disk_encoding} if disk_encoding else {})}
     try:
         run_config = Config.load(cfg if cfg is not None else Config.load(tiers=BENCH_TIERS), env={}, tiers=tiers)
     except ConfigError as error:
@@ -91,8 +93,9 @@ def bench_decode(
     isolate: Annotated[Optional[bool], typer.Option("--isolate/--no-isolate", help="each context in a fresh process (its own peak RSS)")] = None,
     baseline_max: Annotated[Optional[str], typer.Option(help="skip DynamicCache where its KV exceeds this, e.g. 8GiB")] = None,
     png: Annotated[Optional[Path], typer.Option(help="latency and memory against context length (needs matplotlib)")] = None,
-    prefetch: Annotated[bool, typer.Option("--prefetch/--no-prefetch", help="hkv's prefetcher on (the default) or off")] = True,
+    prefetch: Annotated[Optional[bool], typer.Option("--prefetch/--no-prefetch", help="hkv's prefetcher on or off (default: on, or --config's prefetch.enabled)")] = None,
     predict: Annotated[bool, typer.Option("--predict", help="also measure this machine as hkv tune does and print the cost model's step beside each measured one")] = False,
+    disk_encoding: Annotated[Optional[str], typer.Option(help="tiers.disk_encoding for the run: none, int8 or int4 (sparse only)")] = None,
 ) -> None:
     """Decode latency per token, hkv sparse vs transformers' DynamicCache, same model shape."""
     from pydantic import ByteSize, TypeAdapter
@@ -103,12 +106,13 @@ def bench_decode(
     cfg = load(config) if config is not None else None
     lengths = parse_lengths(contexts, "--contexts") if contexts else None
     if preset == "disk":
-        _bench_disk_bound(cfg, lengths, steps, device_budget, host_budget, weights, store_dir, prefetch, json_path)
+        _bench_disk_bound(cfg, lengths, steps, device_budget, host_budget, weights, store_dir, prefetch, json_path, disk_encoding)
         return
     try:
         limit = int(TypeAdapter(ByteSize).validate_python(baseline_max)) if baseline_max is not None else None
         options = bench_options(cfg, preset=preset, contexts=lengths, device_budget=device_budget, host_budget=host_budget,
-                                disk_budget=disk_budget, dtype=dtype, baseline_max_bytes=limit, isolate=isolate)
+                                disk_budget=disk_budget, dtype=dtype, baseline_max_bytes=limit, isolate=isolate,
+                                disk_encoding=disk_encoding)  # fmt: skip
     except (ConfigError, ValueError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None

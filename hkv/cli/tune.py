@@ -70,6 +70,7 @@ def tune(
 
         layout = BlockLayout(model_shape.kv_heads, base.attention.block_tokens, model_shape.head_dim, model_shape.dtype)
         machine = measure_machine(store, layout, sample_bytes=sample_bytes)
+        _cache_rates(machine, store, layout, sample_bytes)
     import torch
 
     device = torch.device("cuda" if machine.gpu else "cpu")
@@ -88,6 +89,17 @@ def tune(
         typer.echo(line)
     typer.echo(f"wrote {out}")
     write_json(json_path, {"machine": machine.as_dict(), "plan": result.as_dict(), "compute": compute_what})
+
+
+def _cache_rates(machine: Any, store: Path, layout: Any, sample_bytes: int) -> None:
+    """Keep the measured rates for later starts without a config (``hkv demo``: hkv/tune/auto.py)."""
+    import time
+
+    from ..tune.auto import rates_of
+    from ..tune.rates_cache import cache_key, write_rates
+
+    key = cache_key("cuda" if machine.gpu else "cpu", store, layout.nbytes)
+    write_rates(key, rates_of(machine, sample_bytes, "hkv tune", time.time()))
 
 
 def _load_model(name: str) -> Any:

@@ -64,12 +64,13 @@ from ..blocks import (
     BlockKey,
     BlockLayout,
     RecordError,
-    decode_into,
     encode_header,
+    payload_into,
     tensor_bytes,
 )
 from ..encoding import CODES, ENCODINGS, encode
 from ..errors import BlockNotFoundError, StoreDamagedError, StoreError, TierError, TierFullError
+from .batched_decode import BatchedDecode
 from .files import LOCK_FILES, check_store_files, creating, hold_store
 from .pages import check_pages
 from .direct_reads import PAGE, PAGE_HEADER, DirectReader
@@ -377,30 +378,41 @@ class BlockStore:
         """Copy the block into ``out`` (``layout.shape``, CPU). Raises BlockNotFoundError, RecordError."""
         self.get_many_into([key], out.unsqueeze(0))
 
-    def get_many_into(self, keys: Sequence[BlockKey], out: torch.Tensor) -> None:
+    def get_many_into(self, keys: Sequence[BlockKey], out: torch.Tensor, *, encoding: str = "none") -> None:
         """``out``: ``[n, *layout.shape]`` (CPU). One read transaction; the disk reads of the batch overlap.
+        With a lossy ``encoding``, ``out`` is ``[n, payload bytes]`` uint8 and receives the blocks
+        in that encoding (records already in it are copied as they are: :func:`hkv.blocks.payload_into`).
 
         Raises BlockNotFoundError, RecordError / CorruptRecordError naming the key.
         """
         self._check_open()
         if len(keys) != len(out):
             raise ValueError(f"get_many_into: {len(keys)} keys but out holds {len(out)} blocks")
+        batch = BatchedDecode(out)  # raw blocks: lossy records decoded together at the end
+        read_record: Callable[..., None] = batch.read
+        if encoding != "none":
+            layout = self.layout
+
+            def read_record(record: memoryview, row: int, key: BlockKey, *, where: str) -> None:
+                payload_into(record, out[row], layout, encoding, key, where=where)
         raw = [bytes(key) for key in keys]
         with damage_named(self.path, "block records"), self._env.begin(db=self._blocks, buffers=True) as txn:
             locations = self._locator.locate(txn, self._main_db, b"blocks", raw)  # the transaction keeps them in place
             if self.direct_reads and self.direct.available:
                 views = self.direct.read(locations)
-                for key, raw_key, view, block in zip(keys, raw, views, out):
-                    self._read_one(txn, key, raw_key, view, block)
+                for row, (key, raw_key, view) in enumerate(zip(keys, raw, views)):
+                    self._read_one(txn, key, raw_key, view, row, read_record)
+                batch.finish()
                 return
             for location in locations:  # every record's disk read starts now, before the first get waits on one
                 if location is not None:
                     will_need(self._locator.map_base + location[0] * PAGE + PAGE_HEADER, location[1])
-            for key, raw_key, block in zip(keys, raw, out):
+            for row, (key, raw_key) in enumerate(zip(keys, raw)):
                 record = txn.get(raw_key)
                 if record is None:
                     raise BlockNotFoundError(f"{self._where(key)} not found")
-                decode_into(record, block, key, where=self._where(key))
+                read_record(record, row, key, where=self._where(key))
+        batch.finish()
         self._mapped.note(len(keys) * self.record_nbytes)
 
     def read_large_values(self, db: str, keys: Sequence[bytes], txn: StoreTxn) -> list[memoryview | None]:
@@ -412,20 +424,21 @@ class BlockStore:
         views = self.direct.read(self._locator.locate(txn.txn, self._main_db, db.encode(), keys))
         return [view if view is not None else txn.txn.get(key, db=handle) for key, view in zip(keys, views)]
 
-    def _read_one(self, txn: lmdb.Transaction, key: BlockKey, raw_key: bytes, view: memoryview | None, block: torch.Tensor) -> None:
+    def _read_one(self, txn: lmdb.Transaction, key: BlockKey, raw_key: bytes, view: memoryview | None, row: int,
+                  read_record: Callable[..., None]) -> None:  # fmt: skip
         """Decode a record read with O_DIRECT (``view``), or read through the map where ``view``
-        is None. A direct read that fails the record's own checks is read again through the map,
+        is None, into row ``row`` of the read (``read_record(record, row, key, where=)``). A direct read that fails the record's own checks is read again through the map,
         which decides, so a wrong location costs time, never a false error (logged once)."""
         if view is not None:
             try:
-                decode_into(view, block, key, where=self._where(key))
+                read_record(view, row, key, where=self._where(key))
                 return
             except RecordError:
                 pass
         record = txn.get(raw_key)
         if record is None:
             raise BlockNotFoundError(f"{self._where(key)} not found")
-        decode_into(record, block, key, where=self._where(key))
+        read_record(record, row, key, where=self._where(key))
         self._mapped.note(len(record))
         if view is not None:
             self.direct.mismatches += 1
@@ -548,14 +561,32 @@ class BlockStore:
                 f"expected [n, {', '.join(map(str, self.layout.shape))}] {self.layout.dtype}"
             )
         blocks = blocks.detach()
-        encoded = encode(blocks, self.encoding).cpu() if self.encoding != "none" else None  # batched, on blocks' device
-        blocks = blocks.cpu()
+        if self.encoding != "none":
+            encoded = encode(blocks, self.encoding).cpu()  # batched, on blocks' device
+            return self._submit_records(keys, [memoryview(row.numpy()) for row in encoded])
+        return self._submit_records(keys, [tensor_bytes(block) for block in blocks.cpu()])
+
+    def submit_put_encoded(self, keys: Sequence[BlockKey], payloads: torch.Tensor) -> Future[None]:
+        """:meth:`submit_put_many` for blocks already encoded in this store's (lossy) encoding:
+        ``payloads`` ``[n, payload bytes]`` uint8 (:func:`hkv.encoding.encode`'s rows, e.g. an
+        encoded host tier's slots), written as they are, without a decode and re-encode."""
+        self._check_writable()
+        expected = self.record_nbytes - HEADER_SIZE
+        if self.encoding == "none" or payloads.dtype != torch.uint8 or tuple(payloads.shape) != (len(keys), expected):
+            raise ValueError(
+                f"submit_put_encoded: {len(keys)} keys and payloads {tuple(payloads.shape)} {payloads.dtype}; expected "
+                f"[n, {expected}] uint8 of a lossy encoding (this store writes {self.encoding})"
+            )
+        return self._submit_records(keys, [memoryview(row.numpy()) for row in payloads.detach().cpu().contiguous()])
+
+    def _submit_records(self, keys: Sequence[BlockKey], payloads: Sequence[memoryview]) -> Future[None]:
+        """Queue one record per key (header + payload, in this store's encoding) for the writer."""
+        shape_of = torch.empty(self.layout.shape, dtype=self.layout.dtype, device="meta")  # the header's dtype and shape
         code = CODES[self.encoding]
         puts: dict[bytes, bytearray] = {}  # a key given twice keeps its last block
-        for i, (key, block) in enumerate(zip(keys, blocks)):
-            payload = tensor_bytes(block) if encoded is None else memoryview(encoded[i].numpy())
+        for key, payload in zip(keys, payloads):
             record = bytearray(HEADER_SIZE + len(payload))
-            record[:HEADER_SIZE] = encode_header(key, block, payload, code)
+            record[:HEADER_SIZE] = encode_header(key, shape_of, payload, code)
             record[HEADER_SIZE:] = payload
             puts[bytes(key)] = record
         return self._writer.submit(WriteJob(puts=list(puts.items())))

@@ -13,6 +13,7 @@ import torch
 from ..blocks import BlockLayout
 from .base import TierError
 from .pool import SlotPool
+from .slot_codec import SlotCodec
 
 
 class HostMemoryError(TierError):
@@ -30,15 +31,18 @@ def check_host_ram(capacity_bytes: int, *, what: str = "tiers.host") -> None:
 
 
 class HostTier(SlotPool):
-    """Blocks in CPU RAM slots; pinned when ``pin_memory`` (default: when CUDA is available)."""
+    """Blocks in CPU RAM slots; pinned when ``pin_memory`` (default: when CUDA is available).
+    ``encoding`` (``tiers.host_encoding``): slots hold raw blocks, or int8 / int4 payloads
+    (:mod:`hkv.tiers.slot_codec`), and the budget counts those bytes."""
 
-    def __init__(self, layout: BlockLayout, capacity_bytes: int, *, pin_memory: bool | None = None) -> None:
+    def __init__(self, layout: BlockLayout, capacity_bytes: int, *, pin_memory: bool | None = None, encoding: str = "none") -> None:
         if pin_memory is None:
             pin_memory = torch.cuda.is_available()
-        if capacity_bytes >= layout.nbytes:  # before the pool builds its slot lists
-            check_host_ram(capacity_bytes // layout.nbytes * layout.nbytes)
-        super().__init__("host", layout, capacity_bytes, "cpu", pin_memory=pin_memory)
+        slot = SlotCodec(layout, encoding).slot_nbytes
+        if capacity_bytes >= slot:  # before the pool builds its slot lists
+            check_host_ram(capacity_bytes // slot * slot)
+        super().__init__("host", layout, capacity_bytes, "cpu", pin_memory=pin_memory, encoding=encoding)
 
     def _allocate(self) -> torch.Tensor:
-        check_host_ram(self.n_slots * self.layout.nbytes)  # RAM may have gone since construction
+        check_host_ram(self.n_slots * self.slot_nbytes)  # RAM may have gone since construction
         return super()._allocate()

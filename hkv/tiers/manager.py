@@ -43,6 +43,7 @@ from .disk import DiskTier
 from .host import HostTier
 from .placement import Digest, Entry
 from .promotion import GatherReport, Promotion
+from .slot_codec import SlotCodec
 from .policy import make_policy
 
 TIER_NAMES = ("device", "host", "disk")
@@ -96,7 +97,11 @@ class TierManager(Promotion):
         tier lives on ``device``, else ``tiers.accelerator`` (auto: cuda if available, else cpu).
         The disk store at ``tiers.path`` is opened now if it exists, else when first needed."""
         tiers = config.tiers
-        layout.check_budgets({"device": int(tiers.device), "host": int(tiers.host), "disk": int(tiers.disk)})
+        layout.check_budgets({"device": int(tiers.device), "disk": int(tiers.disk)})
+        host_slot = SlotCodec(layout, tiers.host_encoding).slot_nbytes
+        if int(tiers.host) < host_slot:
+            raise ConfigError(f"tiers.host = {int(tiers.host)} bytes: smaller than one block ({host_slot} bytes as "
+                              f"tiers.host_encoding = {tiers.host_encoding!r}; {layout.describe()})")  # fmt: skip
         record = layout.encoded_record_nbytes(tiers.disk_encoding)
         if int(tiers.disk) < record:
             raise ConfigError(f"tiers.disk = {int(tiers.disk)} bytes: smaller than one disk record ({record} bytes)")
@@ -107,7 +112,7 @@ class TierManager(Promotion):
         self.path = Path(tiers.path)
         super().__init__(
             DeviceTier(layout, int(tiers.device), self.device),
-            HostTier(layout, int(tiers.host), pin_memory=self.device.type == "cuda"),
+            HostTier(layout, int(tiers.host), pin_memory=self.device.type == "cuda", encoding=tiers.host_encoding),
             CopyEngine(self.device, layout),
             make_policy(tiers.policy),
             layout=layout,
@@ -341,7 +346,7 @@ class TierManager(Promotion):
                 self.copies.order_after([entry.event])
                 return self.device_pool.view(key).cpu().clone()
             if self.host_pool.contains(key):
-                return self.host_pool.view(key).clone()
+                return self.host_pool.block(key)
             entry.busy = True  # the disk read runs without the lock; nobody may delete it meanwhile
         try:
             out = torch.empty(self.layout.shape, dtype=self.layout.dtype)
@@ -384,8 +389,13 @@ class TierManager(Promotion):
             writes = [key for key in todo if not self._safe_on_disk(entries[key], key)]
             if writes:
                 self._disk_reserve(len(writes), exclude)
-                data = torch.stack([self._cpu_copy(key) for key in writes])
-                self._write_disk(writes, data, sync=True)
+                on_device = self.device_pool.slot_map
+                from_host = [key for key in writes if key not in on_device]  # written from their host slots
+                from_device = [key for key in writes if key in on_device]
+                if from_host:
+                    self._spill(from_host)
+                if from_device:
+                    self._write_disk(from_device, torch.stack([self._cpu_copy(key) for key in from_device]), sync=True)
             for key in todo:
                 for tier in ("device", "host"):
                     if self._pool(tier).contains(key):

@@ -21,7 +21,7 @@ from .base import BlockNotFoundError, TierError, TierFullError
 from .copies import CopyEngine
 from .disk import DiskTier
 from .policy import EvictionPolicy, LRUPolicy
-from .pool import SlotPool, copy_slots
+from .pool import SlotPool
 
 Digest = bytes  # a block's 16-byte key digest: how the manager knows blocks internally (cached hash)
 DIRECTIONS = ("host->device", "device->host", "disk->host", "host->disk")
@@ -109,7 +109,7 @@ class Placement:
         if self.device_pool.contains(key):
             self.copies.order_after([self._entries[key].event])
             return self.device_pool.view(key).to("cpu", copy=True)
-        return self.host_pool.view(key).clone()
+        return self.host_pool.block(key)
 
     def _pool(self, tier: str) -> SlotPool:
         return self.device_pool if tier == "device" else self.host_pool
@@ -126,7 +126,7 @@ class Placement:
         pool = self._pool(tier)
         pool.assign_many(keys, slots)
         self._recent[tier].update(dict.fromkeys(keys))
-        copy_slots(pool.data, slots, blocks, rows)
+        pool.write_slots(slots, blocks, rows)
 
     # -- dropping copies ------------------------------------------------------------------------
     def _drop(self, tier: str, key: Digest) -> None:
@@ -245,7 +245,7 @@ class Placement:
             moved = keys[: len(slots)]
             events = [self._entries[key].event for key in moved] if self.copies.cuda else ()
             try:
-                self.copies.to_host(self.host_pool.data, slots, self.device_pool.data, self.device_pool.slots(moved), events)
+                self.copies.to_host(self.host_pool, slots, self.device_pool.data, self.device_pool.slots(moved), events)
             except BaseException:  # the reserved host slots would leak: the host tier would fill with nothing
                 for slot in slots:
                     self.host_pool.unreserve(slot)
@@ -257,11 +257,22 @@ class Placement:
         else:
             moved = keys[: self._disk_reserve(len(keys), exclude, partial=True)]
             if moved:
-                data = self.host_pool.data.index_select(0, self.host_pool.index(self.host_pool.slots(moved)))
-                self._write_disk(moved, data, sync=True)
+                self._spill(moved)
                 self._drop_many("host", moved)
         self.evictions[tier] += count * len(moved)
         return moved
+
+    def _spill(self, keys: list[Digest]) -> None:
+        """Write the host copies of ``keys`` to their reserved disk records, durably. Host slots
+        already in the disk's encoding are written as they are (no decode and re-encode)."""
+        host = self.host_pool
+        slots = host.slots(keys)
+        disk = self._open_disk()
+        if host.codec.lossy and host.encoding == disk.encoding:
+            payloads = host.data.index_select(0, host.index(slots))
+            self._write_disk(keys, None, sync=True, encoded=payloads)
+        else:
+            self._write_disk(keys, host.read_slots(slots), sync=True)
 
     # -- the disk tier --------------------------------------------------------------------------
     @property
@@ -348,12 +359,17 @@ class Placement:
                 if entry.on_disk:
                     self._disk_gone(key)
 
-    def _write_disk(self, keys: list[Digest], blocks: torch.Tensor, *, sync: bool) -> None:
-        """Write reserved records; ``sync`` waits until durable (raising, reservation returned)."""
+    def _write_disk(self, keys: list[Digest], blocks: torch.Tensor | None, *, sync: bool, encoded: torch.Tensor | None = None) -> None:
+        """Write reserved records of raw ``blocks``, or of payloads ``encoded`` already in the
+        disk's encoding (``[n, payload bytes]`` uint8, ``sync`` only); ``sync`` waits until
+        durable (raising, reservation returned)."""
         disk = self._open_disk()
         if sync:
             try:
-                disk.put_many([BlockKey(key) for key in keys], blocks.cpu())
+                if encoded is not None:
+                    disk.submit_put_encoded([BlockKey(key) for key in keys], encoded).result()
+                else:
+                    disk.put_many([BlockKey(key) for key in keys], blocks.cpu())  # type: ignore[union-attr]
             except BaseException:
                 self._disk_count -= len(keys)
                 raise

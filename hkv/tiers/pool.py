@@ -6,6 +6,11 @@ map and a free list that hands out the lowest free slot first (blocks put togeth
 consecutive slots, so batched moves copy long runs). Gathers are ``index_select`` over slots,
 moves between pools are run-coalesced ``copy_`` calls (see :func:`copy_slots`).
 
+An encoded pool (the host tier with ``tiers.host_encoding``, :mod:`hkv.tiers.slot_codec`)
+has ``data: [n_slots, payload bytes]`` uint8 and ``n_slots = capacity_bytes // payload bytes``;
+:meth:`SlotPool.write_slots` encodes and :meth:`SlotPool.read_slots` decodes, so callers that
+use them (never ``data`` directly) see raw blocks either way.
+
 Keys are any hashable block identity: a :class:`~hkv.blocks.BlockKey` when a pool is used as a
 :class:`~hkv.tiers.base.Tier`, the key's 16-byte digest inside the tier manager (a bytes
 object caches its hash, which makes bulk bookkeeping several times cheaper).
@@ -24,20 +29,25 @@ import torch
 
 from ..blocks import BlockKey, BlockLayout
 from .base import BlockNotFoundError, Tier, TierFullError
+from .slot_codec import SlotCodec
 
 
 class SlotPool(Tier):
-    """Blocks of one layout in preallocated slots of one tensor on ``device``."""
+    """Blocks of one layout in preallocated slots of one tensor on ``device``, raw or encoded
+    (``encoding``: ``"none"``, ``"int8"``, ``"int4"``)."""
 
     def __init__(
-        self, name: str, layout: BlockLayout, capacity_bytes: int, device: torch.device | str, *, pin_memory: bool = False
-    ) -> None:
-        if capacity_bytes < layout.nbytes:
+        self, name: str, layout: BlockLayout, capacity_bytes: int, device: torch.device | str, *, pin_memory: bool = False,
+        encoding: str = "none",
+    ) -> None:  # fmt: skip
+        self.codec = SlotCodec(layout, encoding)
+        if capacity_bytes < self.codec.slot_nbytes:
             raise ValueError(f"{name} tier: capacity {capacity_bytes} bytes is smaller than one block ({layout.describe()})")
         self.name, self.layout, self.capacity_bytes = name, layout, int(capacity_bytes)
         self.device = torch.device(device)
         self.pin_memory = pin_memory
-        self.n_slots = self.capacity_bytes // layout.nbytes
+        self.slot_nbytes = self.codec.slot_nbytes
+        self.n_slots = self.capacity_bytes // self.slot_nbytes
         self._data: torch.Tensor | None = None
         self._slot_of: dict[BlockKey, int] = {}
         self._key_of: list[BlockKey | None] = [None] * self.n_slots
@@ -47,17 +57,22 @@ class SlotPool(Tier):
     # -- storage --------------------------------------------------------------------------------
     @property
     def data(self) -> torch.Tensor:
-        """The pool tensor ``[n_slots, 2, kv_heads, block_tokens, head_dim]`` (allocated on first use)."""
+        """The pool tensor ``[n_slots, 2, kv_heads, block_tokens, head_dim]``, or ``[n_slots, payload
+        bytes]`` uint8 when encoded (allocated on first use)."""
         if self._data is None:
             self._data = self._allocate()
         return self._data
 
     def _allocate(self) -> torch.Tensor:
-        shape = (self.n_slots, *self.layout.shape)
+        shape = (self.n_slots, *self.codec.slot_shape)
         # A normal tensor even when first used inside torch.inference_mode (a model's forward):
         # an inference tensor could not be written by the prefetcher's threads, which run outside it.
         with torch.inference_mode(False):
-            return torch.empty(shape, dtype=self.layout.dtype, device=self.device, pin_memory=self.pin_memory)
+            return torch.empty(shape, dtype=self.codec.slot_dtype, device=self.device, pin_memory=self.pin_memory)
+
+    @property
+    def capacity_blocks(self) -> int:
+        return self.n_slots
 
     @property
     def allocated(self) -> bool:
@@ -143,8 +158,38 @@ class SlotPool(Tier):
         except KeyError as error:
             raise BlockNotFoundError(f"{self.name} tier: block {error.args[0].hex()} not found") from None
 
+    @property
+    def encoding(self) -> str:
+        """How slots hold blocks: ``"none"`` (raw) or a lossy encoding."""
+        return self.codec.encoding
+
+    def write_slots(self, slots: Sequence[int], blocks: torch.Tensor, rows: Sequence[int]) -> None:
+        """``slot[slots[i]] = blocks[rows[i]]`` (raw blocks ``[n, *layout.shape]``, any device),
+        encoded on the blocks' device first when the pool is encoded; complete on return."""
+        if not slots:
+            return
+        if not self.codec.lossy:
+            copy_slots(self.data, slots, blocks, rows)
+            return
+        picked = blocks if list(rows) == list(range(len(blocks))) else blocks[list(rows)]
+        encoded = self.codec.encode(picked).to(self.device)
+        copy_slots(self.data, slots, encoded, list(range(len(slots))))
+
+    def read_slots(self, slots: Sequence[int]) -> torch.Tensor:
+        """The blocks in ``slots`` as a new tensor ``[n, *layout.shape]`` on the pool's device (decoded)."""
+        picked = self.data.index_select(0, self.index(slots))
+        return self.codec.decode(picked) if self.codec.lossy else picked
+
+    def block(self, key: BlockKey) -> torch.Tensor:
+        """A copy of the block, ``[2, kv_heads, block_tokens, head_dim]`` (decoded when encoded)."""
+        slot = self.slot(key)
+        if slot is None:
+            raise BlockNotFoundError(f"{self.name} tier: block {key.hex()} not found")
+        return self.read_slots([slot])[0]
+
     def view(self, key: BlockKey) -> torch.Tensor:
-        """The block's slot, ``[2, kv_heads, block_tokens, head_dim]``, without a copy."""
+        """The block's slot, ``[2, kv_heads, block_tokens, head_dim]`` (``[payload bytes]`` when
+        encoded), without a copy."""
         slot = self.slot(key)
         if slot is None:
             raise BlockNotFoundError(f"{self.name} tier: block {key.hex()} not found")
@@ -157,7 +202,7 @@ class SlotPool(Tier):
 
     # -- Tier interface -------------------------------------------------------------------------
     def used_bytes(self) -> int:
-        return (len(self._slot_of) + self._reserved) * self.layout.nbytes
+        return (len(self._slot_of) + self._reserved) * self.slot_nbytes
 
     def __len__(self) -> int:
         return len(self._slot_of)
@@ -192,12 +237,15 @@ class SlotPool(Tier):
             )
         for key in new:
             self.assign(key, self.alloc())  # type: ignore[arg-type]
-        copy_slots(self.data, self.slots(keys), blocks, list(range(len(keys))))
+        self.write_slots(self.slots(keys), blocks, list(range(len(keys))))
 
     def get_into(self, key: BlockKey, out: torch.Tensor) -> None:
-        out.copy_(self.view(key))
+        out.copy_(self.block(key))
 
     def get_many_into(self, keys: Sequence[BlockKey], out: torch.Tensor) -> None:
+        if self.codec.lossy:
+            out.copy_(self.read_slots(self.slots(keys)))
+            return
         copy_slots(out, list(range(len(keys))), self.data, self.slots(keys))
 
     def delete(self, key: BlockKey) -> bool:

@@ -22,7 +22,8 @@ import torch
 from ..blocks import BlockKey
 from .base import TierError
 from .placement import Digest, Entry, Placement
-from .pool import runs
+from .pool import copy_slots, runs
+from .slot_codec import SlotCodec
 
 
 @dataclass(slots=True)
@@ -52,7 +53,8 @@ class _Plan:
     disk_keys: list[Digest]  # those read from disk into ``staging``
     host_dst: dict[Digest, int]  # reserved host slot of a disk read
     dev_dst: dict[Digest, int]  # reserved device slot
-    staging: torch.Tensor | None = None  # [len(disk_keys), *shape], CPU (pinned on CUDA)
+    staging: torch.Tensor | None = None  # [len(disk_keys), *slot shape] of the host pool, CPU (pinned on CUDA)
+    staging_codec: SlotCodec | None = None  # how staging rows hold blocks: the host pool's slot format
     event: object = None  # CUDA event of the host -> device copies
     done: bool = False  # the copies finished; False on failure (reservations are returned)
 
@@ -162,11 +164,10 @@ class Promotion(Placement):
         pool = self.device_pool
         torch.index_select(pool.data.permute(1, 2, 0, 3, 4), 2, pool.index([0 if slot is None else slot for slot in slots]), out=out)
         copied = time.perf_counter()
-        host = self.host_pool.data
-        fetched = iter(host_slots)
+        fetched = iter(self.host_pool.read_slots(host_slots))  # raw copies (decoded, when the host is encoded)
         for i, slot in enumerate(slots):
             if slot is None:
-                out[:, :, i].copy_(host[next(fetched)])
+                out[:, :, i].copy_(next(fetched))
         if report is not None:
             done = time.perf_counter()
             report.copy_s += copied - started
@@ -262,9 +263,12 @@ class Promotion(Placement):
                 if key in on_device:
                     continue
                 if key in staged:
-                    out[i].copy_(plan.staging[staged[key]], non_blocking=True)
+                    row = plan.staging[staged[key] : staged[key] + 1]
+                    if plan.staging_codec is not None and plan.staging_codec.lossy:
+                        row = plan.staging_codec.decode(row)
+                    out[i].copy_(row[0], non_blocking=True)
                 elif direct.get(key) is not None:  # blocking: the host slot may be reused once we return
-                    out[i].copy_(self.host_pool.data[direct[key]])
+                    out[i].copy_(self.host_pool.read_slots([direct[key]])[0])
                 else:  # held blocks cannot vanish; this would be a bug, so say so loudly
                     raise TierError(f"gather: block {key.hex()} vanished while held")
         self.copies.mark_use()
@@ -339,7 +343,7 @@ class Promotion(Placement):
             events = [entry.event for entry in held] if self.copies.cuda else ()
         done = False
         try:
-            self.copies.to_host(self.host_pool.data, slots, self.device_pool.data, src, events)
+            self.copies.to_host(self.host_pool, slots, self.device_pool.data, src, events)
             done = True
         finally:
             with self._cond:
@@ -421,30 +425,35 @@ class Promotion(Placement):
         if plan.disk_keys:
             for key in plan.disk_keys:
                 self._wait_disk_write(self._entries[key])
-            plan.staging = self.copies.staging(len(plan.disk_keys))
-            self._disk.get_many_into([BlockKey(key) for key in plan.disk_keys], plan.staging)  # type: ignore[union-attr]
+            # Staging rows in the host pool's slot format: an encoded host takes records already in
+            # its encoding as they are (no second rounding), and its slots are filled by a plain copy.
+            codec = plan.staging_codec = self.host_pool.codec
+            plan.staging = self.copies.staging(len(plan.disk_keys), codec)
+            self._disk.get_many_into([BlockKey(key) for key in plan.disk_keys], plan.staging, encoding=codec.encoding)  # type: ignore[union-attr]
             rows = [i for i, key in enumerate(plan.disk_keys) if key in plan.host_dst]
-            self.copies.to_host(self.host_pool.data, [plan.host_dst[plan.disk_keys[i]] for i in rows], plan.staging, rows)
+            copy_slots(self.host_pool.data, [plan.host_dst[plan.disk_keys[i]] for i in rows], plan.staging, rows)
         from_disk = set(plan.disk_keys)
         from_host = [key for key in plan.dev_dst if key not in from_disk] if from_disk else list(plan.dev_dst)
         host_slot = self.host_pool.slot_map
         slots = [host_slot[key] for key in from_host]  # busy: these slots cannot change
-        event = self._to_device([plan.dev_dst[key] for key in from_host], self.host_pool.data, slots)
+        event = self._to_device([plan.dev_dst[key] for key in from_host], self.host_pool.data, slots, self.host_pool.codec)
         staged = [i for i, key in enumerate(plan.disk_keys) if key in plan.dev_dst]
         if staged:
             dst = [plan.dev_dst[plan.disk_keys[i]] for i in staged]
-            event = self._to_device(dst, plan.staging, staged) or event  # in order on the stream
+            event = self._to_device(dst, plan.staging, staged, plan.staging_codec) or event  # in order on the stream
         plan.event, plan.done = event, True
 
-    def _to_device(self, dst_slots: list[int], src: torch.Tensor, src_slots: list[int]):
+    def _to_device(self, dst_slots: list[int], src: torch.Tensor, src_slots: list[int], codec: SlotCodec | None = None):
         """Copy ``src[src_slots]`` into the device slots ``dst_slots``; the CUDA event or None.
+        ``codec``: how ``src``'s slots hold blocks (the host pool's and the staging rows' format;
+        None: raw): encoded slots are decoded here, on the copy stream on CUDA.
 
         Without a GPU both pools are RAM and the copy is a memcpy whose cost is memory traffic:
         copy each run of consecutive slots straight across (one pass over the bytes) instead of
         the batched gather + scatter of :func:`copy_slots` for scattered slots (two passes and a
         temporary), which pays off for DMA but doubles an on-demand fetch's traffic on a CPU."""
-        if self.copies.cuda or not dst_slots:
-            return self.copies.to_device(self.device_pool.data, dst_slots, src, src_slots)
+        if self.copies.cuda or not dst_slots or (codec is not None and codec.lossy):
+            return self.copies.to_device(self.device_pool.data, dst_slots, src, src_slots, codec)
         dst = self.device_pool.data
         for d, s, n in runs(dst_slots, src_slots):
             dst[d : d + n].copy_(src[s : s + n])

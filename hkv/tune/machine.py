@@ -68,27 +68,46 @@ def _existing_parent(path: Path) -> Path:
     return path
 
 
+@dataclass(frozen=True, slots=True)
+class Capacities:
+    """What is free now (bytes), cores and GPU: cheap to read, so never cached."""
+
+    cores: int
+    gpu: str | None
+    device_free_bytes: int
+    host_free_bytes: int
+    disk_free_bytes: int
+
+
+def measure_capacities(store: Path) -> Capacities:
+    """Free GPU memory (or available RAM where the device tier is the CPU), available RAM, free
+    bytes on the filesystem of ``store`` (its nearest existing folder), cores, the GPU's name."""
+    host_free = int(psutil.virtual_memory().available)
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+        device_free, gpu = int(torch.cuda.mem_get_info(device)[0]), torch.cuda.get_device_name(device)
+    else:
+        device_free, gpu = host_free, None
+    return Capacities(_cores(), gpu, device_free, host_free, free_bytes(_existing_parent(store)))
+
+
+def profile_of(capacities: Capacities, device_gbps: float, host_to_device_gbps: float, disk_read_gbps: float,
+               disk_cold: bool) -> MachineProfile:  # fmt: skip
+    """A profile from capacities read now and rates measured now or earlier (GB/s)."""
+    return MachineProfile(**asdict(capacities), device_gbps=device_gbps, host_to_device_gbps=host_to_device_gbps,
+                          disk_read_gbps=disk_read_gbps, disk_cold=disk_cold)  # fmt: skip
+
+
 def measure_machine(store: Path, layout: BlockLayout, *, sample_bytes: int = 128 << 20) -> MachineProfile:
     """Measure this machine for blocks of ``layout`` with the store at ``store`` (its
     filesystem's free space and disk rate; scratch files go to a temporary folder beside it,
     removed after). ``sample_bytes``: payload moved per measurement (more: steadier)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    host_free = int(psutil.virtual_memory().available)
-    if device.type == "cuda":
-        device_free = int(torch.cuda.mem_get_info(device)[0])
-        gpu = torch.cuda.get_device_name(device)
-    else:
-        device_free, gpu = host_free, None
-    parent = _existing_parent(store)
-    scratch = Path(tempfile.mkdtemp(prefix=".hkv-tune-", dir=parent))
+    scratch = Path(tempfile.mkdtemp(prefix=".hkv-tune-", dir=_existing_parent(store)))
     try:
         moves = measure_block_moves(sample_bytes, device, layout=layout, repeats=2, folder=scratch)
         disk = measure_disk(scratch / "disk", total_bytes=sample_bytes, layout=layout, repeats=1)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return MachineProfile(
-        cores=_cores(), gpu=gpu, device_free_bytes=device_free, host_free_bytes=host_free,
-        disk_free_bytes=free_bytes(parent), device_gbps=round(_device_copy_gbps(device, sample_bytes), 3),
-        host_to_device_gbps=round(moves["h2d_gbps"], 3), disk_read_gbps=round(disk.disk_read_gbps, 3),
-        disk_cold=disk.read_cache == "cold",
-    )  # fmt: skip
+    return profile_of(measure_capacities(store), round(_device_copy_gbps(device, sample_bytes), 3), round(moves["h2d_gbps"], 3),
+                      round(disk.disk_read_gbps, 3), disk.read_cache == "cold")  # fmt: skip

@@ -38,17 +38,20 @@ TIERS = ("device", "host", "disk")
 
 @dataclass(frozen=True, slots=True)
 class ModelShape:
-    """What the plan needs of a model: its attention shape and KV dtype."""
+    """What the plan needs of a model: its attention shape, KV dtype and trained length in tokens
+    (``max_position_embeddings``; None when unknown)."""
 
     layers: int
     q_heads: int
     kv_heads: int
     head_dim: int
     dtype: torch.dtype = torch.float16
+    trained_tokens: int | None = None
 
     @classmethod
     def parse(cls, text: str) -> ModelShape:
-        """``"layers=30,q_heads=9,kv_heads=3,head_dim=64,dtype=float16"`` (dtype optional)."""
+        """``"layers=30,q_heads=9,kv_heads=3,head_dim=64,dtype=float16,trained_tokens=8192"``
+        (dtype and trained_tokens optional)."""
         fields: dict[str, Any] = {}
         for part in filter(None, (p.strip() for p in text.split(","))):
             name, _, value = part.partition("=")
@@ -56,10 +59,11 @@ class ModelShape:
                 if value not in DTYPE_NAMES:
                     raise ValueError(f"dtype = {value!r}: one of {', '.join(DTYPE_NAMES)}")
                 fields["dtype"] = DTYPE_NAMES[value]
-            elif name in ("layers", "q_heads", "kv_heads", "head_dim") and value.isdigit() and int(value) > 0:
+            elif name in ("layers", "q_heads", "kv_heads", "head_dim", "trained_tokens") and value.isdigit() and int(value) > 0:
                 fields[name] = int(value)
             else:
-                raise ValueError(f"{part!r}: expected layers=N, q_heads=N, kv_heads=N, head_dim=N, dtype=float16|bfloat16|float32")
+                raise ValueError(f"{part!r}: expected layers=N, q_heads=N, kv_heads=N, head_dim=N, dtype=float16|bfloat16|float32, "
+                                 "trained_tokens=N")
         missing = {"layers", "q_heads", "kv_heads", "head_dim"} - set(fields)
         if missing:
             raise ValueError(f"model shape {text!r} lacks {', '.join(sorted(missing))}")
@@ -70,7 +74,8 @@ class ModelShape:
         c = model.config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-        return cls(c.num_hidden_layers, c.num_attention_heads, kv_heads, head_dim, next(model.parameters()).dtype)
+        trained = getattr(c, "max_position_embeddings", None)
+        return cls(c.num_hidden_layers, c.num_attention_heads, kv_heads, head_dim, next(model.parameters()).dtype, trained)
 
 
 @dataclass(slots=True)
@@ -148,25 +153,36 @@ def predict_step(config: Config, shape: ModelShape, context: int, machine: Machi
     return _predict(config, shape, _layout(config, shape), context, machine, compute_ms)
 
 
+def storage_dtype(shape: ModelShape, mode: str) -> str:
+    """``tiers.dtype`` the plan picks: float16 for a float32 model in sparse mode, else the model's own."""
+    return "auto" if mode == "exact" or shape.dtype != torch.float32 else "float16"
+
+
 def _layout(config: Config, shape: ModelShape) -> BlockLayout:
     dtype = shape.dtype if config.tiers.dtype == "auto" else DTYPE_NAMES[config.tiers.dtype]
     return BlockLayout(shape.kv_heads, config.attention.block_tokens, shape.head_dim, dtype)
 
 
 def plan(shape: ModelShape, context: int, machine: MachineProfile, *, store: Path, mode: str = "sparse",
-         compute_ms: float, base: Config | None = None) -> TunePlan:  # fmt: skip
+         compute_ms: float, base: Config | None = None, dtype: str | None = None) -> TunePlan:  # fmt: skip
     """Budgets for ``context`` tokens of ``shape`` on ``machine``: the device tier holds the pinned
     blocks, the step's working set and what else fits in half its free memory (less the
     summaries); host RAM the next part, within half of what is available (a third where the
     device tier is RAM too); the disk every block (sessions write them all through), in the
     lightest encoding that fits 90% of its free space (sparse only). ConfigError when the
-    context cannot fit."""
+    context cannot fit. ``dtype``: the storage dtype to keep (an existing store's), else chosen."""
     base = base if base is not None else Config.load(env={})
     notes: list[str] = []
-    dtype = "auto" if mode == "exact" or shape.dtype != torch.float32 else "float16"
-    if dtype == "float16":
+    if dtype is None:
+        dtype = storage_dtype(shape, mode)
+    elif dtype != storage_dtype(shape, mode):
+        notes.append(f"KV stored in {dtype}, as the existing store at {store} holds it")
+    if dtype == "float16" and shape.dtype == torch.float32:
         notes.append("KV stored in float16 (the model computes in float32; sparse attention tolerates it, exact would not)")
     attention = {**base.attention.model_dump(), "mode": mode}
+    if mode == "sparse" and shape.trained_tokens is not None and context > shape.trained_tokens:
+        attention["positions"] = "remap"
+        notes.append(f"positions remapped: {context} tokens are beyond the model's trained {shape.trained_tokens} (docs/positions.md)")
     config = Config.load(base, env={}, tiers={"dtype": dtype, "path": str(store), "disk_encoding": "none"}, attention=attention)
     layout = _layout(config, shape)
     per_layer = math.ceil(context / layout.block_tokens)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -86,6 +87,7 @@ def test_hkv_demo_command_finds_the_passkey_and_resumes(cli, smollm2, tmp_path: 
     import hkv.default_model
 
     monkeypatch.setattr(hkv.default_model, "load_default_model", lambda: smollm2)  # the model loaded once per test run
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # no --config: the rates it measures are kept here
     store = str(tmp_path / "store")
     first = cli("demo", "--tokens", "1024", "--store", store)
     assert first.exit_code == 0, first.output
@@ -93,4 +95,28 @@ def test_hkv_demo_command_finds_the_passkey_and_resumes(cli, smollm2, tmp_path: 
     second = cli("demo", "--tokens", "1024", "--store", store)
     assert second.exit_code == 0, second.output
     assert "resumed" in second.output and "FOUND" in second.output, second.output
+    assert "no --config: budgets from hkv tune's plan" in first.output and "rates from quick probe" in second.output
     assert "faster" in second.output
+
+
+def test_without_a_config_the_demo_takes_the_tuned_budgets(demo_model, byte_tokenizer, tmp_path: Path) -> None:
+    """No --config: `hkv tune`'s plan for this machine and the prompt (rates probed once, then
+    cached), said in the printed lines, within what is free; the demo runs with it and resumes."""
+    from hkv.cli.demo_budgets import ROOM_TOKENS, auto_demo_config
+
+    base = Config.load(env={}, tiers={"path": str(tmp_path / "store")},
+                       attention={"block_tokens": BLOCK, "sink_tokens": BLOCK, "local_tokens": 2 * BLOCK, "budget_tokens": 6 * BLOCK,
+                                  "prefill_chunk_tokens": 64})  # fmt: skip
+    cache = tmp_path / "rates.json"
+    config, lines = auto_demo_config(demo_model, base, name="demo", tokens=PROMPT_TOKENS, cache=cache)
+    assert lines[0].startswith(f"no --config: budgets from hkv tune's plan for {PROMPT_TOKENS + ROOM_TOKENS} tokens")
+    assert "rates measured now" in lines[0] and cache.exists()
+    assert config.tiers.path == tmp_path / "store" and config.attention.block_tokens == BLOCK
+    assert int(config.tiers.device) + int(config.tiers.host) <= psutil.virtual_memory().available
+    first = run_demo(demo_model, byte_tokenizer, config, tokens=PROMPT_TOKENS, progress=False)
+    assert not first.resumed and first.conversation_tokens > PROMPT_TOKENS - 16 and first.reply_tokens > 0
+    again, lines = auto_demo_config(demo_model, base, name="demo", tokens=PROMPT_TOKENS, cache=cache)
+    assert "rates from quick probe" in lines[0]  # cached: no second measurement
+    assert again.tiers.dtype == config.tiers.dtype
+    second = run_demo(demo_model, byte_tokenizer, again, tokens=PROMPT_TOKENS, progress=False)
+    assert second.resumed

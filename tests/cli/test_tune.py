@@ -13,13 +13,15 @@ from hkv import Config, wrap
 from helpers.cli import assert_clean_error
 
 
-def test_tune_writes_a_config_a_model_runs_with(cli, tiny_lm, tmp_path: Path) -> None:
+def test_tune_writes_a_config_a_model_runs_with(cli, tiny_lm, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # where it keeps the rates for later starts
     out, figures, store = tmp_path / "tuned.toml", tmp_path / "tune.json", tmp_path / "store"
     result = cli("tune", "--context", "4K", "--shape", "layers=2,q_heads=4,kv_heads=2,head_dim=16,dtype=float32",
                  "--sample", "4MiB", "--out", str(out), "--store", str(store), "--json", str(figures))  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "predicted step:" in result.output and f"wrote {out}" in result.output
     config = Config.load(out, env={})
+    assert "hkv tune" in (tmp_path / "cache" / "hkv" / "rates.json").read_text()  # `hkv demo` reuses them
     plan = json.loads(figures.read_text())["plan"]
     assert plan["prediction"]["total_ms"] > 0 and plan["prediction"]["bound"] in ("compute", "summaries", "host", "disk")
     assert int(config.tiers.device) >= 2 * 2 * 16 * 64 * 2 * 4  # at least the pinned blocks of both layers

@@ -1,8 +1,9 @@
 """The examples that load SmolLM2 run from the repository root with the README's commands in any
 order: after ``hkv demo``, before it and after each other, in one working folder. Each keeps its
 own store folder (./hkv-store for the demo, ./hkv-store-wrap, ./hkv-store-example): a store
-holds blocks of one layout, and wrap_passkey.py keeps float16 blocks where the demo keeps the
-model's float32 ones (sharing ./hkv-store, the second one failed with a StoreError).
+holds blocks of one layout, and wrap_passkey.py keeps float16 blocks where the demo kept the
+model's float32 ones before it planned its budgets (sharing ./hkv-store, the second one failed with
+a StoreError).
 
 Each command is a fresh process (``python examples/...`` with the folder as its working
 directory), as a user runs them; the prompts are shortened through the examples' own arguments
@@ -23,6 +24,7 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 def _run(cwd: Path, *args: str) -> str:
     env = {name: value for name, value in os.environ.items() if not name.startswith("HKV_")}  # the examples' own configs
+    env["XDG_CACHE_HOME"] = str(cwd / ".cache")  # `hkv demo` without --config keeps the rates it measures there
     result = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, f"{' '.join(args)} failed (exit {result.returncode}):\n{result.stdout}\n{result.stderr[-4000:]}"
     return result.stdout

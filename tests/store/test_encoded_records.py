@@ -121,3 +121,24 @@ def test_a_sparse_session_on_an_int4_disk_resumes(tiny_lm, tmp_path: Path) -> No
     with wrap(model, config) as rt, rt.session("chat") as session:
         out = session.generate(torch.tensor([1, 2, 3]), max_new_tokens=4, do_sample=False)
         assert out.shape[1] == 300 + 4 + 3 + 4
+
+
+def test_one_read_of_mixed_encodings_decodes_each_record_into_its_row(tmp_path: Path) -> None:
+    """get_many_into decodes a batch's lossy records together (one decode per encoding): each
+    lands in its own row, in the order asked, as a read of that record alone gives it."""
+    path = tmp_path / "store"
+    keys: list[BlockKey] = []
+    for i, encoding in enumerate(["none", "int8", "int4"]):
+        batch = [BlockKey(bytes([i, j]) * 8) for j in range(4)]
+        with BlockStore(path, SMALL, 1 << 20, encoding=encoding) as store:
+            store.put_many(batch, _blocks(SMALL, 4, seed=10 + i))
+        keys += batch
+    order = [keys[k] for k in (5, 0, 11, 6, 1, 9, 3, 10, 7, 2, 8, 4)]  # encodings interleaved
+    with BlockStore.open_existing(path) as store:
+        together = torch.empty(len(order), *SMALL.shape, dtype=SMALL.dtype)
+        store.get_many_into(order, together)
+        alone = torch.empty_like(together)
+        for row, key in enumerate(order):
+            store.get_into(key, alone[row])
+    assert torch.equal(together, alone)
+    assert len({tuple(block.flatten()[:4].tolist()) for block in together}) == len(order)  # twelve different blocks

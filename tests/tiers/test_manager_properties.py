@@ -21,6 +21,7 @@ from hkv.blocks import BlockKey, BlockLayout
 from hkv.config import Config
 from hkv.errors import TierFullError
 from hkv.tiers.manager import GatherReport, TierManager
+from hkv.tiers.slot_codec import SlotCodec
 
 LAYOUT = BlockLayout(kv_heads=2, block_tokens=4, head_dim=8, dtype=torch.float16)
 NB, REC = LAYOUT.nbytes, LAYOUT.record_nbytes
@@ -65,6 +66,10 @@ class ManagerMachine(RuleBasedStateMachine):
             self.manager.close()
         shutil.rmtree(self.folder, ignore_errors=True)
 
+    def same(self, got: torch.Tensor, picks: list[int]) -> bool:
+        """Whether ``got`` ``[n, *shape]`` holds the blocks ``picks``: bitwise, every tier here being lossless."""
+        return torch.equal(got, torch.stack([BLOCKS[i] for i in picks]))
+
     # -- operations ---------------------------------------------------------------------------------
     @rule(picks=indices, pin=st.booleans(), retain=st.booleans())
     def insert(self, picks: list[int], pin: bool, retain: bool) -> None:
@@ -88,7 +93,7 @@ class ManagerMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def read(self, data) -> None:
         i = data.draw(st.sampled_from(sorted(self.stored)))
-        assert torch.equal(self.manager.read(key_of(i)), BLOCKS[i])
+        assert self.same(self.manager.read(key_of(i)).unsqueeze(0), [i])
 
     @precondition(lambda self: self.stored)
     @rule(data=st.data())
@@ -99,7 +104,7 @@ class ManagerMachine(RuleBasedStateMachine):
             return
         report = GatherReport()
         out = self.manager.gather([key_of(i) for i in picks], report=report)
-        assert torch.equal(out, torch.stack([BLOCKS[i] for i in picks]))
+        assert self.same(out, picks)
         assert report.resident + report.waited + report.fetched == len(set(picks))
 
     @rule(picks=indices, to=st.sampled_from(["host", "device"]))
@@ -175,7 +180,7 @@ class ManagerMachine(RuleBasedStateMachine):
                 self.stored.discard(i)  # evicted from disk while unreferenced: allowed
                 continue
             assert self.manager.where(key), f"block {i} known but in no tier"
-            assert torch.equal(self.manager.read(key), BLOCKS[i]), f"block {i} corrupted"
+            assert self.same(self.manager.read(key).unsqueeze(0), [i]), f"block {i} corrupted"
         for i in self.pinned:
             assert "device" in self.manager.where(key_of(i)), f"pinned block {i} left the device"
         assert self.manager.stats().blocks == len(self.stored)
@@ -183,3 +188,31 @@ class ManagerMachine(RuleBasedStateMachine):
 
 ManagerMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
 TestManagerProperties = ManagerMachine.TestCase
+
+
+class EncodedTiersMachine(ManagerMachine):
+    """The same interleavings with a lossy host and a raw or lossy disk (``tiers.host_encoding``,
+    ``tiers.disk_encoding``): budgets hold, no block is lost, and every read is within the
+    rounding of the encodings a block can have passed through (at most three int4 roundings)."""
+
+    @initialize(
+        device=st.integers(2, 4), host=st.integers(1, 6), disk=st.integers(4, 10), persist=st.booleans(),
+        host_encoding=st.sampled_from(["int8", "int4"]), disk_encoding=st.sampled_from(["none", "int8", "int4"]),
+    )  # fmt: skip
+    def start(self, device: int, host: int, disk: int, persist: bool, host_encoding: str, disk_encoding: str) -> None:
+        slot = SlotCodec(LAYOUT, host_encoding).slot_nbytes
+        config = Config(
+            tiers={"device": device * NB, "host": host * slot, "disk": disk * LAYOUT.encoded_record_nbytes(disk_encoding),
+                   "path": str(self.folder / "store"), "host_encoding": host_encoding, "disk_encoding": disk_encoding},
+            store={"persist": persist},
+        )  # fmt: skip
+        self.manager = TierManager(config, LAYOUT, device="cpu")
+
+    def same(self, got: torch.Tensor, picks: list[int]) -> bool:
+        want = torch.stack([BLOCKS[i] for i in picks]).float()
+        spread = (want.flatten(1).amax(1) - want.flatten(1).amin(1)).view(-1, 1, 1, 1, 1)
+        return bool(((got.float() - want).abs() <= 3 * 0.5 * spread / 15 + 1e-2).all())
+
+
+EncodedTiersMachine.TestCase.settings = settings(max_examples=20, stateful_step_count=30, deadline=None)
+TestEncodedTiersProperties = EncodedTiersMachine.TestCase

@@ -71,3 +71,13 @@ def test_shape_parsing() -> None:
                        ("layers=2,q_heads=1,kv_heads=1,head_dim=8,dtype=int8", "dtype = 'int8'")):  # fmt: skip
         with pytest.raises(ValueError, match=words):
             ModelShape.parse(bad)
+
+
+def test_a_context_beyond_the_trained_length_is_remapped(tmp_path: Path) -> None:
+    trained = ModelShape(30, 9, 3, 64, torch.float16, trained_tokens=8192)
+    assert plan(trained, 8192, machine(), store=tmp_path, compute_ms=10.0).config.attention.positions == "original"
+    long = plan(trained, 8193, machine(), store=tmp_path, compute_ms=10.0)
+    assert long.config.attention.positions == "remap" and any("beyond the model's trained 8192" in note for note in long.notes)
+    assert plan(trained, 2**20, machine(), store=tmp_path, compute_ms=10.0, mode="exact").config.attention.positions == "original"
+    assert plan(SMOLLM2, 2**20, machine(), store=tmp_path, compute_ms=10.0).config.attention.positions == "original"  # unknown length
+    assert ModelShape.parse("layers=30,q_heads=9,kv_heads=3,head_dim=64,trained_tokens=8192") == trained
