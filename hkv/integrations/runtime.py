@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..attention.prefix import adopt_stored_prefix
+from ..attention.prefix import Span, adopt_stored_prefix, stored_spans
 from ..attention.selection import SelectionObserver
 from ..attention.sequence import SequenceKV
 from ..attention.stats import SequenceStats
@@ -247,23 +247,39 @@ class Runtime:
 
     def fill(self, cache: HkvCache, token_ids: torch.Tensor, *, progress: bool | None = None) -> int:
         """Compute the KV of ``token_ids`` (``[S]``, the tokens that follow the cache's current
-        length) into ``cache``: the longest stored prefix of complete blocks is adopted (with
-        ``store.reuse_prefix``, when a store exists), the rest prefilled in chunks (``progress``:
-        a tqdm bar; default on for more than 8 chunks). Returns the tokens adopted."""
+        length) into ``cache``: with ``store.reuse_prefix`` (when a store exists), every run of
+        complete blocks the store holds is adopted and only the tokens between and after those
+        runs are prefilled, in chunks, with the KV before them as context
+        (:func:`~hkv.attention.prefix.stored_spans`; a block missing in the middle, evicted or
+        lost with a remote node, costs its own tokens); ``progress``: a tqdm bar, default on for
+        more than 8 chunks to prefill. Returns the tokens adopted."""
         token_ids = token_ids.reshape(-1)
-        adopted = 0
-        if len(token_ids) and self.config.store.reuse_prefix and self.config.remote.url and self.config.remote.sessions:
+        if not len(token_ids):
+            return 0
+        if self.config.store.reuse_prefix and self.config.remote.url and self.config.remote.sessions:
             self.session_store()  # the remote tier comes with the session store
-            self.remote_sync.fetch_prefix(cache.sequence, token_ids)  # the server's blocks past the local run
-        if len(token_ids) and self.config.store.reuse_prefix and self.manager.has_store():
-            adopted = adopt_stored_prefix(cache.sequence, token_ids)
-            cache.sync_lengths()
-            self._reused_tokens += adopted
-        rest = len(token_ids) - adopted
-        if rest > 0:
-            if progress is None:
-                progress = rest > 8 * self.config.attention.prefill_chunk_tokens
-            self.prefill(token_ids[adopted:].unsqueeze(0), cache, progress=progress)
+            self.remote_sync.fetch_prefix(cache.sequence, token_ids)  # the server's blocks the local store lacks
+        if self.config.store.reuse_prefix and self.manager.has_store():
+            spans = stored_spans(cache.sequence, token_ids)
+        else:
+            spans = [Span(0, len(token_ids), False)]
+        if progress is None:
+            rest = sum(span.end - span.start for span in spans if not span.stored)
+            progress = rest > 8 * self.config.attention.prefill_chunk_tokens
+        adopted, bt = 0, self.layout.block_tokens
+        for span in spans:
+            start = span.start
+            while span.stored and start < span.end:
+                got = adopt_stored_prefix(cache.sequence, token_ids[start : span.end])
+                cache.sync_lengths()
+                adopted += got
+                start += got
+                if start < span.end:  # a block without its summary, or gone since: computed alone
+                    self.prefill(token_ids[start : start + bt].unsqueeze(0), cache)
+                    start += bt
+            if start < span.end:
+                self.prefill(token_ids[start : span.end].unsqueeze(0), cache, progress=progress)
+        self._reused_tokens += adopted
         return adopted
 
     def generate_with(self, cache: HkvCache, input_ids: torch.Tensor, **generate_kwargs: Any) -> Any:
