@@ -1,11 +1,13 @@
 """The remote tier's client: block records, session rows and writer leases on a Redis (or
 Valkey) server, shared by every hkv process that names it.
 
-Keys (``P`` = ``remote.key_prefix``): ``P:b:<block key hex>`` a block record (the same bytes as
-on disk: header, checksum, key); ``P:m:<summary key hex>`` a block summary row;
-``P:s:{<name>}`` a session record; ``P:t:{<name>}`` its tail record; ``P:lease:{<name>}`` the
-session's writer lease (the braces are a Redis Cluster hash tag: a session's rows share a node,
-so its record and tail are written in one transaction; blocks spread over every node). Block keys carry the model fingerprint and attention signature, so
+Keys (``P`` = ``remote.key_prefix``): ``P:b:{<block key hex>}`` a block record (the same bytes
+as on disk: header, checksum, key); ``P:m:{<block key hex>}`` its summary row (``...}72``: the
+relative frame's, :func:`~hkv.store.txn.summary_key`); ``P:s:{<name>}`` a session record;
+``P:t:{<name>}`` its tail record; ``P:lease:{<name>}`` the session's writer lease. The braces
+are a Redis Cluster hash tag: a session's rows share a node, so its record and tail are written
+in one transaction; a block and its summary share a node, so a node lost takes both or neither;
+blocks spread over every node. Block keys carry the model fingerprint and attention signature, so
 every process with the same model and layout finds the same blocks. Nothing is pickled; every
 record read is checked (header, key, checksum) by the caller before use.
 
@@ -32,6 +34,7 @@ from urllib.parse import urlparse
 import redis
 from redis.cluster import ClusterNode
 
+from ..blocks import KEY_BYTES
 from ..config import RemoteConfig
 
 log = logging.getLogger(__name__)
@@ -96,11 +99,13 @@ class RemoteStore:
         return self._call("ping", lambda: bool(self._client.ping()), False)
 
     # -- keys ---------------------------------------------------------------------------------------
-    def _block(self, key: bytes) -> str:
-        return f"{self.prefix}:b:{key.hex()}"
+    def block_name(self, key: bytes) -> str:
+        """The server's key of block ``key`` (16 bytes)."""
+        return f"{self.prefix}:b:{{{key.hex()}}}"
 
-    def _summary(self, key: bytes) -> str:
-        return f"{self.prefix}:m:{key.hex()}"
+    def summary_name(self, key: bytes) -> str:
+        """The server's key of summary row ``key`` (a block key, + a frame suffix)."""
+        return f"{self.prefix}:m:{{{key[:KEY_BYTES].hex()}}}{key[KEY_BYTES:].hex()}"
 
     def _session(self, name: str) -> str:
         return f"{self.prefix}:s:{{{name}}}"
@@ -149,10 +154,10 @@ class RemoteStore:
 
     def get_blocks(self, keys: Sequence[bytes]) -> list[bytes | None]:
         """The records of ``keys`` (None: not there, or the server is down); unchecked."""
-        return self._call("read blocks", lambda: self._mget([self._block(k) for k in keys]), [None] * len(keys))
+        return self._call("read blocks", lambda: self._mget([self.block_name(k) for k in keys]), [None] * len(keys))
 
     def get_summaries(self, keys: Sequence[bytes]) -> list[bytes | None]:
-        return self._call("read summaries", lambda: self._mget([self._summary(k) for k in keys]), [None] * len(keys))
+        return self._call("read summaries", lambda: self._mget([self.summary_name(k) for k in keys]), [None] * len(keys))
 
     def has_blocks(self, keys: Sequence[bytes]) -> list[bool]:
         """Which of ``keys`` the server holds (all False while it is down)."""
@@ -162,7 +167,7 @@ class RemoteStore:
             for start in range(0, len(keys), CHUNK):
                 pipe = self._client.pipeline(transaction=False)
                 for key in keys[start : start + CHUNK]:
-                    pipe.exists(self._block(key))
+                    pipe.exists(self.block_name(key))
                 found += [bool(n) for n in pipe.execute()]
             return found
 
@@ -170,7 +175,7 @@ class RemoteStore:
 
     def put_blocks(self, records: list[tuple[bytes, bytes]], summaries: list[tuple[bytes, bytes]] = ()) -> bool:
         """Store block records and summary rows; whether the server took them."""
-        items = [(self._block(k), v) for k, v in records] + [(self._summary(k), v) for k, v in summaries]
+        items = [(self.block_name(k), v) for k, v in records] + [(self.summary_name(k), v) for k, v in summaries]
         return self._call("write blocks", lambda: self._put(items) >= 0, False)
 
     # -- sessions -----------------------------------------------------------------------------------

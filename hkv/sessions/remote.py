@@ -11,9 +11,10 @@ commit, pulled by a process whose local store lacks them, and one writer across 
   and tail, then the blocks (``MGET``) and summaries the local store lacks, checks every record
   (header, key, checksum: a bad one is a miss, logged), and commits them to the local store in
   one transaction; then the session resumes as a local one. Blocks the server no longer holds
-  (its memory limit evicted them) or that fail their checks cut the stored KV at the first
-  such block: the tokens after it are prefilled again from the session's token ids, never an
-  error.
+  (its memory limit evicted them, a cluster node is down) or that fail their checks are
+  computed again at the next call, from the blocks before them, and the blocks after them are
+  adopted (``Runtime.fill``): only the missing blocks' tokens (and the tail's) are recomputed,
+  never an error.
 - **Prefixes** (:func:`fetch_prefix`): before a fill adopts the stored prefix of a prompt
   (``store.reuse_prefix``), the blocks the server holds past the local store's run are copied
   in (checked, with their summaries, unreferenced: a prefix cache), so a document or system
@@ -124,7 +125,8 @@ def pull_session(store: SessionStore, remote: RemoteStore, name: str, local: Ses
     with store.disk.reading() as txn:
         stored = set(txn.found("keys", keys))
     stored |= _copy_blocks(store, remote, [key for key in dict.fromkeys(keys) if key not in stored])
-    kept = next((i for i in range(record.kv_blocks) if any(k not in stored for k in keys[i * layers : (i + 1) * layers])), record.kv_blocks)
+    missing = [i for i in range(record.kv_blocks) if any(k not in stored for k in keys[i * layers : (i + 1) * layers])]
+    kept = missing[0] if missing else record.kv_blocks
     if tail is not None:
         try:
             check_record(tail, tail_key(name), where=f"remote tail of session {name!r}")
@@ -132,8 +134,11 @@ def pull_session(store: SessionStore, remote: RemoteStore, name: str, local: Ses
             log.warning("remote tier: %s; its tokens are recomputed", error)
             tail = None
     if kept < record.kv_blocks or (tail is None and record.tail_tokens):
-        log.warning("remote tier: session %r: %d of its %d blocks are missing there; the tokens after block %d are recomputed",
-                    name, record.kv_blocks - kept, record.kv_blocks, kept)  # fmt: skip
+        # The local record references what the local store holds: its KV up to the first missing
+        # block. The blocks after it stay in the local store (unreferenced, as a prefix cache), so
+        # the next fill computes only the missing blocks' tokens and adopts the rest (Runtime.fill).
+        log.warning("remote tier: session %r: %d of its %d blocks are missing there; their tokens (and the tail's) are recomputed",
+                    name, len(missing), record.kv_blocks)  # fmt: skip
         record.kv_blocks, record.tail_tokens, tail = kept, 0, None
         record.kv_tokens = kept * record.block_tokens
     wanted = keys[: kept * layers]
@@ -149,7 +154,8 @@ def fetch_prefix(store: SessionStore, remote: RemoteStore, seq: SequenceKV, toke
     """Copy into the local store the blocks the server holds that continue ``seq`` with
     ``token_ids`` past what the local store holds (another machine's sessions' blocks: a shared
     system prompt, a document), so that prefix adoption takes them; the blocks copied (every
-    layer counted). Stops at the first block missing, on the server or in its checks."""
+    layer counted). Blocks after one the server lacks are copied too (the fill computes the
+    missing one and adopts those after it); a block whose layer 0 the server lacks is not."""
     bt, first = seq.block_tokens, seq.sealed_blocks()
     previous = seq.prefix_chain()
     ids = as_ids(token_ids)
@@ -164,10 +170,10 @@ def fetch_prefix(store: SessionStore, remote: RemoteStore, seq: SequenceKV, toke
     start = next((i for i in range(count) if any(k not in stored for k in keys[i * layers : (i + 1) * layers])), count)
     if start == count:
         return 0
-    held = remote.has_blocks(keys[start * layers :: layers])  # layer 0 of each block: where the server's run ends
-    end = start + next((i for i, ok in enumerate(held) if not ok), len(held))
+    held = remote.has_blocks(keys[start * layers :: layers])  # layer 0 of each block: which the server has
+    wanted = [key for i, ok in enumerate(held, start) if ok for key in keys[i * layers : (i + 1) * layers] if key not in stored]
     try:
-        return len(_copy_blocks(store, remote, [key for key in keys[start * layers : end * layers] if key not in stored]))
+        return len(_copy_blocks(store, remote, wanted))
     except TierFullError:
         return 0  # no room: the prefix is computed instead
 

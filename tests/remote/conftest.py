@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.crc import key_slot
 
 
 def _free_ports(count: int) -> list[int]:
@@ -117,12 +118,19 @@ class RedisCluster:
 
     def node_of(self, key: str) -> int:
         """Index of the node serving ``key``."""
-        slot = redis.RedisCluster(host="127.0.0.1", port=self.ports[0]).keyslot(key)
-        for i, port in enumerate(self.ports):
-            for start, end, *_ in redis.Redis(port=port).cluster("slots"):
-                if start <= slot <= end and _[0][1] == port:
-                    return i
-        raise LookupError(key)
+        return self.nodes_of([key])[0]
+
+    def nodes_of(self, keys: list[str]) -> list[int]:
+        """Index of the node serving each of ``keys`` (asked of every node: all must be up)."""
+        ranges = [(start, end, i) for i, port in enumerate(self.ports)
+                  for start, end, (_, owner, *_rest), *_ in redis.Redis(port=port).cluster("slots") if owner == port]  # fmt: skip
+        nodes = []
+        for key in keys:
+            slot = key_slot(key.encode())
+            nodes.append(next((i for start, end, i in ranges if start <= slot <= end), -1))
+            if nodes[-1] < 0:
+                raise LookupError(key)
+        return nodes
 
     def keys_per_node(self, pattern: str) -> list[int]:
         return [sum(1 for _ in redis.Redis(port=port).scan_iter(match=pattern, count=1000)) for port in self.ports]
