@@ -20,8 +20,9 @@ commit, pulled by a process whose local store lacks them, and one writer across 
   in (checked, with their summaries, unreferenced: a prefix cache), so a document or system
   prompt one machine's session stored is not prefilled again by another.
 - **Leases**: a session opened for writing takes ``P:lease:<name>`` on the server (``SET NX PX``,
-  ``remote.lease_s``), renewed every third of that while it is open and released on close; a
-  lease held by another process is a SessionLockedError. With the server down, the session
+  ``remote.lease_s``), renewed every third of that while it is open (taken again if the server
+  lost it, restarted empty) and released on close; a lease held by another process is a
+  SessionLockedError. With the server down, the session
   opens with its local lock alone (logged).
 """
 
@@ -234,7 +235,10 @@ class RemoteSync:
                 return
             if time.monotonic() >= next_renew:
                 for open_name in self._open_names():
-                    self.remote.renew(open_name)
+                    # not renewed: a server restarted empty lost the lease; take it again
+                    if not self.remote.renew(open_name) and self.remote.acquire(open_name) is False:
+                        log.warning("remote tier: session %r lost its lease on %s and another process holds it now",
+                                    open_name, self.remote.config.url)  # fmt: skip
                 next_renew = time.monotonic() + renew_every
             if not name:
                 continue
