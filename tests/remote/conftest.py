@@ -58,15 +58,18 @@ def _launch(folder: Path, port: int, options: list[str]) -> subprocess.Popen:
 
 
 class RedisServer:
-    """One redis-server process: ``url``, ``stop()`` / ``start()`` (same port, empty again)."""
+    """One redis-server process: ``url``, ``stop()`` (kill -9) / ``start()`` (same port; empty
+    again unless ``persistent``: an append-only file, fsynced at every write, that a restart
+    loads)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, *, persistent: bool = False) -> None:
         self.folder, self.port = folder, _free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen | None = None
+        self.options = ["--appendonly", "yes", "--appendfsync", "always"] if persistent else []
 
     def start(self) -> None:
-        self.process = _launch(self.folder, self.port, [])
+        self.process = _launch(self.folder, self.port, self.options)
 
     def stop(self) -> None:
         if self.process is not None:
@@ -80,6 +83,19 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server; the README's commands do)")
     server = RedisServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def persistent_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server whose restarts load its append-only file (``appendfsync always``)."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server; the README's commands do)")
+    server = RedisServer(tmp_path / "persistent", persistent=True)
     server.start()
     try:
         yield server
