@@ -57,22 +57,30 @@ def push_session(store: SessionStore, remote: RemoteStore, name: str) -> bool:
     if raw is None:
         return True  # deleted meanwhile: nothing to push
     raw, tail = bytes(raw), None if tail is None else bytes(tail)
-    keys = list(dict.fromkeys(SessionRecord.from_bytes(name, raw).key_digests()))
+    record = SessionRecord.from_bytes(name, raw)
+    groups = position_groups(record.key_digests(), record.num_layers)
+    keys = list(groups)
     for start in range(0, len(keys), CHUNK):
         chunk = keys[start : start + CHUNK]
-        missing = [key for key, held in zip(chunk, remote.has_blocks(chunk)) if not held]
+        missing = [key for key, held in zip(chunk, remote.has_blocks(chunk, groups)) if not held]
         if not missing:
             continue
         with store.disk.reading() as txn:
             records = [(key, bytes(value)) for key in missing if (value := txn.get("blocks", key)) is not None]
             summaries = [(where, bytes(value)) for key in missing for where in (summary_key(key), summary_key(key, True))
                          if (value := txn.get("summaries", where)) is not None]  # fmt: skip
-        if not remote.put_blocks(records, summaries):
+        if not remote.put_blocks(records, summaries, groups):
             return False
     return remote.put_session(name, raw, tail)
 
 
-def _copy_blocks(store: SessionStore, remote: RemoteStore, keys: list[bytes]) -> set[bytes]:
+def position_groups(keys: list[bytes], layers: int) -> dict[bytes, bytes]:
+    """Block key -> its group on the server (:mod:`hkv.remote.client`): the key of the same
+    position's layer-0 block. ``keys``: block-major (every layer of a position in turn)."""
+    return {key: keys[i - i % layers] for i, key in enumerate(keys)}
+
+
+def _copy_blocks(store: SessionStore, remote: RemoteStore, keys: list[bytes], groups: dict[bytes, bytes]) -> set[bytes]:
     """Copy the blocks of ``keys`` (with their summaries) from the server into the local store,
     unreferenced, a chunk of 1,024 at a time (bounded memory: a 1M-token session is 23 GB); those
     now stored locally. A record missing on the server, or failing its checks (logged), is not."""
@@ -81,7 +89,7 @@ def _copy_blocks(store: SessionStore, remote: RemoteStore, keys: list[bytes]) ->
     for start in range(0, len(keys), 4 * CHUNK):
         chunk = keys[start : start + 4 * CHUNK]
         good: list[tuple[bytes, bytes]] = []
-        for key, value in zip(chunk, remote.get_blocks(chunk)):
+        for key, value in zip(chunk, remote.get_blocks(chunk, groups)):
             if value is None:
                 continue
             try:
@@ -92,7 +100,7 @@ def _copy_blocks(store: SessionStore, remote: RemoteStore, keys: list[bytes]) ->
         if not good:
             continue
         where = [summary_key(key, relative) for key, _ in good for relative in (False, True)]
-        summaries = [(name, value) for name, value in zip(where, remote.get_summaries(where)) if value is not None]
+        summaries = [(name, value) for name, value in zip(where, remote.get_summaries(where, groups)) if value is not None]
 
         def job(txn: StoreTxn, good: list[tuple[bytes, bytes]] = good, summaries: list[tuple[bytes, bytes]] = summaries) -> list[bytes]:
             if txn.usage["used_bytes"] + sum(len(value) for _, value in good) > capacity:
@@ -125,7 +133,8 @@ def pull_session(store: SessionStore, remote: RemoteStore, name: str, local: Ses
     layers, keys = record.num_layers, record.key_digests()
     with store.disk.reading() as txn:
         stored = set(txn.found("keys", keys))
-    stored |= _copy_blocks(store, remote, [key for key in dict.fromkeys(keys) if key not in stored])
+    groups = position_groups(keys, layers)
+    stored |= _copy_blocks(store, remote, [key for key in groups if key not in stored], groups)
     missing = [i for i in range(record.kv_blocks) if any(k not in stored for k in keys[i * layers : (i + 1) * layers])]
     kept = missing[0] if missing else record.kv_blocks
     if tail is not None:
@@ -171,10 +180,11 @@ def fetch_prefix(store: SessionStore, remote: RemoteStore, seq: SequenceKV, toke
     start = next((i for i in range(count) if any(k not in stored for k in keys[i * layers : (i + 1) * layers])), count)
     if start == count:
         return 0
-    held = remote.has_blocks(keys[start * layers :: layers])  # layer 0 of each block: which the server has
+    groups = position_groups(keys, layers)
+    held = remote.has_blocks(keys[start * layers :: layers], groups)  # layer 0 of each block: which the server has
     wanted = [key for i, ok in enumerate(held, start) if ok for key in keys[i * layers : (i + 1) * layers] if key not in stored]
     try:
-        return len(_copy_blocks(store, remote, wanted))
+        return len(_copy_blocks(store, remote, wanted, groups))
     except TierFullError:
         return 0  # no room: the prefix is computed instead
 

@@ -200,16 +200,20 @@ def _check_server(url: str, layout) -> ServerCheck:
     """Check every record on the server (AssertionError naming the first bad one) and that every
     session record's blocks, summaries and tail are there."""
     from hkv.blocks import BlockKey, check_record
+    from hkv.config import RemoteConfig
+    from hkv.remote.client import RemoteStore
     from hkv.sessions.records import SessionRecord, tail_key
+    from hkv.sessions.remote import position_groups
     from hkv.store.summary_rows import summary_values
 
     client = redis.Redis.from_url(url)
+    names = RemoteStore(RemoteConfig(url=url))
     found = ServerCheck()
     floats = 2 * layout.kv_heads * layout.head_dim
     for name in client.scan_iter(match="hkv:b:*", count=1000):
         value = client.get(name)
         if value is not None:  # (a key may go between the scan and the get: not here, nothing deletes)
-            check_record(value, BlockKey.from_hex(name.decode()[len("hkv:b:{") : -1]), where=name.decode())
+            check_record(value, BlockKey.from_hex(name.decode().rpartition("}")[2]), where=name.decode())
             found.blocks += 1
     for name in client.scan_iter(match="hkv:m:*", count=1000):
         assert summary_values(client.get(name), floats) is not None, f"{name!r} fails its checksum"
@@ -217,9 +221,10 @@ def _check_server(url: str, layout) -> ServerCheck:
     for name in client.scan_iter(match="hkv:s:*", count=1000):
         session = name.decode()[len("hkv:s:{") : -1]
         record = SessionRecord.from_bytes(session, client.get(name))  # checks its checksum
-        keys = list(dict.fromkeys(record.key_digests()))
-        held = client.exists(*[f"hkv:b:{{{key.hex()}}}" for key in keys]) if keys else 0
-        summaries = client.exists(*[f"hkv:m:{{{key.hex()}}}" for key in keys]) if keys else 0
+        groups = position_groups(record.key_digests(), record.num_layers)
+        keys = list(groups)
+        held = client.exists(*[names.block_name(key, groups) for key in keys]) if keys else 0
+        summaries = client.exists(*[names.summary_name(key, groups) for key in keys]) if keys else 0
         assert held == summaries == len(keys), f"session {session!r} on the server: {held} blocks, {summaries} summaries of {len(keys)}"
         tail = client.get(f"hkv:t:{{{session}}}")
         assert (tail is None) == (record.tail_tokens == 0), f"session {session!r}: tail {tail is not None}, {record.tail_tokens} tail tokens"

@@ -13,7 +13,10 @@ import redis
 import torch
 
 from hkv import wrap
+from hkv.config import RemoteConfig
+from hkv.remote.client import RemoteStore
 from hkv.sessions import SessionLockedError, SessionStore
+from hkv.sessions.remote import position_groups
 
 from helpers.models import baseline, prompt, wrap_config
 
@@ -79,7 +82,8 @@ def test_only_the_blocks_missing_on_the_server_are_recomputed(tiny_lm, tmp_path:
         keys = store.get("chat").key_digests()  # block-major
     blocks = (len(turn) - 1) // 16
     assert len(keys) == blocks * layers
-    assert redis.Redis.from_url(redis_server.url).delete(f"hkv:b:{{{keys[5 * layers + 1].hex()}}}") == 1  # block 5, layer 1
+    name = RemoteStore(RemoteConfig(url=redis_server.url)).block_name(keys[5 * layers + 1], position_groups(keys, layers))
+    assert redis.Redis.from_url(redis_server.url).delete(name) == 1  # block 5, layer 1
     more = torch.tensor([1, 2])
     with caplog.at_level(logging.WARNING), wrap(model, _config(model, tmp_path, "b", redis_server.url)) as rt:
         with rt.session("chat") as session:
