@@ -219,7 +219,20 @@ class Runtime:
                 raise ValueError(f"attention_mask has {mask.shape[1]} positions for {input_ids.shape[1]} input ids")
         with self.new_cache() as cache:
             self.fill(cache, input_ids[0, :-1], progress=progress)
-            return self.generate_with(cache, input_ids, **generate_kwargs)
+            out = self.generate_with(cache, input_ids, **generate_kwargs)
+            if self.config.remote.url and self.config.remote.prefixes:
+                self._push_prefix(cache.sequence)
+            return out
+
+    def _push_prefix(self, sequence: SequenceKV) -> None:
+        """``remote.prefixes``: copy the sequence's stored blocks to the server, in the background
+        (after their write-through to the local store, waited for here)."""
+        self.session_store()  # the remote tier comes with the session store
+        self.manager.flush()
+        keys = [sequence.block_keys(layer) for layer in range(self.num_layers)]
+        block_major = [bytes(keys[layer][i]) for i in range(sequence.sealed_blocks()) for layer in range(self.num_layers)]
+        if block_major:
+            self.remote_sync.push_blocks_later(block_major, self.num_layers)
 
     def token_ids(self, input_ids: torch.Tensor | Sequence[int], *, allow_empty: bool = False) -> torch.Tensor:
         """``input_ids`` (``[S]`` or ``[1, S]``, integers) as ``[1, S]`` int64 on the CPU, checked:
@@ -256,7 +269,8 @@ class Runtime:
         token_ids = token_ids.reshape(-1)
         if not len(token_ids):
             return 0
-        if self.config.store.reuse_prefix and self.config.remote.url and self.config.remote.sessions:
+        remote = self.config.remote
+        if self.config.store.reuse_prefix and remote.url and (remote.sessions or remote.prefixes):
             self.session_store()  # the remote tier comes with the session store
             self.remote_sync.fetch_prefix(cache.sequence, token_ids)  # the server's blocks the local store lacks
         if self.config.store.reuse_prefix and self.manager.has_store():
@@ -311,7 +325,7 @@ class Runtime:
         if self._session_store is None:
             store = self._session_store = SessionStore(self.manager.store)
             remote = self.config.remote
-            if remote.url and remote.sessions:
+            if remote.url and (remote.sessions or remote.prefixes):
                 self.remote_sync = RemoteSync(RemoteStore(remote), store, lambda: list(self.open_sessions))
             if self.config.store.evict_sessions:
                 manager, open_names = self.manager, self.open_sessions

@@ -15,6 +15,9 @@ commit, pulled by a process whose local store lacks them, and one writer across 
   computed again at the next call, from the blocks before them, and the blocks after them are
   adopted (``Runtime.fill``): only the missing blocks' tokens (and the tail's) are recomputed,
   never an error.
+- **Blocks outside sessions** (:meth:`RemoteSync.push_blocks_later`, ``remote.prefixes``): the
+  blocks a plain ``rt.generate`` stored (``store.persist``) are pushed the same way, without a
+  record, so that another machine's prompt with the same prefix adopts them.
 - **Prefixes** (:func:`fetch_prefix`): before a fill adopts the stored prefix of a prompt
   (``store.reuse_prefix``), the blocks the server holds past the local store's run are copied
   in (checked, with their summaries, unreferenced: a prefix cache), so a document or system
@@ -33,6 +36,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -58,10 +62,19 @@ def push_session(store: SessionStore, remote: RemoteStore, name: str) -> bool:
         return True  # deleted meanwhile: nothing to push
     raw, tail = bytes(raw), None if tail is None else bytes(tail)
     record = SessionRecord.from_bytes(name, raw)
-    groups = position_groups(record.key_digests(), record.num_layers)
-    keys = list(groups)
-    for start in range(0, len(keys), CHUNK):
-        chunk = keys[start : start + CHUNK]
+    if not push_blocks(store, remote, record.key_digests(), record.num_layers):
+        return False
+    return remote.put_session(name, raw, tail)
+
+
+def push_blocks(store: SessionStore, remote: RemoteStore, keys: list[bytes], layers: int) -> bool:
+    """Copy to the server the blocks of ``keys`` (block-major, ``layers`` per position) that it
+    lacks, with their summaries, from the local store (a block not stored locally is skipped);
+    whether the server took them."""
+    groups = position_groups(keys, layers)
+    unique = list(groups)
+    for start in range(0, len(unique), CHUNK):
+        chunk = unique[start : start + CHUNK]
         missing = [key for key, held in zip(chunk, remote.has_blocks(chunk, groups)) if not held]
         if not missing:
             continue
@@ -71,7 +84,7 @@ def push_session(store: SessionStore, remote: RemoteStore, name: str) -> bool:
                          if (value := txn.get("summaries", where)) is not None]  # fmt: skip
         if not remote.put_blocks(records, summaries, groups):
             return False
-    return remote.put_session(name, raw, tail)
+    return True
 
 
 def position_groups(keys: list[bytes], layers: int) -> dict[bytes, bytes]:
@@ -189,12 +202,23 @@ def fetch_prefix(store: SessionStore, remote: RemoteStore, seq: SequenceKV, toke
         return 0  # no room: the prefix is computed instead
 
 
+@dataclass(frozen=True, slots=True)
+class BlocksPush:
+    """Blocks to copy to the server outside a session (``remote.prefixes``): ``keys``
+    block-major, ``layers`` per position."""
+
+    keys: list[bytes]
+    layers: int
+
+
 class RemoteSync:
-    """The remote tier of one runtime's sessions: leases, and the push thread."""
+    """The remote tier of one runtime's sessions (leases, the push thread), and of the blocks a
+    plain ``rt.generate`` stores when ``remote.prefixes`` (pushed by the same thread)."""
 
     def __init__(self, remote: RemoteStore, store: SessionStore, open_names: Callable[[], list[str]]) -> None:
         self.remote, self.store, self._open_names = remote, store, open_names
-        self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[str | BlocksPush | None] = queue.SimpleQueue()
+        self._blocks_pending = 0  # BlocksPush queued and not done
         self._pending: dict[str, int] = {}  # session -> commits not yet pushed (a push reads the latest)
         self._release: set[str] = set()  # leases to release once their session's push is done
         self._idle = threading.Condition()
@@ -228,20 +252,27 @@ class RemoteSync:
         if not queued:
             self._queue.put(name)
 
+    def push_blocks_later(self, keys: list[bytes], layers: int) -> None:
+        """Copy these stored blocks (block-major) to the server in the background (once: a push
+        that fails, the server down, is dropped; the next prompt that stores them pushes them)."""
+        with self._idle:
+            self._blocks_pending += 1
+        self._queue.put(BlocksPush(keys, layers))
+
     def flush(self, timeout: float = 60.0) -> bool:
         """Wait until every push asked for so far is done (or given up); whether none is left."""
         with self._idle:
-            return self._idle.wait_for(lambda: not self._pending, timeout=timeout)
+            return self._idle.wait_for(lambda: not self._pending and not self._blocks_pending, timeout=timeout)
 
     def _loop(self) -> None:
         renew_every = self.remote.config.lease_s / 3
         next_renew = time.monotonic() + renew_every
         while True:
             try:
-                name = self._queue.get(timeout=max(0.05, next_renew - time.monotonic()))
+                item = self._queue.get(timeout=max(0.05, next_renew - time.monotonic()))
             except queue.Empty:
-                name = ""
-            if name is None:
+                item = ""
+            if item is None:
                 return
             if time.monotonic() >= next_renew:
                 for open_name in self._open_names():
@@ -250,26 +281,39 @@ class RemoteSync:
                         log.warning("remote tier: session %r lost its lease on %s and another process holds it now",
                                     open_name, self.remote.config.url)  # fmt: skip
                 next_renew = time.monotonic() + renew_every
-            if not name:
-                continue
-            with self._idle:
-                seen = self._pending.get(name, 0)
-            try:
-                done = push_session(self.store, self.remote, name)
-            except Exception as error:  # noqa: BLE001 -- the thread must survive; the local commit stands
-                log.warning("remote tier: pushing session %r failed: %s", name, error)
-                done = True
-            with self._idle:
-                if done and self._pending.get(name, 0) > seen:
-                    self._queue.put(name)  # committed again while it was pushed
-                elif done or not self.remote.up:
-                    self._pending.pop(name, None)  # given up while the server is down: the next commit pushes again
-                    if name in self._release:
-                        self._release.discard(name)
-                        self.remote.release(name)
-                    self._idle.notify_all()
-                else:
-                    self._queue.put(name)
+            if isinstance(item, BlocksPush):
+                self._push_blocks(item)
+            elif item:
+                self._push_session(item)
+
+    def _push_blocks(self, push: BlocksPush) -> None:
+        try:
+            push_blocks(self.store, self.remote, push.keys, push.layers)
+        except Exception as error:  # noqa: BLE001 -- the thread must survive; the blocks stay local
+            log.warning("remote tier: pushing %d blocks failed: %s", len(push.keys), error)
+        with self._idle:
+            self._blocks_pending -= 1
+            self._idle.notify_all()
+
+    def _push_session(self, name: str) -> None:
+        with self._idle:
+            seen = self._pending.get(name, 0)
+        try:
+            done = push_session(self.store, self.remote, name)
+        except Exception as error:  # noqa: BLE001 -- the thread must survive; the local commit stands
+            log.warning("remote tier: pushing session %r failed: %s", name, error)
+            done = True
+        with self._idle:
+            if done and self._pending.get(name, 0) > seen:
+                self._queue.put(name)  # committed again while it was pushed
+            elif done or not self.remote.up:
+                self._pending.pop(name, None)  # given up while the server is down: the next commit pushes again
+                if name in self._release:
+                    self._release.discard(name)
+                    self.remote.release(name)
+                self._idle.notify_all()
+            else:
+                self._queue.put(name)
 
     def close(self) -> None:
         self.flush(timeout=max(5.0, 3 * self.remote.config.timeout_s))
