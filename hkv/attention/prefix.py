@@ -99,9 +99,9 @@ class Span:
 def stored_spans(seq: SequenceKV, token_ids: torch.Tensor | np.ndarray) -> list[Span]:
     """Cut ``token_ids`` (``[S]``, the tokens that follow ``seq``) into alternating spans:
     runs of complete blocks whose every layer the manager knows (in a tier or in the store,
-    learning those another process stored), and the tokens between and after them. One span
-    to compute when the sequence is not at a block boundary, or its keys do not follow from
-    the ids (:meth:`SequenceKV.prefix_chain`).
+    learning those another process stored) with its summary row in the store, and the tokens
+    between and after them. One span to compute when the sequence is not at a block boundary,
+    or its keys do not follow from the ids (:meth:`SequenceKV.prefix_chain`).
 
     A block's KV depends only on the tokens up to its end, so computing a missing block with
     the blocks before it as context gives the block it had (up to float reduction order), and
@@ -114,12 +114,17 @@ def stored_spans(seq: SequenceKV, token_ids: torch.Tensor | np.ndarray) -> list[
         return [Span(0, len(ids), False)] if len(ids) else []
     chains = chain_hashes(ids[: count * bt], bt, previous=previous)
     stored = [True] * count
+    rows = SummaryRows(seq.manager.store)
     for layer in range(seq.num_layers):  # each layer only removes blocks; later layers check fewer
         candidates = [i for i in range(count) if stored[i]]
         if not candidates:
             break
-        known = seq.manager.known([BlockKey.make(seq.fingerprint, chains[i], layer) for i in candidates])
-        for i, ok in zip(candidates, known):
+        keys = [BlockKey.make(seq.fingerprint, chains[i], layer) for i in candidates]
+        for i, ok in zip(candidates, seq.manager.known(keys)):
+            stored[i] = ok
+        keys = [key for i, key in zip(candidates, keys) if stored[i]]
+        candidates = [i for i in candidates if stored[i]]
+        for i, ok in zip(candidates, rows.held(keys, relative=seq.summaries.relative)):  # adoption needs the summaries too
             stored[i] = ok
     spans: list[Span] = []
     for i, ok in enumerate(stored):

@@ -307,6 +307,21 @@ def test_a_block_missing_in_the_middle_of_a_stored_prompt_costs_its_own_tokens(m
     assert stats.prompt_tokens == BLOCK + 199 - len(chains) * BLOCK  # the missing block, then the partial tail
 
 
+def test_blocks_in_the_tiers_without_summaries_are_prefilled_in_chunks(model, tmp_path):
+    """Without store.persist a prompt's blocks stay in the device / host tiers with no stored
+    summary: a second run of the prompt cannot adopt them and prefills it in whole chunks again
+    (not block by block)."""
+    ids = prompt(200, seed=34)
+    with wrap(model, _config(model, tmp_path / "s")) as rt:
+        rt.session_store()  # a store exists
+        rt.generate(ids, **_greedy())
+        first = rt.stats()
+        assert torch.equal(rt.generate(ids, **_greedy()), _baseline(model, ids))
+        second = rt.stats()
+    assert second.extra["reused_tokens"] == 0
+    assert second.forwards - first.forwards == first.forwards  # the same chunks and decode steps
+
+
 def test_reusing_a_session_prefix_without_persist_keeps_the_session_intact(model, tmp_path):
     ids = prompt(120, seed=41)
     config = _config(model, tmp_path / "s")  # store.persist off: released blocks may lose disk copies
