@@ -14,6 +14,7 @@ The runtime is also the one seam between a model and its sessions (:mod:`hkv.ses
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Sequence
 import time
 import weakref
@@ -29,6 +30,7 @@ from ..attention.sequence import SequenceKV
 from ..attention.stats import SequenceStats
 from ..blocks import BlockLayout
 from ..config import Config
+from ..errors import TierError
 from ..memory import steady_heap, trim_heap
 from ..positions import RotaryShift
 from ..prefetch.prefetcher import Prefetcher
@@ -40,6 +42,8 @@ from ..sessions.store import SessionStore
 from ..tiers.manager import TierManager
 from .model import ModelSpec, kv_fingerprint, model_identity, storage_dtype
 from .transformers import HkvCache, ModelHooks, check_not_wrapped, check_padding
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -99,7 +103,7 @@ class Runtime:
         self._reused_tokens = 0  # prompt tokens adopted from the store instead of prefilled (prefix reuse)
         self.open_sessions: dict[str, Session] = {}  # name -> open session (each adds and removes itself)
         self._session_store: SessionStore | None = None
-        self.remote_sync: RemoteSync | None = None  # sessions on the remote tier ([remote]), made with the session store
+        self.remote_sync: RemoteSync | None = None  # the remote tier's pushes and pulls ([remote]), made with the session store
         try:
             if self.config.prefetch.enabled:
                 self.prefetcher = Prefetcher(self.manager, workers=self.config.prefetch.workers)
@@ -228,7 +232,11 @@ class Runtime:
         """``remote.prefixes``: copy the sequence's stored blocks to the server, in the background
         (after their write-through to the local store, waited for here)."""
         self.session_store()  # the remote tier comes with the session store
-        self.manager.flush()
+        try:
+            self.manager.flush()
+        except TierError as error:  # the reply stands; its blocks are not all stored, so none is pushed
+            log.warning("remote tier: the blocks of this prompt are not pushed: %s", error)
+            return
         keys = [sequence.block_keys(layer) for layer in range(self.num_layers)]
         block_major = [bytes(keys[layer][i]) for i in range(sequence.sealed_blocks()) for layer in range(self.num_layers)]
         if block_major:
