@@ -202,6 +202,9 @@ class RemoteConfig(_Section):
     timeout_s: float = Field(2.0, description="seconds a server call may take before the server counts as down")
     lease_s: float = Field(30.0, description="seconds a session's writer lease lasts without renewal (a crashed writer's expires)")
     sessions: StrictBool = Field(True, description="commit sessions to the remote tier and resume them from it")
+    prefixes: StrictBool = Field(
+        False, description="push the blocks a plain rt.generate stores (store.persist) too, for other machines' prompts"
+    )
     cluster: StrictBool = Field(False, description="url names one node of a Redis Cluster: keys are sharded over its nodes")
 
     @field_validator("url")
@@ -248,6 +251,15 @@ class Config(_Section):
     prefetch: PrefetchConfig = PrefetchConfig()
     store: StoreConfig = StoreConfig()
     remote: RemoteConfig = RemoteConfig()
+
+    @model_validator(mode="after")
+    def _prefixes_are_stored(self) -> Config:
+        if self.remote.url and self.remote.prefixes and not self.store.persist:
+            raise ValueError(
+                "remote.prefixes = true pushes the blocks rt.generate stores, and with store.persist = false it stores "
+                "none: set store.persist = true, or remote.prefixes = false"
+            )
+        return self
 
     @model_validator(mode="after")
     def _exact_is_lossless(self) -> Config:

@@ -1,15 +1,19 @@
 """Prefix adoption: a sequence takes stored blocks that continue it instead of computing them.
 
-One idea at three levels: :func:`adopt_stored_prefix` finds the longest run of stored blocks
+One idea at four levels: :func:`adopt_stored_prefix` finds the longest run of stored blocks
 whose chained keys continue a sequence with the given token ids (the store's ``summaries`` rows
 give their summaries); :meth:`~hkv.tiers.manager.TierManager.learn_stored` makes the manager
 know blocks another process stored since it opened the store; :meth:`SequenceKV.adopt
 <hkv.attention.sequence.SequenceKV.adopt>` appends the run as sealed blocks without reading
-them. Used by a session's restore and, with ``store.reuse_prefix``, by every fill
-(``Runtime.fill``).
+them; :func:`stored_spans` cuts a prompt into the runs of blocks stored (adopted) and the
+spans between them (computed), so that a block missing in the middle (evicted, or lost with a
+remote node) costs its own tokens, not every token after it. Used by a session's restore and,
+with ``store.reuse_prefix``, by every fill (``Runtime.fill``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -80,3 +84,57 @@ def as_ids(token_ids: torch.Tensor | np.ndarray | list[int]) -> np.ndarray:
     if isinstance(token_ids, torch.Tensor):
         token_ids = token_ids.detach().to("cpu").reshape(-1).numpy()
     return np.array(token_ids, dtype=np.int64).reshape(-1)
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """Tokens ``[start, end)`` of a prompt (offsets into its ids): a run of complete blocks that
+    are stored in every layer (``stored``: adopt them), or tokens to compute."""
+
+    start: int
+    end: int
+    stored: bool
+
+
+def stored_spans(seq: SequenceKV, token_ids: torch.Tensor | np.ndarray) -> list[Span]:
+    """Cut ``token_ids`` (``[S]``, the tokens that follow ``seq``) into alternating spans:
+    runs of complete blocks whose every layer the manager knows (in a tier or in the store,
+    learning those another process stored) with its summary row in the store, and the tokens
+    between and after them. One span to compute when the sequence is not at a block boundary,
+    or its keys do not follow from the ids (:meth:`SequenceKV.prefix_chain`).
+
+    A block's KV depends only on the tokens up to its end, so computing a missing block with
+    the blocks before it as context gives the block it had (up to float reduction order), and
+    the stored blocks after it stay valid: their chained keys name the same tokens."""
+    bt = seq.block_tokens
+    ids = as_ids(token_ids)
+    count = len(ids) // bt
+    previous = seq.prefix_chain()
+    if count == 0 or previous is None or seq.seq_length() != seq.sealed_blocks() * bt:
+        return [Span(0, len(ids), False)] if len(ids) else []
+    chains = chain_hashes(ids[: count * bt], bt, previous=previous)
+    stored = [True] * count
+    rows = SummaryRows(seq.manager.store)
+    for layer in range(seq.num_layers):  # each layer only removes blocks; later layers check fewer
+        candidates = [i for i in range(count) if stored[i]]
+        if not candidates:
+            break
+        keys = [BlockKey.make(seq.fingerprint, chains[i], layer) for i in candidates]
+        for i, ok in zip(candidates, seq.manager.known(keys)):
+            stored[i] = ok
+        keys = [key for i, key in zip(candidates, keys) if stored[i]]
+        candidates = [i for i in candidates if stored[i]]
+        for i, ok in zip(candidates, rows.held(keys, relative=seq.summaries.relative)):  # adoption needs the summaries too
+            stored[i] = ok
+    spans: list[Span] = []
+    for i, ok in enumerate(stored):
+        if spans and spans[-1].stored == ok:
+            spans[-1] = Span(spans[-1].start, (i + 1) * bt, ok)
+        else:
+            spans.append(Span(i * bt, (i + 1) * bt, ok))
+    if count * bt < len(ids):
+        if spans[-1].stored:
+            spans.append(Span(count * bt, len(ids), False))
+        else:
+            spans[-1] = Span(spans[-1].start, len(ids), False)
+    return spans

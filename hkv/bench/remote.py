@@ -49,7 +49,7 @@ def measure_remote(url: str, *, blocks: int = 2048, repeats: int = 3, prefix: st
     records = [(key, encode_record(BlockKey(key), block)) for key in keys]
     if not remote.put_blocks(records):
         raise RuntimeError(f"remote tier {url} is unreachable")
-    names = [f"{prefix}:b:{key.hex()}" for key in keys]
+    names = [remote.block_name(key) for key in keys]
     total = sum(len(record) for _, record in records)
     best = {"tier": float("inf"), "raw": float("inf")}
     try:

@@ -14,6 +14,7 @@ The runtime is also the one seam between a model and its sessions (:mod:`hkv.ses
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Sequence
 import time
 import weakref
@@ -23,12 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..attention.prefix import adopt_stored_prefix
+from ..attention.prefix import Span, adopt_stored_prefix, stored_spans
 from ..attention.selection import SelectionObserver
 from ..attention.sequence import SequenceKV
 from ..attention.stats import SequenceStats
 from ..blocks import BlockLayout
 from ..config import Config
+from ..errors import TierError
 from ..memory import steady_heap, trim_heap
 from ..positions import RotaryShift
 from ..prefetch.prefetcher import Prefetcher
@@ -41,6 +43,8 @@ from ..tiers.manager import TierManager
 from .model import ModelSpec, kv_fingerprint, model_identity, storage_dtype
 from .next_layer import NextLayerHooks
 from .transformers import HkvCache, ModelHooks, check_not_wrapped, check_padding
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -101,7 +105,7 @@ class Runtime:
         self._reused_tokens = 0  # prompt tokens adopted from the store instead of prefilled (prefix reuse)
         self.open_sessions: dict[str, Session] = {}  # name -> open session (each adds and removes itself)
         self._session_store: SessionStore | None = None
-        self.remote_sync: RemoteSync | None = None  # sessions on the remote tier ([remote]), made with the session store
+        self.remote_sync: RemoteSync | None = None  # the remote tier's pushes and pulls ([remote]), made with the session store
         try:
             if self.config.prefetch.enabled:
                 self.prefetcher = Prefetcher(self.manager, workers=self.config.prefetch.workers)
@@ -224,7 +228,24 @@ class Runtime:
                 raise ValueError(f"attention_mask has {mask.shape[1]} positions for {input_ids.shape[1]} input ids")
         with self.new_cache() as cache:
             self.fill(cache, input_ids[0, :-1], progress=progress)
-            return self.generate_with(cache, input_ids, **generate_kwargs)
+            out = self.generate_with(cache, input_ids, **generate_kwargs)
+            if self.config.remote.url and self.config.remote.prefixes:
+                self._push_prefix(cache.sequence)
+            return out
+
+    def _push_prefix(self, sequence: SequenceKV) -> None:
+        """``remote.prefixes``: copy the sequence's stored blocks to the server, in the background
+        (after their write-through to the local store, waited for here)."""
+        self.session_store()  # the remote tier comes with the session store
+        try:
+            self.manager.flush()
+        except TierError as error:  # the reply stands; its blocks are not all stored, so none is pushed
+            log.warning("remote tier: the blocks of this prompt are not pushed: %s", error)
+            return
+        keys = [sequence.block_keys(layer) for layer in range(self.num_layers)]
+        block_major = [bytes(keys[layer][i]) for i in range(sequence.sealed_blocks()) for layer in range(self.num_layers)]
+        if block_major:
+            self.remote_sync.push_blocks_later(block_major, self.num_layers)
 
     def token_ids(self, input_ids: torch.Tensor | Sequence[int], *, allow_empty: bool = False) -> torch.Tensor:
         """``input_ids`` (``[S]`` or ``[1, S]``, integers) as ``[1, S]`` int64 on the CPU, checked:
@@ -252,23 +273,40 @@ class Runtime:
 
     def fill(self, cache: HkvCache, token_ids: torch.Tensor, *, progress: bool | None = None) -> int:
         """Compute the KV of ``token_ids`` (``[S]``, the tokens that follow the cache's current
-        length) into ``cache``: the longest stored prefix of complete blocks is adopted (with
-        ``store.reuse_prefix``, when a store exists), the rest prefilled in chunks (``progress``:
-        a tqdm bar; default on for more than 8 chunks). Returns the tokens adopted."""
+        length) into ``cache``: with ``store.reuse_prefix`` (when a store exists), every run of
+        complete blocks the store holds is adopted and only the tokens between and after those
+        runs are prefilled, in chunks, with the KV before them as context
+        (:func:`~hkv.attention.prefix.stored_spans`; a block missing in the middle, evicted or
+        lost with a remote node, costs its own tokens); ``progress``: a tqdm bar, default on for
+        more than 8 chunks to prefill. Returns the tokens adopted."""
         token_ids = token_ids.reshape(-1)
-        adopted = 0
-        if len(token_ids) and self.config.store.reuse_prefix and self.config.remote.url and self.config.remote.sessions:
+        if not len(token_ids):
+            return 0
+        remote = self.config.remote
+        if self.config.store.reuse_prefix and remote.url and (remote.sessions or remote.prefixes):
             self.session_store()  # the remote tier comes with the session store
-            self.remote_sync.fetch_prefix(cache.sequence, token_ids)  # the server's blocks past the local run
-        if len(token_ids) and self.config.store.reuse_prefix and self.manager.has_store():
-            adopted = adopt_stored_prefix(cache.sequence, token_ids)
-            cache.sync_lengths()
-            self._reused_tokens += adopted
-        rest = len(token_ids) - adopted
-        if rest > 0:
-            if progress is None:
-                progress = rest > 8 * self.config.attention.prefill_chunk_tokens
-            self.prefill(token_ids[adopted:].unsqueeze(0), cache, progress=progress)
+            self.remote_sync.fetch_prefix(cache.sequence, token_ids)  # the server's blocks the local store lacks
+        if self.config.store.reuse_prefix and self.manager.has_store():
+            spans = stored_spans(cache.sequence, token_ids)
+        else:
+            spans = [Span(0, len(token_ids), False)]
+        if progress is None:
+            rest = sum(span.end - span.start for span in spans if not span.stored)
+            progress = rest > 8 * self.config.attention.prefill_chunk_tokens
+        adopted, bt = 0, self.layout.block_tokens
+        for span in spans:
+            start = span.start
+            while span.stored and start < span.end:
+                got = adopt_stored_prefix(cache.sequence, token_ids[start : span.end])
+                cache.sync_lengths()
+                adopted += got
+                start += got
+                if start < span.end:  # a block without its summary, or gone since: computed alone
+                    self.prefill(token_ids[start : start + bt].unsqueeze(0), cache)
+                    start += bt
+            if start < span.end:
+                self.prefill(token_ids[start : span.end].unsqueeze(0), cache, progress=progress)
+        self._reused_tokens += adopted
         return adopted
 
     def generate_with(self, cache: HkvCache, input_ids: torch.Tensor, **generate_kwargs: Any) -> Any:
@@ -300,7 +338,7 @@ class Runtime:
         if self._session_store is None:
             store = self._session_store = SessionStore(self.manager.store)
             remote = self.config.remote
-            if remote.url and remote.sessions:
+            if remote.url and (remote.sessions or remote.prefixes):
                 self.remote_sync = RemoteSync(RemoteStore(remote), store, lambda: list(self.open_sessions))
             if self.config.store.evict_sessions:
                 manager, open_names = self.manager, self.open_sessions

@@ -1,11 +1,16 @@
 """The remote tier's client: block records, session rows and writer leases on a Redis (or
 Valkey) server, shared by every hkv process that names it.
 
-Keys (``P`` = ``remote.key_prefix``): ``P:b:<block key hex>`` a block record (the same bytes as
-on disk: header, checksum, key); ``P:m:<summary key hex>`` a block summary row;
-``P:s:{<name>}`` a session record; ``P:t:{<name>}`` its tail record; ``P:lease:{<name>}`` the
-session's writer lease (the braces are a Redis Cluster hash tag: a session's rows share a node,
-so its record and tail are written in one transaction; blocks spread over every node). Block keys carry the model fingerprint and attention signature, so
+Keys (``P`` = ``remote.key_prefix``, ``G`` = a block's *group*: the key of the same position's
+layer-0 block, where the caller knows it, else the block's own key): ``P:b:{<G hex>}<block key
+hex>`` a block record (the same bytes as on disk: header, checksum, key); ``P:m:{<G hex>}<summary
+key hex>`` its summary row (:func:`~hkv.store.txn.summary_key`); ``P:s:{<name>}`` a session
+record; ``P:t:{<name>}`` its tail record; ``P:lease:{<name>}`` the session's writer lease. The
+braces are a Redis Cluster hash tag: a session's rows share a node, so its record and tail are
+written in one transaction; every layer's block of one position and their summaries share a
+node, so a node lost takes whole positions (a position that lost one layer is recomputed in
+every layer: with 30 layers, spreading layers over 3 nodes would lose nearly every position);
+positions spread over every node. Block keys carry the model fingerprint and attention signature, so
 every process with the same model and layout finds the same blocks. Nothing is pickled; every
 record read is checked (header, key, checksum) by the caller before use.
 
@@ -24,7 +29,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
 from urllib.parse import urlparse
@@ -32,6 +37,7 @@ from urllib.parse import urlparse
 import redis
 from redis.cluster import ClusterNode
 
+from ..blocks import KEY_BYTES
 from ..config import RemoteConfig
 
 log = logging.getLogger(__name__)
@@ -96,11 +102,17 @@ class RemoteStore:
         return self._call("ping", lambda: bool(self._client.ping()), False)
 
     # -- keys ---------------------------------------------------------------------------------------
-    def _block(self, key: bytes) -> str:
-        return f"{self.prefix}:b:{key.hex()}"
+    def block_name(self, key: bytes, groups: Mapping[bytes, bytes] | None = None) -> str:
+        """The server's key of block ``key`` (16 bytes); ``groups``: block key -> its group
+        (the module docstring; a key not in it is its own group)."""
+        group = key if groups is None else groups.get(key, key)
+        return f"{self.prefix}:b:{{{group.hex()}}}{key.hex()}"
 
-    def _summary(self, key: bytes) -> str:
-        return f"{self.prefix}:m:{key.hex()}"
+    def summary_name(self, key: bytes, groups: Mapping[bytes, bytes] | None = None) -> str:
+        """The server's key of summary row ``key`` (a block key, + a frame suffix)."""
+        block = key[:KEY_BYTES]
+        group = block if groups is None else groups.get(block, block)
+        return f"{self.prefix}:m:{{{group.hex()}}}{key.hex()}"
 
     def _session(self, name: str) -> str:
         return f"{self.prefix}:s:{{{name}}}"
@@ -147,14 +159,16 @@ class RemoteStore:
             pipe.execute()
         return len(items)
 
-    def get_blocks(self, keys: Sequence[bytes]) -> list[bytes | None]:
-        """The records of ``keys`` (None: not there, or the server is down); unchecked."""
-        return self._call("read blocks", lambda: self._mget([self._block(k) for k in keys]), [None] * len(keys))
+    def get_blocks(self, keys: Sequence[bytes], groups: Mapping[bytes, bytes] | None = None) -> list[bytes | None]:
+        """The records of ``keys`` (None: not there, or the server is down); unchecked.
+        ``groups``: as for :meth:`block_name`, in every method here."""
+        return self._call("read blocks", lambda: self._mget([self.block_name(k, groups) for k in keys]), [None] * len(keys))
 
-    def get_summaries(self, keys: Sequence[bytes]) -> list[bytes | None]:
-        return self._call("read summaries", lambda: self._mget([self._summary(k) for k in keys]), [None] * len(keys))
+    def get_summaries(self, keys: Sequence[bytes], groups: Mapping[bytes, bytes] | None = None) -> list[bytes | None]:
+        names = [self.summary_name(k, groups) for k in keys]
+        return self._call("read summaries", lambda: self._mget(names), [None] * len(keys))
 
-    def has_blocks(self, keys: Sequence[bytes]) -> list[bool]:
+    def has_blocks(self, keys: Sequence[bytes], groups: Mapping[bytes, bytes] | None = None) -> list[bool]:
         """Which of ``keys`` the server holds (all False while it is down)."""
 
         def run() -> list[bool]:
@@ -162,15 +176,16 @@ class RemoteStore:
             for start in range(0, len(keys), CHUNK):
                 pipe = self._client.pipeline(transaction=False)
                 for key in keys[start : start + CHUNK]:
-                    pipe.exists(self._block(key))
+                    pipe.exists(self.block_name(key, groups))
                 found += [bool(n) for n in pipe.execute()]
             return found
 
         return self._call("look up blocks", run, [False] * len(keys))
 
-    def put_blocks(self, records: list[tuple[bytes, bytes]], summaries: list[tuple[bytes, bytes]] = ()) -> bool:
+    def put_blocks(self, records: list[tuple[bytes, bytes]], summaries: list[tuple[bytes, bytes]] = (),
+                   groups: Mapping[bytes, bytes] | None = None) -> bool:  # fmt: skip
         """Store block records and summary rows; whether the server took them."""
-        items = [(self._block(k), v) for k, v in records] + [(self._summary(k), v) for k, v in summaries]
+        items = [(self.block_name(k, groups), v) for k, v in records] + [(self.summary_name(k, groups), v) for k, v in summaries]
         return self._call("write blocks", lambda: self._put(items) >= 0, False)
 
     # -- sessions -----------------------------------------------------------------------------------

@@ -122,7 +122,7 @@ class Session:
             raise SessionLockedError(f"session {name!r} is already open in this process; close it before opening it again")
         self._store = runtime.session_store()
         self._lock = self._store.lock(name)
-        self._remote = runtime.remote_sync
+        self._remote = runtime.remote_sync if runtime.config.remote.sessions else None
         try:
             if self._remote is not None:
                 self._take_remote_lease()

@@ -83,6 +83,12 @@ class SummaryRows:
                     return i
         return len(keys)
 
+    def held(self, keys: Sequence[BlockKey], *, relative: bool = False) -> list[bool]:
+        """Per key, whether the store has its summary row (``relative``: the relative frame's);
+        the row's checksum is checked when it is read."""
+        with self.store.reading() as txn:
+            return [txn.get("summaries", summary_key(bytes(key), relative)) is not None for key in keys]
+
     def submit_put(self, keys: Sequence[BlockKey], summaries: torch.Tensor, *, relative: bool = False) -> Future[list[int]]:
         """Store summaries (``relative``: of the relative frame) of the ``keys`` that are stored,
         asynchronously through the writer (write-through of sealed blocks, submitted after the

@@ -167,6 +167,12 @@ class TierManager(Promotion):
         ``keys``: blocks that may be in the store (prefix adoption's candidates). Those
         unknown here get an entry with their disk copy (``stored`` when a session references
         them). Returns how many leading ``keys`` the manager now knows."""
+        known = self.known(keys)
+        return next((i for i, ok in enumerate(known) if not ok), len(keys))
+
+    def known(self, keys: Sequence[BlockKey]) -> list[bool]:
+        """Per key, whether the manager knows the block (in a tier, or in the store: those
+        another process stored are registered first, as :meth:`learn_stored` does)."""
         with self._cond:
             self._check_open()
             unknown = [key for key in keys if key.digest not in self._entries]
@@ -179,7 +185,7 @@ class TierManager(Promotion):
                     entry.on_disk, entry.stored = True, count > 0
                     self._recent["disk"][key.digest] = None
                 self._disk_count += len(present)
-            return next((i for i, key in enumerate(keys) if key.digest not in self._entries), len(keys))
+            return [key.digest in self._entries for key in keys]
 
     def in_use(self, key: Digest) -> bool:
         """Whether a live sequence references the block (digest), or a move or gather has it.

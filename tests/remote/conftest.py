@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.crc import key_slot
 
 
 def _free_ports(count: int) -> list[int]:
@@ -57,15 +58,18 @@ def _launch(folder: Path, port: int, options: list[str]) -> subprocess.Popen:
 
 
 class RedisServer:
-    """One redis-server process: ``url``, ``stop()`` / ``start()`` (same port, empty again)."""
+    """One redis-server process: ``url``, ``stop()`` (kill -9) / ``start()`` (same port; empty
+    again unless ``persistent``: an append-only file, fsynced at every write, that a restart
+    loads)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, *, persistent: bool = False) -> None:
         self.folder, self.port = folder, _free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen | None = None
+        self.options = ["--appendonly", "yes", "--appendfsync", "always"] if persistent else []
 
     def start(self) -> None:
-        self.process = _launch(self.folder, self.port, [])
+        self.process = _launch(self.folder, self.port, self.options)
 
     def stop(self) -> None:
         if self.process is not None:
@@ -79,6 +83,19 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server; the README's commands do)")
     server = RedisServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def persistent_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server whose restarts load its append-only file (``appendfsync always``)."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server; the README's commands do)")
+    server = RedisServer(tmp_path / "persistent", persistent=True)
     server.start()
     try:
         yield server
@@ -117,12 +134,19 @@ class RedisCluster:
 
     def node_of(self, key: str) -> int:
         """Index of the node serving ``key``."""
-        slot = redis.RedisCluster(host="127.0.0.1", port=self.ports[0]).keyslot(key)
-        for i, port in enumerate(self.ports):
-            for start, end, *_ in redis.Redis(port=port).cluster("slots"):
-                if start <= slot <= end and _[0][1] == port:
-                    return i
-        raise LookupError(key)
+        return self.nodes_of([key])[0]
+
+    def nodes_of(self, keys: list[str]) -> list[int]:
+        """Index of the node serving each of ``keys`` (asked of every node: all must be up)."""
+        ranges = [(start, end, i) for i, port in enumerate(self.ports)
+                  for start, end, (_, owner, *_rest), *_ in redis.Redis(port=port).cluster("slots") if owner == port]  # fmt: skip
+        nodes = []
+        for key in keys:
+            slot = key_slot(key.encode())
+            nodes.append(next((i for start, end, i in ranges if start <= slot <= end), -1))
+            if nodes[-1] < 0:
+                raise LookupError(key)
+        return nodes
 
     def keys_per_node(self, pattern: str) -> list[int]:
         return [sum(1 for _ in redis.Redis(port=port).scan_iter(match=pattern, count=1000)) for port in self.ports]

@@ -1,6 +1,6 @@
 """The remote tier sharded over a 3-node Redis Cluster (issue 19): blocks spread over every
-node, and with one node killed the second machine's resume recomputes the blocks that were
-there and continues token-identical."""
+node, and with one node killed the second machine's resume recomputes only the blocks that
+were there (all layers of a block position share a node) and continues token-identical."""
 
 from __future__ import annotations
 
@@ -11,6 +11,10 @@ import pytest
 import torch
 
 from hkv import wrap
+from hkv.config import RemoteConfig
+from hkv.remote.client import RemoteStore
+from hkv.sessions import SessionStore
+from hkv.sessions.remote import position_groups
 
 from helpers.models import baseline, prompt, wrap_config
 
@@ -33,12 +37,28 @@ def test_blocks_spread_over_the_nodes_and_a_dead_node_costs_a_recompute(tiny_lm,
     # kill a node that does not hold the session's own rows
     home = redis_cluster.node_of("hkv:s:{chat}")
     victim = (home + 1) % 3
+    with SessionStore.open(tmp_path / "a" / "store") as store:
+        keys = store.get("chat").key_digests()  # block-major
+    layers = model.config.num_hidden_layers
+    names = RemoteStore(RemoteConfig(url=redis_cluster.url, cluster=True))
+    groups = position_groups(keys, layers)
+    lost = redis_cluster.nodes_of([names.block_name(key, groups) for key in keys] + [names.summary_name(key, groups) for key in keys])
+    blocks = len(keys) // layers
+    assert lost[: len(keys)] == lost[len(keys) :] and all(len(set(lost[i : i + layers])) == 1 for i in range(0, len(keys), layers))
+    missing = lost[: len(keys) : layers].count(victim)  # every layer of a position, and its summaries, on one node
     redis_cluster.kill(victim)
     more = torch.tensor([3, 1, 4])
     with caplog.at_level(logging.WARNING), wrap(model, _config(model, tmp_path, "b", redis_cluster.url)) as rt:
         with rt.session("chat") as session:
-            recomputed = len(turn) - 1 - session.kv_tokens
+            restored = session.kv_tokens  # the blocks before the first missing one
             out = session.generate(more, max_new_tokens=3, do_sample=False)[0]
-    assert recomputed > 0 and "are recomputed" in caplog.text
+        stats = rt.stats()
+    # prefilled: the recomputed tokens, then the turn's last token (its KV never stored) and the new ones but the last
+    recomputed = stats.prompt_tokens - len(more)
+    stored = len(turn) - 1
+    assert 0 < missing < blocks and "are recomputed" in caplog.text
+    assert recomputed == missing * 16 + stored - blocks * 16  # the missing blocks and the tail, nothing else
+    assert restored + stats.extra["reused_tokens"] == (blocks - missing) * 16  # every block the server kept
     assert out.tolist() == baseline(model, torch.cat([turn, more]).unsqueeze(0), 3)[0].tolist()
-    print(f"blocks per node {per_node}; node {victim} killed: {recomputed} of {len(turn) - 1} tokens recomputed")
+    print(f"blocks per node {per_node}; node {victim} killed: {missing} of {blocks} block positions lived there (every layer), "
+          f"{recomputed} of {stored} tokens recomputed")

@@ -13,7 +13,10 @@ import redis
 import torch
 
 from hkv import wrap
-from hkv.sessions import SessionLockedError
+from hkv.config import RemoteConfig
+from hkv.remote.client import RemoteStore
+from hkv.sessions import SessionLockedError, SessionStore
+from hkv.sessions.remote import position_groups
 
 from helpers.models import baseline, prompt, wrap_config
 
@@ -65,6 +68,32 @@ def test_blocks_damaged_or_gone_on_the_server_are_recomputed(tiny_lm, tmp_path: 
             assert session.kv_tokens < len(turn) - 1  # cut at the first missing block
             out = session.generate(more, max_new_tokens=3, do_sample=False)[0]
     assert "checksum mismatch" in caplog.text and "are recomputed" in caplog.text
+    assert out.tolist() == baseline(model, torch.cat([turn, more]).unsqueeze(0), 3)[0].tolist()
+
+
+def test_only_the_blocks_missing_on_the_server_are_recomputed(tiny_lm, tmp_path: Path, redis_server, caplog) -> None:
+    """A block evicted in the middle (one layer's copy): the second machine adopts the blocks
+    before and after it and computes that block's tokens (and the tail's) only."""
+    model = tiny_lm()
+    with wrap(model, _config(model, tmp_path, "a", redis_server.url)) as rt, rt.session("chat") as session:
+        turn = session.generate(prompt(300, seed=7)[0], max_new_tokens=2, do_sample=False)[0]
+        layers = rt.num_layers
+    with SessionStore.open(tmp_path / "a" / "store") as store:
+        keys = store.get("chat").key_digests()  # block-major
+    blocks = (len(turn) - 1) // 16
+    assert len(keys) == blocks * layers
+    name = RemoteStore(RemoteConfig(url=redis_server.url)).block_name(keys[5 * layers + 1], position_groups(keys, layers))
+    assert redis.Redis.from_url(redis_server.url).delete(name) == 1  # block 5, layer 1
+    more = torch.tensor([1, 2])
+    with caplog.at_level(logging.WARNING), wrap(model, _config(model, tmp_path, "b", redis_server.url)) as rt:
+        with rt.session("chat") as session:
+            assert session.kv_tokens == 5 * 16  # the local record ends before the missing block
+            out = session.generate(more, max_new_tokens=3, do_sample=False)[0]
+        stats = rt.stats()
+    assert "1 of its %d blocks are missing there" % blocks in caplog.text
+    after = len(turn) - blocks * 16  # the stored tail and the last token (whose KV was never computed)
+    assert stats.prompt_tokens == 16 + after + len(more) - 1  # the missing block, those, the new turn
+    assert stats.extra["reused_tokens"] == (blocks - 6) * 16  # the blocks after it, adopted
     assert out.tolist() == baseline(model, torch.cat([turn, more]).unsqueeze(0), 3)[0].tolist()
 
 

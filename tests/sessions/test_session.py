@@ -290,6 +290,38 @@ def test_generate_reuses_a_stored_prefix_without_a_session(model, tmp_path):
         assert rt.stats().extra["reused_tokens"] == 6 * BLOCK
 
 
+def test_a_block_missing_in_the_middle_of_a_stored_prompt_costs_its_own_tokens(model, tmp_path):
+    """Only the missing block is computed (with the stored blocks before it as context); the
+    stored blocks after it are adopted, and the tokens are those of an uninterrupted run."""
+    ids = prompt(200, seed=33)
+    expected = _baseline(model, ids)
+    config = _config(model, tmp_path / "s", persist=True)
+    with wrap(model, config) as rt:
+        rt.generate(ids, **_greedy())
+    chains = chain_hashes(ids[0, :199], BLOCK)
+    with wrap(model, config) as rt:
+        rt.manager.delete([BlockKey.make(rt.fingerprint, chains[5], 1)])  # block 5 of layer 1 only
+        assert torch.equal(rt.generate(ids, **_greedy()), expected)
+        stats = rt.stats()
+    assert stats.extra["reused_tokens"] == (len(chains) - 1) * BLOCK
+    assert stats.prompt_tokens == BLOCK + 199 - len(chains) * BLOCK  # the missing block, then the partial tail
+
+
+def test_blocks_in_the_tiers_without_summaries_are_prefilled_in_chunks(model, tmp_path):
+    """Without store.persist a prompt's blocks stay in the device / host tiers with no stored
+    summary: a second run of the prompt cannot adopt them and prefills it in whole chunks again
+    (not block by block)."""
+    ids = prompt(200, seed=34)
+    with wrap(model, _config(model, tmp_path / "s")) as rt:
+        rt.session_store()  # a store exists
+        rt.generate(ids, **_greedy())
+        first = rt.stats()
+        assert torch.equal(rt.generate(ids, **_greedy()), _baseline(model, ids))
+        second = rt.stats()
+    assert second.extra["reused_tokens"] == 0
+    assert second.forwards - first.forwards == first.forwards  # the same chunks and decode steps
+
+
 def test_reusing_a_session_prefix_without_persist_keeps_the_session_intact(model, tmp_path):
     ids = prompt(120, seed=41)
     config = _config(model, tmp_path / "s")  # store.persist off: released blocks may lose disk copies
