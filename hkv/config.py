@@ -176,6 +176,9 @@ class StoreConfig(_Section):
     direct_reads: StrictBool = Field(
         False, description="read disk blocks with O_DIRECT, many at once, instead of through LMDB's map (hkv bench tiers measures both)"
     )
+    segments: StrictBool = Field(
+        True, description="write block records to append-only segment files beside the LMDB index (store format 3); false: inside LMDB (format 2)"
+    )
     reuse_prefix: StrictBool = Field(True, description="adopt the longest stored prefix of a prompt instead of prefilling it")
     evict_sessions: StrictBool = Field(
         True, description='with tiers.disk_full = "evict": when unreferenced blocks are not enough, drop the KV of least-recently-used sessions'

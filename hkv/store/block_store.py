@@ -59,6 +59,7 @@ import torch
 
 from ..blocks import (
     DTYPE_NAMES,
+    CorruptRecordError,
     HEADER_SIZE,
     KEY_BYTES,
     BlockKey,
@@ -72,6 +73,9 @@ from ..encoding import CODES, ENCODINGS, encode
 from ..errors import BlockNotFoundError, StoreDamagedError, StoreError, TierError, TierFullError
 from .files import LOCK_FILES, check_store_files, creating, hold_store
 from .pages import check_pages
+from .segment_rows import ROW as SEGMENTS_ROW
+from .segment_rows import SegmentStats, read_stats
+from .segments import Place, SegmentReader, SegmentWriter, entry_length, segment_path
 from .direct_reads import PAGE, PAGE_HEADER, DirectReader
 from .locate import Locator
 from .read_hints import MappedPages, will_need
@@ -82,7 +86,9 @@ from .writer import BatchWriter, WriteJob
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-STORE_VERSION = 2  # of the store's layout (meta ``format``); block records have their own (hkv.blocks)
+STORE_VERSION = 3  # of the store's layout (meta ``format``); block records have their own (hkv.blocks)
+SEGMENTS_VERSION = 3  # the first format whose index may name records in segment files (hkv.store.segments)
+LMDB_RECORDS_VERSION = 2  # the newest format with every record in the ``blocks`` database
 MAX_DBS = 8  # the six below, and room for two more
 DB_NAMES = ("blocks", "keys", "meta", "refs", "summaries", "sessions")
 _V1_DBS = {b"blocks", b"keys", b"meta"}  # format 1 had these (and maybe an empty ``sessions``)
@@ -193,7 +199,7 @@ def usage_from_index(txn: lmdb.Transaction, index: object) -> dict[str, int]:
     """Record bytes and count summed over the ``keys`` index (what the usage row must say)."""
     used = blocks = 0
     for _, size in txn.cursor(db=index):
-        used += int.from_bytes(size, "little")
+        used += entry_length(size)
         blocks += 1
     return {"used_bytes": used, "blocks": blocks}
 
@@ -218,7 +224,8 @@ class BlockStore:
 
     def __init__(
         self, path: str | Path, layout: BlockLayout, capacity_bytes: int, *, writer_batch: int = 64, readonly: bool = False,
-        exclusive: bool = False, encoding: str = "none", direct_reads: bool = False, _env: lmdb.Environment | None = None,
+        exclusive: bool = False, encoding: str = "none", direct_reads: bool = False, segments: bool = True,
+        _env: lmdb.Environment | None = None,
     ) -> None:  # fmt: skip
         if encoding not in ENCODINGS:
             raise ValueError(f"encoding = {encoding!r}: one of {', '.join(ENCODINGS)}")
@@ -229,6 +236,7 @@ class BlockStore:
             raise ValueError(f"writer_batch = {writer_batch} must be at least 1")
         self.path, self.layout, self.capacity_bytes = Path(path), layout, int(capacity_bytes)
         self.writer_batch, self.readonly, self.exclusive = writer_batch, readonly, exclusive
+        self.segments = segments  # new records go to segment files (store format 3), else into LMDB
         if exclusive and readonly:
             raise ValueError("exclusive: only a writable store is held alone")
         if _env is None:
@@ -252,6 +260,8 @@ class BlockStore:
         self.direct_reads = direct_reads  # block records with O_DIRECT (summary runs always, where it works)
         self._locator = Locator(self.path / "data.mdb")
         self._main_db = self._env.open_db(None)
+        self.segment_reader = SegmentReader(self.path)
+        self.segment_writer = None if readonly or not self.segments else SegmentWriter(self.path, self._next_segment)
         self._reserve = SpaceReserve(self.path, reserve_bytes(self.capacity_bytes))
         self._closed = False
         self._close_lock = threading.Lock()
@@ -289,14 +299,15 @@ class BlockStore:
     @classmethod
     def open_existing(
         cls, path: str | Path, *, readonly: bool = True, capacity_bytes: int | None = None, writer_batch: int = 64,
-        exclusive: bool = False,
+        exclusive: bool = False, segments: bool | None = None,
     ) -> BlockStore:
         """Open the store at ``path`` with the block layout it records (for tools such as
         ``hkv sessions``, which do not know the model). ``capacity_bytes`` defaults to the larger
         of the record bytes stored and the size of ``data.mdb`` (enough to delete, not to grow
         much). ``exclusive``: writable, and no other process may have it open for writing
-        (:meth:`hkv.store.files.hold_store`; for ``hkv sessions gc`` / ``repair``). StoreError if
-        ``path`` is not an hkv store or its format is newer than this hkv."""
+        (:meth:`hkv.store.files.hold_store`; for ``hkv sessions gc`` / ``repair``). ``segments``:
+        where new records go (None: segment files if the store is format 3 already). StoreError
+        if ``path`` is not an hkv store or its format is newer than this hkv."""
         path = Path(path)
         if exclusive and readonly:
             raise ValueError("exclusive: only a writable store is held alone")
@@ -308,13 +319,16 @@ class BlockStore:
         try:
             with damage_named(path, "the database catalogue"):
                 layout, used = _read_layout(env, path)
+                version = int(_read_format(env, path)["format_version"])
             capacity = int(capacity_bytes) if capacity_bytes is not None else max(used, file_bytes, layout.record_nbytes)
             room = 2 * file_bytes + 2**30 if readonly else file_bytes + _SLACK  # readers: room for the store to grow
             env.set_mapsize(math.ceil(max(map_size_for(capacity, layout, writer_batch), room) / _PAGE) * _PAGE)
         except BaseException:
             env.close()
             raise
-        return cls(path, layout, capacity, writer_batch=writer_batch, readonly=readonly, exclusive=exclusive, _env=env)
+        if segments is None:
+            segments = version >= SEGMENTS_VERSION
+        return cls(path, layout, capacity, writer_batch=writer_batch, readonly=readonly, exclusive=exclusive, segments=segments, _env=env)
 
     def _check_folder(self) -> None:
         if self.path.exists() and not self.path.is_dir():
@@ -333,9 +347,13 @@ class BlockStore:
 
     def _open_dbs(self) -> tuple[dict[str, object], int]:
         """The databases (name -> handle; None for one a read-only format-1 store lacks) and the
-        store's format version. Creates a new store, upgrades a format-1 store opened writable
-        (the new databases and format_version 2 in one transaction), refuses anything else."""
-        want = {"format_version": STORE_VERSION, "layout": _layout_json(self.layout)}
+        store's format version. Creates a new store (format 3 with ``segments``, else 2),
+        upgrades a format-1 store opened writable (the new databases and format_version 2 in one
+        transaction) and a format-2 store opened writable with ``segments`` (format_version 3:
+        its records stay in LMDB and are read there, new ones go to segments), refuses anything
+        else. Opened read-only, a store is read as it is."""
+        target = STORE_VERSION if self.segments else LMDB_RECORDS_VERSION
+        want = {"format_version": target, "layout": _layout_json(self.layout)}
         names = _db_names(self._env)
         if names - {name.encode() for name in DB_NAMES}:
             raise StoreError(f"{self.path} is an LMDB store but not an hkv store (databases {sorted(names)})")
@@ -346,7 +364,9 @@ class BlockStore:
                 dbs = {name: self._env.open_db(name.encode(), txn=txn) for name in DB_NAMES}
                 txn.put(b"format", json.dumps(want).encode(), db=dbs["meta"])
                 txn.put(b"usage", json.dumps({"used_bytes": 0, "blocks": 0}).encode(), db=dbs["meta"])
-            return dbs, STORE_VERSION
+                if target >= SEGMENTS_VERSION:
+                    txn.put(SEGMENTS_ROW, SegmentStats().to_bytes(), db=dbs["meta"])
+            return dbs, target
         if not _V1_DBS <= names:
             raise StoreError(f"{self.path} is not an hkv store (no blocks / keys / meta databases)")
         stored = _read_format(self._env, self.path)
@@ -358,11 +378,12 @@ class BlockStore:
         if self.readonly:
             dbs = {name: self._env.open_db(name.encode(), create=False) if name.encode() in names else None for name in DB_NAMES}
             return dbs, version
+        target = max(version, target)
         with self._env.begin(write=True) as txn:  # creates the databases a format-1 store lacks
             dbs = {name: self._env.open_db(name.encode(), txn=txn) for name in DB_NAMES}
-            if version < STORE_VERSION:
-                txn.put(b"format", json.dumps({**stored, "format_version": STORE_VERSION}).encode(), db=dbs["meta"])
-        return dbs, STORE_VERSION
+            if version < target:
+                txn.put(b"format", json.dumps({**stored, "format_version": target}).encode(), db=dbs["meta"])
+        return dbs, target
 
     @property
     def has_sessions(self) -> bool:
@@ -387,20 +408,73 @@ class BlockStore:
             raise ValueError(f"get_many_into: {len(keys)} keys but out holds {len(out)} blocks")
         raw = [bytes(key) for key in keys]
         with damage_named(self.path, "block records"), self._env.begin(db=self._blocks, buffers=True) as txn:
-            locations = self._locator.locate(txn, self._main_db, b"blocks", raw)  # the transaction keeps them in place
-            if self.direct_reads and self.direct.available:
-                views = self.direct.read(locations)
-                for key, raw_key, view, block in zip(keys, raw, views, out):
-                    self._read_one(txn, key, raw_key, view, block)
-                return
-            for location in locations:  # every record's disk read starts now, before the first get waits on one
-                if location is not None:
-                    will_need(self._locator.map_base + location[0] * PAGE + PAGE_HEADER, location[1])
-            for key, raw_key, block in zip(keys, raw, out):
-                record = txn.get(raw_key)
-                if record is None:
-                    raise BlockNotFoundError(f"{self._where(key)} not found")
-                decode_into(record, block, key, where=self._where(key))
+            entries = [txn.get(key, db=self._index) for key in raw]
+            places = [self._place_of(key, entry) for key, entry in zip(keys, entries)]
+            in_lmdb = [i for i, place in enumerate(places) if place is None]
+            if in_lmdb:
+                self._get_lmdb(txn, [keys[i] for i in in_lmdb], [raw[i] for i in in_lmdb], [out[i] for i in in_lmdb])
+        segment = [i for i, place in enumerate(places) if place is not None]
+        if segment:
+            self._get_segments([keys[i] for i in segment], [places[i] for i in segment], [out[i] for i in segment])
+
+    def _place_of(self, key: BlockKey, entry: bytes | memoryview | None) -> Place | None:
+        """The segment place an index entry names (None: in LMDB, or not stored)."""
+        if entry is None or len(entry) == 8:
+            return None
+        try:
+            return Place.decode(entry)
+        except ValueError as error:
+            raise CorruptRecordError(f"{self._where(key)}: {error}") from None
+
+    def _get_segments(self, keys: list[BlockKey], places: list[Place], outs: list[torch.Tensor], retry: bool = True) -> None:
+        """Read and check segment records into ``outs``, all in flight together. A segment file
+        gone (compaction moved its records, then deleted it) is looked up again once."""
+
+        def use(i: int, view: memoryview) -> None:
+            decode_into(view, outs[i], keys[i], where=self._where(keys[i]))
+
+        results = self.segment_reader.read_many(places, use)
+        moved = [i for i, result in enumerate(results) if isinstance(result, FileNotFoundError)]
+        for i, result in enumerate(results):
+            if isinstance(result, Exception) and not isinstance(result, FileNotFoundError):
+                raise result
+        if not moved:
+            return
+        with self._env.begin(buffers=True) as txn:
+            now = [self._place_of(keys[i], txn.get(bytes(keys[i]), db=self._index)) for i in moved]
+        for i, place in zip(moved, now):
+            if place is None:
+                raise BlockNotFoundError(f"{self._where(keys[i])} not found")
+            if place == places[i] or not retry:
+                raise CorruptRecordError(f"{self._where(keys[i])}: its segment file {segment_path(self.path, place.segment)} is missing")
+        self._get_segments([keys[i] for i in moved], now, [outs[i] for i in moved], retry=False)  # type: ignore[misc]
+
+    def _read_place(self, key: bytes, place: Place) -> bytes:
+        """One segment record's bytes, unchecked (StoreTxn.record); CorruptRecordError naming the
+        key when its file is gone."""
+        try:
+            return self.segment_reader.read(place, bytes)  # type: ignore[return-value]
+        except FileNotFoundError:
+            raise CorruptRecordError(
+                f"{self._where(BlockKey(key))}: its segment file {segment_path(self.path, place.segment)} is missing"
+            ) from None
+
+    def _get_lmdb(self, txn: lmdb.Transaction, keys: list[BlockKey], raw: list[bytes], out: list[torch.Tensor]) -> None:
+        """Read records kept in LMDB's ``blocks`` database (formats 1-2, ``store.segments = false``)."""
+        locations = self._locator.locate(txn, self._main_db, b"blocks", raw)  # the transaction keeps them in place
+        if self.direct_reads and self.direct.available:
+            views = self.direct.read(locations)
+            for key, raw_key, view, block in zip(keys, raw, views, out):
+                self._read_one(txn, key, raw_key, view, block)
+            return
+        for location in locations:  # every record's disk read starts now, before the first get waits on one
+            if location is not None:
+                will_need(self._locator.map_base + location[0] * PAGE + PAGE_HEADER, location[1])
+        for key, raw_key, block in zip(keys, raw, out):
+            record = txn.get(raw_key)
+            if record is None:
+                raise BlockNotFoundError(f"{self._where(key)} not found")
+            decode_into(record, block, key, where=self._where(key))
         self._mapped.note(len(keys) * self.record_nbytes)
 
     def read_large_values(self, db: str, keys: Sequence[bytes], txn: StoreTxn) -> list[memoryview | None]:
@@ -466,7 +540,7 @@ class BlockStore:
         values are memoryviews into the map, valid only inside the block."""
         self._check_open()
         with self._env.begin(buffers=buffers) as raw:
-            txn = StoreTxn(raw, self._dbs, None)
+            txn = StoreTxn(raw, self._dbs, None, read_place=self._read_place)
             try:
                 yield txn
             except DAMAGE_ERRORS as error:
@@ -609,11 +683,17 @@ class BlockStore:
         """Do ``batch`` in one write transaction (runs in the writer thread); a result per job.
         Raises lmdb.MapFullError (nothing committed; the writer retries each job alone)."""
         results: list[object] = []
+        self._write_segments(batch)
         with self._env.begin(write=True, db=self._blocks) as raw:
-            txn = StoreTxn(raw, self._dbs, self._usage(raw))
+            stats = read_stats(raw, self._meta, self._index) if self.format_version >= SEGMENTS_VERSION else None
+            txn = StoreTxn(raw, self._dbs, self._usage(raw), stats, self._read_place)
             for job in batch:
                 results.append(self._apply_job(txn, job) if job.apply is not None else self._put_delete(txn, job))
             raw.put(b"usage", json.dumps(txn.usage).encode(), db=self._meta)
+            if txn.segments is not None:
+                if self.segment_writer is not None and self.segment_writer.segment is not None:
+                    txn.segments.next = max(txn.segments.next, self.segment_writer.segment + 1)
+                raw.put(SEGMENTS_ROW, txn.segments.to_bytes(), db=self._meta)
         self._mapped.note(txn.written)  # block puts and apply jobs (summaries, session commits) alike
         if any(job.frees for job in batch) and not self._reserve.present():
             # Pages freed by transaction N are reused from N + 2 on: one more (tiny) commit now,
@@ -621,6 +701,24 @@ class BlockStore:
             self._touch()
             self._reserve.ensure()
         return results
+
+    def _write_segments(self, batch: list[WriteJob]) -> None:
+        """Write the records of ``batch``'s put jobs to this process's segment, durably, before the
+        transaction that indexes them (a job retried alone keeps its places: written once)."""
+        if self.segment_writer is None or self.format_version < SEGMENTS_VERSION:
+            return
+        jobs = [job for job in batch if job.puts and job.places is None]
+        if not jobs:
+            return
+        places = self.segment_writer.append([record for job in jobs for _, record in job.puts])
+        start = 0
+        for job in jobs:
+            job.places, start = places[start : start + len(job.puts)], start + len(job.puts)
+
+    def _next_segment(self) -> int:
+        """The lowest segment id the store has not used (its ``meta/segments`` row)."""
+        with self._env.begin() as txn:
+            return read_stats(txn, self._meta, self._index).next
 
     def _make_room(self, error: BaseException) -> bool:
         """A freeing job failed with ``error``: if the disk is full, delete the reserve file so
@@ -648,6 +746,10 @@ class BlockStore:
         delta = sum(len(record) - (old or 0) for (_, record), old in zip(job.puts, sizes))
         if txn.usage["used_bytes"] + delta > self.capacity_bytes:
             return self._full_error(job, f"{txn.usage['used_bytes']} bytes used")
+        if job.places is not None:
+            for (key, _), place in zip(job.puts, job.places):
+                txn.put_place(key, place)
+            return txn.delete_unreferenced(job.deletes) if job.deletes else None
         for key, record in job.puts:
             txn.put_block(key, record)
         return txn.delete_unreferenced(job.deletes) if job.deletes else None
@@ -656,6 +758,7 @@ class BlockStore:
         """An ``apply`` job in a nested transaction: if it raises, its changes are dropped and
         the exception is its result (a full map still aborts the whole batch)."""
         outer, usage = txn.txn, dict(txn.usage)
+        segments = txn.segments.copy() if txn.segments is not None else None
         try:
             with self._env.begin(write=True, parent=outer, db=self._blocks) as child:
                 txn.txn = child
@@ -663,7 +766,7 @@ class BlockStore:
         except lmdb.MapFullError:
             raise
         except Exception as error:
-            txn.usage = usage
+            txn.usage, txn.segments = usage, segments
             return error
         finally:
             txn.txn = outer
@@ -697,6 +800,9 @@ class BlockStore:
             if self._writer is not None:
                 self._writer.close()  # first: a submit from now on raises TierError instead of hanging
             self._closed = True
+            if self.segment_writer is not None:
+                self.segment_writer.close()
+            self.segment_reader.close()
             self.direct.close()
             self._env.close()
             if self._users is not None:

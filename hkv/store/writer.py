@@ -34,7 +34,7 @@ class WriteJob:
     again in a fresh transaction after a full map or disk. ``frees``: the job deletes more than
     it writes (deletes alone always do)."""
 
-    __slots__ = ("puts", "deletes", "apply", "frees", "future")
+    __slots__ = ("puts", "deletes", "apply", "frees", "future", "places")
 
     def __init__(
         self, puts: list[tuple[bytes, bytearray]] | None = None, deletes: list[bytes] | None = None,
@@ -43,6 +43,7 @@ class WriteJob:
         self.puts, self.deletes, self.apply = puts or [], deletes or [], apply
         self.frees = frees and not self.puts
         self.future: Future = Future()
+        self.places: list | None = None  # where the owner wrote ``puts`` outside the transaction (kept for a retry)
 
     @property
     def size(self) -> int:

@@ -1,0 +1,339 @@
+"""Block records in append-only segment files beside the LMDB index (store format 3).
+
+Why: LMDB writes a record through the page cache into whole 4 KiB overflow pages; a segment
+takes each write batch's records packed end to end in one O_DIRECT write of whole pages, made
+durable (``fdatasync``) before the LMDB transaction that names them commits
+(docs/store.md, "Segment files").
+
+Files: ``segments/NNNNNN.seg`` in the store folder; page 0 is a header (:data:`MAGIC`, the
+segment id); records follow from byte :data:`PAGE` on, each batch starting on a page boundary.
+A record is the block record of :mod:`hkv.blocks` (header, key, xxh3 checksum, payload), so a
+record read from the wrong place fails its own checks. The ``keys`` index says where a record is
+(:class:`Place`: record bytes, segment id, offset), and only what the index names is a record:
+bytes after a segment's last indexed record (a batch whose transaction never committed, a
+kill -9 in the middle of a write) are dead bytes, never read, reclaimed by compaction
+(:mod:`.compaction`).
+
+One process appends to a segment at a time: its writer holds an exclusive ``flock`` on the file
+while it appends (and compaction while it copies a segment out), so a file no one holds is
+closed for writing; a writer always starts a segment of its own (ids from ``O_CREAT | O_EXCL``,
+never reused: the ``meta/segments`` row keeps the next id).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import mmap
+import os
+import re
+import struct
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+PAGE = 4096  # O_DIRECT alignment (offsets, lengths, buffers) and the header's size
+SEGMENT_DIR = "segments"
+SEGMENT_BYTES = 256 << 20  # a writer starts a new segment past this size (bounds one compaction's copy)
+MAGIC = b"HKVSEG\x00\x01"
+_FILE_HEADER = struct.Struct("<8sI")  # magic, segment id; the rest of page 0 is zero
+_NAME = re.compile(r"^(\d{6,10})\.seg$")
+THREADS = 32  # reads in flight per store (the disk's random-read speed needs ~32 here)
+_KEEP_BYTES = 64 << 20  # larger per-thread buffers are not kept
+
+
+@dataclass(frozen=True, slots=True)
+class Place:
+    """Where a record is: ``length`` bytes at byte ``offset`` of segment ``segment``.
+
+    Encoded in the ``keys`` index as 20 bytes, ``u64 length | u32 segment | u64 offset`` (LE):
+    the record length first, so an index entry's first 8 bytes are its record's size whether it
+    names a segment or (8 bytes alone: formats 1-2) a record in LMDB's ``blocks`` database."""
+
+    segment: int
+    offset: int
+    length: int
+
+    _ENTRY = struct.Struct("<QIQ")
+
+    def encode(self) -> bytes:
+        return self._ENTRY.pack(self.length, self.segment, self.offset)
+
+    @classmethod
+    def decode(cls, raw: bytes | memoryview) -> Place | None:
+        """The place an index entry names; None for an 8-byte entry (the record is in LMDB).
+        ValueError for any other size."""
+        if len(raw) == 8:
+            return None
+        if len(raw) != cls._ENTRY.size:
+            raise ValueError(f"a key index entry of {len(raw)} bytes (8 or {cls._ENTRY.size} expected)")
+        length, segment, offset = cls._ENTRY.unpack(raw)
+        return cls(segment, offset, length)
+
+
+def entry_length(raw: bytes | memoryview) -> int:
+    """Record bytes an index entry (either form) says."""
+    return int.from_bytes(bytes(raw[:8]), "little")
+
+
+def segment_path(folder: Path, segment: int) -> Path:
+    return folder / SEGMENT_DIR / f"{segment:06d}.seg"
+
+
+def list_segments(folder: Path) -> dict[int, Path]:
+    """Segment id -> file, of the store folder ``folder`` (other names are not segments)."""
+    try:
+        names = os.listdir(folder / SEGMENT_DIR)
+    except FileNotFoundError:
+        return {}
+    found = {}
+    for name in names:
+        match = _NAME.match(name)
+        if match:
+            found[int(match.group(1))] = folder / SEGMENT_DIR / name
+    return found
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def lock_file(fd: int) -> bool:
+    """Take the exclusive ``flock`` of a segment file without waiting; whether it was free."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def _open_direct(path: Path, flags: int) -> tuple[int, bool]:
+    """Open ``path`` with O_DIRECT where the filesystem allows (not tmpfs), else buffered;
+    the descriptor and whether it is direct."""
+    direct = getattr(os, "O_DIRECT", 0)
+    if direct:
+        try:
+            return os.open(path, flags | direct | os.O_CLOEXEC, 0o644), True
+        except OSError as error:
+            if error.errno != errno.EINVAL:
+                raise
+    return os.open(path, flags | os.O_CLOEXEC, 0o644), False
+
+
+class _Buffers(threading.local):
+    """One page-aligned buffer per thread, grown as needed."""
+
+    def __init__(self) -> None:
+        self.buffer: mmap.mmap | None = None
+
+    def get(self, nbytes: int) -> mmap.mmap:
+        if nbytes > _KEEP_BYTES:
+            return mmap.mmap(-1, nbytes)
+        if self.buffer is None or len(self.buffer) < nbytes:
+            self.buffer = mmap.mmap(-1, max(nbytes, 1 << 20))
+        return self.buffer
+
+
+def round_up(nbytes: int, to: int = PAGE) -> int:
+    return -(-nbytes // to) * to
+
+
+class SegmentWriter:
+    """Appends record batches to this process's current segment of the store folder ``folder``
+    (writer thread only). ``next_id()`` gives the lowest id the store has not used (from its
+    ``meta/segments`` row); ``align``: each record starts at a multiple of this many bytes (1:
+    packed, the default; :data:`PAGE`: each record padded to whole pages, measured in
+    docs/store.md)."""
+
+    def __init__(self, folder: Path, next_id: Callable[[], int], *, segment_bytes: int = SEGMENT_BYTES, align: int = 1) -> None:
+        self.folder, self._next_id, self.segment_bytes, self.align = Path(folder), next_id, segment_bytes, align
+        self.segment: int | None = None  # the id appended to, None before the first append
+        self.direct = False
+        self._fd: int | None = None
+        self._end = 0
+        self._buffer = _Buffers()
+
+    def append(self, records: Sequence[bytes | bytearray | memoryview]) -> list[Place]:
+        """Write ``records`` after the current segment's end in one write of whole pages, then
+        ``fdatasync``: when this returns they are durable. OSError (ENOSPC...) as raised: the
+        bytes written, if any, are dead (no index entry names them)."""
+        if not records:
+            return []
+        offsets, size = [], 0
+        for record in records:
+            size = round_up(size, self.align)
+            offsets.append(size)
+            size += len(record)
+        span = round_up(size)
+        if self._fd is None or (self._end + span > self.segment_bytes and self._end > PAGE):
+            self._start_segment()
+        buffer = self._buffer.get(span)
+        view = memoryview(buffer)
+        for offset, record in zip(offsets, records):
+            view[offset : offset + len(record)] = record
+        previous = offsets[-1] + len(records[-1])
+        view[previous:span] = bytes(span - previous)  # padding: no stale bytes of an earlier batch on disk
+        written = 0
+        while written < span:  # a short write (a nearly full disk) is continued, or raises ENOSPC
+            written += os.pwrite(self._fd, view[written:span], self._end + written)
+        os.fdatasync(self._fd)
+        places = [Place(self.segment, self._end + offset, len(record)) for offset, record in zip(offsets, records)]
+        self._end += span
+        return places
+
+    def _start_segment(self) -> None:
+        self.close()
+        seg_dir = self.folder / SEGMENT_DIR
+        if not seg_dir.is_dir():
+            seg_dir.mkdir(exist_ok=True)
+            _fsync_dir(self.folder)
+        segment = max(self._next_id(), max(list_segments(self.folder), default=0) + 1)
+        while True:
+            path = segment_path(self.folder, segment)
+            try:
+                fd, direct = _open_direct(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW)
+            except FileExistsError:
+                segment += 1
+                continue
+            # Locked, and still the file at that path (gc may have taken an unlocked, unnamed file
+            # away between our create and our lock): ours alone from here on.
+            if lock_file(fd) and _same_file(fd, path):
+                break
+            os.close(fd)
+            segment += 1
+        header = mmap.mmap(-1, PAGE)
+        try:
+            _FILE_HEADER.pack_into(header, 0, MAGIC, segment)
+            os.pwrite(fd, header, 0)
+            os.fdatasync(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        finally:
+            header.close()
+        _fsync_dir(seg_dir)  # the file's name is durable before any index entry names it
+        self._fd, self.direct, self.segment, self._end = fd, direct, segment, PAGE
+
+    def close(self) -> None:
+        """Stop appending (drops the file's lock); the next append starts a new segment."""
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd, self.segment = None, None
+
+
+class SegmentReader:
+    """Reads records from the segment files of the store folder ``folder``: each record with
+    one positional read (O_DIRECT where the filesystem allows, of the whole pages that hold
+    it), many in flight at once on a pool of ``threads`` threads; descriptors are kept per
+    segment (one of a file deleted by compaction is dropped at the next sweep)."""
+
+    def __init__(self, folder: Path, threads: int = THREADS) -> None:
+        self.folder, self.threads = Path(folder), threads
+        self._fds: dict[int, tuple[int, bool]] = {}
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._buffers = _Buffers()
+        self._reads = 0
+
+    def _fd(self, segment: int) -> tuple[int, bool]:
+        """(descriptor, direct) of a segment; FileNotFoundError if it is gone."""
+        with self._lock:
+            got = self._fds.get(segment)
+            if got is None:
+                path = segment_path(self.folder, segment)
+                got = self._fds[segment] = _open_direct(path, os.O_RDONLY | os.O_NOFOLLOW)
+            return got
+
+    def forget(self, segment: int) -> None:
+        """Close the descriptor of ``segment`` (deleted: its disk space is freed when no one has it open)."""
+        with self._lock:
+            got = self._fds.pop(segment, None)
+        if got is not None:
+            os.close(got[0])
+
+    def sweep(self) -> None:
+        """Close the descriptors of segment files deleted meanwhile (by any process)."""
+        with self._lock:
+            gone = [segment for segment, (fd, _) in self._fds.items() if os.fstat(fd).st_nlink == 0]
+        for segment in gone:
+            self.forget(segment)
+
+    def read(self, place: Place, use: Callable[[memoryview], object]) -> object:
+        """Read the record at ``place`` and return ``use(view)``, the view valid only during the
+        call (a per-thread buffer). A view shorter than ``place.length``: the file ends early.
+        FileNotFoundError if the segment file is gone."""
+        fd, direct = self._fd(place.segment)
+        if direct:
+            start = place.offset - place.offset % PAGE
+            span = round_up(place.offset + place.length) - start
+        else:
+            start, span = place.offset, place.length
+        buffer = self._buffers.get(span)
+        view = memoryview(buffer)
+        got = os.preadv(fd, [view[:span]], start)
+        head = place.offset - start
+        return use(view[head : max(head, min(head + place.length, got))])
+
+    def read_many(self, places: Sequence[Place], use: Callable[[int, memoryview], object]) -> list[object]:
+        """:meth:`read` of every place, ``use(i, view)`` for the i-th, all in flight together;
+        results (or the exception each raised) in order."""
+
+        def one(i: int) -> object:
+            try:
+                return self.read(places[i], lambda view: use(i, view))
+            except Exception as error:  # returned, raised by the caller in key order
+                return error
+
+        self._reads += 1
+        if self._reads % 256 == 0:
+            self.sweep()
+        if len(places) <= 1:
+            return [one(i) for i in range(len(places))]
+        return list(self._thread_pool().map(one, range(len(places))))
+
+    def _thread_pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            with self._lock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="hkv-segment-read")
+        return self._pool
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+            fds, self._fds = self._fds, {}
+        if pool is not None:
+            pool.shutdown(wait=True)
+        for fd, _ in fds.values():
+            os.close(fd)
+
+
+def read_header(path: Path) -> int | None:
+    """The segment id a file's header names, None if it is not a segment file's header."""
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(_FILE_HEADER.size)
+    except OSError:
+        return None
+    if len(raw) < _FILE_HEADER.size:
+        return None
+    magic, segment = _FILE_HEADER.unpack(raw)
+    return segment if magic == MAGIC else None
