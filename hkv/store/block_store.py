@@ -72,10 +72,11 @@ from ..blocks import (
 from ..encoding import CODES, ENCODINGS, encode
 from ..errors import BlockNotFoundError, StoreDamagedError, StoreError, TierError, TierFullError
 from .files import LOCK_FILES, check_store_files, creating, hold_store
+from .compaction import AUTO_DEAD_SHARE, CompactionReport, compact
 from .pages import check_pages
 from .segment_rows import ROW as SEGMENTS_ROW
 from .segment_rows import SegmentStats, read_stats
-from .segments import Place, SegmentReader, SegmentWriter, entry_length, segment_path
+from .segments import Place, SegmentReader, SegmentWriter, entry_length, punch_dead, segment_path
 from .direct_reads import PAGE, PAGE_HEADER, DirectReader
 from .locate import Locator
 from .read_hints import MappedPages, will_need
@@ -270,7 +271,7 @@ class BlockStore:
             self._reserve.ensure()  # False on a full disk: made again after the next delete
             self._writer = BatchWriter(
                 self._env, self._apply, self._write_failed, max_blocks=writer_batch, name=f"hkv disk writer {self.path}",
-                touch=self._touch, make_room=self._make_room,
+                touch=self._touch, make_room=self._make_room, on_durable=self._punch_freed,
             )  # fmt: skip
 
     def _open(self, _env: lmdb.Environment | None) -> None:
@@ -431,7 +432,8 @@ class BlockStore:
         gone (compaction moved its records, then deleted it) is looked up again once."""
 
         def use(i: int, view: memoryview) -> None:
-            decode_into(view, outs[i], keys[i], where=self._where(keys[i]))
+            with torch.inference_mode(outs[i].is_inference()):  # the mode is per thread: the caller's tensors may need it
+                decode_into(view, outs[i], keys[i], where=self._where(keys[i]))
 
         results = self.segment_reader.read_many(places, use)
         moved = [i for i, result in enumerate(results) if isinstance(result, FileNotFoundError)]
@@ -645,7 +647,10 @@ class BlockStore:
         """Drop blocks durably, except those a committed session references (refs > 0, read in
         the deleting transaction): they are reported as ``kept``."""
         self._check_writable()
-        return self._writer.submit(WriteJob(deletes=[bytes(k) for k in keys], frees=True)).result()
+        result = self._writer.submit(WriteJob(deletes=[bytes(k) for k in keys], frees=True)).result()
+        if result.deleted:
+            self._compact_after_free()
+        return result
 
     def delete(self, key: BlockKey) -> bool:
         """Drop one block; whether it was deleted (False: not stored, or referenced)."""
@@ -664,7 +669,26 @@ class BlockStore:
 
     def apply(self, apply: Callable[[StoreTxn], T], *, frees: bool = False) -> T:
         """:meth:`submit_apply` and wait: the change is durable on return."""
-        return self.submit_apply(apply, frees=frees).result()
+        result = self.submit_apply(apply, frees=frees).result()
+        if frees:
+            self._compact_after_free()
+        return result
+
+    def compact_segments(self, threshold: float, *, current_too: bool = False) -> CompactionReport:
+        """Compact the segment files more than ``threshold`` dead and delete those no index
+        entry names (:mod:`.compaction`); ``current_too``: this process's own segment too."""
+        self._check_writable()
+        return compact(self, threshold, current_too=current_too)
+
+    def _compact_after_free(self) -> None:
+        """After a delete: compact the segments it left more than AUTO_DEAD_SHARE dead (not in a
+        store held alone: gc and repair compact once, at their end)."""
+        if self.exclusive or self.segment_writer is None:
+            return
+        try:
+            compact(self, AUTO_DEAD_SHARE)
+        except OSError as error:  # a full disk: the space comes back at a later delete or gc
+            log.warning("%s: compacting segment files failed: %s", self.path, error)
 
     def flush(self) -> None:
         """Wait until everything submitted so far is committed (or failed)."""
@@ -688,7 +712,9 @@ class BlockStore:
             stats = read_stats(raw, self._meta, self._index) if self.format_version >= SEGMENTS_VERSION else None
             txn = StoreTxn(raw, self._dbs, self._usage(raw), stats, self._read_place)
             for job in batch:
+                before = len(txn.freed)
                 results.append(self._apply_job(txn, job) if job.apply is not None else self._put_delete(txn, job))
+                job.freed = txn.freed[before:]
             raw.put(b"usage", json.dumps(txn.usage).encode(), db=self._meta)
             if txn.segments is not None:
                 if self.segment_writer is not None and self.segment_writer.segment is not None:
@@ -714,6 +740,13 @@ class BlockStore:
         start = 0
         for job in jobs:
             job.places, start = places[start : start + len(job.puts)], start + len(job.puts)
+
+    def _punch_freed(self, jobs: list[WriteJob]) -> None:
+        """The whole pages of segment records durable transactions stopped naming go back to the
+        disk now (:func:`~.segments.punch_dead`); compaction reclaims the rest."""
+        places = [place for job in jobs for place in job.freed]
+        if places:
+            punch_dead(self.path, places)
 
     def _next_segment(self) -> int:
         """The lowest segment id the store has not used (its ``meta/segments`` row)."""
@@ -757,7 +790,7 @@ class BlockStore:
     def _apply_job(self, txn: StoreTxn, job: WriteJob) -> object:
         """An ``apply`` job in a nested transaction: if it raises, its changes are dropped and
         the exception is its result (a full map still aborts the whole batch)."""
-        outer, usage = txn.txn, dict(txn.usage)
+        outer, usage, freed = txn.txn, dict(txn.usage), len(txn.freed)
         segments = txn.segments.copy() if txn.segments is not None else None
         try:
             with self._env.begin(write=True, parent=outer, db=self._blocks) as child:
@@ -767,6 +800,7 @@ class BlockStore:
             raise
         except Exception as error:
             txn.usage, txn.segments = usage, segments
+            del txn.freed[freed:]
             return error
         finally:
             txn.txn = outer

@@ -22,6 +22,7 @@ never reused: the ``meta/segments`` row keeps the next id).
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import logging
@@ -99,7 +100,7 @@ def list_segments(folder: Path) -> dict[int, Path]:
     return found
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -116,7 +117,7 @@ def lock_file(fd: int) -> bool:
         return False
 
 
-def _same_file(fd: int, path: Path) -> bool:
+def same_file(fd: int, path: Path) -> bool:
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -192,9 +193,16 @@ class SegmentWriter:
         previous = offsets[-1] + len(records[-1])
         view[previous:span] = bytes(span - previous)  # padding: no stale bytes of an earlier batch on disk
         written = 0
-        while written < span:  # a short write (a nearly full disk) is continued, or raises ENOSPC
-            written += os.pwrite(self._fd, view[written:span], self._end + written)
-        os.fdatasync(self._fd)
+        try:
+            while written < span:  # a short write (a nearly full disk) is continued, or raises ENOSPC
+                written += os.pwrite(self._fd, view[written:span], self._end + written)
+            os.fdatasync(self._fd)
+        except OSError:
+            try:  # nothing names these bytes: give them back (a full disk needs them)
+                os.ftruncate(self._fd, self._end)
+            except OSError:
+                pass
+            raise
         places = [Place(self.segment, self._end + offset, len(record)) for offset, record in zip(offsets, records)]
         self._end += span
         return places
@@ -204,7 +212,7 @@ class SegmentWriter:
         seg_dir = self.folder / SEGMENT_DIR
         if not seg_dir.is_dir():
             seg_dir.mkdir(exist_ok=True)
-            _fsync_dir(self.folder)
+            fsync_dir(self.folder)
         segment = max(self._next_id(), max(list_segments(self.folder), default=0) + 1)
         while True:
             path = segment_path(self.folder, segment)
@@ -215,7 +223,7 @@ class SegmentWriter:
                 continue
             # Locked, and still the file at that path (gc may have taken an unlocked, unnamed file
             # away between our create and our lock): ours alone from here on.
-            if lock_file(fd) and _same_file(fd, path):
+            if lock_file(fd) and same_file(fd, path):
                 break
             os.close(fd)
             segment += 1
@@ -229,7 +237,7 @@ class SegmentWriter:
             raise
         finally:
             header.close()
-        _fsync_dir(seg_dir)  # the file's name is durable before any index entry names it
+        fsync_dir(seg_dir)  # the file's name is durable before any index entry names it
         self._fd, self.direct, self.segment, self._end = fd, direct, segment, PAGE
 
     def close(self) -> None:
@@ -324,6 +332,49 @@ class SegmentReader:
             pool.shutdown(wait=True)
         for fd, _ in fds.values():
             os.close(fd)
+
+
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+
+
+def _fallocate() -> Callable[..., int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        call = libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    call.restype = ctypes.c_int
+    return call
+
+
+_FALLOCATE = _fallocate()
+
+
+def punch_dead(folder: Path, places: Sequence[Place]) -> int:
+    """Give the disk back the whole pages inside dead records at once, without copying
+    (``fallocate(PUNCH_HOLE)``; only pages a record fills alone: its neighbours' bytes are never
+    touched). Call only once the transaction that stopped naming them is durable. Bytes punched
+    (0 where the filesystem cannot: compaction then reclaims them)."""
+    if _FALLOCATE is None:
+        return 0
+    by_segment: dict[int, list[Place]] = {}
+    for place in places:
+        by_segment.setdefault(place.segment, []).append(place)
+    punched = 0
+    for segment, mine in by_segment.items():
+        try:
+            fd = os.open(segment_path(folder, segment), os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue  # compacted away meanwhile
+        try:
+            for place in mine:
+                start, end = round_up(place.offset), (place.offset + place.length) // PAGE * PAGE
+                if end > start and _FALLOCATE(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, start, end - start) == 0:
+                    punched += end - start
+        finally:
+            os.close(fd)
+    return punched
 
 
 def read_header(path: Path) -> int | None:

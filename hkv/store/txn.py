@@ -67,7 +67,7 @@ class StoreTxn:
     loaded, or a read transaction); ``read_place``: reads a segment record (``(key, place)`` ->
     its bytes; CorruptRecordError naming the key when its file is gone)."""
 
-    __slots__ = ("txn", "db", "usage", "written", "reads", "last_db", "segments", "read_place")
+    __slots__ = ("txn", "db", "usage", "written", "reads", "last_db", "segments", "read_place", "freed")
 
     def __init__(
         self, txn: lmdb.Transaction, db: dict[str, object], usage: dict[str, int] | None,
@@ -75,6 +75,7 @@ class StoreTxn:
     ) -> None:  # fmt: skip
         self.txn, self.db, self.usage = txn, db, usage
         self.segments, self.read_place = segments, read_place
+        self.freed: list[Place] = []  # segment places this transaction stopped naming (dead once it is durable)
         self.written = 0
         self.reads = 0
         self.last_db: str | None = None  # the database read last (named when a read finds damage)
@@ -204,9 +205,13 @@ class StoreTxn:
         if entry is None:
             return None
         if len(entry) != 8:
-            place = Place.decode(entry)
+            try:
+                place = Place.decode(entry)
+            except ValueError:  # a malformed entry (repair drops it)
+                return entry_length(entry)
             if self.segments is not None:
                 self.segments.remove(place)
+            self.freed.append(place)
             return place.length
         return entry_length(entry)
 

@@ -34,7 +34,7 @@ class WriteJob:
     again in a fresh transaction after a full map or disk. ``frees``: the job deletes more than
     it writes (deletes alone always do)."""
 
-    __slots__ = ("puts", "deletes", "apply", "frees", "future", "places")
+    __slots__ = ("puts", "deletes", "apply", "frees", "future", "places", "freed")
 
     def __init__(
         self, puts: list[tuple[bytes, bytearray]] | None = None, deletes: list[bytes] | None = None,
@@ -44,6 +44,7 @@ class WriteJob:
         self.frees = frees and not self.puts
         self.future: Future = Future()
         self.places: list | None = None  # where the owner wrote ``puts`` outside the transaction (kept for a retry)
+        self.freed: list = []  # what the owner may reclaim once the job's transaction is durable (``on_durable``)
 
     @property
     def size(self) -> int:
@@ -62,7 +63,8 @@ class BatchWriter:
     writer retry each job alone (after ``touch()``, a tiny commit). ``failed(job, error)`` is the
     exception a job whose transaction raised ``error`` gets (``job`` None: a sync failed).
     ``make_room(error)``: called when a freeing job failed; True if it freed disk space (the
-    job is then tried once more).
+    job is then tried once more). ``on_durable(jobs)``: called in the writer thread with the
+    jobs whose transaction is durable, before their futures resolve.
     """
 
     def __init__(
@@ -75,8 +77,10 @@ class BatchWriter:
         name: str,
         touch: Callable[[], None],
         make_room: Callable[[BaseException], bool] = lambda error: False,
+        on_durable: Callable[[list[WriteJob]], None] = lambda jobs: None,
     ) -> None:
         self._env, self._apply, self._failed, self._touch, self._make_room = env, apply, failed, touch, make_room
+        self._on_durable = on_durable
         self.max_blocks, self.name = max_blocks, name
         self._jobs: queue.SimpleQueue[WriteJob | None] = queue.SimpleQueue()
         self._lock = threading.Lock()  # orders submissions against closing
@@ -179,8 +183,9 @@ class BatchWriter:
             done[:] = [(job, self._failed(None, error)) for job, _ in done]
         self._resolve(done)
 
-    @staticmethod
-    def _resolve(done: list[Outcome]) -> None:
+    def _resolve(self, done: list[Outcome]) -> None:
+        """Resolve the futures of ``done``, whose transactions are durable now."""
+        self._on_durable([job for job, result in done if not isinstance(result, BaseException)])
         for job, result in done:
             if isinstance(result, BaseException):
                 job.future.set_exception(result)
