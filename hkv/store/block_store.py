@@ -76,7 +76,7 @@ from .compaction import AUTO_DEAD_SHARE, CompactionReport, compact
 from .pages import check_pages
 from .segment_rows import ROW as SEGMENTS_ROW
 from .segment_rows import SegmentStats, read_stats
-from .segments import Place, SegmentReader, SegmentWriter, entry_length, punch_dead, segment_path
+from .segments import Place, SegmentReader, SegmentWriter, StagedRecords, entry_length, punch_dead, segment_path, stage_records
 from .direct_reads import PAGE, PAGE_HEADER, DirectReader
 from .locate import Locator
 from .read_hints import MappedPages, will_need
@@ -627,14 +627,20 @@ class BlockStore:
         encoded = encode(blocks, self.encoding).cpu() if self.encoding != "none" else None  # batched, on blocks' device
         blocks = blocks.cpu()
         code = CODES[self.encoding]
-        puts: dict[bytes, bytearray] = {}  # a key given twice keeps its last block
-        for i, (key, block) in enumerate(zip(keys, blocks)):
-            payload = tensor_bytes(block) if encoded is None else memoryview(encoded[i].numpy())
-            record = bytearray(HEADER_SIZE + len(payload))
-            record[:HEADER_SIZE] = encode_header(key, block, payload, code)
-            record[HEADER_SIZE:] = payload
-            puts[bytes(key)] = record
-        return self._writer.submit(WriteJob(puts=list(puts.items())))
+        last = {bytes(key): i for i, key in enumerate(keys)}  # a key given twice keeps its last block
+        rows = list(last.values())
+        source = (blocks.contiguous().view(len(blocks), -1).view(torch.uint8) if encoded is None else encoded.reshape(len(blocks), -1))
+        payload_nbytes = source.shape[1]
+        # Records are built in place in one page-aligned buffer (the segment writer writes it as it
+        # is): the payloads in one tensor copy, then each header with its payload's checksum.
+        buffer, views = stage_records([HEADER_SIZE + payload_nbytes] * len(rows))
+        packed = torch.frombuffer(buffer, dtype=torch.uint8, count=len(rows) * (HEADER_SIZE + payload_nbytes))
+        packed.view(len(rows), -1)[:, HEADER_SIZE:].copy_(source[rows] if len(rows) < len(blocks) else source)
+        for i, record in zip(rows, views):
+            record[:HEADER_SIZE] = encode_header(keys[i], blocks[i], record[HEADER_SIZE:], code)
+        job = WriteJob(puts=list(zip(last, views)))
+        job.staged = buffer
+        return self._writer.submit(job)
 
     def put_many(self, keys: Sequence[BlockKey], blocks: torch.Tensor) -> None:
         """Store ``blocks`` (``[n, *layout.shape]``) durably. Raises TierFullError."""
@@ -734,12 +740,10 @@ class BlockStore:
         if self.segment_writer is None or self.format_version < SEGMENTS_VERSION:
             return
         jobs = [job for job in batch if job.puts and job.places is None]
-        if not jobs:
-            return
-        places = self.segment_writer.append([record for job in jobs for _, record in job.puts])
-        start = 0
-        for job in jobs:
-            job.places, start = places[start : start + len(job.puts)], start + len(job.puts)
+        if jobs:
+            placed = self.segment_writer.append_jobs([StagedRecords([record for _, record in job.puts], job.staged) for job in jobs])
+            for job, places in zip(jobs, placed):
+                job.places = places
 
     def _punch_freed(self, jobs: list[WriteJob]) -> None:
         """The whole pages of segment records durable transactions stopped naming go back to the

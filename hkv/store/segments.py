@@ -46,6 +46,8 @@ _FILE_HEADER = struct.Struct("<8sI")  # magic, segment id; the rest of page 0 is
 _NAME = re.compile(r"^(\d{6,10})\.seg$")
 THREADS = 32  # reads in flight per store (the disk's random-read speed needs ~32 here)
 _KEEP_BYTES = 64 << 20  # larger per-thread buffers are not kept
+OWN_BUFFER_BYTES = 256 << 10  # a job's own buffer at least this large is written as it is; smaller jobs are packed together
+_IOV_MAX = 512  # buffers per pwritev (the kernel's limit is 1024)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +159,29 @@ def round_up(nbytes: int, to: int = PAGE) -> int:
     return -(-nbytes // to) * to
 
 
+@dataclass(slots=True)
+class StagedRecords:
+    """One write job's records; ``buffer``: a page-aligned buffer (an anonymous mmap) that holds
+    them packed from byte 0, zero after them up to its end, or None."""
+
+    records: list[bytes | bytearray | memoryview]
+    buffer: memoryview | None = None
+
+
+def stage_records(sizes: Sequence[int]) -> tuple[memoryview, list[memoryview]]:
+    """A page-aligned, zeroed buffer for records of ``sizes`` bytes packed end to end, and a view
+    of each record's place in it (to be filled by the caller)."""
+    total = sum(sizes)
+    # MAP_POPULATE: the pages are made in one call, not faulted in 4 KiB at a time by the copy
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+    buffer = memoryview(mmap.mmap(-1, max(round_up(total), PAGE), flags=flags))
+    views, at = [], 0
+    for size in sizes:
+        views.append(buffer[at : at + size])
+        at += size
+    return buffer, views
+
+
 class SegmentWriter:
     """Appends record batches to this process's current segment of the store folder ``folder``
     (writer thread only). ``next_id()`` gives the lowest id the store has not used (from its
@@ -173,29 +198,74 @@ class SegmentWriter:
         self._buffer = _Buffers()
 
     def append(self, records: Sequence[bytes | bytearray | memoryview]) -> list[Place]:
-        """Write ``records`` after the current segment's end in one write of whole pages, then
-        ``fdatasync``: when this returns they are durable. OSError (ENOSPC...) as raised: the
-        bytes written, if any, are dead (no index entry names them)."""
-        if not records:
-            return []
-        offsets, size = [], 0
-        for record in records:
-            size = round_up(size, self.align)
-            offsets.append(size)
-            size += len(record)
-        span = round_up(size)
-        if self._fd is None or (self._end + span > self.segment_bytes and self._end > PAGE):
+        """Write ``records`` after the current segment's end, durably (:meth:`append_jobs`)."""
+        return self.append_jobs([StagedRecords(list(records))])[0]
+
+    def append_jobs(self, jobs: Sequence[StagedRecords]) -> list[list[Place]]:
+        """Write the records of ``jobs`` after the current segment's end in one ``pwritev`` of
+        whole pages, then ``fdatasync``: when this returns they are durable; their places, per
+        job. A job whose records already lie packed in a page-aligned buffer of at least
+        :data:`OWN_BUFFER_BYTES` is written from it (no copy); the others are copied, packed,
+        into a staging buffer. OSError (ENOSPC...) as raised: the bytes written, if any, are
+        given back (the file is cut to its old end)."""
+        pieces: list[tuple[memoryview | None, int, int]] = []  # (own buffer, 0, span) or (None, staging from, to)
+        relative: list[list[int]] = []  # record offsets from the write's start, per job
+        copies: list[tuple[int, bytes | bytearray | memoryview]] = []  # (staging offset, record)
+        pos = stage = 0  # bytes of this write so far; of the staging buffer used
+        for job in jobs:
+            offsets = []
+            if job.buffer is not None and len(job.buffer) >= OWN_BUFFER_BYTES:
+                if pieces and pieces[-1][0] is None:  # end the staged run on a page
+                    stage, pos = round_up(stage), round_up(pos)
+                at = 0
+                for record in job.records:
+                    offsets.append(pos + at)
+                    at += len(record)
+                pieces.append((job.buffer[: round_up(at)], 0, round_up(at)))
+                pos += round_up(at)
+            else:
+                if not pieces or pieces[-1][0] is not None:
+                    pieces.append((None, stage, stage))
+                for record in job.records:
+                    shift = round_up(stage, self.align) - stage
+                    stage, pos = stage + shift, pos + shift
+                    offsets.append(pos)
+                    copies.append((stage, record))
+                    stage, pos = stage + len(record), pos + len(record)
+                pieces[-1] = (None, pieces[-1][1], stage)
+            relative.append(offsets)
+        stage, pos = round_up(stage), round_up(pos)
+        if pos == 0:
+            return [[] for _ in jobs]
+        if self._fd is None or (self._end + pos > self.segment_bytes and self._end > PAGE):
             self._start_segment()
-        buffer = self._buffer.get(span)
-        view = memoryview(buffer)
-        for offset, record in zip(offsets, records):
-            view[offset : offset + len(record)] = record
-        previous = offsets[-1] + len(records[-1])
-        view[previous:span] = bytes(span - previous)  # padding: no stale bytes of an earlier batch on disk
+        staging = memoryview(self._buffer.get(max(stage, PAGE)))
+        for at, record in copies:
+            staging[at : at + len(record)] = record
+        views = []
+        for own, first, last in pieces:
+            if own is not None:
+                views.append(own)
+            else:
+                padded = round_up(last)
+                staging[last:padded] = bytes(padded - last)  # no stale bytes of an earlier write on disk
+                views.append(staging[first:padded])
+        self._write(views)
+        out = [[Place(self.segment, self._end + offset, len(record)) for offset, record in zip(offsets, job.records)]
+               for job, offsets in zip(jobs, relative)]  # fmt: skip
+        self._end += pos
+        return out
+
+    def _write(self, views: list[memoryview]) -> None:
         written = 0
         try:
-            while written < span:  # a short write (a nearly full disk) is continued, or raises ENOSPC
-                written += os.pwrite(self._fd, view[written:span], self._end + written)
+            for start in range(0, len(views), _IOV_MAX):  # a short write (a nearly full disk) raises below
+                chunk = views[start : start + _IOV_MAX]
+                size = sum(len(v) for v in chunk)
+                done = os.pwritev(self._fd, chunk, self._end + written)
+                written += done
+                if done != size:
+                    raise OSError(errno.ENOSPC, f"short write ({done} of {size} bytes)")
             os.fdatasync(self._fd)
         except OSError:
             try:  # nothing names these bytes: give them back (a full disk needs them)
@@ -203,9 +273,6 @@ class SegmentWriter:
             except OSError:
                 pass
             raise
-        places = [Place(self.segment, self._end + offset, len(record)) for offset, record in zip(offsets, records)]
-        self._end += span
-        return places
 
     def _start_segment(self) -> None:
         self.close()

@@ -34,7 +34,7 @@ class WriteJob:
     again in a fresh transaction after a full map or disk. ``frees``: the job deletes more than
     it writes (deletes alone always do)."""
 
-    __slots__ = ("puts", "deletes", "apply", "frees", "future", "places", "freed")
+    __slots__ = ("puts", "deletes", "apply", "frees", "future", "places", "freed", "staged")
 
     def __init__(
         self, puts: list[tuple[bytes, bytearray]] | None = None, deletes: list[bytes] | None = None,
@@ -45,6 +45,7 @@ class WriteJob:
         self.future: Future = Future()
         self.places: list | None = None  # where the owner wrote ``puts`` outside the transaction (kept for a retry)
         self.freed: list = []  # what the owner may reclaim once the job's transaction is durable (``on_durable``)
+        self.staged: memoryview | None = None  # a page-aligned buffer holding ``puts``' records packed (the owner's)
 
     @property
     def size(self) -> int:
