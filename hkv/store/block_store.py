@@ -60,6 +60,8 @@ import torch
 from ..blocks import (
     DTYPE_NAMES,
     CorruptRecordError,
+    raw_header_for,
+    raw_record_ok,
     HEADER_SIZE,
     KEY_BYTES,
     BlockKey,
@@ -67,7 +69,6 @@ from ..blocks import (
     RecordError,
     decode_into,
     encode_header,
-    tensor_bytes,
 )
 from ..encoding import CODES, ENCODINGS, encode
 from ..errors import BlockNotFoundError, StoreDamagedError, StoreError, TierError, TierFullError
@@ -428,18 +429,27 @@ class BlockStore:
             raise CorruptRecordError(f"{self._where(key)}: {error}") from None
 
     def _get_segments(self, keys: list[BlockKey], places: list[Place], outs: list[torch.Tensor], retry: bool = True) -> None:
-        """Read and check segment records into ``outs``, all in flight together. A segment file
-        gone (compaction moved its records, then deleted it) is looked up again once."""
-
-        def use(i: int, view: memoryview) -> None:
-            with torch.inference_mode(outs[i].is_inference()):  # the mode is per thread: the caller's tensors may need it
-                decode_into(view, outs[i], keys[i], where=self._where(keys[i]))
-
-        results = self.segment_reader.read_many(places, use)
-        moved = [i for i, result in enumerate(results) if isinstance(result, FileNotFoundError)]
-        for i, result in enumerate(results):
-            if isinstance(result, Exception) and not isinstance(result, FileNotFoundError):
-                raise result
+        """Read and check segment records into ``outs`` (:class:`~.segments.SegmentReader`: the
+        batch's disk reads all in flight, raw records read straight into ``outs``). A segment
+        file gone (compaction moved its records, then deleted it) is looked up again once."""
+        reader = self.segment_reader
+        reader.hint(places)
+        expected = raw_header_for(bytes(keys[0]), outs[0]) if outs else b""
+        head = memoryview(bytearray(HEADER_SIZE))
+        moved: list[int] = []
+        for i, (key, place, out) in enumerate(zip(keys, places, outs)):
+            dest = memoryview(out.view(-1).view(torch.uint8).numpy())
+            try:
+                if place.length == HEADER_SIZE + len(dest):
+                    got = reader.read_split(place, head, dest)
+                    if got == place.length and raw_record_ok(head, dest, expected, bytes(key)):
+                        continue
+                # An encoded record, or one that failed the fast checks: read whole and decoded,
+                # which names the problem.
+                with torch.inference_mode(out.is_inference()):
+                    reader.read(place, lambda view, out=out, key=key: decode_into(view, out, key, where=self._where(key)))
+            except FileNotFoundError:
+                moved.append(i)
         if not moved:
             return
         with self._env.begin(buffers=True) as txn:

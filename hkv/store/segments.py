@@ -32,7 +32,6 @@ import re
 import struct
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +43,6 @@ SEGMENT_BYTES = 256 << 20  # a writer starts a new segment past this size (bound
 MAGIC = b"HKVSEG\x00\x01"
 _FILE_HEADER = struct.Struct("<8sI")  # magic, segment id; the rest of page 0 is zero
 _NAME = re.compile(r"^(\d{6,10})\.seg$")
-THREADS = 32  # reads in flight per store (the disk's random-read speed needs ~32 here)
 _KEEP_BYTES = 64 << 20  # larger per-thread buffers are not kept
 OWN_BUFFER_BYTES = 256 << 10  # a job's own buffer at least this large is written as it is; smaller jobs are packed together
 _IOV_MAX = 512  # buffers per pwritev (the kernel's limit is 1024)
@@ -315,89 +313,77 @@ class SegmentWriter:
 
 
 class SegmentReader:
-    """Reads records from the segment files of the store folder ``folder``: each record with
-    one positional read (O_DIRECT where the filesystem allows, of the whole pages that hold
-    it), many in flight at once on a pool of ``threads`` threads; descriptors are kept per
-    segment (one of a file deleted by compaction is dropped at the next sweep)."""
+    """Reads records from the segment files of the store folder ``folder`` with positional reads
+    through the page cache, a batch at a time: every record of the batch is first asked of the
+    kernel (``posix_fadvise(WILLNEED)``: its disk reads start at once, all in flight together),
+    then each is read, a raw record straight into its destination (``preadv`` of the header into
+    a small buffer and the payload into the caller's tensor: no copy in user space).
+    Measured against O_DIRECT reads by a pool of 32 threads (docs/store.md): the same disk
+    requests, a quarter of the CPU (no thread hand-off per record), twice the throughput on this
+    2-core VM. Descriptors are kept per segment (``fadvise(RANDOM)``: no read-ahead beyond a
+    record); one of a file compaction deleted is dropped at the next sweep."""
 
-    def __init__(self, folder: Path, threads: int = THREADS) -> None:
-        self.folder, self.threads = Path(folder), threads
-        self._fds: dict[int, tuple[int, bool]] = {}
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self._fds: dict[int, int] = {}
         self._lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
         self._buffers = _Buffers()
         self._reads = 0
 
-    def _fd(self, segment: int) -> tuple[int, bool]:
-        """(descriptor, direct) of a segment; FileNotFoundError if it is gone."""
+    def _fd(self, segment: int) -> int:
+        """The descriptor of a segment; FileNotFoundError if it is gone."""
         with self._lock:
-            got = self._fds.get(segment)
-            if got is None:
-                path = segment_path(self.folder, segment)
-                got = self._fds[segment] = _open_direct(path, os.O_RDONLY | os.O_NOFOLLOW)
-            return got
+            fd = self._fds.get(segment)
+            if fd is None:
+                fd = os.open(segment_path(self.folder, segment), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+                self._fds[segment] = fd
+            return fd
 
     def forget(self, segment: int) -> None:
         """Close the descriptor of ``segment`` (deleted: its disk space is freed when no one has it open)."""
         with self._lock:
-            got = self._fds.pop(segment, None)
-        if got is not None:
-            os.close(got[0])
+            fd = self._fds.pop(segment, None)
+        if fd is not None:
+            os.close(fd)
 
     def sweep(self) -> None:
         """Close the descriptors of segment files deleted meanwhile (by any process)."""
         with self._lock:
-            gone = [segment for segment, (fd, _) in self._fds.items() if os.fstat(fd).st_nlink == 0]
+            gone = [segment for segment, fd in self._fds.items() if os.fstat(fd).st_nlink == 0]
         for segment in gone:
             self.forget(segment)
+
+    def hint(self, places: Sequence[Place]) -> None:
+        """Start the disk reads of every record of ``places`` (a missing file is skipped here and
+        met by the read)."""
+        self._reads += 1
+        if self._reads % 256 == 0:
+            self.sweep()
+        for place in places:
+            try:
+                os.posix_fadvise(self._fd(place.segment), place.offset, place.length, os.POSIX_FADV_WILLNEED)
+            except FileNotFoundError:
+                pass
 
     def read(self, place: Place, use: Callable[[memoryview], object]) -> object:
         """Read the record at ``place`` and return ``use(view)``, the view valid only during the
         call (a per-thread buffer). A view shorter than ``place.length``: the file ends early.
         FileNotFoundError if the segment file is gone."""
-        fd, direct = self._fd(place.segment)
-        if direct:
-            start = place.offset - place.offset % PAGE
-            span = round_up(place.offset + place.length) - start
-        else:
-            start, span = place.offset, place.length
-        buffer = self._buffers.get(span)
-        view = memoryview(buffer)
-        got = os.preadv(fd, [view[:span]], start)
-        head = place.offset - start
-        return use(view[head : max(head, min(head + place.length, got))])
+        fd = self._fd(place.segment)
+        view = memoryview(self._buffers.get(place.length))[: place.length]
+        got = os.preadv(fd, [view], place.offset)
+        return use(view[:got])
 
-    def read_many(self, places: Sequence[Place], use: Callable[[int, memoryview], object]) -> list[object]:
-        """:meth:`read` of every place, ``use(i, view)`` for the i-th, all in flight together;
-        results (or the exception each raised) in order."""
-
-        def one(i: int) -> object:
-            try:
-                return self.read(places[i], lambda view: use(i, view))
-            except Exception as error:  # returned, raised by the caller in key order
-                return error
-
-        self._reads += 1
-        if self._reads % 256 == 0:
-            self.sweep()
-        if len(places) <= 1:
-            return [one(i) for i in range(len(places))]
-        return list(self._thread_pool().map(one, range(len(places))))
-
-    def _thread_pool(self) -> ThreadPoolExecutor:
-        if self._pool is None:
-            with self._lock:
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="hkv-segment-read")
-        return self._pool
+    def read_split(self, place: Place, head: memoryview, rest: memoryview) -> int:
+        """Read the record at ``place`` into ``head`` (its first bytes) and ``rest`` (the others,
+        ``len(head) + len(rest) == place.length``); the bytes read (fewer: the file ends early)."""
+        return os.preadv(self._fd(place.segment), [head, rest], place.offset)
 
     def close(self) -> None:
         with self._lock:
-            pool, self._pool = self._pool, None
             fds, self._fds = self._fds, {}
-        if pool is not None:
-            pool.shutdown(wait=True)
-        for fd, _ in fds.values():
+        for fd in fds.values():
             os.close(fd)
 
 
