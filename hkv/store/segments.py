@@ -35,10 +35,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .files import SEGMENT_DIR
+
 log = logging.getLogger(__name__)
 
 PAGE = 4096  # O_DIRECT alignment (offsets, lengths, buffers) and the header's size
-SEGMENT_DIR = "segments"
 SEGMENT_BYTES = 256 << 20  # a writer starts a new segment past this size (bounds one compaction's copy)
 MAGIC = b"HKVSEG\x00\x01"
 _FILE_HEADER = struct.Struct("<8sI")  # magic, segment id; the rest of page 0 is zero

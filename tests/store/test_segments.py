@@ -249,3 +249,12 @@ def test_kill_9_while_compacting_20_trials(tmp_path: Path) -> None:
             assert all(use.dead_share <= 0.1 for use in segment_use(tier))
         _check(path, keep)
         shutil.rmtree(path)
+
+
+def test_a_segments_link_is_refused(store_path: Path, tmp_path: Path) -> None:
+    with DiskTier(store_path, LAYOUT, 64 * REC) as tier:
+        tier.put(key_of(1), block_of(1))
+    (store_path / "segments").rename(tmp_path / "elsewhere")
+    (store_path / "segments").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(StoreError, match="segments is not a folder"):
+        DiskTier(store_path, LAYOUT, 64 * REC)
