@@ -77,7 +77,7 @@ from .compaction import AUTO_DEAD_SHARE, CompactionReport, compact
 from .pages import check_pages
 from .segment_rows import ROW as SEGMENTS_ROW
 from .segment_rows import SegmentStats, read_stats
-from .segments import Place, SegmentReader, SegmentWriter, StagedRecords, entry_length, punch_dead, segment_path, stage_records
+from .segments import Place, SegmentReader, SegmentWriter, StagedRecords, StagingBuffers, entry_length, punch_dead, segment_path
 from .direct_reads import PAGE, PAGE_HEADER, DirectReader
 from .locate import Locator
 from .read_hints import MappedPages, will_need
@@ -99,6 +99,7 @@ _PAGE_HEADER = 16  # LMDB's page header, in bytes
 READ_MAP_BYTES = 16 << 10  # map growth counted per small-record lookup (a 4 KiB page; fault-around maps up to 64 KiB)
 _LEAF_BYTES = 64  # B-tree leaf bytes per block (node + key + overflow pgno, half-full pages)
 _SLACK = 16 * 2**20  # bytes: freelist, branch pages, meta
+STAGING_BYTES = 64 << 20  # records of queued writes held at once, at least (StagingBuffers)
 
 
 # LMDB's errors that mean its pages are not what it wrote (a bad page, a wrong page type, a
@@ -265,6 +266,8 @@ class BlockStore:
         self.segment_reader = SegmentReader(self.path)
         self.segment_writer = None if readonly or not self.segments else SegmentWriter(self.path, self._next_segment)
         self._reserve = SpaceReserve(self.path, reserve_bytes(self.capacity_bytes))
+        # Queued writes hold at most this many bytes of records (submit waits beyond it).
+        self._staging = StagingBuffers(max(STAGING_BYTES, 2 * writer_batch * self.record_nbytes))
         self._closed = False
         self._close_lock = threading.Lock()
         self._writer: BatchWriter | None = None
@@ -643,14 +646,19 @@ class BlockStore:
         payload_nbytes = source.shape[1]
         # Records are built in place in one page-aligned buffer (the segment writer writes it as it
         # is): the payloads in one tensor copy, then each header with its payload's checksum.
-        buffer, views = stage_records([HEADER_SIZE + payload_nbytes] * len(rows))
+        buffer, views, give_back = self._staging.take([HEADER_SIZE + payload_nbytes] * len(rows))
         packed = torch.frombuffer(buffer, dtype=torch.uint8, count=len(rows) * (HEADER_SIZE + payload_nbytes))
         packed.view(len(rows), -1)[:, HEADER_SIZE:].copy_(source[rows] if len(rows) < len(blocks) else source)
         for i, record in zip(rows, views):
             record[:HEADER_SIZE] = encode_header(keys[i], blocks[i], record[HEADER_SIZE:], code)
         job = WriteJob(puts=list(zip(last, views)))
         job.staged = buffer
-        return self._writer.submit(job)
+        job.future.add_done_callback(lambda _: give_back())
+        try:
+            return self._writer.submit(job)
+        except BaseException:
+            give_back()
+            raise
 
     def put_many(self, keys: Sequence[BlockKey], blocks: torch.Tensor) -> None:
         """Store ``blocks`` (``[n, *layout.shape]``) durably. Raises TierFullError."""
