@@ -73,11 +73,13 @@ from ..blocks import (
 from ..encoding import CODES, ENCODINGS, encode
 from ..errors import BlockNotFoundError, StoreDamagedError, StoreError, TierError, TierFullError
 from .files import LOCK_FILES, check_store_files, creating, hold_store
-from .compaction import AUTO_DEAD_SHARE, CompactionReport, compact
+from .compaction import AUTO_DEAD_SHARE, CompactionReport, compact, punch_dead
 from .pages import check_pages
 from .segment_rows import ROW as SEGMENTS_ROW
 from .segment_rows import SegmentStats, read_stats
-from .segments import Place, SegmentReader, SegmentWriter, StagedRecords, StagingBuffers, entry_length, punch_dead, segment_path
+from .segment_reads import SegmentReader
+from .segments import Place, SegmentWriter, StagedRecords, entry_length, segment_path
+from .staging import StagingBuffers
 from .direct_reads import PAGE, PAGE_HEADER, DirectReader
 from .locate import Locator
 from .read_hints import MappedPages, will_need

@@ -26,9 +26,10 @@ segment more than :data:`AUTO_DEAD_SHARE` dead.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,8 @@ import lmdb
 from ..blocks import RecordError, check_record
 from .segment_rows import read_stats
 from .space import free_bytes
-from .segments import PAGE, Place, SegmentReader, SegmentWriter, fsync_dir, same_file, list_segments, lock_file
+from .segment_reads import SegmentReader
+from .segments import PAGE, Place, SegmentWriter, fsync_dir, list_segments, lock_file, round_up, same_file, segment_path
 from .txn import StoreTxn
 
 log = logging.getLogger(__name__)
@@ -187,3 +189,46 @@ def compact(store: SegmentStore, threshold: float, *, current_too: bool = False)
         finally:
             os.close(fd)
     return report
+
+
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+
+
+def _fallocate() -> Callable[..., int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        call = libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    call.restype = ctypes.c_int
+    return call
+
+
+_FALLOCATE = _fallocate()
+
+
+def punch_dead(folder: Path, places: Sequence[Place]) -> int:
+    """Give the disk back the whole pages inside dead records at once, without copying
+    (``fallocate(PUNCH_HOLE)``; only pages a record fills alone: its neighbours' bytes are never
+    touched). Call only once the transaction that stopped naming them is durable. Bytes punched
+    (0 where the filesystem cannot: compaction then reclaims them)."""
+    if _FALLOCATE is None:
+        return 0
+    by_segment: dict[int, list[Place]] = {}
+    for place in places:
+        by_segment.setdefault(place.segment, []).append(place)
+    punched = 0
+    for segment, mine in by_segment.items():
+        try:
+            fd = os.open(segment_path(folder, segment), os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue  # compacted away meanwhile
+        try:
+            for place in mine:
+                start, end = round_up(place.offset), (place.offset + place.length) // PAGE * PAGE
+                if end > start and _FALLOCATE(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, start, end - start) == 0:
+                    punched += end - start
+        finally:
+            os.close(fd)
+    return punched

@@ -22,7 +22,6 @@ never reused: the ``meta/segments`` row keeps the next id).
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import logging
@@ -140,7 +139,7 @@ def _open_direct(path: Path, flags: int) -> tuple[int, bool]:
     return os.open(path, flags | os.O_CLOEXEC, 0o644), False
 
 
-class _Buffers(threading.local):
+class ThreadBuffers(threading.local):
     """One page-aligned buffer per thread, grown as needed."""
 
     def __init__(self) -> None:
@@ -167,54 +166,6 @@ class StagedRecords:
     buffer: memoryview | None = None
 
 
-class StagingBuffers:
-    """Page-aligned buffers for the records of write submissions, reused: a fresh buffer costs
-    the kernel zeroing its pages (about 1 GB/s here, slower than the disk), a reused one nothing.
-    At most ``limit_bytes`` are handed out at once: :meth:`take` waits for the writer to give
-    buffers back (bounded memory for queued writes), except that one submission larger than the
-    limit always gets its buffer when nothing else is out."""
-
-    def __init__(self, limit_bytes: int) -> None:
-        self.limit_bytes = limit_bytes
-        self._free: list[mmap.mmap] = []
-        self._out = 0  # bytes handed out
-        self._cond = threading.Condition()
-
-    def take(self, sizes: Sequence[int]) -> tuple[memoryview, list[memoryview], Callable[[], None]]:
-        """A buffer for records of ``sizes`` bytes packed end to end, zero after them up to its
-        page; a view of each record's place (the caller fills them); and the call that gives
-        the buffer back (once nothing reads it any more: the job's future is done)."""
-        total = sum(sizes)
-        need = max(round_up(total), PAGE)
-        with self._cond:
-            while self._out and self._out + need > self.limit_bytes:
-                self._cond.wait()
-            fits = [b for b in self._free if len(b) >= need]
-            raw = min(fits, key=len) if fits else None
-            if raw is not None:
-                self._free.remove(raw)
-            self._out += need
-        if raw is None:
-            # MAP_POPULATE: the pages are made in one call, not faulted in 4 KiB at a time
-            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
-            raw = mmap.mmap(-1, need, flags=flags)
-        buffer = memoryview(raw)[:need]
-        buffer[total:need] = bytes(need - total)  # a reused buffer's old bytes never reach the disk
-        views, at = [], 0
-        for size in sizes:
-            views.append(buffer[at : at + size])
-            at += size
-
-        def give_back() -> None:
-            with self._cond:
-                self._out -= need
-                if sum(len(b) for b in self._free) + len(raw) <= self.limit_bytes:
-                    self._free.append(raw)
-                self._cond.notify_all()
-
-        return buffer, views, give_back
-
-
 class SegmentWriter:
     """Appends record batches to this process's current segment of the store folder ``folder``
     (writer thread only). ``next_id()`` gives the lowest id the store has not used (from its
@@ -228,7 +179,7 @@ class SegmentWriter:
         self.direct = False
         self._fd: int | None = None
         self._end = 0
-        self._buffer = _Buffers()
+        self._buffer = ThreadBuffers()
 
     def append(self, records: Sequence[bytes | bytearray | memoryview]) -> list[Place]:
         """Write ``records`` after the current segment's end, durably (:meth:`append_jobs`)."""
@@ -345,134 +296,3 @@ class SegmentWriter:
         if self._fd is not None:
             os.close(self._fd)
         self._fd, self.segment = None, None
-
-
-class SegmentReader:
-    """Reads records from the segment files of the store folder ``folder`` with positional reads
-    through the page cache, a batch at a time: every record of the batch is first asked of the
-    kernel (``posix_fadvise(WILLNEED)``: its disk reads start at once, all in flight together),
-    then each is read, a raw record straight into its destination (``preadv`` of the header into
-    a small buffer and the payload into the caller's tensor: no copy in user space).
-    Measured against O_DIRECT reads by a pool of 32 threads (docs/store.md): the same disk
-    requests, a quarter of the CPU (no thread hand-off per record), twice the throughput on this
-    2-core VM. Descriptors are kept per segment (``fadvise(RANDOM)``: no read-ahead beyond a
-    record); one of a file compaction deleted is dropped at the next sweep."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = Path(folder)
-        self._fds: dict[int, int] = {}
-        self._lock = threading.Lock()
-        self._buffers = _Buffers()
-        self._reads = 0
-
-    def _fd(self, segment: int) -> int:
-        """The descriptor of a segment; FileNotFoundError if it is gone."""
-        with self._lock:
-            fd = self._fds.get(segment)
-            if fd is None:
-                fd = os.open(segment_path(self.folder, segment), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-                self._fds[segment] = fd
-            return fd
-
-    def forget(self, segment: int) -> None:
-        """Close the descriptor of ``segment`` (deleted: its disk space is freed when no one has it open)."""
-        with self._lock:
-            fd = self._fds.pop(segment, None)
-        if fd is not None:
-            os.close(fd)
-
-    def sweep(self) -> None:
-        """Close the descriptors of segment files deleted meanwhile (by any process)."""
-        with self._lock:
-            gone = [segment for segment, fd in self._fds.items() if os.fstat(fd).st_nlink == 0]
-        for segment in gone:
-            self.forget(segment)
-
-    def hint(self, places: Sequence[Place]) -> None:
-        """Start the disk reads of every record of ``places`` (a missing file is skipped here and
-        met by the read)."""
-        self._reads += 1
-        if self._reads % 256 == 0:
-            self.sweep()
-        for place in places:
-            try:
-                os.posix_fadvise(self._fd(place.segment), place.offset, place.length, os.POSIX_FADV_WILLNEED)
-            except FileNotFoundError:
-                pass
-
-    def read(self, place: Place, use: Callable[[memoryview], object]) -> object:
-        """Read the record at ``place`` and return ``use(view)``, the view valid only during the
-        call (a per-thread buffer). A view shorter than ``place.length``: the file ends early.
-        FileNotFoundError if the segment file is gone."""
-        fd = self._fd(place.segment)
-        view = memoryview(self._buffers.get(place.length))[: place.length]
-        got = os.preadv(fd, [view], place.offset)
-        return use(view[:got])
-
-    def read_split(self, place: Place, head: memoryview, rest: memoryview) -> int:
-        """Read the record at ``place`` into ``head`` (its first bytes) and ``rest`` (the others,
-        ``len(head) + len(rest) == place.length``); the bytes read (fewer: the file ends early)."""
-        return os.preadv(self._fd(place.segment), [head, rest], place.offset)
-
-    def close(self) -> None:
-        with self._lock:
-            fds, self._fds = self._fds, {}
-        for fd in fds.values():
-            os.close(fd)
-
-
-_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
-
-
-def _fallocate() -> Callable[..., int] | None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        call = libc.fallocate
-    except (OSError, AttributeError):
-        return None
-    call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    call.restype = ctypes.c_int
-    return call
-
-
-_FALLOCATE = _fallocate()
-
-
-def punch_dead(folder: Path, places: Sequence[Place]) -> int:
-    """Give the disk back the whole pages inside dead records at once, without copying
-    (``fallocate(PUNCH_HOLE)``; only pages a record fills alone: its neighbours' bytes are never
-    touched). Call only once the transaction that stopped naming them is durable. Bytes punched
-    (0 where the filesystem cannot: compaction then reclaims them)."""
-    if _FALLOCATE is None:
-        return 0
-    by_segment: dict[int, list[Place]] = {}
-    for place in places:
-        by_segment.setdefault(place.segment, []).append(place)
-    punched = 0
-    for segment, mine in by_segment.items():
-        try:
-            fd = os.open(segment_path(folder, segment), os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            continue  # compacted away meanwhile
-        try:
-            for place in mine:
-                start, end = round_up(place.offset), (place.offset + place.length) // PAGE * PAGE
-                if end > start and _FALLOCATE(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, start, end - start) == 0:
-                    punched += end - start
-        finally:
-            os.close(fd)
-    return punched
-
-
-def read_header(path: Path) -> int | None:
-    """The segment id a file's header names, None if it is not a segment file's header."""
-    try:
-        with open(path, "rb") as handle:
-            raw = handle.read(_FILE_HEADER.size)
-    except OSError:
-        return None
-    if len(raw) < _FILE_HEADER.size:
-        return None
-    magic, segment = _FILE_HEADER.unpack(raw)
-    return segment if magic == MAGIC else None
