@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from hkv.blocks import BlockKey, BlockLayout, CorruptRecordError
 from hkv.errors import StoreError
 from hkv.store.compaction import segment_use
 from hkv.store.segments import PAGE, Place, list_segments, segment_path
+from hkv.store.staging import StagingBuffers
 from hkv.tiers.disk import DiskTier
 
 from helpers.records import raw_env
@@ -258,3 +260,44 @@ def test_a_segments_link_is_refused(store_path: Path, tmp_path: Path) -> None:
     (store_path / "segments").symlink_to(tmp_path / "elsewhere")
     with pytest.raises(StoreError, match="segments is not a folder"):
         DiskTier(store_path, LAYOUT, 64 * REC)
+
+
+def test_a_read_that_finds_its_segment_compacted_away_looks_the_block_up_again(store_path: Path) -> None:
+    with DiskTier(store_path, LAYOUT, 64 * REC) as tier:
+        tier.put_many([key_of(i) for i in range(6)], blocks_of(range(6)))
+    with DiskTier(store_path, LAYOUT, 64 * REC) as tier:
+        old = _place_in(tier, key_of(5))  # what a reader looked up before the compaction's commit
+        tier.delete_many([key_of(i) for i in range(4)])  # 4 of 6 dead: compacted, the file deleted
+        assert not segment_path(store_path, old.segment).exists() and _place_in(tier, key_of(5)) != old
+        out = torch.empty(1, *LAYOUT.shape, dtype=LAYOUT.dtype)
+        tier._get_segments([key_of(5)], [old], [out[0]])  # the reader's read, after the deletion
+        assert torch.equal(out[0], block_of(5))
+
+
+def _place_in(tier: DiskTier, key: BlockKey) -> Place:
+    with tier.reading() as txn:
+        return txn.place(bytes(key))
+
+
+def test_staging_buffers_are_reused_bounded_and_padded_with_zeros() -> None:
+    staging = StagingBuffers(3 * PAGE)
+    first, views, give_first = staging.take([100, 200])
+    views[0][:] = b"\xff" * 100
+    views[1][:] = b"\xee" * 200
+    assert len(first) == PAGE and bytes(first[300:]) == bytes(PAGE - 300)
+    _, _, give_second = staging.take([2 * PAGE])
+    waited = threading.Event()
+
+    def third() -> None:
+        staging.take([PAGE])[2]()
+        waited.set()
+
+    thread = threading.Thread(target=third)
+    thread.start()
+    assert not waited.wait(0.2)  # over the limit: waits for a buffer to come back
+    give_second()
+    assert waited.wait(5)
+    thread.join()
+    give_first()
+    again, views, _ = staging.take([50])
+    assert bytes(again[50:]) == bytes(PAGE - 50)  # a reused buffer's old bytes are zeroed past the records
