@@ -278,6 +278,7 @@ class BlockStore:
             self._writer = BatchWriter(
                 self._env, self._apply, self._write_failed, max_blocks=writer_batch, name=f"hkv disk writer {self.path}",
                 touch=self._touch, make_room=self._make_room, on_durable=self._punch_freed,
+                prepare=self._write_segments if self.segment_writer is not None else None,
             )  # fmt: skip
 
     def _open(self, _env: lmdb.Environment | None) -> None:
@@ -702,8 +703,11 @@ class BlockStore:
 
     def compact_segments(self, threshold: float, *, current_too: bool = False) -> CompactionReport:
         """Compact the segment files more than ``threshold`` dead and delete those no index
-        entry names (:mod:`.compaction`); ``current_too``: this process's own segment too."""
+        entry names (:mod:`.compaction`); ``current_too``: this process's own segments too (the
+        ones it filled stay locked, so out of other compactions, until then or until it closes)."""
         self._check_writable()
+        if current_too:
+            self.flush()  # this process's segments are let go: everything written there is committed first
         return compact(self, threshold, current_too=current_too)
 
     def _compact_after_free(self) -> None:
@@ -756,7 +760,9 @@ class BlockStore:
 
     def _write_segments(self, batch: list[WriteJob]) -> None:
         """Write the records of ``batch``'s put jobs to this process's segment, durably, before the
-        transaction that indexes them (a job retried alone keeps its places: written once)."""
+        transaction that indexes them (a job retried alone keeps its places: written once). The
+        writer's prepare thread calls it while the batch before commits; ``_apply`` again for
+        what that left undone."""
         if self.segment_writer is None or self.format_version < SEGMENTS_VERSION:
             return
         jobs = [job for job in batch if job.puts and job.places is None]

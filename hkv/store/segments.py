@@ -180,12 +180,18 @@ class SegmentWriter:
         self._fd: int | None = None
         self._end = 0
         self._buffer = ThreadBuffers()
+        self._lock = threading.RLock()  # the prepare thread, the writer thread (compaction), close
+        self._retired: list[int] = []  # descriptors (and locks) of the segments filled before this one
 
     def append(self, records: Sequence[bytes | bytearray | memoryview]) -> list[Place]:
         """Write ``records`` after the current segment's end, durably (:meth:`append_jobs`)."""
         return self.append_jobs([StagedRecords(list(records))])[0]
 
     def append_jobs(self, jobs: Sequence[StagedRecords]) -> list[list[Place]]:
+        with self._lock:
+            return self._append_jobs(jobs)
+
+    def _append_jobs(self, jobs: Sequence[StagedRecords]) -> list[list[Place]]:
         """Write the records of ``jobs`` after the current segment's end in one ``pwritev`` of
         whole pages, then ``fdatasync``: when this returns they are durable; their places, per
         job. A job whose records already lie packed in a page-aligned buffer of at least
@@ -259,7 +265,11 @@ class SegmentWriter:
             raise
 
     def _start_segment(self) -> None:
-        self.close()
+        if self._fd is not None:
+            # Still held: a batch written there may not be committed yet (the writer commits while
+            # the next batch is written), and a segment no one holds may be deleted as unnamed.
+            self._retired.append(self._fd)
+            self._fd, self.segment = None, None
         seg_dir = self.folder / SEGMENT_DIR
         if not seg_dir.is_dir():
             seg_dir.mkdir(exist_ok=True)
@@ -292,7 +302,9 @@ class SegmentWriter:
         self._fd, self.direct, self.segment, self._end = fd, direct, segment, PAGE
 
     def close(self) -> None:
-        """Stop appending (drops the file's lock); the next append starts a new segment."""
-        if self._fd is not None:
-            os.close(self._fd)
-        self._fd, self.segment = None, None
+        """Stop appending; drop the locks of every segment this writer filled (call only when
+        everything written is committed or abandoned); the next append starts a new segment."""
+        with self._lock:
+            for fd in self._retired + ([self._fd] if self._fd is not None else []):
+                os.close(fd)
+            self._retired, self._fd, self.segment = [], None, None

@@ -73,9 +73,9 @@ def _probe(store: SessionStore, name: str) -> str:
 
 
 def _queued(store: SessionStore, n: int) -> None:
-    """Wait until the writer's queue holds ``n`` jobs."""
+    """Wait until the queue of the writer's commit thread holds ``n`` jobs."""
     for _ in range(1000):
-        if store.disk._writer._jobs.qsize() == n:
+        if store.disk._writer._ready.qsize() == n:
             return
         threading.Event().wait(0.01)
     raise AssertionError("the job was not queued")
