@@ -265,6 +265,30 @@ def _checked_payload(record: memoryview | bytes, shape: tuple[int, ...], dtype: 
     return header, payload
 
 
+def raw_header_for(key: BlockKey | bytes, out: torch.Tensor) -> bytes:
+    """The first 36 bytes a raw record of ``out``'s dtype and shape under ``key`` starts with
+    (magic ... payload bytes): what :func:`raw_record_ok` compares a header against."""
+    shape = list(out.shape) + [0] * (4 - out.dim())
+    return _HEADER.pack(RECORD_MAGIC, FORMAT_VERSION, Encoding.RAW, _DTYPE_CODES[out.dtype], out.dim(), *shape,
+                        out.numel() * out.element_size(), 0, bytes(key))[:_PREFIX]  # fmt: skip
+
+
+_PREFIX = 36  # magic ... payload bytes; then the checksum and the key
+_CHECKSUM = struct.Struct("<Q16s")
+
+
+def raw_record_ok(head: memoryview | bytes, payload: memoryview, expected: bytes, key: bytes) -> bool:
+    """The read path's fast case: whether ``head`` (a record's 64-byte header) starts with
+    ``expected`` (:func:`raw_header_for`: same version, dtype, shape and size), names ``key``,
+    and its checksum matches ``payload`` (read straight into the destination). False for
+    anything else: the caller then reads the record whole and decodes it with
+    :func:`decode_into`, which names the problem."""
+    if len(head) != HEADER_SIZE or head[:_PREFIX] != expected:
+        return False
+    checksum, stored_key = _CHECKSUM.unpack_from(head, _PREFIX)
+    return stored_key == key and xxhash.xxh3_64_intdigest(payload) == checksum
+
+
 def decode_into(record: memoryview | bytes, out: torch.Tensor, key: BlockKey | None = None, *, where: str = "record") -> None:
     """Check ``record`` (header, length, checksum, key) and copy its payload into ``out`` (CPU).
 

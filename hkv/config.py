@@ -179,7 +179,10 @@ class StoreConfig(_Section):
     persist: StrictBool = Field(False, description="write every sealed block through to disk")
     writer_batch: StrictInt = Field(64, description="blocks per LMDB write transaction")
     direct_reads: StrictBool = Field(
-        False, description="read disk blocks with O_DIRECT, many at once, instead of through LMDB's map (hkv bench tiers measures both)"
+        False, description="read disk blocks kept in LMDB (format 2) with O_DIRECT, many at once, instead of through LMDB's map"
+    )
+    segments: StrictBool = Field(
+        True, description="write block records to append-only segment files beside the LMDB index (store format 3); false: inside LMDB (format 2)"
     )
     reuse_prefix: StrictBool = Field(True, description="adopt the longest stored prefix of a prompt instead of prefilling it")
     evict_sessions: StrictBool = Field(

@@ -12,15 +12,19 @@ Five figures, in GB/s (10^9 bytes per second, payload bytes), each the best of `
 - ``raw_buffered_write_gbps``: a second baseline, the same file written through the page cache
   and fsync'ed. LMDB always writes through the page cache, so this is its ceiling; on a small
   cloud VM it can be several times below O_DIRECT (measured 0.17-0.24 vs 1.3-1.6 GB/s here);
-- ``disk_write_gbps``: blocks put into a fresh :class:`~hkv.tiers.disk.DiskTier`,
-  ``submit_batch`` per ``submit_put_many``, which the writer groups into transactions of up to
-  ``writer_batch`` blocks (the clock stops when the last transaction is committed and durable);
+- ``disk_write_gbps``: blocks put into a fresh :class:`~hkv.tiers.disk.DiskTier` (records in
+  segment files, store format 3: each batch one O_DIRECT write + ``fdatasync``, then the LMDB
+  index commit), ``submit_batch`` per ``submit_put_many``, which the writer groups into
+  transactions of up to ``writer_batch`` blocks (the clock stops when the last transaction is
+  committed and durable);
 - ``disk_read_gbps``: every block read back in a random order with ``get_many_into`` batches
   of ``read_batch`` blocks into a host buffer, by ``read_threads`` threads (the prefetcher's
   defaults: 2 workers, 16-block jobs), after the page cache is dropped (``read_cache = "cold"``),
   the store opened before the clock starts. Where dropping the cache is refused the figure is
   labelled ``"warm"``;
-- ``disk_direct_read_gbps``: the same with ``store.direct_reads = true`` (O_DIRECT).
+- ``disk_lmdb_write_gbps`` / ``disk_lmdb_read_gbps``: the same writes and reads with
+  ``store.segments = false`` (records inside LMDB, format 2: the path before segment files; reads
+  through the map with batch hints), side by side in the same run.
 
 Where O_DIRECT is not supported the raw file is read and written through the page cache (write
 + fsync; read after the cache drop) and ``raw_direct`` is False.
@@ -54,7 +58,8 @@ class DiskFigures:
 
     disk_read_gbps: float
     disk_write_gbps: float
-    disk_direct_read_gbps: float  # the same reads with store.direct_reads = true (O_DIRECT)
+    disk_lmdb_write_gbps: float  # the same writes with store.segments = false (records in LMDB)
+    disk_lmdb_read_gbps: float  # the same reads of that store (through LMDB's map)
     raw_disk_read_gbps: float
     raw_disk_write_gbps: float
     raw_random_read_gbps: float  # block-sized O_DIRECT reads at random offsets, read_parallelism at once
@@ -164,11 +169,12 @@ def _keys(count: int) -> list[BlockKey]:
     return [BlockKey(xxhash.xxh3_128_digest(i.to_bytes(8, "little"))) for i in range(count)]
 
 
-def _tier_write(store: Path, layout: BlockLayout, keys: list[BlockKey], writer_batch: int, submit_batch: int) -> float:
+def _tier_write(store: Path, layout: BlockLayout, keys: list[BlockKey], writer_batch: int, submit_batch: int,
+                segments: bool = True) -> float:  # fmt: skip
     """Seconds to put every key (random blocks) until the last transaction is durable."""
     pool = torch.randn(submit_batch, *layout.shape).to(layout.dtype)
     capacity = len(keys) * layout.record_nbytes
-    with DiskTier(store, layout, capacity, writer_batch=writer_batch) as tier:
+    with DiskTier(store, layout, capacity, writer_batch=writer_batch, segments=segments) as tier:
         start = time.perf_counter()
         futures = [
             tier.submit_put_many(keys[i : i + submit_batch], pool[: len(keys[i : i + submit_batch])])
@@ -226,13 +232,14 @@ def measure_disk(
     count = max(1, total_bytes // layout.nbytes)
     raw_bytes = max(RAW_CHUNK, count * layout.nbytes // RAW_CHUNK * RAW_CHUNK)
     keys = _keys(count)
-    best = dict.fromkeys(("raw_write", "raw_read", "raw_random_read", "buffered_write", "tier_write", "tier_read", "tier_direct_read"), math.inf)
+    best = dict.fromkeys(("raw_write", "raw_read", "raw_random_read", "buffered_write", "tier_write", "tier_read", "lmdb_write",
+                          "lmdb_read"), math.inf)  # fmt: skip
     cold, direct, made = True, True, []
     try:
         for repeat in range(repeats):  # interleaved, so a slow spell of the disk hits both sides
             raw_file, store = path / f"hkv-bench-raw-{repeat}.bin", path / f"hkv-bench-store-{repeat}"
-            buffered_file = path / f"hkv-bench-buffered-{repeat}.bin"
-            made += [raw_file, buffered_file, store]
+            buffered_file, lmdb_store = path / f"hkv-bench-buffered-{repeat}.bin", path / f"hkv-bench-lmdb-{repeat}"
+            made += [raw_file, buffered_file, store, lmdb_store]
             raw_file.unlink(missing_ok=True)
             shutil.rmtree(store, ignore_errors=True)
             drop_page_cache()
@@ -247,9 +254,10 @@ def measure_disk(
             best["tier_write"] = min(best["tier_write"], _tier_write(store, layout, keys, writer_batch, submit_batch))
             cold = drop_page_cache() and cold
             best["tier_read"] = min(best["tier_read"], _tier_read(store, layout, keys, read_batch, read_threads))
+            seconds = _tier_write(lmdb_store, layout, keys, writer_batch, submit_batch, segments=False)
+            best["lmdb_write"] = min(best["lmdb_write"], seconds)
             cold = drop_page_cache() and cold
-            seconds = _tier_read(store, layout, keys, read_batch, read_threads, direct=True)
-            best["tier_direct_read"] = min(best["tier_direct_read"], seconds)
+            best["lmdb_read"] = min(best["lmdb_read"], _tier_read(lmdb_store, layout, keys, read_batch, read_threads))
     finally:
         for made_path in made:  # deleted at the end: deleting (discarding) 1 GiB disturbs the next timing
             if made_path.is_dir():
@@ -260,7 +268,8 @@ def measure_disk(
     return DiskFigures(
         disk_read_gbps=payload / best["tier_read"] / 1e9,
         disk_write_gbps=payload / best["tier_write"] / 1e9,
-        disk_direct_read_gbps=payload / best["tier_direct_read"] / 1e9,
+        disk_lmdb_write_gbps=payload / best["lmdb_write"] / 1e9,
+        disk_lmdb_read_gbps=payload / best["lmdb_read"] / 1e9,
         raw_disk_read_gbps=raw_bytes / best["raw_read"] / 1e9,
         raw_disk_write_gbps=raw_bytes / best["raw_write"] / 1e9,
         raw_random_read_gbps=payload / best["raw_random_read"] / 1e9,

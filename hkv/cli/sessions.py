@@ -153,6 +153,12 @@ def sessions_gc(store: StoreOption = None, config: ConfigOption = None) -> None:
     with _open_store(_store_path(store, config), exclusive=True) as opened, user_errors():
         result = collect_garbage(opened.disk)
     typer.echo(f"gc: {result.deleted} unreferenced blocks deleted ({human_bytes(result.freed_bytes)} freed)")
+    done = result.compaction
+    if done.compacted or done.removed or done.skipped:
+        typer.echo(f"gc: segment files: {done.compacted} compacted ({done.moved_records} records moved), {done.removed} unused "
+                   f"deleted, {human_bytes(done.freed_bytes)} of files given back")  # fmt: skip
+        for line in done.skipped:
+            typer.echo(f"gc: {line}: left as it is")
 
 
 @sessions_app.command("repair")

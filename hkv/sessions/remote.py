@@ -79,7 +79,7 @@ def push_blocks(store: SessionStore, remote: RemoteStore, keys: list[bytes], lay
         if not missing:
             continue
         with store.disk.reading() as txn:
-            records = [(key, bytes(value)) for key in missing if (value := txn.get("blocks", key)) is not None]
+            records = [(key, bytes(value)) for key in missing if (value := txn.record(key)) is not None]
             summaries = [(where, bytes(value)) for key in missing for where in (summary_key(key), summary_key(key, True))
                          if (value := txn.get("summaries", where)) is not None]  # fmt: skip
         if not remote.put_blocks(records, summaries, groups):

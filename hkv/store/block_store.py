@@ -59,6 +59,9 @@ import torch
 
 from ..blocks import (
     DTYPE_NAMES,
+    CorruptRecordError,
+    raw_header_for,
+    raw_record_ok,
     HEADER_SIZE,
     KEY_BYTES,
     BlockKey,
@@ -66,13 +69,18 @@ from ..blocks import (
     RecordError,
     encode_header,
     payload_into,
-    tensor_bytes,
 )
 from ..encoding import CODES, ENCODINGS, encode
 from ..errors import BlockNotFoundError, StoreDamagedError, StoreError, TierError, TierFullError
 from .batched_decode import BatchedDecode
 from .files import LOCK_FILES, check_store_files, creating, hold_store
+from .compaction import AUTO_DEAD_SHARE, CompactionReport, compact, punch_dead
 from .pages import check_pages
+from .segment_rows import ROW as SEGMENTS_ROW
+from .segment_rows import SegmentStats, read_stats
+from .segment_reads import SegmentReader
+from .segments import Place, SegmentWriter, StagedRecords, entry_length, segment_path
+from .staging import StagingBuffers
 from .direct_reads import PAGE, PAGE_HEADER, DirectReader
 from .locate import Locator
 from .read_hints import MappedPages, will_need
@@ -83,7 +91,9 @@ from .writer import BatchWriter, WriteJob
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-STORE_VERSION = 2  # of the store's layout (meta ``format``); block records have their own (hkv.blocks)
+STORE_VERSION = 3  # of the store's layout (meta ``format``); block records have their own (hkv.blocks)
+SEGMENTS_VERSION = 3  # the first format whose index may name records in segment files (hkv.store.segments)
+LMDB_RECORDS_VERSION = 2  # the newest format with every record in the ``blocks`` database
 MAX_DBS = 8  # the six below, and room for two more
 DB_NAMES = ("blocks", "keys", "meta", "refs", "summaries", "sessions")
 _V1_DBS = {b"blocks", b"keys", b"meta"}  # format 1 had these (and maybe an empty ``sessions``)
@@ -92,6 +102,7 @@ _PAGE_HEADER = 16  # LMDB's page header, in bytes
 READ_MAP_BYTES = 16 << 10  # map growth counted per small-record lookup (a 4 KiB page; fault-around maps up to 64 KiB)
 _LEAF_BYTES = 64  # B-tree leaf bytes per block (node + key + overflow pgno, half-full pages)
 _SLACK = 16 * 2**20  # bytes: freelist, branch pages, meta
+STAGING_BYTES = 64 << 20  # records of queued writes held at once, at least (StagingBuffers)
 
 
 # LMDB's errors that mean its pages are not what it wrote (a bad page, a wrong page type, a
@@ -194,7 +205,7 @@ def usage_from_index(txn: lmdb.Transaction, index: object) -> dict[str, int]:
     """Record bytes and count summed over the ``keys`` index (what the usage row must say)."""
     used = blocks = 0
     for _, size in txn.cursor(db=index):
-        used += int.from_bytes(size, "little")
+        used += entry_length(size)
         blocks += 1
     return {"used_bytes": used, "blocks": blocks}
 
@@ -219,7 +230,8 @@ class BlockStore:
 
     def __init__(
         self, path: str | Path, layout: BlockLayout, capacity_bytes: int, *, writer_batch: int = 64, readonly: bool = False,
-        exclusive: bool = False, encoding: str = "none", direct_reads: bool = False, _env: lmdb.Environment | None = None,
+        exclusive: bool = False, encoding: str = "none", direct_reads: bool = False, segments: bool = True,
+        _env: lmdb.Environment | None = None,
     ) -> None:  # fmt: skip
         if encoding not in ENCODINGS:
             raise ValueError(f"encoding = {encoding!r}: one of {', '.join(ENCODINGS)}")
@@ -230,6 +242,7 @@ class BlockStore:
             raise ValueError(f"writer_batch = {writer_batch} must be at least 1")
         self.path, self.layout, self.capacity_bytes = Path(path), layout, int(capacity_bytes)
         self.writer_batch, self.readonly, self.exclusive = writer_batch, readonly, exclusive
+        self.segments = segments  # new records go to segment files (store format 3), else into LMDB
         if exclusive and readonly:
             raise ValueError("exclusive: only a writable store is held alone")
         if _env is None:
@@ -253,7 +266,11 @@ class BlockStore:
         self.direct_reads = direct_reads  # block records with O_DIRECT (summary runs always, where it works)
         self._locator = Locator(self.path / "data.mdb")
         self._main_db = self._env.open_db(None)
+        self.segment_reader = SegmentReader(self.path)
+        self.segment_writer = None if readonly or not self.segments else SegmentWriter(self.path, self._next_segment)
         self._reserve = SpaceReserve(self.path, reserve_bytes(self.capacity_bytes))
+        # Queued writes hold at most this many bytes of records (submit waits beyond it).
+        self._staging = StagingBuffers(max(STAGING_BYTES, 2 * writer_batch * self.record_nbytes))
         self._closed = False
         self._close_lock = threading.Lock()
         self._writer: BatchWriter | None = None
@@ -261,7 +278,8 @@ class BlockStore:
             self._reserve.ensure()  # False on a full disk: made again after the next delete
             self._writer = BatchWriter(
                 self._env, self._apply, self._write_failed, max_blocks=writer_batch, name=f"hkv disk writer {self.path}",
-                touch=self._touch, make_room=self._make_room,
+                touch=self._touch, make_room=self._make_room, on_durable=self._punch_freed,
+                prepare=self._write_segments if self.segment_writer is not None else None,
             )  # fmt: skip
 
     def _open(self, _env: lmdb.Environment | None) -> None:
@@ -290,14 +308,15 @@ class BlockStore:
     @classmethod
     def open_existing(
         cls, path: str | Path, *, readonly: bool = True, capacity_bytes: int | None = None, writer_batch: int = 64,
-        exclusive: bool = False,
+        exclusive: bool = False, segments: bool | None = None,
     ) -> BlockStore:
         """Open the store at ``path`` with the block layout it records (for tools such as
         ``hkv sessions``, which do not know the model). ``capacity_bytes`` defaults to the larger
         of the record bytes stored and the size of ``data.mdb`` (enough to delete, not to grow
         much). ``exclusive``: writable, and no other process may have it open for writing
-        (:meth:`hkv.store.files.hold_store`; for ``hkv sessions gc`` / ``repair``). StoreError if
-        ``path`` is not an hkv store or its format is newer than this hkv."""
+        (:meth:`hkv.store.files.hold_store`; for ``hkv sessions gc`` / ``repair``). ``segments``:
+        where new records go (None: segment files if the store is format 3 already). StoreError
+        if ``path`` is not an hkv store or its format is newer than this hkv."""
         path = Path(path)
         if exclusive and readonly:
             raise ValueError("exclusive: only a writable store is held alone")
@@ -309,13 +328,16 @@ class BlockStore:
         try:
             with damage_named(path, "the database catalogue"):
                 layout, used = _read_layout(env, path)
+                version = int(_read_format(env, path)["format_version"])
             capacity = int(capacity_bytes) if capacity_bytes is not None else max(used, file_bytes, layout.record_nbytes)
             room = 2 * file_bytes + 2**30 if readonly else file_bytes + _SLACK  # readers: room for the store to grow
             env.set_mapsize(math.ceil(max(map_size_for(capacity, layout, writer_batch), room) / _PAGE) * _PAGE)
         except BaseException:
             env.close()
             raise
-        return cls(path, layout, capacity, writer_batch=writer_batch, readonly=readonly, exclusive=exclusive, _env=env)
+        if segments is None:
+            segments = version >= SEGMENTS_VERSION
+        return cls(path, layout, capacity, writer_batch=writer_batch, readonly=readonly, exclusive=exclusive, segments=segments, _env=env)
 
     def _check_folder(self) -> None:
         if self.path.exists() and not self.path.is_dir():
@@ -334,9 +356,13 @@ class BlockStore:
 
     def _open_dbs(self) -> tuple[dict[str, object], int]:
         """The databases (name -> handle; None for one a read-only format-1 store lacks) and the
-        store's format version. Creates a new store, upgrades a format-1 store opened writable
-        (the new databases and format_version 2 in one transaction), refuses anything else."""
-        want = {"format_version": STORE_VERSION, "layout": _layout_json(self.layout)}
+        store's format version. Creates a new store (format 3 with ``segments``, else 2),
+        upgrades a format-1 store opened writable (the new databases and format_version 2 in one
+        transaction) and a format-2 store opened writable with ``segments`` (format_version 3:
+        its records stay in LMDB and are read there, new ones go to segments), refuses anything
+        else. Opened read-only, a store is read as it is."""
+        target = STORE_VERSION if self.segments else LMDB_RECORDS_VERSION
+        want = {"format_version": target, "layout": _layout_json(self.layout)}
         names = _db_names(self._env)
         if names - {name.encode() for name in DB_NAMES}:
             raise StoreError(f"{self.path} is an LMDB store but not an hkv store (databases {sorted(names)})")
@@ -347,7 +373,9 @@ class BlockStore:
                 dbs = {name: self._env.open_db(name.encode(), txn=txn) for name in DB_NAMES}
                 txn.put(b"format", json.dumps(want).encode(), db=dbs["meta"])
                 txn.put(b"usage", json.dumps({"used_bytes": 0, "blocks": 0}).encode(), db=dbs["meta"])
-            return dbs, STORE_VERSION
+                if target >= SEGMENTS_VERSION:
+                    txn.put(SEGMENTS_ROW, SegmentStats().to_bytes(), db=dbs["meta"])
+            return dbs, target
         if not _V1_DBS <= names:
             raise StoreError(f"{self.path} is not an hkv store (no blocks / keys / meta databases)")
         stored = _read_format(self._env, self.path)
@@ -359,11 +387,12 @@ class BlockStore:
         if self.readonly:
             dbs = {name: self._env.open_db(name.encode(), create=False) if name.encode() in names else None for name in DB_NAMES}
             return dbs, version
+        target = max(version, target)
         with self._env.begin(write=True) as txn:  # creates the databases a format-1 store lacks
             dbs = {name: self._env.open_db(name.encode(), txn=txn) for name in DB_NAMES}
-            if version < STORE_VERSION:
-                txn.put(b"format", json.dumps({**stored, "format_version": STORE_VERSION}).encode(), db=dbs["meta"])
-        return dbs, STORE_VERSION
+            if version < target:
+                txn.put(b"format", json.dumps({**stored, "format_version": target}).encode(), db=dbs["meta"])
+        return dbs, target
 
     @property
     def has_sessions(self) -> bool:
@@ -397,22 +426,91 @@ class BlockStore:
                 payload_into(record, out[row], layout, encoding, key, where=where)
         raw = [bytes(key) for key in keys]
         with damage_named(self.path, "block records"), self._env.begin(db=self._blocks, buffers=True) as txn:
-            locations = self._locator.locate(txn, self._main_db, b"blocks", raw)  # the transaction keeps them in place
-            if self.direct_reads and self.direct.available:
-                views = self.direct.read(locations)
-                for row, (key, raw_key, view) in enumerate(zip(keys, raw, views)):
-                    self._read_one(txn, key, raw_key, view, row, read_record)
-                batch.finish()
-                return
-            for location in locations:  # every record's disk read starts now, before the first get waits on one
-                if location is not None:
-                    will_need(self._locator.map_base + location[0] * PAGE + PAGE_HEADER, location[1])
-            for row, (key, raw_key) in enumerate(zip(keys, raw)):
-                record = txn.get(raw_key)
-                if record is None:
-                    raise BlockNotFoundError(f"{self._where(key)} not found")
-                read_record(record, row, key, where=self._where(key))
+            entries = [txn.get(key, db=self._index) for key in raw]
+            places = [self._place_of(key, entry) for key, entry in zip(keys, entries)]
+            in_lmdb = [i for i, place in enumerate(places) if place is None]
+            if in_lmdb:
+                self._get_lmdb(txn, [keys[i] for i in in_lmdb], [raw[i] for i in in_lmdb], in_lmdb, read_record)
+        segment = [i for i, place in enumerate(places) if place is not None]
+        if segment:
+            self._get_segments([keys[i] for i in segment], [places[i] for i in segment], segment, out, read_record,
+                               fast=encoding == "none")  # fmt: skip
         batch.finish()
+
+    def _place_of(self, key: BlockKey, entry: bytes | memoryview | None) -> Place | None:
+        """The segment place an index entry names (None: in LMDB, or not stored)."""
+        if entry is None or len(entry) == 8:
+            return None
+        try:
+            return Place.decode(entry)
+        except ValueError as error:
+            raise CorruptRecordError(f"{self._where(key)}: {error}") from None
+
+    def _get_segments(self, keys: list[BlockKey], places: list[Place], rows: list[int], out: torch.Tensor,
+                      read_record: Callable[..., None], *, fast: bool, retry: bool = True) -> None:  # fmt: skip
+        """Read and check segment records into rows ``rows`` of ``out`` (:class:`~.segments.SegmentReader`:
+        the batch's disk reads all in flight; with ``fast``, raw records read straight into their
+        rows, others through ``read_record(record, row, key, where=)``). A segment file gone
+        (compaction moved its records, then deleted it) is looked up again once."""
+        reader = self.segment_reader
+        reader.hint(places)
+        expected = raw_header_for(bytes(keys[0]), out[rows[0]]) if fast and rows else b""
+        head = memoryview(bytearray(HEADER_SIZE))
+        moved: list[int] = []
+        for i, (key, place, row) in enumerate(zip(keys, places, rows)):
+            try:
+                if fast:
+                    dest = memoryview(out[row].view(-1).view(torch.uint8).numpy())
+                    if place.length == HEADER_SIZE + len(dest):
+                        got = reader.read_split(place, head, dest)
+                        if got == place.length and raw_record_ok(head, dest, expected, bytes(key)):
+                            continue
+                # An encoded record, or one that failed the fast checks: read whole and checked,
+                # which names the problem.
+                with torch.inference_mode(out.is_inference()):
+                    reader.read(place, lambda view, row=row, key=key: read_record(view, row, key, where=self._where(key)))
+            except FileNotFoundError:
+                moved.append(i)
+        if not moved:
+            return
+        with self._env.begin(buffers=True) as txn:
+            now = [self._place_of(keys[i], txn.get(bytes(keys[i]), db=self._index)) for i in moved]
+        for i, place in zip(moved, now):
+            if place is None:
+                raise BlockNotFoundError(f"{self._where(keys[i])} not found")
+            if place == places[i] or not retry:
+                raise CorruptRecordError(f"{self._where(keys[i])}: its segment file {segment_path(self.path, place.segment)} is missing")
+        self._get_segments([keys[i] for i in moved], now, [rows[i] for i in moved], out, read_record,  # type: ignore[misc]
+                           fast=fast, retry=False)  # fmt: skip
+
+    def _read_place(self, key: bytes, place: Place) -> bytes:
+        """One segment record's bytes, unchecked (StoreTxn.record); CorruptRecordError naming the
+        key when its file is gone."""
+        try:
+            return self.segment_reader.read(place, bytes)  # type: ignore[return-value]
+        except FileNotFoundError:
+            raise CorruptRecordError(
+                f"{self._where(BlockKey(key))}: its segment file {segment_path(self.path, place.segment)} is missing"
+            ) from None
+
+    def _get_lmdb(self, txn: lmdb.Transaction, keys: list[BlockKey], raw: list[bytes], rows: list[int],
+                  read_record: Callable[..., None]) -> None:  # fmt: skip
+        """Read records kept in LMDB's ``blocks`` database (formats 1-2, ``store.segments = false``)
+        into rows ``rows`` of the read (``read_record(record, row, key, where=)``)."""
+        locations = self._locator.locate(txn, self._main_db, b"blocks", raw)  # the transaction keeps them in place
+        if self.direct_reads and self.direct.available:
+            views = self.direct.read(locations)
+            for key, raw_key, view, row in zip(keys, raw, views, rows):
+                self._read_one(txn, key, raw_key, view, row, read_record)
+            return
+        for location in locations:  # every record's disk read starts now, before the first get waits on one
+            if location is not None:
+                will_need(self._locator.map_base + location[0] * PAGE + PAGE_HEADER, location[1])
+        for key, raw_key, row in zip(keys, raw, rows):
+            record = txn.get(raw_key)
+            if record is None:
+                raise BlockNotFoundError(f"{self._where(key)} not found")
+            read_record(record, row, key, where=self._where(key))
         self._mapped.note(len(keys) * self.record_nbytes)
 
     def read_large_values(self, db: str, keys: Sequence[bytes], txn: StoreTxn) -> list[memoryview | None]:
@@ -479,7 +577,7 @@ class BlockStore:
         values are memoryviews into the map, valid only inside the block."""
         self._check_open()
         with self._env.begin(buffers=buffers) as raw:
-            txn = StoreTxn(raw, self._dbs, None)
+            txn = StoreTxn(raw, self._dbs, None, read_place=self._read_place)
             try:
                 yield txn
             except DAMAGE_ERRORS as error:
@@ -562,9 +660,8 @@ class BlockStore:
             )
         blocks = blocks.detach()
         if self.encoding != "none":
-            encoded = encode(blocks, self.encoding).cpu()  # batched, on blocks' device
-            return self._submit_records(keys, [memoryview(row.numpy()) for row in encoded])
-        return self._submit_records(keys, [tensor_bytes(block) for block in blocks.cpu()])
+            return self._submit_records(keys, encode(blocks, self.encoding).cpu().reshape(len(blocks), -1))  # batched, on blocks' device
+        return self._submit_records(keys, blocks.cpu().contiguous().view(len(blocks), -1).view(torch.uint8))
 
     def submit_put_encoded(self, keys: Sequence[BlockKey], payloads: torch.Tensor) -> Future[None]:
         """:meth:`submit_put_many` for blocks already encoded in this store's (lossy) encoding:
@@ -577,19 +674,31 @@ class BlockStore:
                 f"submit_put_encoded: {len(keys)} keys and payloads {tuple(payloads.shape)} {payloads.dtype}; expected "
                 f"[n, {expected}] uint8 of a lossy encoding (this store writes {self.encoding})"
             )
-        return self._submit_records(keys, [memoryview(row.numpy()) for row in payloads.detach().cpu().contiguous()])
+        return self._submit_records(keys, payloads.detach().cpu())
 
-    def _submit_records(self, keys: Sequence[BlockKey], payloads: Sequence[memoryview]) -> Future[None]:
-        """Queue one record per key (header + payload, in this store's encoding) for the writer."""
+    def _submit_records(self, keys: Sequence[BlockKey], source: torch.Tensor) -> Future[None]:
+        """Queue one record per key for the writer: ``source`` ``[n, payload bytes]`` uint8 (CPU),
+        the payloads in this store's encoding."""
         shape_of = torch.empty(self.layout.shape, dtype=self.layout.dtype, device="meta")  # the header's dtype and shape
         code = CODES[self.encoding]
-        puts: dict[bytes, bytearray] = {}  # a key given twice keeps its last block
-        for key, payload in zip(keys, payloads):
-            record = bytearray(HEADER_SIZE + len(payload))
-            record[:HEADER_SIZE] = encode_header(key, shape_of, payload, code)
-            record[HEADER_SIZE:] = payload
-            puts[bytes(key)] = record
-        return self._writer.submit(WriteJob(puts=list(puts.items())))
+        last = {bytes(key): i for i, key in enumerate(keys)}  # a key given twice keeps its last block
+        rows = list(last.values())
+        payload_nbytes = source.shape[1]
+        # Records are built in place in one page-aligned buffer (the segment writer writes it as it
+        # is): the payloads in one tensor copy, then each header with its payload's checksum.
+        buffer, views, give_back = self._staging.take([HEADER_SIZE + payload_nbytes] * len(rows))
+        packed = torch.frombuffer(buffer, dtype=torch.uint8, count=len(rows) * (HEADER_SIZE + payload_nbytes))
+        packed.view(len(rows), -1)[:, HEADER_SIZE:].copy_(source[rows] if len(rows) < len(source) else source)
+        for i, record in zip(rows, views):
+            record[:HEADER_SIZE] = encode_header(keys[i], shape_of, record[HEADER_SIZE:], code)
+        job = WriteJob(puts=list(zip(last, views)))
+        job.staged = buffer
+        job.future.add_done_callback(lambda _: give_back())
+        try:
+            return self._writer.submit(job)
+        except BaseException:
+            give_back()
+            raise
 
     def put_many(self, keys: Sequence[BlockKey], blocks: torch.Tensor) -> None:
         """Store ``blocks`` (``[n, *layout.shape]``) durably. Raises TierFullError."""
@@ -602,7 +711,10 @@ class BlockStore:
         """Drop blocks durably, except those a committed session references (refs > 0, read in
         the deleting transaction): they are reported as ``kept``."""
         self._check_writable()
-        return self._writer.submit(WriteJob(deletes=[bytes(k) for k in keys], frees=True)).result()
+        result = self._writer.submit(WriteJob(deletes=[bytes(k) for k in keys], frees=True)).result()
+        if result.deleted:
+            self._compact_after_free()
+        return result
 
     def delete(self, key: BlockKey) -> bool:
         """Drop one block; whether it was deleted (False: not stored, or referenced)."""
@@ -621,7 +733,29 @@ class BlockStore:
 
     def apply(self, apply: Callable[[StoreTxn], T], *, frees: bool = False) -> T:
         """:meth:`submit_apply` and wait: the change is durable on return."""
-        return self.submit_apply(apply, frees=frees).result()
+        result = self.submit_apply(apply, frees=frees).result()
+        if frees:
+            self._compact_after_free()
+        return result
+
+    def compact_segments(self, threshold: float, *, current_too: bool = False) -> CompactionReport:
+        """Compact the segment files more than ``threshold`` dead and delete those no index
+        entry names (:mod:`.compaction`); ``current_too``: this process's own segments too (the
+        ones it filled stay locked, so out of other compactions, until then or until it closes)."""
+        self._check_writable()
+        if current_too:
+            self.flush()  # this process's segments are let go: everything written there is committed first
+        return compact(self, threshold, current_too=current_too)
+
+    def _compact_after_free(self) -> None:
+        """After a delete: compact the segments it left more than AUTO_DEAD_SHARE dead (not in a
+        store held alone: gc and repair compact once, at their end)."""
+        if self.exclusive or self.segment_writer is None:
+            return
+        try:
+            compact(self, AUTO_DEAD_SHARE)
+        except OSError as error:  # a full disk: the space comes back at a later delete or gc
+            log.warning("%s: compacting segment files failed: %s", self.path, error)
 
     def flush(self) -> None:
         """Wait until everything submitted so far is committed (or failed)."""
@@ -640,11 +774,19 @@ class BlockStore:
         """Do ``batch`` in one write transaction (runs in the writer thread); a result per job.
         Raises lmdb.MapFullError (nothing committed; the writer retries each job alone)."""
         results: list[object] = []
+        self._write_segments(batch)
         with self._env.begin(write=True, db=self._blocks) as raw:
-            txn = StoreTxn(raw, self._dbs, self._usage(raw))
+            stats = read_stats(raw, self._meta, self._index) if self.format_version >= SEGMENTS_VERSION else None
+            txn = StoreTxn(raw, self._dbs, self._usage(raw), stats, self._read_place)
             for job in batch:
+                before = len(txn.freed)
                 results.append(self._apply_job(txn, job) if job.apply is not None else self._put_delete(txn, job))
+                job.freed = txn.freed[before:]
             raw.put(b"usage", json.dumps(txn.usage).encode(), db=self._meta)
+            if txn.segments is not None:
+                if self.segment_writer is not None and self.segment_writer.segment is not None:
+                    txn.segments.next = max(txn.segments.next, self.segment_writer.segment + 1)
+                raw.put(SEGMENTS_ROW, txn.segments.to_bytes(), db=self._meta)
         self._mapped.note(txn.written)  # block puts and apply jobs (summaries, session commits) alike
         if any(job.frees for job in batch) and not self._reserve.present():
             # Pages freed by transaction N are reused from N + 2 on: one more (tiny) commit now,
@@ -652,6 +794,31 @@ class BlockStore:
             self._touch()
             self._reserve.ensure()
         return results
+
+    def _write_segments(self, batch: list[WriteJob]) -> None:
+        """Write the records of ``batch``'s put jobs to this process's segment, durably, before the
+        transaction that indexes them (a job retried alone keeps its places: written once). The
+        writer's prepare thread calls it while the batch before commits; ``_apply`` again for
+        what that left undone."""
+        if self.segment_writer is None or self.format_version < SEGMENTS_VERSION:
+            return
+        jobs = [job for job in batch if job.puts and job.places is None]
+        if jobs:
+            placed = self.segment_writer.append_jobs([StagedRecords([record for _, record in job.puts], job.staged) for job in jobs])
+            for job, places in zip(jobs, placed):
+                job.places = places
+
+    def _punch_freed(self, jobs: list[WriteJob]) -> None:
+        """The whole pages of segment records durable transactions stopped naming go back to the
+        disk now (:func:`~.segments.punch_dead`); compaction reclaims the rest."""
+        places = [place for job in jobs for place in job.freed]
+        if places:
+            punch_dead(self.path, places)
+
+    def _next_segment(self) -> int:
+        """The lowest segment id the store has not used (its ``meta/segments`` row)."""
+        with self._env.begin() as txn:
+            return read_stats(txn, self._meta, self._index).next
 
     def _make_room(self, error: BaseException) -> bool:
         """A freeing job failed with ``error``: if the disk is full, delete the reserve file so
@@ -679,6 +846,10 @@ class BlockStore:
         delta = sum(len(record) - (old or 0) for (_, record), old in zip(job.puts, sizes))
         if txn.usage["used_bytes"] + delta > self.capacity_bytes:
             return self._full_error(job, f"{txn.usage['used_bytes']} bytes used")
+        if job.places is not None:
+            for (key, _), place in zip(job.puts, job.places):
+                txn.put_place(key, place)
+            return txn.delete_unreferenced(job.deletes) if job.deletes else None
         for key, record in job.puts:
             txn.put_block(key, record)
         return txn.delete_unreferenced(job.deletes) if job.deletes else None
@@ -686,7 +857,8 @@ class BlockStore:
     def _apply_job(self, txn: StoreTxn, job: WriteJob) -> object:
         """An ``apply`` job in a nested transaction: if it raises, its changes are dropped and
         the exception is its result (a full map still aborts the whole batch)."""
-        outer, usage = txn.txn, dict(txn.usage)
+        outer, usage, freed = txn.txn, dict(txn.usage), len(txn.freed)
+        segments = txn.segments.copy() if txn.segments is not None else None
         try:
             with self._env.begin(write=True, parent=outer, db=self._blocks) as child:
                 txn.txn = child
@@ -694,7 +866,8 @@ class BlockStore:
         except lmdb.MapFullError:
             raise
         except Exception as error:
-            txn.usage = usage
+            txn.usage, txn.segments = usage, segments
+            del txn.freed[freed:]
             return error
         finally:
             txn.txn = outer
@@ -728,6 +901,9 @@ class BlockStore:
             if self._writer is not None:
                 self._writer.close()  # first: a submit from now on raises TierError instead of hanging
             self._closed = True
+            if self.segment_writer is not None:
+                self.segment_writer.close()
+            self.segment_reader.close()
             self.direct.close()
             self._env.close()
             if self._users is not None:

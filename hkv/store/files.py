@@ -4,7 +4,7 @@ LMDB maps ``data.mdb`` and trusts it: a file shorter than the pages its meta pag
 the first read of a missing page a SIGBUS, and LMDB follows links, so a ``lock.mdb`` link would
 have its target overwritten with the lock table. :func:`check_store_files` runs before every
 open: the files the store opens must be regular files inside the folder (``lstat``, no link
-followed), ``data.mdb`` must hold every page its newer meta page says is in use, and its B-tree
+followed; ``segments`` a folder), ``data.mdb`` must hold every page its newer meta page says is in use, and its B-tree
 pages must be sound (:mod:`.pages`).
 
 Meta page layout (LMDB 0.9, 64-bit; ``mdb.c``: ``MDB_page`` header, then ``MDB_meta``): magic
@@ -27,6 +27,7 @@ from ..errors import StoreDamagedError, StoreError
 from .pages import check_pages
 
 DATA_FILE = "data.mdb"
+SEGMENT_DIR = "segments"  # the block records of store format 3 (hkv.store.segments)
 USERS_LOCK = "users.lock"
 LOCK_FILES = ("lock.mdb", "sessions.lock", USERS_LOCK, "reserve")
 MAGIC = 0xBEEFC0DE
@@ -83,6 +84,12 @@ def check_store_files(folder: Path) -> bool:
     than its pages in use (truncated: reading it would crash the process)."""
     for name in LOCK_FILES:
         _regular_or_absent(folder / name)
+    try:
+        segments = os.lstat(folder / SEGMENT_DIR)
+    except FileNotFoundError:
+        segments = None
+    if segments is not None and not stat.S_ISDIR(segments.st_mode):  # a link too: lstat does not follow it
+        raise StoreError(f"{folder / SEGMENT_DIR} is not a folder (a link, or a file); hkv follows no link inside a store ({_HOW})")
     data = folder / DATA_FILE
     if not _regular_or_absent(data):
         return False

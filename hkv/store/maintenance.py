@@ -12,7 +12,10 @@ leaves, the prefix cache of ``store.persist``). :func:`repair_blocks` makes the 
 records, the ``keys`` index, the ``summaries`` rows and the ``usage`` row agree: a record that
 fails its checks is dropped (whatever references it), a good record missing from the index is
 indexed again, an index entry or summary without a record is dropped, the usage row is
-recomputed. It never deletes a record that checks out. The session half is
+recomputed. A record in a segment file (store format 3) that fails its checks, or whose file is
+gone, has its index entry dropped; the ``meta/segments`` row is recomputed from the index. It
+never deletes a record that checks out. Both end with a compaction of the segment files
+(:mod:`.compaction`: the dead bytes of deleted records given back, files no entry names deleted). The session half is
 :mod:`hkv.sessions.repair`.
 """
 
@@ -26,6 +29,10 @@ import torch
 from ..blocks import KEY_BYTES, BlockKey, RecordError, decode_into
 from ..errors import StoreError
 from .block_store import BlockStore, parse_usage, usage_from_index
+from .compaction import GC_DEAD_SHARE, CompactionReport
+from .segment_rows import ROW as SEGMENTS_ROW
+from .segment_rows import SegmentStats, stats_from_index
+from .segments import Place, entry_length
 from .txn import StoreTxn
 
 CHUNK = 256  # blocks per write transaction (bounded dirty pages: fits the reserve on a full disk)
@@ -33,10 +40,12 @@ CHUNK = 256  # blocks per write transaction (bounded dirty pages: fits the reser
 
 @dataclass(slots=True)
 class GcReport:
-    """What :func:`collect_garbage` did: blocks deleted and their record bytes."""
+    """What :func:`collect_garbage` did: blocks deleted and their record bytes, and the
+    compaction of the segment files that followed."""
 
     deleted: int = 0
     freed_bytes: int = 0
+    compaction: CompactionReport = field(default_factory=CompactionReport)
 
 
 @dataclass(slots=True)
@@ -76,6 +85,8 @@ def collect_garbage(store: BlockStore) -> GcReport:
         deleted, freed = store.apply(job(chunk), frees=True)
         report.deleted += deleted
         report.freed_bytes += freed
+    if store.segment_writer is not None or store.format_version >= 3:
+        report.compaction = store.compact_segments(GC_DEAD_SHARE, current_too=True)
     return report
 
 
@@ -131,10 +142,17 @@ def repair_blocks(store: BlockStore) -> BlockRepair:
     report = BlockRepair()
     with store.reading() as txn:
         records = txn.keys("blocks")
-        indexed = {bytes(key): int.from_bytes(size, "little") for key, size in txn.items("keys")}
+        entries = {bytes(key): bytes(entry) for key, entry in txn.items("keys")}
         summaries = txn.keys("summaries")
         usage_was = parse_usage(txn.get("meta", b"usage"))
         usage_then = usage_from_index(txn.txn, txn.db["keys"])
+    placed = {key: _place_or_none(entry) for key, entry in entries.items() if len(entry) != 8}
+    indexed = {key: entry_length(entry) for key, entry in entries.items() if key not in placed}
+    stray = [key for key in records if key in placed]  # an LMDB record under a segment entry: the segment's wins
+    records = [key for key in records if key not in placed]
+    if stray:
+        store.apply(_delete_rows("blocks", stray), frees=True)
+        report.problems.append(f"{len(stray)} LMDB records of blocks indexed in segment files: dropped")
     if usage_was != usage_then:
         said = usage_was if usage_was is not None else "nothing readable"
         report.problems.append(f"the meta/usage row said {said}, the key index {usage_then}: recomputed")
@@ -152,20 +170,67 @@ def repair_blocks(store: BlockStore) -> BlockRepair:
                 f"block {key.hex()}: " + ("not in the key index: indexed again" if key not in indexed else "wrong length in the key index: fixed")
                 for key in wrong
             ]  # fmt: skip
-    stored = set(records) - set(report.dropped)
+    seg_good = _check_segment_records(store, placed, report)
+    stored = set(records) - set(report.dropped) | seg_good
     stale = [key for key in indexed if key not in stored]
     for chunk in _chunks(stale):
         store.apply(_delete_rows("keys", chunk), frees=True)
     dropped = set(report.dropped)
     report.problems += [f"block {key.hex()}: in the key index without a record: entry dropped" for key in stale if key not in dropped]
-    had = set(records)  # (a dropped record's summaries went with it)
+    had = set(records) | set(placed)  # (a dropped record's summaries went with it)
     lone = [key for key in summaries if key[:KEY_BYTES] not in had]
     for chunk in _chunks(lone):
         store.apply(_delete_rows("summaries", chunk), frees=True)
     if lone:
         report.problems.append(f"{len(lone)} summaries without a block: dropped")
     store.apply(_recount_usage)
+    if store.format_version >= 3:
+        store.apply(_recount_segments)
+        done = store.compact_segments(GC_DEAD_SHARE, current_too=True)
+        if done.removed:
+            report.problems.append(f"{done.removed} segment files no index entry named: deleted")
     return report
+
+
+def _place_or_none(entry: bytes) -> Place | None:
+    try:
+        return Place.decode(entry)
+    except ValueError:
+        return None  # a malformed entry: dropped as a record that fails
+
+
+def _check_segment_records(store: BlockStore, placed: dict[bytes, Place | None], report: BlockRepair) -> set[bytes]:
+    """Check every segment record the index names (a chunk at a time); drop the index entries
+    of those that fail (or whose file is gone); the keys that check out."""
+    good: set[bytes] = set()
+    scratch = torch.empty(store.layout.shape, dtype=store.layout.dtype)
+    for chunk in _chunks(sorted(placed)):
+        bad: list[tuple[bytes, str]] = []
+        with store.reading() as txn:
+            for key in chunk:
+                report.checked += 1
+                if placed[key] is None:
+                    bad.append((key, "a malformed key index entry"))
+                    continue
+                try:
+                    decode_into(txn.record(key), scratch, BlockKey(key), where="record")
+                    good.add(key)
+                except RecordError as error:
+                    bad.append((key, str(error).split(": ", 1)[-1].removeprefix("record: ")))
+        if bad:
+            store.apply(lambda txn, keys=[key for key, _ in bad]: _drop_records(txn, keys), frees=True)
+            report.dropped += [key for key, _ in bad]
+            report.problems += [f"block {key.hex()}: {problem}: dropped" for key, problem in bad]
+    return good
+
+
+def _recount_segments(txn: StoreTxn) -> None:
+    """Set the segments row to what the key index says (keeping the next id)."""
+    old = SegmentStats.parse(txn.get("meta", SEGMENTS_ROW))
+    fresh = stats_from_index(txn.txn, txn.db["keys"], old.next if old is not None else 1)
+    fresh.next = max(fresh.next, max(fresh.live, default=0) + 1)
+    txn.segments = fresh
+    txn.put("meta", SEGMENTS_ROW, fresh.to_bytes())
 
 
 def _recount_usage(txn: StoreTxn) -> None:

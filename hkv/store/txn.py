@@ -3,17 +3,21 @@
 The store's writer thread hands a :class:`StoreTxn` to each ``apply`` job (a nested write
 transaction, see :meth:`hkv.store.block_store.BlockStore.submit_apply`), and readers get one from
 :meth:`hkv.store.block_store.BlockStore.reading`. It knows the format-2 conventions every writer must keep:
-a block is a ``blocks`` record plus its ``keys`` entry (record length, u64 LE) and maybe a
-``summaries`` entry; ``refs`` holds u32 LE counts, absent meaning 0; ``usage`` (record bytes and
+a block is a ``keys`` entry (record length, u64 LE; in format 3 maybe followed by the record's
+place in a segment file, :class:`~hkv.store.segments.Place`) plus its record (in the ``blocks``
+database, or at that place) and maybe a ``summaries`` entry; ``refs`` holds u32 LE counts, absent meaning 0; ``usage`` (record bytes and
 count) changes with every block put or deleted.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import lmdb
+
+from .segment_rows import SegmentStats
+from .segments import Place, entry_length
 
 REFS_BYTES = 4  # u32 little-endian
 
@@ -58,12 +62,20 @@ class StoreTxn:
     or None for a database a read-only format-1 store lacks; ``usage``: ``{"used_bytes",
     "blocks"}`` as this transaction will commit it (None in a read transaction); ``written``:
     bytes of keys and values put so far (what the store's mapped pages grow by, roughly);
-    ``reads``: records looked up by key so far (each maps at least one page of the store)."""
+    ``reads``: records looked up by key so far (each maps at least one page of the store);
+    ``segments``: the ``meta/segments`` row as this transaction will commit it (None: not
+    loaded, or a read transaction); ``read_place``: reads a segment record (``(key, place)`` ->
+    its bytes; CorruptRecordError naming the key when its file is gone)."""
 
-    __slots__ = ("txn", "db", "usage", "written", "reads", "last_db")
+    __slots__ = ("txn", "db", "usage", "written", "reads", "last_db", "segments", "read_place", "freed")
 
-    def __init__(self, txn: lmdb.Transaction, db: dict[str, object], usage: dict[str, int] | None) -> None:
+    def __init__(
+        self, txn: lmdb.Transaction, db: dict[str, object], usage: dict[str, int] | None,
+        segments: SegmentStats | None = None, read_place: Callable[[bytes, Place], bytes] | None = None,
+    ) -> None:  # fmt: skip
         self.txn, self.db, self.usage = txn, db, usage
+        self.segments, self.read_place = segments, read_place
+        self.freed: list[Place] = []  # segment places this transaction stopped naming (dead once it is durable)
         self.written = 0
         self.reads = 0
         self.last_db: str | None = None  # the database read last (named when a read finds damage)
@@ -119,7 +131,23 @@ class StoreTxn:
     def record_nbytes(self, key: bytes) -> int | None:
         """Bytes of the block record under ``key`` (from the ``keys`` index; no record page read)."""
         size = self.get("keys", key)
-        return None if size is None else int.from_bytes(size, "little")
+        return None if size is None else entry_length(size)
+
+    def place(self, key: bytes) -> Place | None:
+        """Where block ``key``'s record is in a segment file; None if it is not stored or is in
+        the ``blocks`` database. ValueError for a malformed index entry."""
+        entry = self.get("keys", key)
+        return None if entry is None else Place.decode(entry)
+
+    def record(self, key: bytes) -> bytes | memoryview | None:
+        """Block ``key``'s record bytes, wherever they are (None if not stored); not checked."""
+        entry = self.get("keys", key)
+        place = Place.decode(entry) if entry is not None and len(entry) != 8 else None
+        if place is None:
+            return self.get("blocks", key)
+        if self.read_place is None:
+            raise ValueError("this transaction cannot read segment records")
+        return self.read_place(key, place)
 
     def refs(self, key: bytes) -> int:
         """How many committed sessions reference block ``key``."""
@@ -171,9 +199,25 @@ class StoreTxn:
             self.txn.cursor(db=self.db[db]).putmulti(sorted(items))
             self.written += sum(len(key) + len(value) for key, value in items)
 
+    def _forget_place(self, key: bytes) -> int | None:
+        """The old record's bytes (None if none); a segment place it had leaves the segments row."""
+        entry = self.get("keys", key)
+        if entry is None:
+            return None
+        if len(entry) != 8:
+            try:
+                place = Place.decode(entry)
+            except ValueError:  # a malformed entry (repair drops it)
+                return entry_length(entry)
+            if self.segments is not None:
+                self.segments.remove(place)
+            self.freed.append(place)
+            return place.length
+        return entry_length(entry)
+
     def put_block(self, key: bytes, record: bytes | bytearray) -> int:
         """Store a block record (replacing one under the same key); returns the change in used bytes."""
-        old = self.record_nbytes(key)
+        old = self._forget_place(key)
         self.txn.put(key, record, db=self.db["blocks"])
         self.txn.put(key, len(record).to_bytes(8, "little"), db=self.db["keys"])
         self.written += len(record) + 2 * len(key) + 8
@@ -181,13 +225,30 @@ class StoreTxn:
         self.usage["blocks"] += old is None
         return len(record) - (old or 0)
 
+    def put_place(self, key: bytes, place: Place) -> int:
+        """Index a record written at ``place`` of a segment (durable already), replacing any
+        record under ``key``; returns the change in used bytes."""
+        entry = self.get("keys", key)
+        old = self._forget_place(key)
+        if entry is not None and len(entry) == 8:
+            self.txn.delete(key, db=self.db["blocks"])
+        self.txn.put(key, place.encode(), db=self.db["keys"])
+        self.segments.add(place)
+        self.written += 2 * len(key) + 20
+        self.usage["used_bytes"] += place.length - (old or 0)
+        self.usage["blocks"] += old is None
+        return place.length - (old or 0)
+
     def delete_block(self, key: bytes) -> int:
         """Delete a block record, its index entry and its summary, whatever its refs count (the
-        caller decided); returns the record bytes freed (0 if it was not stored)."""
-        old = self.record_nbytes(key)
+        caller decided); returns the record bytes freed (0 if it was not stored). A segment
+        record's bytes stay in its file until compaction."""
+        entry = self.get("keys", key)
+        old = self._forget_place(key)
         if old is None:
             return 0
-        self.txn.delete(key, db=self.db["blocks"])
+        if len(entry) == 8:
+            self.txn.delete(key, db=self.db["blocks"])
         self.txn.delete(key, db=self.db["keys"])
         if self.db.get("summaries") is not None:
             self.txn.delete(key, db=self.db["summaries"])

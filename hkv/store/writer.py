@@ -34,7 +34,7 @@ class WriteJob:
     again in a fresh transaction after a full map or disk. ``frees``: the job deletes more than
     it writes (deletes alone always do)."""
 
-    __slots__ = ("puts", "deletes", "apply", "frees", "future")
+    __slots__ = ("puts", "deletes", "apply", "frees", "future", "places", "freed", "staged")
 
     def __init__(
         self, puts: list[tuple[bytes, bytearray]] | None = None, deletes: list[bytes] | None = None,
@@ -43,6 +43,9 @@ class WriteJob:
         self.puts, self.deletes, self.apply = puts or [], deletes or [], apply
         self.frees = frees and not self.puts
         self.future: Future = Future()
+        self.places: list | None = None  # where the owner wrote ``puts`` outside the transaction (kept for a retry)
+        self.freed: list = []  # what the owner may reclaim once the job's transaction is durable (``on_durable``)
+        self.staged: memoryview | None = None  # a page-aligned buffer holding ``puts``' records packed (the owner's)
 
     @property
     def size(self) -> int:
@@ -61,7 +64,11 @@ class BatchWriter:
     writer retry each job alone (after ``touch()``, a tiny commit). ``failed(job, error)`` is the
     exception a job whose transaction raised ``error`` gets (``job`` None: a sync failed).
     ``make_room(error)``: called when a freeing job failed; True if it freed disk space (the
-    job is then tried once more).
+    job is then tried once more). ``on_durable(jobs)``: called in the writer thread with the
+    jobs whose transaction is durable, before their futures resolve. ``prepare(jobs)``: work on
+    the jobs before their transaction (the store writes their records to its segment file), in a
+    thread of its own, a batch at a time, in submission order, so that it overlaps the commit of
+    the batch before; what it leaves undone (it raised) ``apply`` must do.
     """
 
     def __init__(
@@ -74,12 +81,22 @@ class BatchWriter:
         name: str,
         touch: Callable[[], None],
         make_room: Callable[[BaseException], bool] = lambda error: False,
+        on_durable: Callable[[list[WriteJob]], None] = lambda jobs: None,
+        prepare: Callable[[list[WriteJob]], None] | None = None,
     ) -> None:
         self._env, self._apply, self._failed, self._touch, self._make_room = env, apply, failed, touch, make_room
+        self._on_durable, self._prepare = on_durable, prepare
         self.max_blocks, self.name = max_blocks, name
         self._jobs: queue.SimpleQueue[WriteJob | None] = queue.SimpleQueue()
+        # With ``prepare``, jobs go through a second thread first (submission order kept): it
+        # prepares a batch (writes the records of its puts) while this one commits the last.
+        self._ready: queue.SimpleQueue[WriteJob | None] = queue.SimpleQueue() if prepare is not None else self._jobs
         self._lock = threading.Lock()  # orders submissions against closing
         self._closing = False  # set by close() or when the thread ends: no more submissions
+        self._prep_thread = None
+        if prepare is not None:
+            self._prep_thread = threading.Thread(target=self._prep_loop, name=f"{name} (prepare)", daemon=True)
+            self._prep_thread.start()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -98,7 +115,33 @@ class BatchWriter:
                 self._closing = True
                 self._jobs.put(None)  # after every job already queued; none can follow
         if self._thread is not threading.current_thread():
+            if self._prep_thread is not None:
+                self._prep_thread.join()
             self._thread.join()
+            self._fail_stranded([])  # what the prepare thread passed on after the writer stopped
+
+    def _prep_loop(self) -> None:
+        """Take submissions in order, ``prepare`` them a batch at a time, pass them on."""
+        while True:
+            job = self._jobs.get()
+            batch, count = [job], 0 if job is None else job.size
+            while job is not None and count < self.max_blocks:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                batch.append(job)
+                count += 0 if job is None else job.size
+            jobs = [job for job in batch if job is not None]
+            if jobs:
+                try:
+                    self._prepare(jobs)
+                except Exception:  # the owner's ``apply`` meets it again, and reports it
+                    pass
+            for job in batch:
+                self._ready.put(job)
+                if job is None:
+                    return
 
     def _loop(self) -> None:
         durable: list[Outcome] = []  # committed; resolved once a later fsync covers their meta page
@@ -108,39 +151,45 @@ class BatchWriter:
         finally:  # normal stop or a crash: no job may be left waiting forever
             with self._lock:
                 self._closing = True
-            stranded = [job for job, _ in durable] + batch
+            self._fail_stranded([job for job, _ in durable] + batch)
+            if self._prep_thread is not None:
+                self._jobs.put(None)  # the prepare thread stops too (a crash left it waiting)
+
+    def _fail_stranded(self, stranded: list[WriteJob]) -> None:
+        """Fail ``stranded`` and every job still queued (the writer has stopped)."""
+        for source in {id(q): q for q in (self._jobs, self._ready)}.values():
             while True:
                 try:
-                    job = self._jobs.get_nowait()
+                    job = source.get_nowait()
                 except queue.Empty:
                     break
                 if job is not None:
                     stranded.append(job)
-            for job in stranded:
-                if not job.future.done():
-                    job.future.set_exception(TierError(f"{self.name}: the writer stopped before this job was done"))
+        for job in stranded:
+            if not job.future.done():
+                job.future.set_exception(TierError(f"{self.name}: the writer stopped before this job was done"))
 
     def _run(self, durable: list[Outcome], batch: list[WriteJob]) -> None:
         while True:
             if durable:
                 try:
-                    job = self._jobs.get_nowait()
+                    job = self._ready.get_nowait()
                 except queue.Empty:  # idle: make the last commit durable now (one small fdatasync)
                     self._sync(durable)
-                    job = self._jobs.get()
+                    job = self._ready.get()
             else:
-                job = self._jobs.get()
+                job = self._ready.get()
             if job is None:
                 self._sync(durable)
                 return
             batch[:], count = [job], job.size
             while count < self.max_blocks:  # gather what is already waiting, up to a batch
                 try:
-                    job = self._jobs.get_nowait()
+                    job = self._ready.get_nowait()
                 except queue.Empty:
                     break
                 if job is None:
-                    self._jobs.put(None)  # stop after this batch
+                    self._ready.put(None)  # stop after this batch
                     break
                 batch.append(job)
                 count += job.size
@@ -178,8 +227,9 @@ class BatchWriter:
             done[:] = [(job, self._failed(None, error)) for job, _ in done]
         self._resolve(done)
 
-    @staticmethod
-    def _resolve(done: list[Outcome]) -> None:
+    def _resolve(self, done: list[Outcome]) -> None:
+        """Resolve the futures of ``done``, whose transactions are durable now."""
+        self._on_durable([job for job, result in done if not isinstance(result, BaseException)])
         for job, result in done:
             if isinstance(result, BaseException):
                 job.future.set_exception(result)

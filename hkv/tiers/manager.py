@@ -129,7 +129,7 @@ class TierManager(Promotion):
     def _open_disk(self) -> DiskTier:
         if self._disk is None:
             self._disk = DiskTier(self.path, self.layout, self.disk_capacity, writer_batch=self.config.store.writer_batch,
-                                  direct_reads=self.config.store.direct_reads,
+                                  direct_reads=self.config.store.direct_reads, segments=self.config.store.segments,
                                   encoding=self.config.tiers.disk_encoding)  # fmt: skip
             recent = self._recent["disk"]
             for digest in self._disk.key_digests():

@@ -263,16 +263,19 @@ class Placement:
         return moved
 
     def _spill(self, keys: list[Digest]) -> None:
-        """Write the host copies of ``keys`` to their reserved disk records, durably. Host slots
-        already in the disk's encoding are written as they are (no decode and re-encode)."""
+        """Write the host copies of ``keys`` to their reserved disk records, durably."""
+        blocks, encoded = self._host_copies(keys)
+        self._write_disk(keys, blocks, sync=True, encoded=encoded)
+
+    def _host_copies(self, keys: list[Digest]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """What a disk write of host blocks ``keys`` takes: ``(raw blocks, None)``, or ``(None,
+        payloads)`` when the host slots are already in the disk's encoding (written as they are:
+        no decode and re-encode, which would round twice)."""
         host = self.host_pool
         slots = host.slots(keys)
-        disk = self._open_disk()
-        if host.codec.lossy and host.encoding == disk.encoding:
-            payloads = host.data.index_select(0, host.index(slots))
-            self._write_disk(keys, None, sync=True, encoded=payloads)
-        else:
-            self._write_disk(keys, host.read_slots(slots), sync=True)
+        if host.codec.lossy and host.encoding == self._open_disk().encoding:
+            return None, host.data.index_select(0, host.index(slots))
+        return host.read_slots(slots), None
 
     # -- the disk tier --------------------------------------------------------------------------
     @property
@@ -361,8 +364,8 @@ class Placement:
 
     def _write_disk(self, keys: list[Digest], blocks: torch.Tensor | None, *, sync: bool, encoded: torch.Tensor | None = None) -> None:
         """Write reserved records of raw ``blocks``, or of payloads ``encoded`` already in the
-        disk's encoding (``[n, payload bytes]`` uint8, ``sync`` only); ``sync`` waits until
-        durable (raising, reservation returned)."""
+        disk's encoding (``[n, payload bytes]`` uint8); ``sync`` waits until durable (raising,
+        reservation returned)."""
         disk = self._open_disk()
         if sync:
             try:
@@ -375,7 +378,8 @@ class Placement:
                 raise
             future = None
         else:
-            future = disk.submit_put_many([BlockKey(key) for key in keys], blocks)
+            named = [BlockKey(key) for key in keys]
+            future = disk.submit_put_encoded(named, encoded) if encoded is not None else disk.submit_put_many(named, blocks)  # type: ignore[arg-type]
             # drop write-throughs that landed; failed ones stay for _flush_pending to un-mark and report
             self._pending = [(ks, f) for ks, f in self._pending if not (f.done() and f.exception() is None)]
             self._pending.append((list(keys), future))

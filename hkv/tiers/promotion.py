@@ -373,7 +373,8 @@ class Promotion(Placement):
         that needs the copy waits for it); only disk records beyond those every block of the host
         and device tiers could still spill into are used (never an eviction, never a record a later
         spill needs), and only the ``scan`` (default ``4 * limit + 64``) next victims in LRU order
-        are looked at. Gathers call it too when a disk read found no host slot to keep."""
+        are looked at; a disk tier not yet opened is left alone. Gathers call it too when a disk
+        read found no host slot to keep."""
         if limit < 1 or self._disk is None:
             return 0
         scan = 4 * limit + 64 if scan is None else scan
@@ -395,8 +396,8 @@ class Promotion(Placement):
             if not todo:
                 return 0
             self._disk_reserve(len(todo), set(todo), partial=True)  # free records only: no evictions
-            pool = self.host_pool
-            self._write_disk(todo, pool.data.index_select(0, pool.index(pool.slots(todo))), sync=False)
+            blocks, encoded = self._host_copies(todo)
+            self._write_disk(todo, blocks, sync=False, encoded=encoded)
         return len(todo)
 
     def _plan_up(self, keys: list[Digest], to: str, *, must: bool, exclude: set[Digest]) -> _Plan:

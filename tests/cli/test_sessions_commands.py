@@ -13,6 +13,7 @@ import torch
 import hkv
 
 from helpers.cli import assert_clean_error
+from helpers.records import rewrite
 
 LAYERS = 2  # the cli_model's
 
@@ -92,7 +93,11 @@ def _session_keys(store: Any, name: str) -> list[bytes]:
 
 
 def flip_block_byte(store_path: Path, key: bytes) -> None:
-    flip_record_byte(store_path, b"blocks", key)
+    def change(record: bytearray) -> bytearray:
+        record[-5] ^= 0xFF  # in the payload, past the header
+        return record
+
+    rewrite(store_path, b"blocks", key, change)  # in its segment file, or in LMDB
 
 
 def flip_record_byte(store_path: Path, db: bytes, key: bytes, offset: int = -5) -> None:

@@ -13,6 +13,7 @@ import torch
 from hkv.blocks import BlockKey, BlockLayout, chain_hashes
 from hkv.sessions.records import ModelIdentity, SessionRecord
 from hkv.sessions.store import SessionStore
+from hkv.store.segments import Place, segment_path
 from hkv.store.txn import CommitResult
 
 LAYOUT = BlockLayout(kv_heads=2, block_tokens=4, head_dim=8, dtype=torch.float16)
@@ -79,11 +80,24 @@ def raw_env(path: Path) -> lmdb.Environment:
 
 
 def rewrite(path: Path, db: bytes, key: bytes, change) -> None:
-    """Change one stored value by hand (the store must be closed in this process)."""
+    """Change one stored value by hand (the store must be closed in this process). A block
+    record (``db`` ``b"blocks"``) is changed where it is: in LMDB, or in its segment file (a
+    shorter value: the index entry is cut to it, as a record cut short reads)."""
     env = raw_env(path)
     handle = env.open_db(db)
     with env.begin(write=True, db=handle) as txn:
-        txn.put(key, bytes(change(bytearray(txn.get(key)))))
+        place = Place.decode(txn.get(key, db=env.open_db(b"keys", txn=txn))) if db == b"blocks" else None
+        if place is None:
+            txn.put(key, bytes(change(bytearray(txn.get(key)))))
+        else:
+            with open(segment_path(Path(path), place.segment), "r+b") as handle_file:
+                handle_file.seek(place.offset)
+                changed = bytes(change(bytearray(handle_file.read(place.length))))
+                handle_file.seek(place.offset)
+                handle_file.write(changed[: place.length])
+            if len(changed) != place.length:
+                shorter = Place(place.segment, place.offset, len(changed))
+                txn.put(key, shorter.encode(), db=env.open_db(b"keys", txn=txn))
     env.close()
 
 

@@ -73,9 +73,11 @@ def _probe(store: SessionStore, name: str) -> str:
 
 
 def _queued(store: SessionStore, n: int) -> None:
-    """Wait until the writer's queue holds ``n`` jobs."""
+    """Wait until the queue of the writer's commit thread holds ``n`` jobs."""
     for _ in range(1000):
-        if store.disk._writer._jobs.qsize() == n:
+        writer = store.disk._writer
+        past_prepare = writer._ready is writer._jobs or writer._jobs.qsize() == 0
+        if past_prepare and writer._ready.qsize() == n:  # waiting to commit
             return
         threading.Event().wait(0.01)
     raise AssertionError("the job was not queued")
@@ -95,6 +97,7 @@ def test_delete_and_reclaim_hold_the_writer_lock_until_their_transaction_is_done
         worker.start()
         _queued(store, 1)
         after = store.disk.submit_apply(lambda txn: second.wait(30))  # in the batch of the call's job
+        _queued(store, 2)  # both passed the prepare thread: the writer gathers them together
         first.set()
         _queued(store, 0)  # the writer took the call's job and `after` in one batch
         threading.Event().wait(0.5)  # the call's job has run; its transaction waits for `after`

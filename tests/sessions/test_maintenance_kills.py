@@ -34,8 +34,10 @@ ORPHANS = 1500  # blocks no session references: several transactions of gc / rep
 def _store(path: Path, unindexed: bool) -> dict[str, int]:
     """Three sessions sharing a prefix and ORPHANS unreferenced blocks (``unindexed``: half of
     them missing from the key index, which repair puts back; the store still verifies, as
-    ``hkv sessions verify`` checks the sessions' blocks); the sessions' token counts."""
-    disk = DiskTier(path, LAYOUT, (ORPHANS + 100) * REC, writer_batch=64)
+    ``hkv sessions verify`` checks the sessions' blocks); the sessions' token counts. Records go
+    to segment files (gc then compacts them: kills land in the compaction too), except with
+    ``unindexed``: only a record in LMDB can be indexed again (store.segments = false)."""
+    disk = DiskTier(path, LAYOUT, (ORPHANS + 100) * REC, writer_batch=64, segments=not unindexed)
     store = SessionStore(disk)
     sessions = {"a": 40, "b": 44, "c": 48}
     for i, (name, n) in enumerate(sessions.items()):
@@ -73,9 +75,11 @@ def _child(path: Path, command: Callable[[SessionStore], object]) -> int:
 
 
 def _blocks(path: Path) -> tuple[int, int]:
-    """(records, key index entries) of the store."""
+    """(records, key index entries) of the store: records in LMDB plus those the index places in
+    segment files (20-byte entries)."""
     with SessionStore.open(path) as store, store.disk.reading() as txn:
-        return len(txn.keys("blocks")), len(txn.keys("keys"))
+        placed = sum(1 for _, entry in txn.items("keys") if len(entry) != 8)
+        return len(txn.keys("blocks")) + placed, len(txn.keys("keys"))
 
 
 def _referenced(path: Path) -> int:

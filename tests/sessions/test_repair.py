@@ -16,6 +16,7 @@ from hkv.errors import StoreError
 from hkv.sessions.store import SessionStore
 from hkv.store.files import hold_store
 from hkv.store.maintenance import collect_garbage
+from hkv.store.segments import list_segments, segment_path
 from hkv.tiers.disk import DiskTier
 
 from helpers.cli import assert_clean_error
@@ -25,9 +26,10 @@ from helpers.records import LAYOUT, REC, block_for, flip, ids_of, raw_env, rewri
 ORPHANS = [BlockKey(bytes([200 + i]) * 16) for i in range(5)]
 
 
-def _make(path: Path) -> dict[str, list[int]]:
-    """Sessions "a" (12 tokens) and "b" (sharing a's first 8) and 5 orphan blocks."""
-    disk = DiskTier(path, LAYOUT, 64 * REC, writer_batch=8)
+def _make(path: Path, segments: bool = True) -> dict[str, list[int]]:
+    """Sessions "a" (12 tokens) and "b" (sharing a's first 8) and 5 orphan blocks; ``segments``:
+    records in segment files (format 3), else in LMDB (format 2)."""
+    disk = DiskTier(path, LAYOUT, 64 * REC, writer_batch=8, segments=segments)
     store = SessionStore(disk)
     save(store, "a", ids_of(12), 12)
     save(store, "b", [*ids_of(8), 50, 51, 52, 53, 54], 12)
@@ -79,7 +81,7 @@ def test_repair_on_a_sound_store_changes_nothing(store_path: Path, cli) -> None:
 
 
 def test_repair_rebuilds_index_usage_refs_and_drops_what_it_cannot_trust(store_path: Path, cli) -> None:
-    ids = _make(store_path)
+    ids = _make(store_path, segments=False)  # LMDB records: one missing from the index is indexed again
     with SessionStore.open(store_path) as store:
         a_keys = store.get("a").key_digests()
         b_only = [key for key in store.get("b").key_digests() if key not in a_keys]
@@ -131,3 +133,32 @@ def test_a_session_repaired_after_block_damage_resumes_token_exact(tiny_lm, tmp_
             with rt.session(name) as session:
                 out = session.generate(more, max_new_tokens=3, do_sample=False)[0]
             assert out.tolist() == baseline(model, torch.cat([turn, more]).unsqueeze(0), 3)[0].tolist()
+
+
+def test_repair_drops_segment_records_that_fail_and_files_no_entry_names(store_path: Path, cli) -> None:
+    """Format 3: a flipped and a truncated segment record lose their index entries (sessions
+    using them keep their tokens), a segment file no entry names is deleted, gc then compacts."""
+    ids = _make(store_path)
+    with SessionStore.open(store_path) as store:
+        a_keys = store.get("a").key_digests()
+        b_only = [key for key in store.get("b").key_digests() if key not in a_keys]
+    rewrite(store_path, b"blocks", b_only[0], flip(200))
+    rewrite(store_path, b"blocks", bytes(ORPHANS[1]), lambda record: record[:-7])
+    stray = segment_path(store_path, 99)
+    stray.write_bytes(b"\0" * 8192)  # a file left by a kill -9 between a compaction's commit and its unlink
+    done = cli("sessions", "repair", "--store", str(store_path))
+    assert done.exit_code == 0, done.output
+    assert f"block {b_only[0].hex()}: checksum mismatch" in done.output
+    assert f"block {bytes(ORPHANS[1]).hex()}: truncated payload" in done.output
+    assert "1 segment files no index entry named: deleted" in done.output and not stray.exists()
+    assert "session 'b': 1 of its 6 blocks are missing: its KV dropped, its 13 tokens kept" in done.output
+    assert cli("sessions", "verify", "--store", str(store_path)).exit_code == 0
+    with SessionStore.open(store_path) as store:
+        assert store.get("a").kv_tokens == 12 and store.get("b").token_ids.tolist() == ids["b"]
+        assert not store.disk.contains(ORPHANS[1]) and store.disk.contains(ORPHANS[0])
+    assert "nothing to repair" in cli("sessions", "repair", "--store", str(store_path)).output
+    collected = cli("sessions", "gc", "--store", str(store_path))
+    assert collected.exit_code == 0 and "1 compacted" in collected.output, collected.output
+    with SessionStore.open(store_path) as store:
+        assert store.verify().ok and store.get("a").kv_tokens == 12
+        assert list(list_segments(store_path)) == [max(list_segments(store_path))]  # one segment left

@@ -22,6 +22,7 @@ from hkv.sessions import (
 from hkv.errors import TierError
 
 from helpers.models import BLOCK, baseline, block_bytes, prompt
+from helpers.records import rewrite
 
 transformers = pytest.importorskip("transformers")
 
@@ -174,15 +175,11 @@ def test_changed_block_size_is_refused_naming_block_tokens(model, tmp_path):
 
 
 def _flip_block(path, key: BlockKey, offset: int = 17) -> None:
-    env = lmdb.open(str(path), max_dbs=16, map_size=2**30, subdir=True)
-    try:
-        blocks = env.open_db(b"blocks", create=False)
-        with env.begin(write=True, db=blocks) as txn:
-            record = bytearray(txn.get(bytes(key)))
-            record[HEADER_SIZE + offset] ^= 0xFF
-            txn.put(bytes(key), bytes(record))
-    finally:
-        env.close()
+    def change(record: bytearray) -> bytearray:
+        record[HEADER_SIZE + offset] ^= 0xFF
+        return record
+
+    rewrite(path, b"blocks", bytes(key), change)  # in its segment file, or in LMDB
 
 
 def test_flipped_bytes_in_a_block_are_reported_and_other_sessions_work(model, tmp_path):

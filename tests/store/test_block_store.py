@@ -26,6 +26,8 @@ from hkv.errors import BlockNotFoundError, TierError, TierFullError
 from hkv.errors import StoreError
 from hkv.tiers.disk import DiskTier
 
+from helpers.records import rewrite
+
 # 4 KiB payload + 64 B header: each record spills into LMDB overflow pages, like real blocks.
 LAYOUT = BlockLayout(kv_heads=1, block_tokens=16, head_dim=64, dtype=torch.float16)
 REC = LAYOUT.record_nbytes
@@ -56,19 +58,20 @@ def raw_env(path: Path) -> lmdb.Environment:
     return lmdb.open(str(path), max_dbs=8, map_size=1 << 26)
 
 
+@pytest.mark.parametrize("segments", [True, False], ids=["segments", "lmdb"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_round_trip_is_bitwise(tmp_path: Path, dtype: torch.dtype) -> None:
+def test_round_trip_is_bitwise(tmp_path: Path, dtype: torch.dtype, segments: bool) -> None:
     layout = BlockLayout(2, 8, 32, dtype)
     blocks = blocks_of(range(5), layout)
     blocks[0].view(-1)[:4] = torch.tensor([float("nan"), float("inf"), -0.0, 1e-8]).to(dtype)
-    with DiskTier(tmp_path / "s", layout, 10 * layout.record_nbytes) as tier:
+    with DiskTier(tmp_path / "s", layout, 10 * layout.record_nbytes, segments=segments) as tier:
         tier.put_many([key_of(i) for i in range(5)], blocks)
         out = torch.empty_like(blocks)
         tier.get_many_into([key_of(i) for i in range(5)], out)
         one = torch.empty(layout.shape, dtype=dtype)
         tier.get_into(key_of(3), one)
-        with tier.reading(buffers=True) as txn:  # the read-ahead hints find every record
-            assert None not in tier._locator.locate(txn.txn, tier._main_db, b"blocks", [bytes(key_of(i)) for i in range(5)])
+        with tier.reading(buffers=True) as txn:  # the read-ahead hints find every LMDB record
+            assert segments or None not in tier._locator.locate(txn.txn, tier._main_db, b"blocks", [bytes(key_of(i)) for i in range(5)])
     assert torch.equal(out.view(torch.uint8), blocks.view(torch.uint8))
     assert torch.equal(one.view(torch.uint8), blocks[3].view(torch.uint8))
 
@@ -134,7 +137,7 @@ def test_capacity_is_enforced_and_nothing_is_damaged(tmp_path: Path) -> None:
 
 def test_full_lmdb_map_becomes_tier_full(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(disk_module, "map_size_for", lambda *args: 64 * 4096)  # 256 KiB map
-    with DiskTier(tmp_path / "s", LAYOUT, 1000 * REC, writer_batch=4) as tier:
+    with DiskTier(tmp_path / "s", LAYOUT, 1000 * REC, writer_batch=4, segments=False) as tier:  # records fill the map
         stored = 0
         with pytest.raises(TierFullError, match="map is full"):
             for i in range(100):
@@ -207,11 +210,7 @@ def test_paths_that_are_not_stores_are_refused(tmp_path: Path) -> None:
 
 
 def _rewrite_record(path: Path, key: BlockKey, change) -> None:
-    env = raw_env(path)
-    blocks = env.open_db(b"blocks")
-    with env.begin(write=True, db=blocks) as txn:
-        txn.put(bytes(key), change(bytearray(txn.get(bytes(key)))))
-    env.close()
+    rewrite(path, b"blocks", bytes(key), change)  # where the record is: its segment file, or LMDB
 
 
 def test_flipped_byte_is_detected_with_the_key(store_path: Path) -> None:
@@ -364,7 +363,7 @@ def test_kill_9_while_writing_leaves_a_sound_store(store_path: Path) -> None:
 
 
 def test_verify_reports_a_record_missing_from_the_key_index(store_path: Path) -> None:
-    with DiskTier(store_path, LAYOUT, 16 * REC) as tier:
+    with DiskTier(store_path, LAYOUT, 16 * REC, segments=False) as tier:  # an LMDB record outlives its entry
         tier.put_many([key_of(i) for i in range(3)], blocks_of(range(3)))
     env = raw_env(store_path)
     index = env.open_db(b"keys")
@@ -442,7 +441,7 @@ def test_mapped_store_pages_do_not_pile_up_in_rss(tmp_path: Path, release: bool)
     """Reading every block maps the whole store into the process unless the tier releases the
     pages; released, the data read is unchanged and the resident mapping stays near the threshold."""
     layout = BlockLayout(kv_heads=2, block_tokens=16, head_dim=64)  # 8 KiB records
-    tier = DiskTier(tmp_path / "store", layout, 64 << 20)
+    tier = DiskTier(tmp_path / "store", layout, 64 << 20, segments=False)  # records in LMDB's map
     tier.direct.disable()  # the map path (O_DIRECT reads map nothing: tests/store/test_direct_reads.py)
     tier._mapped.every_bytes = (1 << 20) if release else (1 << 40)
     g = torch.Generator().manual_seed(0)

@@ -34,7 +34,7 @@ def blocks(count: int, layout: BlockLayout = SMOL, seed: int = 0) -> torch.Tenso
 
 def _store(path: Path, count: int, layout: BlockLayout = SMOL, encoding: str = "none") -> torch.Tensor:
     data = blocks(count, layout)
-    with DiskTier(path, layout, 4 * count * layout.record_nbytes, encoding=encoding) as tier:
+    with DiskTier(path, layout, 4 * count * layout.record_nbytes, encoding=encoding, segments=False) as tier:  # records in LMDB
         tier.put_many([key_of(i) for i in range(count)], data)
     return data
 
@@ -54,7 +54,7 @@ def test_direct_reads_return_the_stored_bytes_in_any_order(tmp_path: Path) -> No
 def test_a_store_of_two_encodings_is_read_directly(tmp_path: Path) -> None:
     _store(tmp_path / "store", 8)
     extra = blocks(8, seed=5)
-    with DiskTier(tmp_path / "store", SMOL, 1 << 28, encoding="int8") as tier:
+    with DiskTier(tmp_path / "store", SMOL, 1 << 28, encoding="int8", segments=False) as tier:
         tier.put_many([key_of(100 + i) for i in range(8)], extra)
     with DiskTier(tmp_path / "store", SMOL, 1 << 28, readonly=True, direct_reads=True) as tier:
         out = torch.empty(16, *SMOL.shape, dtype=SMOL.dtype)

@@ -156,6 +156,35 @@ def test_int4_payloads_cross_between_host_and_an_int4_disk_as_they_are(tmp_path:
         assert torch.equal(manager.read(keys[0]), _decoded(payload, blocks)[0])
 
 
+def test_clean_host_copies_encoded_host_slots_as_they_are(tmp_path: Path) -> None:
+    """The prefetcher's clean-up of host-only blocks (``clean_host``) writes an int4 host's slot
+    bytes as the records of an int4 disk (no decode and re-encode), and a raw disk under an int8
+    host gets the round trip the host holds."""
+    blocks, keys = _blocks(SMALL, 4, seed=11), _keys(4, tag=2)
+    payload = _uncanonical_int4(blocks)
+    with _manager(tmp_path / "int4", SMALL, device=2, host=4, host_encoding="int4", disk_encoding="int4") as manager:
+        manager.put_many(keys, blocks)
+        manager.demote(keys, to="host")
+        host = manager.host_pool
+        host.data[host.slots([key.digest for key in keys])] = payload
+        manager.store  # noqa: B018 - opened: clean_host leaves a disk never opened alone
+        assert manager.clean_host(4) == 4
+        manager.flush()
+        assert all(manager.where(key) == {"host", "disk"} for key in keys)
+        staged = torch.empty_like(payload)
+        manager.store.get_many_into(keys, staged, encoding="int4")
+        assert torch.equal(staged, payload)
+    with _manager(tmp_path / "raw", SMALL, device=2, host=4, host_encoding="int8") as manager:
+        manager.put_many(keys, blocks)
+        manager.demote(keys, to="host")
+        manager.store  # noqa: B018
+        assert manager.clean_host(4) == 4
+        manager.flush()
+        stored = torch.empty_like(blocks)
+        manager.store.get_many_into(keys, stored)
+        assert torch.equal(stored, _round_trip(blocks, "int8"))
+
+
 def test_a_raw_disk_under_an_encoded_host_stores_the_round_trip(tmp_path: Path) -> None:
     blocks, keys = _blocks(SMALL, 8, seed=7), _keys(8)
     with _manager(tmp_path, SMALL, device=2, host=2, host_encoding="int8") as manager:
