@@ -19,6 +19,7 @@ import torch
 import hkv.store.block_store as store_module
 from hkv.blocks import BlockKey, BlockLayout, CorruptRecordError
 from hkv.errors import StoreError
+from hkv.store.batched_decode import BatchedDecode
 from hkv.store.compaction import segment_use
 from hkv.store.segments import PAGE, Place, list_segments, segment_path
 from hkv.store.staging import StagingBuffers
@@ -262,7 +263,8 @@ def test_a_segments_link_is_refused(store_path: Path, tmp_path: Path) -> None:
         DiskTier(store_path, LAYOUT, 64 * REC)
 
 
-def test_a_read_that_finds_its_segment_compacted_away_looks_the_block_up_again(store_path: Path) -> None:
+@pytest.mark.parametrize("fast", [True, False], ids=["raw-straight-in", "checked-whole"])
+def test_a_read_that_finds_its_segment_compacted_away_looks_the_block_up_again(store_path: Path, fast: bool) -> None:
     with DiskTier(store_path, LAYOUT, 64 * REC) as tier:
         tier.put_many([key_of(i) for i in range(6)], blocks_of(range(6)))
     with DiskTier(store_path, LAYOUT, 64 * REC) as tier:
@@ -270,7 +272,9 @@ def test_a_read_that_finds_its_segment_compacted_away_looks_the_block_up_again(s
         tier.delete_many([key_of(i) for i in range(4)])  # 4 of 6 dead: compacted, the file deleted
         assert not segment_path(store_path, old.segment).exists() and _place_in(tier, key_of(5)) != old
         out = torch.empty(1, *LAYOUT.shape, dtype=LAYOUT.dtype)
-        tier._get_segments([key_of(5)], [old], [out[0]])  # the reader's read, after the deletion
+        batch = BatchedDecode(out)
+        tier._get_segments([key_of(5)], [old], [0], out, batch.read, fast=fast)  # the reader's read, after the deletion
+        batch.finish()
         assert torch.equal(out[0], block_of(5))
 
 
