@@ -148,8 +148,9 @@ class PrefetchConfig(_Section):
     lookahead: StrictInt = Field(1, description="decode steps ahead the prediction is for")
     workers: StrictInt = Field(2, description="threads reading from the lower tiers")
     margin: float = Field(0.25, description="extra candidates prefetched, as a fraction of the selected blocks")
-    next_layer: StrictBool = Field(True, description="at decode steps, predict layer l + 1's blocks from layer l's input "
-                                   "(models with the Llama layer layout) and prefetch them while layer l computes")
+    next_layer: StrictBool = Field(False, description="at decode steps, predict layer l + 1's blocks from layer l's input "
+                                   "(models with the Llama layer layout) and prefetch them while layer l computes; off by "
+                                   "default: on a 2-core CPU it read more and ran slower (docs/benchmarks.md)")
 
     @field_validator("lookahead", "workers")
     @classmethod

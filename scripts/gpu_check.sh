@@ -8,6 +8,8 @@
 # summary.txt, pytest_cuda.txt, tiers_cuda.{json,txt}, decode_cuda.{json,txt},
 # passkey_cuda.{json,txt}. Every stage has its own timeout so that tests + tiers + decode end
 # inside 6 minutes on an H100 and passkey (GPU_CHECK_PASSKEY_LENGTHS, default 32768,131072) in 7.
+# Opt-in stage "nextlayer": the decode step at GPU_CHECK_NEXTLAYER_CONTEXT (131072) tokens with
+# prefetch.next_layer off and on, device tier 1/8 of the KV (nextlayer_cuda.{json,txt}; ~4 min).
 # Exit status: 0 when every stage run passed and wrote its JSON, 1 otherwise.
 # GPU_CHECK_DEVICE=cpu runs the stages on the CPU instead (a smoke run of this script; files then
 # end in _cpu), with smaller sizes from GPU_CHECK_TIERS_SIZE (1GiB), GPU_CHECK_DISK_SIZE (256MiB),
@@ -133,6 +135,35 @@ rc=$?
 tail -12 "$OUT/decode_$TAG.txt"
 if [ $rc -eq 0 ] && [ -s "$OUT/decode_$TAG.json" ]; then log "benchmark written to decode_$TAG.json"
 else log "benchmark FAILED (rc $rc; 124 = timeout)"; status=1; fi
+fi
+
+# --- next-layer prediction against same-layer, device tier 1/8 of the KV (opt-in stage) ----------
+if want nextlayer; then
+export GPU_CHECK_NEXTLAYER_CONTEXT="${GPU_CHECK_NEXTLAYER_CONTEXT:-131072}"
+log "next-layer vs same-layer prefetch on $TAG ($GPU_CHECK_NEXTLAYER_CONTEXT tokens, device tier 1/8 of the KV, 8 steps each)"
+GPU_CHECK_BENCH_JSON="$OUT/nextlayer_$TAG.json" timeout 240 "$PY" - > "$OUT/nextlayer_$TAG.txt" 2>&1 <<'EOF'
+import json, os
+from hkv import Config
+from hkv.bench.decode import run_decode_bench
+
+device = os.environ["GPU_CHECK_DEVICE"]
+context = int(os.environ["GPU_CHECK_NEXTLAYER_CONTEXT"])
+kv_bytes = context * 30 * 2 * 3 * 64 * 2  # SmolLM2's shape in float16: 23 KB a token
+figures = {}
+for next_layer in (False, True):  # the same synthetic KV and random-weight model shape each time
+    config = Config.load(tiers={"device": kv_bytes // 8, "host": "8GiB", "disk": "16GiB", "dtype": "float16"},
+                         prefetch={"enabled": True, "next_layer": next_layer})
+    run = run_decode_bench(config, contexts=(context,), steps=8, device=device, weights="random")
+    figures["next_layer" if next_layer else "same_layer"] = run
+    print(f"next_layer={next_layer}: hkv {run['hkv_ms'][0]:.1f} ms, DynamicCache {run['baseline_ms'][0]} ms, "
+          f"hit rate {run.get('hit_rate', ['?'])[0]}, stall {run.get('stall_frac', ['?'])[0]}", flush=True)
+    with open(os.environ["GPU_CHECK_BENCH_JSON"], "w") as handle:
+        json.dump(figures, handle, indent=2, default=str)
+EOF
+rc=$?
+tail -4 "$OUT/nextlayer_$TAG.txt"
+if [ $rc -eq 0 ] && [ -s "$OUT/nextlayer_$TAG.json" ]; then log "next-layer pair written to nextlayer_$TAG.json"
+else log "next-layer pair FAILED (rc $rc; 124 = timeout)"; status=1; fi
 fi
 
 # --- SmolLM2 passkey accuracy on the GPU (needs the default model) -----------------------------

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from ..config import Config
-from .disk import drop_file_pages
+from .disk import drop_store_pages
 from .smollm2 import build_model, synthetic_kv
 
 GiB = 2**30
@@ -161,8 +161,8 @@ def _disk_budget(config: Config, kv_bytes: int) -> int:
 def _hkv_run(model: torch.nn.Module, config: Config, context: int, steps: int, store: Path, *,
              drop_pages: bool = False) -> dict[str, Any]:  # fmt: skip
     """hkv at one context: fill, then ``steps`` timed decode steps. ``drop_pages``: the store's
-    file is dropped from the page cache after the fill (``posix_fadvise``), so the steps' disk
-    reads are cold."""
+    files (``data.mdb`` and the segment files) are dropped from the page cache after the fill
+    (``posix_fadvise``), so the steps' disk reads are cold."""
     from ..integrations.runtime import wrap
     from .rss import RssSampler, rss_bytes
 
@@ -189,7 +189,7 @@ def _hkv_run(model: torch.nn.Module, config: Config, context: int, steps: int, s
         rt.manager.flush()  # disk writes durable: the fill time includes them
         fill_s = time.perf_counter() - start
         if drop_pages:
-            drop_file_pages(store / "data.mdb")
+            drop_store_pages(store)
         filled = rt.stats().tiers  # where the KV lives before decode copies blocks up
         fill_peak = fill_rss.stop()
         # Prefetch figures over the timed steps only, like the times they are divided by.

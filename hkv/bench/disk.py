@@ -46,6 +46,7 @@ import torch
 import xxhash
 
 from ..blocks import BlockKey, BlockLayout
+from ..store.segments import list_segments
 from ..tiers.disk import DiskTier
 
 SMOLLM2_LAYOUT = BlockLayout(kv_heads=3, block_tokens=64, head_dim=64, dtype=torch.float16)  # 48 KiB
@@ -89,6 +90,26 @@ def drop_page_cache() -> bool:
         return True
     except OSError:
         return False
+
+
+def store_files(store: Path) -> list[Path]:
+    """The files holding a disk store's data: LMDB's ``data.mdb`` and the segment files beside
+    it (those that exist)."""
+    files = [store / "data.mdb"] if (store / "data.mdb").exists() else []
+    return files + sorted(list_segments(store).values())
+
+
+def store_nbytes(store: Path) -> int | None:
+    """Bytes of a store's data files (:func:`store_files`); None where there are none."""
+    files = store_files(store)
+    return sum(path.stat().st_size for path in files) if files else None
+
+
+def drop_store_pages(store: Path) -> str:
+    """:func:`drop_file_pages` for every data file of the store in folder ``store``; "ok" or the
+    first reason one could not be dropped."""
+    problems = [why for why in map(drop_file_pages, store_files(store)) if why != "ok"]
+    return problems[0] if problems else "ok"
 
 
 def drop_file_pages(path: Path) -> str:

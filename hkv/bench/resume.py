@@ -8,9 +8,10 @@ counted), and measures:
 * ``resume_s``: wrap the model over the store, open the session (metadata, summaries and the
   pinned sink / local blocks are read; the other blocks stay on disk) and generate the first
   token of a short new user turn. Measured first in the process, after
-  ``posix_fadvise(POSIX_FADV_DONTNEED)`` on the store's ``data.mdb`` so that its pages are
-  (mostly) not in the page cache: a cold-ish read. ``resume_warm_s`` is the same again in the
-  same process with the whole store file read into the page cache first.
+  ``posix_fadvise(POSIX_FADV_DONTNEED)`` on the store's files (``data.mdb`` and the segment
+  files) so that their pages are (mostly) not in the page cache: a cold-ish read.
+  ``resume_warm_s`` is the same again in the same process with the whole store read into the
+  page cache first.
 * ``reprefill_s``: in the same process, a fresh runtime over another, empty store
   (``store.reuse_prefix = false``) prefills the whole conversation plus the new turn and
   generates the first token: what continuing costs without the saved KV.
@@ -42,7 +43,7 @@ import numpy as np
 import torch
 
 from ..config import Config
-from .disk import drop_file_pages
+from .disk import drop_store_pages, store_files, store_nbytes
 
 SESSION = "bench-resume"
 NEW_TURN = "\nWhat is the pass key? The pass key is"  # the continuation (real weights: tokenized)
@@ -64,7 +65,7 @@ class ChildResult:
     restored_kv_tokens: int
     pending_tokens: int
     fadvise: str  # "ok" or why it could not drop the pages
-    cached_cold: float | None  # fraction of data.mdb in the page cache just before the cold resume (fincore)
+    cached_cold: float | None  # fraction of the store's files in the page cache just before the cold resume (fincore)
     loadavg: float  # 1-minute load average when the fresh process finished (other jobs on the machine)
     reprefill_s: float | None
     resume_token: int
@@ -164,23 +165,25 @@ def _synthetic_append(model: torch.nn.Module, rt: Any, session: Any, tokens: tor
 # -- the fresh process -------------------------------------------------------------------------
 
 
-def cached_fraction(path: Path) -> float | None:
-    """Fraction of ``path``'s bytes in the page cache (util-linux ``fincore``); None if unknown."""
-    if shutil.which("fincore") is None:
+def cached_fraction(paths: list[Path]) -> float | None:
+    """Fraction of the bytes of ``paths`` in the page cache (util-linux ``fincore``); None if unknown."""
+    if shutil.which("fincore") is None or not paths:
         return None
-    done = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES,SIZE", str(path)],
+    done = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES,SIZE", *map(str, paths)],
                           capture_output=True, text=True)  # fmt: skip
     try:
-        resident, size = (int(part) for part in done.stdout.split())
-    except ValueError:
+        rows = [[int(part) for part in line.split()] for line in done.stdout.splitlines() if line.strip()]
+        resident, size = sum(row[0] for row in rows), sum(row[1] for row in rows)
+    except (ValueError, IndexError):
         return None
     return min(1.0, resident / size) if size else None
 
 
-def _read_through(path: Path) -> None:
-    with path.open("rb") as handle:
-        while handle.read(1 << 24):
-            pass
+def _read_through(paths: list[Path]) -> None:
+    for path in paths:
+        with path.open("rb") as handle:
+            while handle.read(1 << 24):
+                pass
 
 
 def _resume_once(model: torch.nn.Module, config: Config, store: Path, new: torch.Tensor) -> tuple[float, float, int, Any]:
@@ -215,10 +218,10 @@ def child(spec: dict[str, Any]) -> ChildResult:
     store = Path(spec["store"])
     ids = torch.from_numpy(np.load(spec["ids"]))
     new = torch.from_numpy(np.load(spec["new"]))
-    fadvise = drop_file_pages(store / "data.mdb")
-    cached = cached_fraction(store / "data.mdb")
+    fadvise = drop_store_pages(store)
+    cached = cached_fraction(store_files(store))
     resume_s, open_s, token, restored = _resume_once(model, config, store, new)
-    _read_through(store / "data.mdb")
+    _read_through(store_files(store))
     warm_s, _, warm_token, _ = _resume_once(model, config, store, new)
     reprefill_s = reprefill_token = None
     if spec["reprefill"]:
@@ -328,7 +331,7 @@ def _one_length(model: torch.nn.Module, tokenizer: Any, config: Config, weights:
         "speedup": base / result.resume_s if base else None,
         "speedup_warm": base / result.resume_warm_s if base else None,
         "same_first_token": same,
-        "store_bytes": (store / "data.mdb").stat().st_size if (store / "data.mdb").exists() else None,
+        "store_bytes": store_nbytes(store),
     }
 
 
@@ -392,7 +395,7 @@ def run_remote_resume(url: str, tokens: int, *, weights: str = "random", folder:
     config = Config.load(default_config(model, tokens), env={}, remote={"url": url, "key_prefix": prefix, "timeout_s": 30.0})
     try:
         build_session(model, config, folder / "a", ids, "synthetic")  # pushed to the server as it closes
-        drop_file_pages(folder / "a" / "data.mdb")
+        drop_store_pages(folder / "a")
         local_s, _, local_token, _ = _resume_once(model, config, folder / "a", torch.from_numpy(new))
         remote_s, _, remote_token, restored = _resume_once(model, config, folder / "b", torch.from_numpy(new))
         if restored.new:

@@ -2,7 +2,7 @@
 
 Two predictions feed it at decode steps. After layer ``l`` of step ``t`` has chosen its blocks,
 :class:`~hkv.attention.sequence.SequenceKV` submits the blocks that query predicts for layer
-``l`` at step ``t + 1`` (its top-k plus a margin). With ``prefetch.next_layer`` (the default, for
+``l`` at step ``t + 1`` (its top-k plus a margin). With ``prefetch.next_layer`` (off by default;
 models with the Llama layer layout) that prediction is kept for layer 0 only: at step ``t + 1``
 the forward pre-hook of layer ``l - 1`` estimates layer ``l``'s query from layer ``l - 1``'s
 input (:mod:`hkv.integrations.next_layer`) and replaces it, a prediction from this step's token

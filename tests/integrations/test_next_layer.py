@@ -91,7 +91,10 @@ def test_next_layer_hooks_are_off_in_exact_mode_and_without_prefetch(tmp_path):
     for config in (wrap_config(model, tmp_path, mode="exact"), wrap_config(model, tmp_path, mode="sparse", prefetch=False)):
         with hkv.wrap(model, config) as rt:
             assert rt._next_layer is None
-    with hkv.wrap(model, wrap_config(model, tmp_path, mode="sparse")) as rt:
+    sparse = wrap_config(model, tmp_path, mode="sparse")
+    with hkv.wrap(model, sparse) as rt:
+        assert rt._next_layer is None  # off by default
+    with hkv.wrap(model, Config.load(sparse, env={}, prefetch={"next_layer": True})) as rt:
         assert rt._next_layer is not None
     # closing the runtime removed the hooks: a plain forward runs none
     assert all(not layer._forward_pre_hooks for layer in model.model.layers)
@@ -102,7 +105,8 @@ def test_a_failing_prediction_is_logged_once_and_the_output_stays(tmp_path, capl
     ids = prompt(200)
     config = wrap_config(model, tmp_path, mode="sparse")
     expected, _, _ = _generate(model, Config.load(config, env={}, prefetch={"next_layer": False}), ids, 6)
-    with hkv.wrap(model, Config.load(config, env={}, tiers={"path": str(tmp_path / "failing")})) as rt, rt.new_cache() as cache:
+    failing = Config.load(config, env={}, tiers={"path": str(tmp_path / "failing")}, prefetch={"next_layer": True})
+    with hkv.wrap(model, failing) as rt, rt.new_cache() as cache:
         def broken(*args):
             raise RuntimeError("prediction broke")
 
