@@ -127,19 +127,22 @@ def read_runs(store: BlockStore, name: str, keys_by_layer: Sequence[Sequence[byt
     for, contiguous with the ones before it and naming exactly the record's block keys."""
     layers = len(keys_by_layer)
     total = min((len(keys) for keys in keys_by_layer), default=0)
-    parts: list[np.ndarray] = []
+    runs: list[SummaryRun] = []
     covered = 0
     with store.reading(buffers=True) as txn:
         keys = [key for key in run_keys(txn, name) if sum(_span(key)) <= total]
-        raws = store.read_large_values("sessions", keys, txn)
+        raws = store.read_large_values("sessions", keys, txn)  # all read at once, valid until the transaction ends
         for raw in raws:
             run = None if raw is None else decode_run(raw, floats)
             if (run is None or run.first != covered or run.layers != layers or run.relative != relative
                     or run.first + run.count > total
                     or run.keys_hash != keys_hash(keys_by_layer, run.first, run.count)):  # fmt: skip
                 break
-            parts.append(run.values.copy())  # out of the buffer (or map) before the next read
+            runs.append(run)
             covered += run.count
-    if not parts:
-        return [np.empty((0, floats), dtype=np.float32) for _ in range(layers)]
-    return [np.concatenate([part[layer] for part in parts]) for layer in range(layers)]
+        # One copy out of the read buffers, straight into place (a copy per run and then a
+        # concatenation per layer cost twice the time in page faults at 256K tokens: 190 MB).
+        out = np.empty((layers, covered, floats), dtype=np.float32)
+        for run in runs:
+            out[:, run.first : run.first + run.count] = run.values
+    return list(out)

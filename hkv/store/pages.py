@@ -97,6 +97,15 @@ class _Pages:
     def page(self, pgno: int) -> bytes:
         return self.map[pgno * self.psize : (pgno + 1) * self.psize]  # a copy: the map can close under an error
 
+    def will_need(self, pgnos: list[int]) -> None:
+        """Start the disk reads of the pages ``pgnos`` (those in use) together, before the walk
+        reads them one by one: cold, each would otherwise wait for its own read."""
+        if self.map is None or not hasattr(mmap, "MADV_WILLNEED"):
+            return
+        for pgno in pgnos:
+            if 2 <= pgno <= self.last and (pgno + 1) * self.psize <= len(self.map):
+                self.map.madvise(mmap.MADV_WILLNEED, pgno * self.psize, self.psize)
+
     def close(self) -> None:
         if self.map is not None:
             self.map.close()
@@ -140,7 +149,10 @@ class _Walk:
         count = (lower - PAGE_HEADER) // 2
         if count == 0 and want == P_BRANCH:
             raise self.fail(pgno, "is a branch page without children")
-        for index, offset in enumerate(struct.unpack_from(f"<{count}H", page, PAGE_HEADER)):
+        offsets = struct.unpack_from(f"<{count}H", page, PAGE_HEADER)
+        if want == P_LEAF or whole or level + 1 < depth:
+            pages.will_need(self._next_pages(page, offsets, upper, want))
+        for index, offset in enumerate(offsets):
             if not upper <= offset <= pages.psize - NODE_HEADER:
                 raise self.fail(pgno, f"has a node offset {offset} outside its nodes ({upper}..{pages.psize})")
             lo, hi, nflags, ksize = struct.unpack_from("<HHHH", page, offset)
@@ -166,6 +178,21 @@ class _Walk:
                 if dsize != DB_RECORD:
                     raise self.fail(pgno, f"names a sub-database with a record of {dsize} bytes")
                 subdbs[bytes(page[offset + NODE_HEADER : key_end])] = TreeInfo.parse(page, key_end)
+
+    def _next_pages(self, page: bytes, offsets: tuple[int, ...], upper: int, want: int) -> list[int]:
+        """The pages the walk reads next from ``page``: a branch page's children, a leaf's
+        overflow pages. Unchecked (a hint only): nodes outside the page are skipped here and
+        reported by the walk."""
+        psize, found = self.pages.psize, []
+        for offset in offsets:
+            if not upper <= offset <= psize - NODE_HEADER:
+                continue
+            lo, hi, nflags, ksize = struct.unpack_from("<HHHH", page, offset)
+            if want == P_BRANCH:
+                found.append(lo | hi << 16 | nflags << 32)
+            elif nflags & F_BIGDATA and offset + NODE_HEADER + ksize + 8 <= psize:
+                found.append(struct.unpack_from("<Q", page, offset + NODE_HEADER + ksize)[0])
+        return found
 
     def _bounds(self, pgno: int) -> None:
         if not 2 <= pgno <= self.pages.last:

@@ -23,6 +23,7 @@ Moves down (evictions, demotions, spills) are rarer and run under the lock.
 
 from __future__ import annotations
 
+import gc
 import logging
 
 from collections import Counter
@@ -131,16 +132,30 @@ class TierManager(Promotion):
             self._disk = DiskTier(self.path, self.layout, self.disk_capacity, writer_batch=self.config.store.writer_batch,
                                   direct_reads=self.config.store.direct_reads, segments=self.config.store.segments,
                                   encoding=self.config.tiers.disk_encoding)  # fmt: skip
-            recent = self._recent["disk"]
-            for digest in self._disk.key_digests():
-                self._entry_for(digest).on_disk = True
-                recent[digest] = None
-                self._disk_count += 1
+            self._learn_disk_keys(self._disk.key_digests())
             for key in self._disk.referenced_keys():
                 entry = self._entries.get(key)
                 if entry is not None:
                     entry.stored = True
         return self._disk
+
+    def _learn_disk_keys(self, digests: list[Digest]) -> None:
+        """Entries for the records a store opened with (lock held): one loop without the garbage
+        collector, whose passes over a growing heap were most of it (122,880 entries at 256K
+        tokens: 0.65 s under cProfile)."""
+        entries, collecting = self._entries, gc.isenabled()
+        gc.disable()
+        try:
+            for digest in digests:
+                entry = entries.get(digest)
+                if entry is None:
+                    entry = entries[digest] = Entry()
+                entry.on_disk = True
+        finally:
+            if collecting:
+                gc.enable()
+        self._recent["disk"].update(dict.fromkeys(digests))
+        self._disk_count += len(digests)
 
     def has_store(self) -> bool:
         """Whether the disk store exists (opened here, or left at ``tiers.path`` by an earlier run)."""
