@@ -30,21 +30,30 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from urllib.parse import urlparse
 
-import redis
-from redis.cluster import ClusterNode
-
 from ..blocks import KEY_BYTES
 from ..config import RemoteConfig
+
+if TYPE_CHECKING:
+    import redis
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 CHUNK = 256  # keys per MGET / pipeline
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
 _RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"
+
+
+def _server_errors() -> tuple[type[BaseException], ...]:
+    """What a call raises when the server is down, slow or gone. redis is imported on first use
+    (by the client, or here once a client raised): without ``[remote]`` a process never pays its
+    import (about 80 ms, a part of every resume)."""
+    import redis
+
+    return (redis.ConnectionError, redis.TimeoutError, redis.exceptions.RedisClusterException, OSError)
 
 
 class RemoteStore:
@@ -64,6 +73,9 @@ class RemoteStore:
         """The client, made on first use (a cluster client asks its startup nodes for the slot
         map then, so a node down at start is a server-down failure like any other)."""
         if self._made is None:
+            import redis
+            from redis.cluster import ClusterNode
+
             options = dict(socket_timeout=self.config.timeout_s, socket_connect_timeout=self.config.timeout_s)
             if self.config.cluster:
                 nodes = [urlparse(part.strip()) for part in self.config.url.split(",")]
@@ -81,7 +93,7 @@ class RemoteStore:
                 return default
         try:
             result = action()
-        except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.RedisClusterException, OSError) as error:
+        except _server_errors() as error:
             with self._lock:
                 if not self._down:
                     log.warning("remote tier %s is unreachable (%s: %s); serving from the local tiers, retrying with backoff",
@@ -144,7 +156,7 @@ class RemoteStore:
                 chunk = indices[start : start + CHUNK]
                 try:
                     values = self._client.mget_nonatomic([names[i] for i in chunk])
-                except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.RedisClusterException, OSError) as error:
+                except _server_errors() as error:
                     log.warning("remote tier: a cluster node is unreachable (%s): %d blocks are misses", error, len(chunk))
                     continue
                 for i, value in zip(chunk, values):

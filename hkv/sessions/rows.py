@@ -187,7 +187,11 @@ def drop_references(txn: StoreTxn, keys: list[bytes], in_use: Callable[[bytes], 
 
 def decode_tail(txn: StoreTxn, name: str, out: torch.Tensor) -> None:
     """Decode ``name``'s tail record into ``out`` ``[layers * 2, kv_heads, tail, head_dim]`` (CPU)."""
-    raw = txn.get("sessions", tail_record_key(name))
+    decode_tail_value(txn.get("sessions", tail_record_key(name)), name, out)
+
+
+def decode_tail_value(raw: bytes | memoryview | None, name: str, out: torch.Tensor) -> None:
+    """:func:`decode_tail` of the tail record's value as read (None: missing)."""
     if raw is None:
         raise CorruptSessionError(f"session {name!r}: its tail record is missing")
     try:

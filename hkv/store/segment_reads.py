@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .segments import Place, ThreadBuffers, segment_path
+from .segments import PAGE, Place, ThreadBuffers, segment_path
 
 
 class SegmentReader:
@@ -61,9 +61,9 @@ class SegmentReader:
         self._reads += 1
         if self._reads % 256 == 0:
             self.sweep()
-        for place in places:
+        for segment, start, end in _page_runs(places):
             try:
-                os.posix_fadvise(self._fd(place.segment), place.offset, place.length, os.POSIX_FADV_WILLNEED)
+                os.posix_fadvise(self._fd(segment), start, end - start, os.POSIX_FADV_WILLNEED)
             except FileNotFoundError:
                 pass
 
@@ -86,3 +86,17 @@ class SegmentReader:
             fds, self._fds = self._fds, {}
         for fd in fds.values():
             os.close(fd)
+
+
+def _page_runs(places: Sequence[Place]) -> list[tuple[int, int, int]]:
+    """``(segment, start, end)`` byte ranges covering ``places``, records whose pages touch or
+    overlap merged into one range (one system call each, never a page more than the records')."""
+    runs: list[list[int]] = []
+    for place in sorted(places, key=lambda p: (p.segment, p.offset)):
+        end = place.offset + place.length
+        last = runs[-1] if runs else None
+        if last is not None and last[0] == place.segment and place.offset // PAGE <= (last[2] + PAGE - 1) // PAGE:
+            last[2] = max(last[2], end)
+        else:
+            runs.append([place.segment, place.offset, end])
+    return [(segment, start, end) for segment, start, end in runs]

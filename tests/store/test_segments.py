@@ -21,6 +21,7 @@ from hkv.blocks import BlockKey, BlockLayout, CorruptRecordError
 from hkv.errors import StoreError
 from hkv.store.batched_decode import BatchedDecode
 from hkv.store.compaction import segment_use
+from hkv.store.segment_reads import _page_runs
 from hkv.store.segments import PAGE, Place, list_segments, segment_path
 from hkv.store.staging import StagingBuffers
 from hkv.tiers.disk import DiskTier
@@ -305,3 +306,13 @@ def test_staging_buffers_are_reused_bounded_and_padded_with_zeros() -> None:
     give_first()
     again, views, _ = staging.take([50])
     assert bytes(again[50:]) == bytes(PAGE - 50)  # a reused buffer's old bytes are zeroed past the records
+
+
+def test_read_hints_merge_records_whose_pages_touch_and_nothing_else() -> None:
+    places = [Place(1, 3 * PAGE, 100), Place(1, PAGE, 2 * PAGE - 10), Place(1, 3 * PAGE + 100, 50), Place(2, PAGE, 10),
+              Place(1, 5 * PAGE, 10)]  # fmt: skip
+    assert _page_runs(places) == [
+        (1, PAGE, 3 * PAGE + 150),  # pages 1-2, then page 3: touching
+        (1, 5 * PAGE, 5 * PAGE + 10),  # page 4 unread: a range of its own
+        (2, PAGE, PAGE + 10),
+    ]
