@@ -344,7 +344,7 @@ class BlockStore:
             raise StoreError(f"{self.path} exists and is not a folder; the disk tier needs a folder")
         if self.path.is_dir() and not (self.path / "data.mdb").exists():
             others = sorted(p.name for p in self.path.iterdir() if p.name not in LOCK_FILES)
-            if others:
+            if others and "data.mdb" not in others:  # data.mdb listed now: another process just created the store
                 raise StoreError(f"{self.path} is not an hkv store: it holds {', '.join(others[:5])} but no data.mdb")
         if not self.path.exists():
             if self.readonly:
