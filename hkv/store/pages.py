@@ -104,7 +104,10 @@ class _Pages:
             return
         for pgno in pgnos:
             if 2 <= pgno <= self.last and (pgno + 1) * self.psize <= len(self.map):
-                self.map.madvise(mmap.MADV_WILLNEED, pgno * self.psize, self.psize)
+                try:
+                    self.map.madvise(mmap.MADV_WILLNEED, pgno * self.psize, self.psize)
+                except OSError:
+                    return  # a hint only: the walk reads the pages either way
 
     def close(self) -> None:
         if self.map is not None:
