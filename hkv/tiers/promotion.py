@@ -14,7 +14,7 @@ the block's event with ``wait_event`` (no ``synchronize()``).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -318,16 +318,9 @@ class Promotion(Placement):
         scan = 4 * limit + 64 if scan is None else scan
         with self._cond:
             self._check_open()
-            cleaning = self._cleaning
-            on_host, entries = self.host_pool.slot_map, self._entries
-            todo: list[Digest] = []
-            for i, key in enumerate(self._recent["device"]):
-                if i >= scan or len(todo) >= limit:
-                    break
-                entry = entries[key]
-                if entry.busy or entry.pinned or entry.on_disk or key in on_host or key in cleaning:
-                    continue
-                todo.append(key)
+            cleaning, on_host = self._cleaning, self.host_pool.slot_map
+            todo = self._next_victims("device", limit, scan, lambda key, entry: not (
+                entry.busy or entry.pinned or entry.on_disk or key in on_host or key in cleaning))  # fmt: skip
             if not todo:
                 return 0
             # free host slots or drops only: never spill to disk under the lock for a clean-up
@@ -335,7 +328,7 @@ class Promotion(Placement):
             todo = todo[: len(slots)]
             if not todo:
                 return 0
-            held = [entries[key] for key in todo]
+            held = [self._entries[key] for key in todo]
             for entry in held:
                 entry.holds += 1
             cleaning.update(todo)
@@ -359,6 +352,18 @@ class Promotion(Placement):
                         self.host_pool.unreserve(slot)
                 self._cond.notify_all()
         return len(todo)
+
+    def _next_victims(self, tier: str, count: int, scan: int, wanted: Callable[[Digest, Entry], bool]) -> list[Digest]:
+        """Up to ``count`` of ``tier``'s next eviction victims (least recently used first, among
+        the first ``scan``) for which ``wanted(key, entry)`` holds (lock held)."""
+        found: list[Digest] = []
+        entries = self._entries
+        for i, key in enumerate(self._recent[tier]):
+            if i >= scan or len(found) >= count:
+                break
+            if wanted(key, entries[key]):
+                found.append(key)
+        return found
 
     def clean_host(self, limit: int, *, scan: int | None = None) -> int:
         """Give disk copies to up to ``limit`` of the host's least recently used blocks that have
@@ -385,14 +390,8 @@ class Promotion(Placement):
             room = min(limit, spare)
             if room < 1:
                 return 0
-            on_device, entries = self.device_pool.slot_map, self._entries
-            todo: list[Digest] = []
-            for i, key in enumerate(self._recent["host"]):
-                if i >= scan or len(todo) >= room:
-                    break
-                entry = entries[key]
-                if not (entry.on_disk or entry.busy or key in on_device):
-                    todo.append(key)
+            on_device = self.device_pool.slot_map
+            todo = self._next_victims("host", room, scan, lambda key, entry: not (entry.on_disk or entry.busy or key in on_device))
             if not todo:
                 return 0
             self._disk_reserve(len(todo), set(todo), partial=True)  # free records only: no evictions
