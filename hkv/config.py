@@ -145,7 +145,7 @@ class PrefetchConfig(_Section):
     """The asynchronous prefetcher that moves predicted blocks up the tiers."""
 
     enabled: StrictBool = True
-    lookahead: StrictInt = Field(1, description="decode steps ahead the prediction is for")
+    lookahead: StrictInt = Field(1, description="not read by this version (the prediction is always for the next step, or with next_layer for the next layer); validated so that configs that set it still load")
     workers: StrictInt = Field(2, description="threads reading from the lower tiers")
     margin: float = Field(0.25, description="extra candidates prefetched, as a fraction of the selected blocks")
     next_layer: StrictBool = Field(False, description="at decode steps, predict layer l + 1's blocks from layer l's input "
