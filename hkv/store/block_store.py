@@ -455,12 +455,16 @@ class BlockStore:
         reader = self.segment_reader
         reader.hint(places)
         expected = raw_header_for(bytes(keys[0]), out[rows[0]]) if fast and rows else b""
+        # One view of the whole destination, sliced per row (a tensor view per record cost ~10 µs).
+        flat = memoryview(out.view(-1).view(torch.uint8).numpy()) if fast and out.is_contiguous() else None
+        row_nbytes = out[0].numel() * out.element_size() if len(out) else 0
         head = memoryview(bytearray(HEADER_SIZE))
         moved: list[int] = []
         for i, (key, place, row) in enumerate(zip(keys, places, rows)):
             try:
                 if fast:
-                    dest = memoryview(out[row].view(-1).view(torch.uint8).numpy())
+                    dest = (flat[row * row_nbytes : (row + 1) * row_nbytes] if flat is not None
+                            else memoryview(out[row].view(-1).view(torch.uint8).numpy()))  # fmt: skip
                     if place.length == HEADER_SIZE + len(dest):
                         got = reader.read_split(place, head, dest)
                         if got == place.length and raw_record_ok(head, dest, expected, bytes(key)):
