@@ -265,24 +265,25 @@ def _checked_payload(record: memoryview | bytes, shape: tuple[int, ...], dtype: 
     return header, payload
 
 
-def raw_header_for(key: BlockKey | bytes, out: torch.Tensor) -> bytes:
-    """The first 36 bytes a raw record of ``out``'s dtype and shape under ``key`` starts with
-    (magic ... payload bytes): what :func:`raw_record_ok` compares a header against."""
-    shape = list(out.shape) + [0] * (4 - out.dim())
-    return _HEADER.pack(RECORD_MAGIC, FORMAT_VERSION, Encoding.RAW, _DTYPE_CODES[out.dtype], out.dim(), *shape,
-                        out.numel() * out.element_size(), 0, bytes(key))[:_PREFIX]  # fmt: skip
+def record_prefix(shape: Sequence[int], dtype: torch.dtype, encoding: str, payload_nbytes: int) -> bytes:
+    """The first 36 bytes (magic ... payload bytes) of a record of a block of ``shape`` and
+    ``dtype`` stored under ``encoding`` (``"none"`` or lossy) with ``payload_nbytes``: what
+    :func:`record_matches` compares a header against."""
+    dims = list(shape) + [0] * (4 - len(shape))
+    return _HEADER.pack(RECORD_MAGIC, FORMAT_VERSION, CODES[encoding], _DTYPE_CODES[dtype], len(shape), *dims,
+                        payload_nbytes, 0, bytes(KEY_BYTES))[:_PREFIX]  # fmt: skip
 
 
 _PREFIX = 36  # magic ... payload bytes; then the checksum and the key
 _CHECKSUM = struct.Struct("<Q16s")
 
 
-def raw_record_ok(head: memoryview | bytes, payload: memoryview, expected: bytes, key: bytes) -> bool:
+def record_matches(head: memoryview | bytes, payload: memoryview, expected: bytes, key: bytes) -> bool:
     """The read path's fast case: whether ``head`` (a record's 64-byte header) starts with
-    ``expected`` (:func:`raw_header_for`: same version, dtype, shape and size), names ``key``,
-    and its checksum matches ``payload`` (read straight into the destination). False for
-    anything else: the caller then reads the record whole and decodes it with
-    :func:`decode_into`, which names the problem."""
+    ``expected`` (:func:`record_prefix`: same version, encoding, dtype, shape and size), names
+    ``key``, and its checksum matches ``payload`` (read straight into its destination). False
+    for anything else: the caller then reads the record whole and checks it with
+    :func:`read_into` / :func:`decode_into`, which name the problem."""
     if len(head) != HEADER_SIZE or head[:_PREFIX] != expected:
         return False
     checksum, stored_key = _CHECKSUM.unpack_from(head, _PREFIX)
@@ -297,19 +298,20 @@ def decode_into(record: memoryview | bytes, out: torch.Tensor, key: BlockKey | N
     """
     deferred = read_into(record, out, key, where=where)
     if deferred is not None:
-        decode(deferred[1].unsqueeze(0), deferred[0], out.unsqueeze(0))
+        codes = torch.frombuffer(bytearray(deferred[1]), dtype=torch.uint8)  # a copy: the map is read-only
+        decode(codes.unsqueeze(0), deferred[0], out.unsqueeze(0))
 
 
 def read_into(record: memoryview | bytes, out: torch.Tensor, key: BlockKey | None = None, *,
-              where: str = "record") -> tuple[str, torch.Tensor] | None:  # fmt: skip
+              where: str = "record") -> tuple[str, memoryview] | None:  # fmt: skip
     """:func:`decode_into` without the decode of a lossy record: a raw record's payload is copied
-    into ``out`` (None returned); a lossy one's is returned as ``(encoding, codes)`` (``[payload
-    bytes]`` uint8, a copy) for the caller to decode, with others in one batch."""
+    into ``out`` (None returned); a lossy one's is returned as ``(encoding, payload)`` (a view of
+    ``record``, valid while it is) for the caller to decode, with others in one batch."""
     header, payload = _checked_payload(record, tuple(out.shape), out.dtype, key, where)
     if out.device.type != "cpu" or not out.is_contiguous():
         raise ValueError("decode_into needs a contiguous CPU tensor")
     if header.encoding != Encoding.RAW:
-        return NAMES[header.encoding], torch.frombuffer(bytearray(payload), dtype=torch.uint8)  # a copy: the map is read-only
+        return NAMES[header.encoding], payload
     # numpy copies straight from the (possibly read-only, memory-mapped) buffer into ``out``.
     np.copyto(out.view(-1).view(torch.uint8).numpy(), np.frombuffer(payload, dtype=np.uint8))
     return None

@@ -60,8 +60,6 @@ import torch
 from ..blocks import (
     DTYPE_NAMES,
     CorruptRecordError,
-    raw_header_for,
-    raw_record_ok,
     HEADER_SIZE,
     KEY_BYTES,
     BlockKey,
@@ -69,6 +67,8 @@ from ..blocks import (
     RecordError,
     encode_header,
     payload_into,
+    record_matches,
+    record_prefix,
 )
 from ..encoding import CODES, ENCODINGS, encode
 from ..errors import BlockNotFoundError, StoreDamagedError, StoreError, TierError, TierFullError
@@ -417,9 +417,11 @@ class BlockStore:
         self._check_open()
         if len(keys) != len(out):
             raise ValueError(f"get_many_into: {len(keys)} keys but out holds {len(out)} blocks")
-        batch = BatchedDecode(out)  # raw blocks: lossy records decoded together at the end
-        read_record: Callable[..., None] = batch.read
-        if encoding != "none":
+        batch = BatchedDecode(out) if encoding == "none" else None  # lossy records decoded together at the end
+        read_record: Callable[..., None]
+        if batch is not None:
+            read_record = batch.read
+        else:
             layout = self.layout
 
             def read_record(record: memoryview, row: int, key: BlockKey, *, where: str) -> None:
@@ -434,8 +436,9 @@ class BlockStore:
         segment = [i for i, place in enumerate(places) if place is not None]
         if segment:
             self._get_segments([keys[i] for i in segment], [places[i] for i in segment], segment, out, read_record,
-                               fast=encoding == "none")  # fmt: skip
-        batch.finish()
+                               encoding=encoding, batch=batch)  # fmt: skip
+        if batch is not None:
+            batch.finish()
 
     def _place_of(self, key: BlockKey, entry: bytes | memoryview | None) -> Place | None:
         """The segment place an index entry names (None: in LMDB, or not stored)."""
@@ -447,30 +450,46 @@ class BlockStore:
             raise CorruptRecordError(f"{self._where(key)}: {error}") from None
 
     def _get_segments(self, keys: list[BlockKey], places: list[Place], rows: list[int], out: torch.Tensor,
-                      read_record: Callable[..., None], *, fast: bool, retry: bool = True) -> None:  # fmt: skip
+                      read_record: Callable[..., None], *, encoding: str, batch: BatchedDecode | None,
+                      retry: bool = True) -> None:  # fmt: skip
         """Read and check segment records into rows ``rows`` of ``out`` (:class:`~.segments.SegmentReader`:
-        the batch's disk reads all in flight; with ``fast``, raw records read straight into their
-        rows, others through ``read_record(record, row, key, where=)``). A segment file gone
-        (compaction moved its records, then deleted it) is looked up again once."""
+        the batch's disk reads all in flight). A record stored as ``out`` holds blocks (raw for
+        ``encoding == "none"``, else in that lossy encoding) is read straight into its row; with
+        ``batch`` (raw rows), one in this store's lossy encoding straight into the batch's staging
+        row, decoded with the others at the end; any other (or one that fails these fast checks)
+        is read whole and checked through ``read_record(record, row, key, where=)``, which names
+        the problem. A segment file gone (compaction moved its records, then deleted it) is
+        looked up again once."""
         reader = self.segment_reader
         reader.hint(places)
-        expected = raw_header_for(bytes(keys[0]), out[rows[0]]) if fast and rows else b""
-        # One view of the whole destination, sliced per row (a tensor view per record cost ~10 µs).
-        flat = memoryview(out.view(-1).view(torch.uint8).numpy()) if fast and out.is_contiguous() else None
+        layout = self.layout
         row_nbytes = out[0].numel() * out.element_size() if len(out) else 0
+        # What a record read straight into a row starts with: a raw block of out's dtype and
+        # shape, or a block of the layout in out's lossy encoding.
+        direct = (record_prefix(tuple(out.shape[1:]), out.dtype, "none", row_nbytes) if encoding == "none"
+                  else record_prefix(layout.shape, layout.dtype, encoding, row_nbytes))  # fmt: skip
+        staged = (batch is not None and self.encoding != "none"  # the store's own lossy records, staged for one decode
+                  and out.dtype == layout.dtype and tuple(out.shape[1:]) == layout.shape)  # fmt: skip
+        staged_nbytes = layout.encoded_record_nbytes(self.encoding) - HEADER_SIZE
+        staged_prefix = record_prefix(layout.shape, layout.dtype, self.encoding, staged_nbytes) if staged else b""
+        # One view of the whole destination, sliced per row (a tensor view per record cost ~10 µs).
+        flat = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.is_contiguous() else None
         head = memoryview(bytearray(HEADER_SIZE))
         moved: list[int] = []
         for i, (key, place, row) in enumerate(zip(keys, places, rows)):
             try:
-                if fast:
+                if place.length == HEADER_SIZE + row_nbytes:
                     dest = (flat[row * row_nbytes : (row + 1) * row_nbytes] if flat is not None
                             else memoryview(out[row].view(-1).view(torch.uint8).numpy()))  # fmt: skip
-                    if place.length == HEADER_SIZE + len(dest):
-                        got = reader.read_split(place, head, dest)
-                        if got == place.length and raw_record_ok(head, dest, expected, bytes(key)):
-                            continue
-                # An encoded record, or one that failed the fast checks: read whole and checked,
-                # which names the problem.
+                    got = reader.read_split(place, head, dest)
+                    if got == place.length and record_matches(head, dest, direct, bytes(key)):
+                        continue
+                elif staged and place.length == HEADER_SIZE + staged_nbytes:
+                    codes = memoryview(batch.stage(self.encoding).numpy())  # type: ignore[union-attr]
+                    got = reader.read_split(place, head, codes)
+                    if got == place.length and record_matches(head, codes, staged_prefix, bytes(key)):
+                        batch.commit(self.encoding, row)  # type: ignore[union-attr]
+                        continue
                 with torch.inference_mode(out.is_inference()):
                     reader.read(place, lambda view, row=row, key=key: read_record(view, row, key, where=self._where(key)))
             except FileNotFoundError:
@@ -485,7 +504,7 @@ class BlockStore:
             if place == places[i] or not retry:
                 raise CorruptRecordError(f"{self._where(keys[i])}: its segment file {segment_path(self.path, place.segment)} is missing")
         self._get_segments([keys[i] for i in moved], now, [rows[i] for i in moved], out, read_record,  # type: ignore[misc]
-                           fast=fast, retry=False)  # fmt: skip
+                           encoding=encoding, batch=batch, retry=False)  # fmt: skip
 
     def _read_place(self, key: bytes, place: Place) -> bytes:
         """One segment record's bytes, unchecked (StoreTxn.record); CorruptRecordError naming the
