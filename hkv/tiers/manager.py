@@ -316,6 +316,7 @@ class TierManager(Promotion):
         # The newest blocks of the batch go highest: disk gets the oldest, the device the newest.
         n, low = len(keys), len(keys) - len(dev) - len(host)
         if low:  # only the disk has room: write them first, durably, so a failure leaves nothing stored
+            self._host_overflowed = True
             try:
                 self._write_disk(keys[:low], blocks[rows[:low]], sync=True)  # returns its `low` reservation on failure
             except BaseException:
@@ -325,6 +326,8 @@ class TierManager(Promotion):
                 raise
         self._pool_write("device", keys[n - len(dev) :], dev, blocks, rows[n - len(dev) :])
         self._pool_write("host", keys[low : n - len(dev)], host, blocks, rows[low : n - len(dev)])
+        if self._host_overflowed and not persist and len(dev) < n - low:
+            self._copy_to_disk_later(keys[low : n - len(dev)])
         if pin:
             for key in keys:
                 self._entries[key].pinned = True

@@ -69,6 +69,9 @@ class Placement:
         self._pinned_count = 0
         self._pending: list[tuple[list[Digest], Future]] = []  # write-through futures
         self._cleaning: set[Digest] = set()  # device blocks a clean-up is copying to the host
+        # The KV has outgrown the host (a host block was spilled or a new one went straight to
+        # disk): blocks entering the host from then on get a disk copy at once (asynchronous).
+        self._host_overflowed = False
         self.moved = dict.fromkeys(DIRECTIONS, 0)
         self.evictions = {"device": 0, "host": 0, "disk": 0}
 
@@ -254,6 +257,8 @@ class Placement:
             self._recent["host"].update(dict.fromkeys(moved))
             self._drop_many("device", moved)
             self.moved["device->host"] += nbytes * len(moved)
+            if self._host_overflowed:
+                self._copy_to_disk_later(moved)
         else:
             moved = keys[: self._disk_reserve(len(keys), exclude, partial=True)]
             if moved:
@@ -264,8 +269,33 @@ class Placement:
 
     def _spill(self, keys: list[Digest]) -> None:
         """Write the host copies of ``keys`` to their reserved disk records, durably."""
+        self._host_overflowed = True
         blocks, encoded = self._host_copies(keys)
         self._write_disk(keys, blocks, sync=True, encoded=encoded)
+
+    def _copy_to_disk_later(self, keys: list[Digest]) -> int:
+        """Queue asynchronous disk copies of the host blocks ``keys`` that have none, so that
+        evicting them later is a drop, not a synchronous spill on some gather's path; how many
+        were queued (lock held). Once the KV has outgrown the host, every block that enters it
+        without a copy gets one this way (:attr:`_host_overflowed`): the blocks that would be
+        spilled later are written once, as before, only sooner, and the host's last ones are
+        written too, so that right after a long prefill the host is clean (on a 128K-token
+        disk-bound decode the first steps spilled the host's blocks, encoding them under the
+        lock, one layer at a time). Blocks on the device keep no disk copy: a device victim
+        with one would be dropped instead of moving to the host, which would then cache
+        nothing. Only disk records beyond those every block of the host and device tiers could
+        still spill into are used (never an eviction, never a record a later spill needs)."""
+        if self._disk is None:
+            return 0
+        spare = self.disk_capacity_blocks - self._disk_count - self.host_pool.n_slots - self.device_pool.n_slots
+        entries = self._entries
+        todo = [key for key in keys if not entries[key].on_disk][: max(0, spare)]
+        if not todo:
+            return 0
+        self._disk_reserve(len(todo), set(todo), partial=True)  # free records only: no evictions
+        blocks, encoded = self._host_copies(todo)
+        self._write_disk(todo, blocks, sync=False, encoded=encoded)
+        return len(todo)
 
     def _host_copies(self, keys: list[Digest]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """What a disk write of host blocks ``keys`` takes: ``(raw blocks, None)``, or ``(None,

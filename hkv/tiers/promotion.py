@@ -392,12 +392,7 @@ class Promotion(Placement):
                 return 0
             on_device = self.device_pool.slot_map
             todo = self._next_victims("host", room, scan, lambda key, entry: not (entry.on_disk or entry.busy or key in on_device))
-            if not todo:
-                return 0
-            self._disk_reserve(len(todo), set(todo), partial=True)  # free records only: no evictions
-            blocks, encoded = self._host_copies(todo)
-            self._write_disk(todo, blocks, sync=False, encoded=encoded)
-        return len(todo)
+            return self._copy_to_disk_later(todo)
 
     def _plan_up(self, keys: list[Digest], to: str, *, must: bool, exclude: set[Digest]) -> _Plan:
         """Reserve slots and mark the moved blocks busy (lock held). Device slots are best effort;

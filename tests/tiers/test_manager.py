@@ -96,21 +96,27 @@ def test_blocks_overflow_down_the_tiers_and_read_back_bitwise(make):
     for i in range(10):
         manager.put(key_of(i), block_of(i))
     stats = manager.stats()
-    assert [stats.tiers[t].blocks for t in ("device", "host", "disk")] == [2, 3, 5]
+    # Once the host overflowed (block 0 spilled when block 3 came down), every block entering the
+    # host got a disk copy at once: 3 and 4 were then dropped from the host, not spilled, and the
+    # host's last three blocks have copies too. Each block was written once.
+    assert [stats.tiers[t].blocks for t in ("device", "host", "disk")] == [2, 3, 8]
     assert stats.blocks == 10
     assert manager.where(key_of(9)) == {"device"}  # newest on the device
     assert manager.where(key_of(0)) == {"disk"}  # oldest spilled to disk
+    assert manager.where(key_of(2)) == {"disk"}  # spilled before the host overflowed
+    assert manager.where(key_of(7)) == {"host", "disk"}  # entered the host after it overflowed
     assert manager.where(key_of(99)) == frozenset() and not manager.contains(key_of(99))
     check_all(manager, range(10))
     check_budgets(manager)
     assert stats.evictions["device"] == 8 and stats.evictions["host"] == 5
-    assert stats.moved_bytes["device->host"] == 8 * NB and stats.moved_bytes["host->disk"] == 5 * NB
+    assert stats.moved_bytes["device->host"] == 8 * NB and stats.moved_bytes["host->disk"] == 8 * NB
 
 
 def test_a_batch_larger_than_the_device_puts_its_newest_blocks_highest(make):
     manager = make(device=2, host=3, disk=16)
     put_range(manager, range(10))
-    assert [sorted(manager.where(key_of(i))) for i in (0, 4, 5, 7, 8, 9)] == [["disk"]] * 2 + [["host"]] * 2 + [["device"]] * 2
+    # the host's blocks have disk copies too: the batch overflowed the host
+    assert [sorted(manager.where(key_of(i))) for i in (0, 4, 5, 7, 8, 9)] == [["disk"]] * 2 + [["disk", "host"]] * 2 + [["device"]] * 2
     assert manager.stats().evictions == {"device": 0, "host": 0, "disk": 0}
     check_all(manager, range(10))
 
@@ -333,14 +339,14 @@ def test_score_policy_keeps_high_scoring_blocks(make):
 
 def test_stats_accounting_through_a_round_trip(make):
     manager = make(device=1, host=1, disk=8)
-    put_range(manager, range(3))  # one batch: 0 -> disk, 1 -> host, 2 -> device
-    assert manager.stats().moved_bytes["host->disk"] == NB
-    # 1 spills to disk, 2 moves to host, 0 comes up (host full: staged), then the host's victim
-    # (2, its only copy) gets a disk copy for the next read to drop
+    put_range(manager, range(3))  # one batch: 0 -> disk, 1 -> host (and a disk copy: the host overflowed), 2 -> device
+    assert manager.stats().moved_bytes["host->disk"] == 2 * NB
+    # 1 is dropped from the host (it has a disk copy), 2 moves to the host and gets a disk copy,
+    # 0 comes up through the host (2 dropped for it: it has its copy now)
     manager.gather([key_of(0)])
     stats = manager.stats()
     assert stats.moved_bytes == {"host->device": NB, "device->host": NB, "disk->host": NB, "host->disk": 3 * NB}
-    assert manager.where(key_of(0)) == {"device", "disk"} and manager.where(key_of(2)) == {"host", "disk"}
+    assert manager.where(key_of(0)) == {"device", "host", "disk"} and manager.where(key_of(2)) == {"disk"}
     assert stats.tiers["device"].used_bytes == NB and stats.tiers["device"].capacity_bytes == NB
     assert stats.tiers["disk"].used_bytes == stats.tiers["disk"].blocks * REC
     assert stats.blocks == 3
@@ -487,23 +493,32 @@ def test_write_back_never_spills_the_host_to_disk(make):
 
 def test_clean_host_gives_host_only_blocks_a_disk_copy_so_a_gather_keeps_its_disk_reads(make):
     manager = make(device=2, host=4, disk=32)
-    put_range(manager, range(10))  # disk: 0 .. 3; host: 4 .. 7 (their only copies); device: 8, 9
-    where = {i: sorted(manager.where(key_of(i))) for i in range(10)}
-    assert [i for i in range(10) if where[i] == ["host"]] == [4, 5, 6, 7]
-    # A disk read needs a host slot; every host block is someone's only copy: the gather reads
-    # block 0 into a staging row and the host keeps nothing of it (making device room for it
-    # moved block 8 down, spilling 4); then it queues a disk copy of the next host victim.
-    manager.gather([key_of(0)])
+    put_range(manager, range(6))  # host: 0 .. 3 (their only copies: the host has not overflowed); device: 4, 5
+    manager.put(key_of(6), block_of(6))  # device victim 4 comes down: the host overflows (0 spills), 4 gets a copy
     manager.flush()
-    assert sorted(manager.where(key_of(0))) == ["device", "disk"]
-    assert [sorted(manager.where(key_of(i))) for i in range(5, 9)] == [["disk", "host"]] + [["host"]] * 3
-    assert manager.clean_host(2) == 2  # the two least recently used without a disk copy: 6, 7
+    where = {i: sorted(manager.where(key_of(i))) for i in range(7)}
+    assert [i for i in range(7) if where[i] == ["host"]] == [1, 2, 3]
+    assert where[0] == ["disk"] and where[4] == ["disk", "host"]
+    assert manager.clean_host(2) == 2  # the two least recently used without a disk copy: 1, 2
     manager.flush()
-    assert [sorted(manager.where(key_of(i))) for i in range(5, 9)] == [["disk", "host"]] * 3 + [["host"]]
+    assert [sorted(manager.where(key_of(i))) for i in range(1, 5)] == [["disk", "host"]] * 2 + [["host"]] + [["disk", "host"]]
     assert manager.clean_host(2, scan=2) == 0  # the next victims are clean now; nothing looked at beyond them
-    manager.gather([key_of(1)])  # now a clean host block is dropped for it: the host caches the read
-    assert sorted(manager.where(key_of(1))) == ["device", "disk", "host"]
-    check_all(manager, range(10))
+    # A disk read needs a host slot: a clean host block is dropped for it, so the host caches the read
+    # (making device room for it moved device-only block 5 down, which dropped clean block 1).
+    manager.gather([key_of(0)])
+    assert sorted(manager.where(key_of(0))) == ["device", "disk", "host"]
+    assert sorted(manager.where(key_of(5))) == ["disk", "host"]
+    check_all(manager, range(7))
+    check_budgets(manager)
+
+
+def test_blocks_entering_an_overflowed_host_get_no_copy_beyond_the_records_spills_need(make):
+    manager = make(device=2, host=2, disk=6)
+    put_range(manager, range(6))  # disk: 0, 1; host: 2, 3; device: 4, 5; the 4 records left are those 2 .. 5 could spill into
+    assert [sorted(manager.where(key_of(i))) for i in (2, 3)] == [["host"]] * 2  # so the host overflowed, yet no copies
+    put_range(manager, range(6, 8))  # 4, 5 come down; 2, 3 spill: the disk is exactly full, nothing lost
+    assert manager.stats().tiers["disk"].blocks == 4
+    check_all(manager, range(8))
     check_budgets(manager)
 
 
