@@ -73,6 +73,7 @@ from ..blocks import (
 from ..encoding import CODES, ENCODINGS, encode
 from ..errors import BlockNotFoundError, StoreDamagedError, StoreError, TierError, TierFullError
 from .batched_decode import BatchedDecode
+from .encoder import OrderedEncoder
 from .files import LOCK_FILES, check_store_files, creating, hold_store
 from .compaction import AUTO_DEAD_SHARE, CompactionReport, compact, punch_dead
 from .pages import check_pages
@@ -269,6 +270,7 @@ class BlockStore:
         self.segment_reader = SegmentReader(self.path)
         self.segment_writer = None if readonly or not self.segments else SegmentWriter(self.path, self._next_segment)
         self._reserve = SpaceReserve(self.path, reserve_bytes(self.capacity_bytes))
+        self._encoder = OrderedEncoder(f"hkv encoder {self.path.name}")  # submit_put_later's thread
         # Queued writes hold at most this many bytes of records (submit waits beyond it).
         self._staging = StagingBuffers(max(STAGING_BYTES, 2 * writer_batch * self.record_nbytes))
         self._closed = False
@@ -682,9 +684,27 @@ class BlockStore:
                 f"expected [n, {', '.join(map(str, self.layout.shape))}] {self.layout.dtype}"
             )
         blocks = blocks.detach()
+        self._encoder.drain()  # after the puts submitted to be encoded later
         if self.encoding != "none":
             return self._submit_records(keys, encode(blocks, self.encoding).cpu().reshape(len(blocks), -1))  # batched, on blocks' device
         return self._submit_records(keys, blocks.cpu().contiguous().view(len(blocks), -1).view(torch.uint8))
+
+    def submit_put_later(self, keys: Sequence[BlockKey], blocks: torch.Tensor) -> Future[None]:
+        """:meth:`submit_put_many` for a caller that must not spend the encode's time (a tier
+        manager holding its lock): a lossy store's blocks are encoded by a background thread
+        (:mod:`.encoder`) and reach the writer in submission order (every other write of this
+        store waits for them first). ``blocks`` must not change until the future resolves (pass a
+        copy). A raw store queues them at once, as :meth:`submit_put_many` does."""
+        if self.encoding == "none":
+            return self.submit_put_many(keys, blocks)
+        self._check_writable()
+        if blocks.shape[1:] != self.layout.shape or blocks.dtype != self.layout.dtype or len(keys) != len(blocks):
+            raise ValueError(
+                f"submit_put_later: {len(keys)} keys and blocks {tuple(blocks.shape)} {blocks.dtype}; "
+                f"expected [n, {', '.join(map(str, self.layout.shape))}] {self.layout.dtype}"
+            )
+        keys, blocks = list(keys), blocks.detach()
+        return self._encoder.submit(lambda: self._submit_records(keys, encode(blocks, self.encoding).cpu().reshape(len(blocks), -1)))
 
     def submit_put_encoded(self, keys: Sequence[BlockKey], payloads: torch.Tensor) -> Future[None]:
         """:meth:`submit_put_many` for blocks already encoded in this store's (lossy) encoding:
@@ -697,6 +717,7 @@ class BlockStore:
                 f"submit_put_encoded: {len(keys)} keys and payloads {tuple(payloads.shape)} {payloads.dtype}; expected "
                 f"[n, {expected}] uint8 of a lossy encoding (this store writes {self.encoding})"
             )
+        self._encoder.drain()
         return self._submit_records(keys, payloads.detach().cpu())
 
     def _submit_records(self, keys: Sequence[BlockKey], source: torch.Tensor) -> Future[None]:
@@ -734,6 +755,7 @@ class BlockStore:
         """Drop blocks durably, except those a committed session references (refs > 0, read in
         the deleting transaction): they are reported as ``kept``."""
         self._check_writable()
+        self._encoder.drain()  # a put submitted earlier lands first
         result = self._writer.submit(WriteJob(deletes=[bytes(k) for k in keys], frees=True)).result()
         if result.deleted:
             self._compact_after_free()
@@ -752,6 +774,7 @@ class BlockStore:
         deletes more than it writes (a session delete, gc): on a full disk it may use the space
         of the store's reserve file (:mod:`.space`)."""
         self._check_writable()
+        self._encoder.drain()  # e.g. a session commit naming blocks whose puts are being encoded
         return self._writer.submit(WriteJob(apply=apply, frees=frees))
 
     def apply(self, apply: Callable[[StoreTxn], T], *, frees: bool = False) -> T:
@@ -783,6 +806,7 @@ class BlockStore:
     def flush(self) -> None:
         """Wait until everything submitted so far is committed (or failed)."""
         if self._writer is not None and not self._closed:
+            self._encoder.drain()
             self._writer.submit(WriteJob()).result()
 
     def _touch(self) -> None:
@@ -921,6 +945,7 @@ class BlockStore:
         with self._close_lock:
             if self._closed:
                 return
+            self._encoder.close()  # its queued puts reach the writer first
             if self._writer is not None:
                 self._writer.close()  # first: a submit from now on raises TierError instead of hanging
             self._closed = True

@@ -293,8 +293,8 @@ class Placement:
         if not todo:
             return 0
         self._disk_reserve(len(todo), set(todo), partial=True)  # free records only: no evictions
-        blocks, encoded = self._host_copies(todo)
-        self._write_disk(todo, blocks, sync=False, encoded=encoded)
+        blocks, encoded = self._host_copies(todo)  # a copy: encoded later, off our lock
+        self._write_disk(todo, blocks, sync=False, encoded=encoded, later=True)
         return len(todo)
 
     def _host_copies(self, keys: list[Digest]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -392,10 +392,12 @@ class Placement:
                 if entry.on_disk:
                     self._disk_gone(key)
 
-    def _write_disk(self, keys: list[Digest], blocks: torch.Tensor | None, *, sync: bool, encoded: torch.Tensor | None = None) -> None:
+    def _write_disk(self, keys: list[Digest], blocks: torch.Tensor | None, *, sync: bool, encoded: torch.Tensor | None = None,
+                    later: bool = False) -> None:  # fmt: skip
         """Write reserved records of raw ``blocks``, or of payloads ``encoded`` already in the
         disk's encoding (``[n, payload bytes]`` uint8); ``sync`` waits until durable (raising,
-        reservation returned)."""
+        reservation returned). ``later`` (not ``sync``; ``blocks`` a copy of the caller's own):
+        a lossy disk encodes them on its encoder thread, not under our lock."""
         disk = self._open_disk()
         if sync:
             try:
@@ -409,7 +411,10 @@ class Placement:
             future = None
         else:
             named = [BlockKey(key) for key in keys]
-            future = disk.submit_put_encoded(named, encoded) if encoded is not None else disk.submit_put_many(named, blocks)  # type: ignore[arg-type]
+            if encoded is not None:
+                future = disk.submit_put_encoded(named, encoded)
+            else:
+                future = (disk.submit_put_later if later else disk.submit_put_many)(named, blocks)  # type: ignore[arg-type]
             # drop write-throughs that landed; failed ones stay for _flush_pending to un-mark and report
             self._pending = [(ks, f) for ks, f in self._pending if not (f.done() and f.exception() is None)]
             self._pending.append((list(keys), future))

@@ -216,3 +216,21 @@ def test_encode_writes_the_documented_format(encoding: str, dtype: torch.dtype) 
     payload = encode(blocks, encoding)
     for row, block in zip(payload, blocks):
         assert row.numpy().tobytes() == _reference_payload(block, encoding)
+
+
+def test_puts_encoded_later_reach_the_store_before_any_later_write(tmp_path: Path) -> None:
+    """submit_put_later encodes on a background thread; a delete (or commit, flush) submitted
+    after it still lands after it, and the blocks read back as their round trip."""
+    keys = [BlockKey(bytes([9, j]) * 8) for j in range(8)]
+    blocks = _blocks(SMALL, 8, seed=3)
+    with BlockStore(tmp_path / "store", SMALL, 1 << 20, encoding="int4") as store:
+        futures = [store.submit_put_later(keys[j : j + 1], blocks[j : j + 1].clone()) for j in range(8)]
+        store.delete_many(keys[:4])  # submitted after the puts: deletes what they wrote
+        for future in futures:
+            future.result()
+        assert [store.contains(key) for key in keys] == [False] * 4 + [True] * 4
+        out = torch.empty(4, *SMALL.shape, dtype=SMALL.dtype)
+        store.get_many_into(keys[4:], out)
+    expected = blocks[4:].clone()
+    decode(encode(expected, "int4"), "int4", expected)
+    assert torch.equal(out, expected)
