@@ -44,6 +44,7 @@ from .disk import DiskTier
 from .host import HostTier
 from .placement import Digest, Entry
 from .promotion import GatherReport, Promotion
+from .remote_blocks import RemoteBlocks, RemoteSource
 from .slot_codec import SlotCodec
 from .policy import make_policy
 
@@ -123,6 +124,7 @@ class TierManager(Promotion):
             disk_record_nbytes=record,
         )
         self._closed = False
+        self.remote_blocks = RemoteBlocks()  # blocks of lazily pulled sessions, still on the remote tier
         if self.has_store():  # a store from an earlier run: its blocks are known
             self._open_disk()
 
@@ -201,6 +203,35 @@ class TierManager(Promotion):
                     self._recent["disk"][key.digest] = None
                 self._disk_count += len(present)
             return [key.digest in self._entries for key in keys]
+
+    def learn_remote(self, keys: Sequence[BlockKey], source: RemoteSource) -> None:
+        """Register blocks a lazily pulled session references that the local store lacks: known
+        as on disk, brought from ``source`` into the local store before their first read
+        (:mod:`.remote_blocks`). Keys the manager knows already are left as they are."""
+        with self._cond:
+            self._check_open()
+            self._open_disk()
+            added = [key.digest for key in keys if key.digest not in self._entries]
+            for key in added:
+                self._entry_for(key).on_disk = True
+                self._recent["disk"][key] = None
+            self._disk_count += len(added)
+        self.remote_blocks.add(added, source)
+
+    def forget_remote(self, source: RemoteSource) -> None:
+        """Stop bringing ``source``'s blocks (its session closed, or is pulled whole): those that
+        never reached the local store are forgotten (no live sequence may reference them)."""
+        gone = self.remote_blocks.remove(source)
+        with self._cond:
+            for key in gone:
+                entry = self._entries.get(key)
+                if entry is None or entry.refs or entry.holds or entry.busy:
+                    continue
+                if not (self.device_pool.contains(key) or self.host_pool.contains(key)):
+                    self._forget(key)
+                    self._disk_count -= 1
+                else:
+                    entry.on_disk = False
 
     def in_use(self, key: Digest) -> bool:
         """Whether a live sequence references the block (digest), or a move or gather has it.
@@ -358,6 +389,8 @@ class TierManager(Promotion):
     def read(self, key: BlockKey) -> torch.Tensor:
         """A CPU copy of the block, from whichever tier holds it (no promotion)."""
         key = key.digest
+        if self.remote_blocks:
+            self.remote_blocks.ensure([key], strict=True)
         with self._cond:
             self._check_open()
             entry = self._get(key)
