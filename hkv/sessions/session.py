@@ -20,6 +20,7 @@ integrations, which import it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -34,7 +35,7 @@ from ..attention.prefix import adopt_stored_prefix
 from ..attention.sequence import SequenceKV
 from ..blocks import BlockKey, BlockLayout, CorruptRecordError
 from ..config import Config
-from ..errors import StoreDamagedError, TierError, TierFullError
+from ..errors import RemoteBlockLostError, StoreDamagedError, TierError, TierFullError
 from ..tiers.manager import TierManager
 from .records import (
     CorruptSessionError,
@@ -46,8 +47,9 @@ from .records import (
     SessionRecord,
     check_name,
 )
+from .lazy_pull import LazyPull, open_lazy
 from .remote import RemoteSync
-from .rows import common_blocks
+from .rows import common_blocks, decode_tail_value
 from .store import SessionStore
 from .summary_runs import encode_run
 
@@ -118,6 +120,7 @@ class Session:
         self.name = check_name(name)
         self.runtime, self.autocommit = runtime, autocommit
         self._closed, self._broken, self._cache, self._lock = True, None, None, None
+        self._lazy: LazyPull | None = None  # a lazy pull not yet settled (its blocks partly on the remote tier)
         if name in runtime.open_sessions:
             raise SessionLockedError(f"session {name!r} is already open in this process; close it before opening it again")
         self._store = runtime.session_store()
@@ -127,8 +130,8 @@ class Session:
             if self._remote is not None:
                 self._take_remote_lease()
             record = self._store.get(name)
-            if self._remote is not None and self._remote.pull(name, record):
-                record = self._store.get(name)  # another machine's session (or later commit), now in the local store
+            if self._remote is not None:
+                record = self._remote_record(record)  # another machine's session (or later commit)
             self._identity = runtime.model_identity(tokenizer)
             if record is not None:
                 self._check(record)
@@ -137,13 +140,19 @@ class Session:
             self._record = record
             self._cache = runtime.new_cache(persist=True)
             try:
-                self.restored = self._restore(record, started)
+                try:
+                    self.restored = self._restore(record, started)
+                except RemoteBlockLostError as error:
+                    if self._lazy is None:
+                        raise
+                    self.restored = self._recover(error, started)
             except (CorruptRecordError, StoreDamagedError) as error:  # a pinned sink / local block read now, or the tail
                 raise CorruptSessionError(f"session {name!r}: a stored block is corrupt: {error}") from error
         except BaseException:
             try:
                 if self._cache is not None:
                     self._cache.close()
+                self._drop_lazy()
             finally:
                 if self._remote is not None:
                     self._remote.release(name)
@@ -161,6 +170,50 @@ class Session:
                 f"session {self.name!r} is open for writing on another machine (its lease on the remote tier "
                 f"{self.runtime.config.remote.url}); close it there, or wait for the lease to expire"
             )
+
+    def _remote_record(self, record: SessionRecord | None) -> SessionRecord | None:
+        """The record to open: the local one, or the server's newer copy, pulled lazily
+        (``remote.pull = "lazy"``: :mod:`.lazy_pull`) or whole (copied into the local store now)."""
+        if self.runtime.config.remote.pull == "lazy":
+            lazy = open_lazy(self._store, self._remote.remote, self.name, record)
+            if isinstance(lazy, LazyPull):
+                self._lazy = lazy
+                return lazy.record
+            if lazy is None:
+                return record  # the server has no newer copy (or is down)
+        if self._remote.pull(self.name, record):
+            return self._store.get(self.name)
+        return record
+
+    def _recover(self, error: RemoteBlockLostError, started: float) -> RestoreReport:
+        """A block of the lazy pull could not be read (gone from the server since the open,
+        damaged, the server down): nothing was read from it. Pull the session whole (its local
+        record cut at the first block missing on the server, as a whole open does) and restore the
+        cache from it; the caller runs its call again, whose fill recomputes the missing blocks.
+        With the server down as well, the session's tokens are known: it restores with no KV and
+        the fill adopts what the local store holds and computes the rest."""
+        lazy = self._lazy
+        log.warning("remote tier: %s; session %r is pulled whole and what is missing is recomputed", error, self.name)
+        if self._cache is not None:
+            self._cache.close()
+            self._cache = None
+        self._drop_lazy()
+        if self._remote.pull(self.name, self._store.get(self.name)):
+            record = self._store.get(self.name)
+        else:
+            record = dataclasses.replace(lazy.record, kv_tokens=0, kv_blocks=0, tail_tokens=0)
+        self._record = record
+        self._cache = self.runtime.new_cache(persist=True)
+        self.restored = self._restore(record, started)
+        return self.restored
+
+    def _drop_lazy(self) -> None:
+        """Stop the lazy pull and forget its blocks that never reached the local store (the
+        cache no longer references them: closed, or every block is local)."""
+        lazy, self._lazy = self._lazy, None
+        if lazy is not None:
+            lazy.stop()
+            self.runtime.manager.forget_remote(lazy)
 
     def _layout(self) -> dict[str, object]:
         layout = self.runtime.layout
@@ -191,8 +244,17 @@ class Session:
         seq = self._cache.sequence
         digests = record.key_digests()  # block-major
         by_layer = [digests[layer :: record.num_layers] for layer in range(record.num_layers)]
-        runs = self._store.read_summary_runs(self.name, by_layer, seq.summaries.relative)
-        known = [torch.from_numpy(run) for run in runs]
+        lazy, layout = self._lazy, self.runtime.layout
+        if lazy is not None:  # the summaries came from the server; the blocks come when read
+            known = lazy.summary_arrays(by_layer, seq.summaries.relative, 2 * layout.kv_heads * layout.head_dim)
+            if known is None:
+                raise RemoteBlockLostError(f"session {self.name!r}: a block's summary is missing on the remote tier", [])
+            self.runtime.manager.learn_remote([BlockKey(digest) for digest in lazy.remote_keys], lazy)
+            lazy.attach(self.runtime.manager.remote_blocks)
+            runs = []  # the local store has none of its summary runs: the first commit writes them
+        else:
+            runs = self._store.read_summary_runs(self.name, by_layer, seq.summaries.relative)
+            known = [torch.from_numpy(run) for run in runs]
         keys = [[BlockKey(digest) for digest in layer_digests] for layer_digests in by_layer]
         adopted = adopt_stored_prefix(seq, self._tokens[: record.kv_blocks * bt], known_keys=keys, known_summaries=known) // bt
         self._run_end = min(adopted, len(runs[0]) if runs else 0)
@@ -200,9 +262,11 @@ class Session:
         tail = 0
         if adopted == record.kv_blocks and record.tail_tokens:
             tail = record.tail_tokens
-            layout = self.runtime.layout
             kv = torch.empty(self.runtime.num_layers, 2, layout.kv_heads, tail, layout.head_dim, dtype=layout.dtype)
-            self._store.read_tail(record, kv)
+            if lazy is not None:
+                decode_tail_value(lazy.tail, self.name, kv.view(self.runtime.num_layers * 2, layout.kv_heads, tail, layout.head_dim))
+            else:
+                self._store.read_tail(record, kv)
             start = adopted * bt
             self._cache.append_kv(self._tokens[start : start + tail], lambda layer: (kv[layer, 0], kv[layer, 1]))
         kv_tokens = self.kv_tokens
@@ -243,13 +307,29 @@ class Session:
             raise ValueError("input_ids is empty and the session has no tokens yet")
         self._check_disk_room(len(tokens) + int(generate_kwargs.get("max_new_tokens") or 0))
         with self._guard():
-            self.runtime.fill(self._cache, tokens[self.kv_tokens : -1], progress=progress)
-            out = self.runtime.generate_with(self._cache, tokens.unsqueeze(0), **generate_kwargs)
-            sequences = out if isinstance(out, torch.Tensor) else out.sequences
-            self._tokens = sequences[0].detach().to("cpu", torch.long).clone()
-            if self.autocommit:  # inside: a turn whose commit failed is not committed at close either
-                self.commit()
+            return self._call(lambda: self._generate_turn(tokens, progress, generate_kwargs))
+
+    def _generate_turn(self, tokens: torch.Tensor, progress: bool | None, generate_kwargs: dict[str, Any]) -> Any:
+        self.runtime.fill(self._cache, tokens[self.kv_tokens : -1], progress=progress)
+        out = self.runtime.generate_with(self._cache, tokens.unsqueeze(0), **generate_kwargs)
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        self._tokens = sequences[0].detach().to("cpu", torch.long).clone()
+        if self._lazy is not None:
+            self._lazy.start_background()  # the rest of the session's blocks, now that the reply is out
+        if self.autocommit:  # inside: a turn whose commit failed is not committed at close either
+            self.commit()
         return out
+
+    def _call(self, call: Any) -> Any:
+        """``call()``; if a block of the lazy pull is lost meanwhile (nothing was read from it),
+        the session is pulled whole (:meth:`_recover`) and ``call()`` runs again, once."""
+        try:
+            return call()
+        except RemoteBlockLostError as error:
+            if self._lazy is None:
+                raise
+            self._recover(error, time.perf_counter())
+            return call()
 
     def append(self, input_ids: torch.Tensor, *, progress: bool | None = None) -> None:
         """Add tokens (a document, a turn) without generating; their KV is computed now (all but
@@ -258,10 +338,13 @@ class Session:
         tokens = torch.cat([self._tokens, self.runtime.token_ids(input_ids, allow_empty=True)[0]])
         self._check_disk_room(len(tokens))
         with self._guard():
-            self.runtime.fill(self._cache, tokens[self.kv_tokens : -1], progress=progress)
-            self._tokens = tokens
-            if self.autocommit:
-                self.commit()
+            self._call(lambda: self._append(tokens, progress))
+
+    def _append(self, tokens: torch.Tensor, progress: bool | None) -> None:
+        self.runtime.fill(self._cache, tokens[self.kv_tokens : -1], progress=progress)
+        self._tokens = tokens
+        if self.autocommit:
+            self.commit()
 
     def _check_disk_room(self, tokens: int) -> None:
         """Every sealed block of a session is stored on disk: refuse, before any work, a turn
@@ -299,8 +382,13 @@ class Session:
 
     def commit(self) -> None:
         """Make the conversation so far durable (one atomic store transaction). A no-op when
-        nothing changed since the last commit."""
+        nothing changed since the last commit. A lazily pulled session fetches the rest of its
+        blocks first (its local record names local blocks only)."""
         self._check_usable()
+        if self._lazy is not None:
+            with self._guard():
+                if self._settle_lazy():
+                    return
         seq = self._cache.sequence
         n_blocks = seq.sealed_blocks()
         if self._record is not None and (len(self._tokens), n_blocks, self.kv_tokens) == self._committed:
@@ -344,6 +432,25 @@ class Session:
         if self._remote is not None:
             self._remote.push_later(self.name)  # the local commit is durable; the remote copy follows
 
+    def _settle_lazy(self) -> bool:
+        """Before a commit: bring the lazy pull's remaining blocks into the local store. With
+        nothing new since the open, commit the pulled record (True: the commit is done). A block
+        lost now: the session is pulled whole and the KV of the tokens since refilled."""
+        tokens, lazy = self._tokens, self._lazy
+        try:
+            lazy.finish()
+        except RemoteBlockLostError as error:
+            self._recover(error, time.perf_counter())
+            if len(tokens) > len(self._tokens):
+                self.runtime.fill(self._cache, tokens[self.kv_tokens : -1], progress=False)
+                self._tokens = tokens
+            return False
+        done = (len(self._tokens), self._cache.sequence.sealed_blocks(), self.kv_tokens) == self._committed
+        if done:
+            lazy.commit_record()
+        self._drop_lazy()
+        return done
+
     def _write_summary_runs(self, keys: list[list[BlockKey]], n_blocks: int) -> None:
         """After a commit: the summaries of the blocks past the session's runs, as runs of at
         most RUN_BLOCKS blocks (memory stays bounded), each its own small transaction. Runs are a
@@ -376,15 +483,28 @@ class Session:
         try:
             if self.autocommit and self._broken is None:
                 self.commit()
+            elif self._lazy is not None and self._broken is None:
+                self._close_lazy()
         finally:
             self._closed = True
             self.runtime.open_sessions.pop(self.name, None)
             try:
                 self._cache.close()
+                self._drop_lazy()
             finally:
                 if self._remote is not None:
                     self._remote.release_after_push(self.name)  # another machine then pulls this commit
                 self._lock.release()
+
+    def _close_lazy(self) -> None:
+        """Closing without a commit: the pulled record is committed to the local store once
+        its blocks are all there, as a whole pull does at open. A block lost now leaves it on the
+        server only (the next open pulls it again)."""
+        try:
+            self._lazy.finish()
+            self._lazy.commit_record()
+        except TierError as error:
+            log.warning("remote tier: session %r stays on the server only (its pull did not finish: %s)", self.name, error)
 
     def __enter__(self) -> Session:
         return self
