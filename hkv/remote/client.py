@@ -194,6 +194,21 @@ class RemoteStore:
 
         return self._call("look up blocks", run, [False] * len(keys))
 
+    def holds_all(self, keys: Sequence[bytes], groups: Mapping[bytes, bytes] | None = None) -> bool:
+        """Whether the server holds every block of ``keys`` (False while it is down): one
+        multi-key ``EXISTS`` per chunk on a single server (a count, no payloads); on a cluster,
+        whose multi-key commands need one slot, :meth:`has_blocks`."""
+        if self.config.cluster:
+            return all(self.has_blocks(keys, groups))
+
+        def run() -> bool:
+            pipe = self._client.pipeline(transaction=False)
+            for start in range(0, len(keys), CHUNK):
+                pipe.exists(*(self.block_name(key, groups) for key in keys[start : start + CHUNK]))
+            return sum(pipe.execute()) == len(keys) if keys else True
+
+        return self._call("look up blocks", run, False)
+
     def put_blocks(self, records: list[tuple[bytes, bytes]], summaries: list[tuple[bytes, bytes]] = (),
                    groups: Mapping[bytes, bytes] | None = None) -> bool:  # fmt: skip
         """Store block records and summary rows; whether the server took them."""

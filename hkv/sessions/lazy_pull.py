@@ -2,12 +2,12 @@
 remote tier without copying its blocks first (docs/remote.md, "Lazy pull").
 
 :func:`open_lazy` reads the session's record and tail, probes every block the local store lacks
-(pipelined ``EXISTS``, no payloads) and reads every block's summary rows (``MGET``): the session
+(``EXISTS``, pipelined, no payloads) and reads every block's summary row (``MGET``): the session
 then opens at once, its blocks registered with the tier manager as remote-backed
 (:mod:`hkv.tiers.remote_blocks`). A block is brought into the local store when attention or the
 prefetcher first needs it (:meth:`LazyPull.fetch`: one ``MGET`` per request, every record checked
-as a whole pull checks it, written with its summary rows, unreferenced), and the rest in the
-background after the first turn. The local store's invariants are a whole pull's: its session
+as a whole pull checks it, written with its summary rows, unreferenced, in the background: the
+read decodes the fetched bytes), and the rest in a thread after the first turn. The local store's invariants are a whole pull's: its session
 record names local blocks only, so the record is committed (:meth:`LazyPull.commit_record`, or
 the session's own next commit) once every block is local (:meth:`LazyPull.finish`); until then the
 store holds unreferenced blocks, a prefix cache that verify and gc know, and a process killed
@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import Future
 from typing import Final
 
 import numpy as np
@@ -36,7 +37,7 @@ from ..blocks import RecordError, check_record
 from ..errors import TierFullError
 from ..remote.client import CHUNK, RemoteStore
 from ..store.summary_rows import summary_values
-from ..store.txn import StoreTxn, summary_key
+from ..store.txn import CommitResult, StoreTxn, summary_key
 from ..tiers.remote_blocks import RemoteBlocks
 from .records import SessionError, SessionRecord, tail_key
 from .remote import position_groups
@@ -60,7 +61,7 @@ class LazyPull:
         self.keys = record.key_digests()  # block-major
         self.groups = position_groups(self.keys, record.num_layers)
         self.remote_keys = remote_keys  # those the local store lacked at open
-        self._summaries = summaries  # summary row key -> checksummed row (both frames, those the server holds)
+        self._summaries = summaries  # summary row key -> checksummed row (the frame the session scores)
         self.fetched_blocks = 0  # brought into the local store so far
         self.fetch_calls = 0  # remote reads that did it (a layer's blocks are one)
         self._blocks: RemoteBlocks | None = None
@@ -83,39 +84,38 @@ class LazyPull:
         return out
 
     # -- blocks, on demand (tiers.remote_blocks calls this) -----------------------------------------
-    def fetch(self, keys: list[bytes]) -> set[bytes]:
-        """Bring ``keys`` from the server into the local store, checked, with their summary rows,
-        unreferenced; those now there. A record missing or failing its checks is not (logged)."""
-        started = time.perf_counter()
-        good: list[tuple[bytes, bytes]] = []
+    def fetch(self, keys: list[bytes]) -> tuple[dict[bytes, bytes], Future | None]:
+        """Fetch ``keys`` from the server, check each record (a missing or failing one is left
+        out, logged), and submit their write into the local store with their summary rows,
+        unreferenced: ``(records, the write's future)``. The reads take the records from the tier
+        manager until the write is durable (:mod:`hkv.tiers.remote_blocks`): no read waits on it."""
+        good: dict[bytes, bytes] = {}
         for key, value in zip(keys, self.remote.get_blocks(keys, self.groups)):
             if value is None:
                 continue
             try:
                 check_record(value, key, where=f"remote block {key.hex()} of session {self.name!r}")
-                good.append((key, value))
+                good[key] = value
             except RecordError as error:
                 log.warning("remote tier: %s; the session is pulled whole and it is recomputed", error)
         self.fetch_calls += 1
         if not good:
-            return set()
-        summaries = [(where, row) for key, _ in good for relative in (False, True)
+            return good, None
+        summaries = [(where, row) for key in good for relative in (False, True)
                      if (row := self._summaries.get(where := summary_key(key, relative))) is not None]  # fmt: skip
-        capacity = self.store.disk.capacity_bytes
+        capacity, records = self.store.disk.capacity_bytes, list(good.items())
 
         def job(txn: StoreTxn) -> None:
-            if txn.usage["used_bytes"] + sum(len(value) for _, value in good) > capacity:
+            if txn.usage["used_bytes"] + sum(len(value) for _, value in records) > capacity:
                 raise TierFullError(f"{self.store.path}: blocks of session {self.name!r} from the remote tier do not fit "
                                     f"tiers.disk = {capacity} bytes")  # fmt: skip
-            for key, value in good:
+            for key, value in records:
                 if txn.record_nbytes(key) is None:
                     txn.put_block(key, value)
             txn.put_many("summaries", summaries)
 
-        self.store.disk.apply(job)
         self.fetched_blocks += len(good)
-        log.debug("remote tier: session %r: %d blocks fetched in %.1f ms", self.name, len(good), 1e3 * (time.perf_counter() - started))
-        return {key for key, _ in good}
+        return good, self.store.disk.submit_apply(job)
 
     # -- the rest, in the background; then the local record ---------------------------------------
     def attach(self, blocks: RemoteBlocks) -> None:
@@ -154,22 +154,28 @@ class LazyPull:
             return
         for start in range(0, len(self.remote_keys), FETCH_KEYS):
             self._blocks.ensure(self.remote_keys[start : start + FETCH_KEYS], strict=True)
+        self._blocks.written(self)
+        for start in range(0, len(self.remote_keys), FETCH_KEYS):  # a write that failed made its blocks lost
+            self._blocks.ensure(self.remote_keys[start : start + FETCH_KEYS], strict=True)
 
-    def commit_record(self) -> None:
+    def commit_record(self) -> CommitResult:
         """Commit the pulled record and tail to the local store (after :meth:`finish`), as a
-        whole pull does: the session is local from now on."""
+        whole pull does: the session is local from now on. What changed (for the tier manager)."""
         record, tail = self.record, self.tail
 
-        def job(txn: StoreTxn) -> None:  # the summaries came with the blocks
-            commit_in(txn, record, self.keys[: record.kv_blocks * record.num_layers], [], tail, time.time())
+        def job(txn: StoreTxn) -> CommitResult:  # the summaries came with the blocks
+            return commit_in(txn, record, self.keys[: record.kv_blocks * record.num_layers], [], tail, time.time())[0]
 
-        self.store.disk.apply(job)
+        return self.store.disk.apply(job)
 
 
-def open_lazy(store: SessionStore, remote: RemoteStore, name: str, local: SessionRecord | None) -> LazyPull | str | None:
+def open_lazy(store: SessionStore, remote: RemoteStore, name: str, local: SessionRecord | None, *,
+              relative: bool) -> LazyPull | str | None:  # fmt: skip
     """Session ``name`` from the server for a lazy open (see the module docstring): a LazyPull;
     None when the server has no newer copy than ``local`` (or none, or is down); :data:`WHOLE`
-    when something is missing there already (a whole pull cuts and recomputes)."""
+    when something is missing there already (a whole pull cuts and recomputes). ``relative``:
+    the frame of the summaries the session's cache scores (:func:`~hkv.store.txn.summary_key`),
+    the only one read."""
     got = remote.get_session(name)
     if got is None:
         return None
@@ -191,8 +197,10 @@ def open_lazy(store: SessionStore, remote: RemoteStore, name: str, local: Sessio
     with store.disk.reading() as txn:
         stored = set(txn.found("keys", keys))
     remote_keys = [key for key in dict.fromkeys(keys) if key not in stored]
-    if not all(remote.has_blocks(remote_keys, groups)):
+    if not remote.holds_all(remote_keys, groups):
         return WHOLE
-    where = [summary_key(key, relative) for key in dict.fromkeys(keys) for relative in (False, True)]
+    where = [summary_key(key, relative) for key in dict.fromkeys(keys)]
     summaries = {row_key: row for row_key, row in zip(where, remote.get_summaries(where, groups)) if row is not None}
+    if len(summaries) < len(where):
+        return WHOLE
     return LazyPull(store, remote, record, tail if record.tail_tokens else None, remote_keys, summaries)

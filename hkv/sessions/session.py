@@ -114,6 +114,7 @@ class Session:
 
     name: str
     restored: RestoreReport
+    background_pull: bool = True  # a lazily pulled session: fetch the rest of its blocks in a thread after its first call
 
     def __init__(self, runtime: SessionHost, name: str, *, tokenizer: Any = None, autocommit: bool = True) -> None:
         started = time.perf_counter()
@@ -129,6 +130,7 @@ class Session:
         try:
             if self._remote is not None:
                 self._take_remote_lease()
+            self._cache = runtime.new_cache(persist=True)
             record = self._store.get(name)
             if self._remote is not None:
                 record = self._remote_record(record)  # another machine's session (or later commit)
@@ -138,7 +140,6 @@ class Session:
                 if self._identity.tokenizer is None:
                     self._identity.tokenizer = record.identity.tokenizer  # keep what was recorded
             self._record = record
-            self._cache = runtime.new_cache(persist=True)
             try:
                 try:
                     self.restored = self._restore(record, started)
@@ -175,7 +176,7 @@ class Session:
         """The record to open: the local one, or the server's newer copy, pulled lazily
         (``remote.pull = "lazy"``: :mod:`.lazy_pull`) or whole (copied into the local store now)."""
         if self.runtime.config.remote.pull == "lazy":
-            lazy = open_lazy(self._store, self._remote.remote, self.name, record)
+            lazy = open_lazy(self._store, self._remote.remote, self.name, record, relative=self._cache.sequence.summaries.relative)
             if isinstance(lazy, LazyPull):
                 self._lazy = lazy
                 return lazy.record
@@ -284,6 +285,13 @@ class Session:
         return self._tokens.clone()
 
     @property
+    def pulled_blocks(self) -> tuple[int, int] | None:
+        """While a lazy pull from the remote tier is not settled: ``(blocks fetched so far, blocks
+        the local store lacked at open)``, every layer counted; None otherwise."""
+        lazy = self._lazy
+        return None if lazy is None else (lazy.fetched_blocks, len(lazy.remote_keys))
+
+    @property
     def kv_tokens(self) -> int:
         """Tokens whose KV is in the cache (at most ``len(tokens) - 1`` after a call)."""
         return self._cache.sequence.seq_length() if self._cache is not None else 0
@@ -314,7 +322,7 @@ class Session:
         out = self.runtime.generate_with(self._cache, tokens.unsqueeze(0), **generate_kwargs)
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         self._tokens = sequences[0].detach().to("cpu", torch.long).clone()
-        if self._lazy is not None:
+        if self._lazy is not None and self.background_pull:
             self._lazy.start_background()  # the rest of the session's blocks, now that the reply is out
         if self.autocommit:  # inside: a turn whose commit failed is not committed at close either
             self.commit()
@@ -447,7 +455,7 @@ class Session:
             return False
         done = (len(self._tokens), self._cache.sequence.sealed_blocks(), self.kv_tokens) == self._committed
         if done:
-            lazy.commit_record()
+            self.runtime.manager.apply_store_changes(lazy.commit_record())
         self._drop_lazy()
         return done
 
@@ -502,7 +510,7 @@ class Session:
         server only (the next open pulls it again)."""
         try:
             self._lazy.finish()
-            self._lazy.commit_record()
+            self.runtime.manager.apply_store_changes(self._lazy.commit_record())
         except TierError as error:
             log.warning("remote tier: session %r stays on the server only (its pull did not finish: %s)", self.name, error)
 

@@ -405,7 +405,8 @@ class TierManager(Promotion):
         try:
             out = torch.empty(self.layout.shape, dtype=self.layout.dtype)
             self._wait_disk_write(entry)
-            self._disk.get_into(BlockKey(key), out)
+            records = self.remote_blocks.records([key]) if self.remote_blocks else None
+            self._disk.get_many_into([BlockKey(key)], out.unsqueeze(0), records=records)
             return out
         finally:
             with self._cond:

@@ -437,7 +437,9 @@ class Promotion(Placement):
             # its encoding as they are (no second rounding), and its slots are filled by a plain copy.
             codec = plan.staging_codec = self.host_pool.codec
             plan.staging = self.copies.staging(len(plan.disk_keys), codec)
-            self._disk.get_many_into([BlockKey(key) for key in plan.disk_keys], plan.staging, encoding=codec.encoding)  # type: ignore[union-attr]
+            records = self.remote_blocks.records(plan.disk_keys) if self.remote_blocks else None  # a lazy pull's, not yet written
+            self._disk.get_many_into([BlockKey(key) for key in plan.disk_keys], plan.staging, encoding=codec.encoding,  # type: ignore[union-attr]
+                                     records=records)  # fmt: skip
             rows = [i for i, key in enumerate(plan.disk_keys) if key in plan.host_dst]
             copy_slots(self.host_pool.data, [plan.host_dst[plan.disk_keys[i]] for i in rows], plan.staging, rows)
         from_disk = set(plan.disk_keys)

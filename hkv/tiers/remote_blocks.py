@@ -3,22 +3,28 @@ session's blocks, still on the remote tier (docs/remote.md, "Lazy pull").
 
 The manager registers them as on disk (:meth:`~hkv.tiers.manager.TierManager.learn_remote`) and,
 before any read that would go to the disk (a gather, a pin, the prefetcher's promotion), asks
-:meth:`RemoteBlocks.ensure` to bring the ones still remote into the local store: one batched
-call per source (the session's pull: ``MGET``, every record checked, written with its summary).
+:meth:`RemoteBlocks.ensure` to bring the ones still remote: one batched call per source (the
+session's pull: ``MGET``, every record checked). The source submits their write into the local
+store (with their summaries) and hands the records over; until that write is durable the disk
+reads take them from here (:meth:`RemoteBlocks.records`), so a read never waits for a disk commit.
 Blocks another thread is bringing are waited for, not fetched twice. A block that cannot be
-brought is *lost*: a strict read raises :class:`~hkv.errors.RemoteBlockLostError` (nothing is
-read), a best-effort one (the prefetcher) skips it. This module knows nothing of Redis or
-sessions: a source is anything with ``fetch(keys) -> keys now in the local store``.
+brought (or whose write fails) is *lost*: a strict read raises
+:class:`~hkv.errors.RemoteBlockLostError` (nothing is read), a best-effort one (the prefetcher)
+skips it. This module knows nothing of Redis or sessions: a source is anything with
+``fetch(keys) -> (records, write future)``.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
+from concurrent.futures import Future
 from typing import Protocol
 
 from ..errors import RemoteBlockLostError
 
+log = logging.getLogger(__name__)
 Digest = bytes
 
 
@@ -27,8 +33,9 @@ class RemoteSource(Protocol):
 
     name: str  # said in errors (a session's name)
 
-    def fetch(self, keys: list[Digest]) -> set[Digest]:
-        """Bring ``keys`` into the local store (checked); those now there."""
+    def fetch(self, keys: list[Digest]) -> tuple[dict[Digest, bytes], Future | None]:
+        """Fetch ``keys`` (checked) and submit their write into the local store: ``(records
+        fetched, the write's future)``; a key missing from the records could not be fetched."""
         ...
 
 
@@ -37,6 +44,7 @@ class RemoteBlocks:
 
     def __init__(self) -> None:
         self._source: dict[Digest, RemoteSource] = {}  # still remote
+        self._held: dict[Digest, tuple[bytes, RemoteSource]] = {}  # fetched; their local write not yet durable
         self._lost: dict[Digest, RemoteSource] = {}  # could not be brought
         self._inflight: set[Digest] = set()
         self._cond = threading.Condition()
@@ -48,18 +56,31 @@ class RemoteBlocks:
                 self._lost.pop(key, None)
 
     def __bool__(self) -> bool:
-        return bool(self._source) or bool(self._lost)  # read without the lock: a hint for the hot path
+        return bool(self._source) or bool(self._lost) or bool(self._held)  # read without the lock: a hint for the hot path
 
     def pending(self, source: RemoteSource) -> list[Digest]:
         """``source``'s blocks still remote (not lost)."""
         with self._cond:
             return [key for key, owner in self._source.items() if owner is source]
 
-    def remove(self, source: RemoteSource) -> list[Digest]:
-        """Forget ``source`` (its session closed or pulled whole) once its fetches in flight are
-        done; its blocks that never reached the local store (remote or lost)."""
+    def records(self, keys: Sequence[Digest]) -> dict[Digest, bytes] | None:
+        """The records of ``keys`` fetched and not yet durable in the local store (None: none)."""
+        if not self._held:
+            return None
         with self._cond:
-            self._cond.wait_for(lambda: not any(self._source.get(key) is source for key in self._inflight))
+            return {key: self._held[key][0] for key in keys if key in self._held} or None
+
+    def written(self, source: RemoteSource) -> None:
+        """Wait until every block fetched from ``source`` is durable in the local store (or lost)."""
+        with self._cond:
+            self._cond.wait_for(lambda: not any(owner is source for _, owner in self._held.values()))
+
+    def remove(self, source: RemoteSource) -> list[Digest]:
+        """Forget ``source`` (its session closed or pulled whole) once its fetches and writes in
+        flight are done; its blocks that never reached the local store (remote or lost)."""
+        with self._cond:
+            self._cond.wait_for(lambda: not any(self._source.get(key) is source for key in self._inflight)
+                                and not any(owner is source for _, owner in self._held.values()))  # fmt: skip
             gone = [key for key, owner in self._source.items() if owner is source]
             gone += [key for key, owner in self._lost.items() if owner is source]
             for key in gone:
@@ -68,8 +89,8 @@ class RemoteBlocks:
             return gone
 
     def ensure(self, keys: Sequence[Digest], *, strict: bool) -> list[Digest]:
-        """Bring the remote ones of ``keys`` into the local store (see the module docstring);
-        ``keys`` without the lost ones. ``strict``: RemoteBlockLostError if any is lost."""
+        """Bring the remote ones of ``keys`` (see the module docstring); ``keys`` without the
+        lost ones. ``strict``: RemoteBlockLostError if any is lost."""
         if not self:
             return list(keys)
         with self._cond:
@@ -81,15 +102,20 @@ class RemoteBlocks:
                 source = self._source[key]
                 by_source.setdefault(id(source), (source, []))[1].append(key)
             for source, wanted in by_source.values():
-                got: set[Digest] = set()
+                records: dict[Digest, bytes] = {}
+                future: Future | None = None
                 try:
-                    got = source.fetch(wanted)
+                    records, future = source.fetch(wanted)
                 finally:
                     with self._cond:
                         for key in wanted:
                             del self._source[key]
-                            if key not in got:
+                            if key in records:
+                                self._held[key] = (records[key], source)
+                            else:
                                 self._lost[key] = source
+                if future is not None:
+                    future.add_done_callback(lambda done, fetched=list(records), source=source: self._written(fetched, source, done))
         finally:
             with self._cond:
                 self._inflight.difference_update(mine)
@@ -108,3 +134,17 @@ class RemoteBlocks:
             return list(keys)
         lost_set = set(lost)
         return [key for key in keys if key not in lost_set]
+
+    def _written(self, keys: list[Digest], source: RemoteSource, done: Future) -> None:
+        """A fetch's write into the local store finished (the writer thread): the records are
+        read from there now; a failed write makes them lost."""
+        error = done.exception()
+        if error is not None:
+            log.warning("remote tier: %d blocks of session %r fetched from the remote tier were not stored locally: %s",
+                        len(keys), source.name, error)  # fmt: skip
+        with self._cond:
+            for key in keys:
+                self._held.pop(key, None)
+                if error is not None:
+                    self._lost[key] = source
+            self._cond.notify_all()

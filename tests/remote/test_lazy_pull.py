@@ -181,14 +181,15 @@ def opener(folder: str, url: str) -> None:
         lazy = session._lazy
         fetch = lazy.fetch
 
-        def traced(keys: list[bytes]) -> set[bytes]:
-            got = fetch(keys)
-            os.write(1, f"fetched {len(got)}\n".encode())
-            return got
+        def traced(keys: list[bytes]):
+            records, written = fetch(keys)
+            os.write(1, f"fetched {len(records)}\n".encode())
+            return records, written
 
         lazy.fetch = traced
         lazy.start_background = lambda: None  # the turn's own reads only: killed with the pull partly done
         session.generate(torch.tensor([1]), max_new_tokens=1, do_sample=False)
+        rt.manager.flush()  # the fetched blocks' writes into the local store are durable
         os.write(1, b"waiting\n")
         signal.pause()
 
