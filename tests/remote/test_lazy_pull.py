@@ -195,7 +195,7 @@ def opener(folder: str, url: str) -> None:
 
 
 @pytest.mark.slow  # a child process loads torch and transformers: ~10 s here
-def test_a_kill_9_in_the_middle_of_a_lazy_pull_leaves_a_clean_store(tmp_path: Path, redis_server) -> None:
+def test_a_kill_9_in_the_middle_of_a_lazy_pull_leaves_a_clean_store(tmp_path: Path, redis_server, cli) -> None:
     model = tiny_lm()
     turn = _first_machine(model, tmp_path, redis_server.url)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
@@ -216,13 +216,22 @@ def test_a_kill_9_in_the_middle_of_a_lazy_pull_leaves_a_clean_store(tmp_path: Pa
     total = (len(turn) - 1) // 16 * 2
     assert 0 < fetched < total  # killed with the pull partly done
     assert _verify(tmp_path / "b") == []  # unreferenced blocks only: no record names a block that is not there
+    local = str(tmp_path / "b" / "store")
+    checked = cli("sessions", "verify", "--store", local)
+    assert checked.exit_code == 0, checked.output
+    repaired = cli("sessions", "repair", "--store", local)
+    assert repaired.exit_code == 0 and "nothing to repair" in repaired.output, repaired.output
     redis.Redis.from_url(redis_server.url).delete("hkv:lease:{chat}")  # the killed process's lease, expired (lease_s)
     more = torch.tensor([3, 1])
     with wrap(model, _config(model, tmp_path / "b", redis_server.url)) as rt, rt.session("chat") as session:
         assert fetched <= total - len(session._lazy.remote_keys) < total  # what the killed pull brought is not fetched again
         out = session.generate(more, max_new_tokens=3, do_sample=False)[0]
     assert out.tolist() == baseline(model, torch.cat([turn, more]).unsqueeze(0), 3)[0].tolist()
+    collected = cli("sessions", "gc", "--store", local)
+    assert collected.exit_code == 0, collected.output
     assert _verify(tmp_path / "b") == ["chat"]
+    with SessionStore.open(local) as store:
+        assert store.info("chat").missing_blocks == 0  # gc kept every block the session references
 
 
 def test_remote_pull_is_validated(tmp_path: Path, cli) -> None:
