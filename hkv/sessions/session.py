@@ -109,7 +109,8 @@ class Session:
 
     After an error in the middle of a call (a corrupt block, a full store...) the session is
     *broken*: its cache may hold part of a forward, so it is never committed again; close it and
-    reopen it to continue from its last commit.
+    reopen it to continue from its last commit. A block of a lazy pull lost on the remote tier is
+    not such an error: the session pulls itself whole and runs the call again (docs/remote.md).
     """
 
     name: str

@@ -220,18 +220,24 @@ class TierManager(Promotion):
 
     def forget_remote(self, source: RemoteSource) -> None:
         """Stop bringing ``source``'s blocks (its session closed, or is pulled whole): those that
-        never reached the local store are forgotten (no live sequence may reference them)."""
+        never reached the local store are forgotten, but those another live sequence references
+        (a lazily pulled session sharing the prefix), which stay registered with ``source``."""
         gone = self.remote_blocks.remove(source)
+        shared = []
         with self._cond:
             for key in gone:
                 entry = self._entries.get(key)
-                if entry is None or entry.refs or entry.holds or entry.busy:
+                if entry is None:
+                    continue
+                if entry.refs or entry.holds or entry.busy:
+                    shared.append(key)
                     continue
                 if not (self.device_pool.contains(key) or self.host_pool.contains(key)):
                     self._forget(key)
                     self._disk_count -= 1
                 else:
                     entry.on_disk = False
+        self.remote_blocks.add(shared, source)
 
     def in_use(self, key: Digest) -> bool:
         """Whether a live sequence references the block (digest), or a move or gather has it.
