@@ -39,8 +39,8 @@ from ..remote.client import CHUNK, RemoteStore
 from ..store.summary_rows import summary_values
 from ..store.txn import CommitResult, StoreTxn, summary_key
 from ..tiers.remote_blocks import RemoteBlocks
-from .records import SessionError, SessionRecord, tail_key
-from .remote import position_groups
+from .records import SessionRecord, tail_key
+from .remote import newer_remote_session, position_groups
 from .rows import commit_in
 from .store import SessionStore
 
@@ -176,17 +176,10 @@ def open_lazy(store: SessionStore, remote: RemoteStore, name: str, local: Sessio
     when something is missing there already (a whole pull cuts and recomputes). ``relative``:
     the frame of the summaries the session's cache scores (:func:`~hkv.store.txn.summary_key`),
     the only one read."""
-    got = remote.get_session(name)
+    got = newer_remote_session(remote, name, local)
     if got is None:
         return None
-    raw, tail = got
-    try:
-        record = SessionRecord.from_bytes(name, raw)
-    except SessionError as error:
-        log.warning("remote tier: session %r is unreadable there (%s); not used", name, error)
-        return None
-    if local is not None and local.updated >= record.updated:
-        return None
+    record, tail = got
     if record.tail_tokens:
         try:
             check_record(tail, tail_key(name), where=f"remote tail of session {name!r}")

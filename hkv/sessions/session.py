@@ -20,7 +20,6 @@ integrations, which import it.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -47,7 +46,8 @@ from .records import (
     SessionRecord,
     check_name,
 )
-from .lazy_pull import LazyPull, open_lazy
+from .lazy_pull import LazyPull
+from .pulled import PulledSession
 from .remote import RemoteSync
 from .rows import common_blocks, decode_tail_value
 from .store import SessionStore
@@ -100,7 +100,7 @@ class RestoreReport:
     new: bool  # True when the session did not exist before
 
 
-class Session:
+class Session(PulledSession):
     """One named conversation: its tokens, its cache, its writer lock. Create with ``rt.session(name)``.
 
     ``tokens``: ``[n]`` int64 on the CPU, the whole conversation (prompts and replies). The KV of
@@ -147,7 +147,7 @@ class Session:
                 except RemoteBlockLostError as error:
                     if self._lazy is None:
                         raise
-                    self.restored = self._recover(error, started)
+                    self._recover(error, started)
             except (CorruptRecordError, StoreDamagedError) as error:  # a pinned sink / local block read now, or the tail
                 raise CorruptSessionError(f"session {name!r}: a stored block is corrupt: {error}") from error
         except BaseException:
@@ -172,50 +172,6 @@ class Session:
                 f"session {self.name!r} is open for writing on another machine (its lease on the remote tier "
                 f"{self.runtime.config.remote.url}); close it there, or wait for the lease to expire"
             )
-
-    def _remote_record(self, record: SessionRecord | None) -> SessionRecord | None:
-        """The record to open: the local one, or the server's newer copy, pulled lazily
-        (``remote.pull = "lazy"``: :mod:`.lazy_pull`) or whole (copied into the local store now)."""
-        if self.runtime.config.remote.pull == "lazy":
-            lazy = open_lazy(self._store, self._remote.remote, self.name, record, relative=self._cache.sequence.summaries.relative)
-            if isinstance(lazy, LazyPull):
-                self._lazy = lazy
-                return lazy.record
-            if lazy is None:
-                return record  # the server has no newer copy (or is down)
-        if self._remote.pull(self.name, record):
-            return self._store.get(self.name)
-        return record
-
-    def _recover(self, error: RemoteBlockLostError, started: float) -> RestoreReport:
-        """A block of the lazy pull could not be read (gone from the server since the open,
-        damaged, the server down): nothing was read from it. Pull the session whole (its local
-        record cut at the first block missing on the server, as a whole open does) and restore the
-        cache from it; the caller runs its call again, whose fill recomputes the missing blocks.
-        With the server down as well, the session's tokens are known: it restores with no KV and
-        the fill adopts what the local store holds and computes the rest."""
-        lazy = self._lazy
-        log.warning("remote tier: %s; session %r is pulled whole and what is missing is recomputed", error, self.name)
-        if self._cache is not None:
-            self._cache.close()
-            self._cache = None
-        self._drop_lazy()
-        if self._remote.pull(self.name, self._store.get(self.name)):
-            record = self._store.get(self.name)
-        else:
-            record = dataclasses.replace(lazy.record, kv_tokens=0, kv_blocks=0, tail_tokens=0)
-        self._record = record
-        self._cache = self.runtime.new_cache(persist=True)
-        self.restored = self._restore(record, started)
-        return self.restored
-
-    def _drop_lazy(self) -> None:
-        """Stop the lazy pull and forget its blocks that never reached the local store (the
-        cache no longer references them: closed, or every block is local)."""
-        lazy, self._lazy = self._lazy, None
-        if lazy is not None:
-            lazy.stop()
-            self.runtime.manager.forget_remote(lazy)
 
     def _layout(self) -> dict[str, object]:
         layout = self.runtime.layout
@@ -286,13 +242,6 @@ class Session:
         return self._tokens.clone()
 
     @property
-    def pulled_blocks(self) -> tuple[int, int] | None:
-        """While a lazy pull from the remote tier is not settled: ``(blocks fetched so far, blocks
-        the local store lacked at open)``, every layer counted; None otherwise."""
-        lazy = self._lazy
-        return None if lazy is None else (lazy.fetched_blocks, len(lazy.remote_keys))
-
-    @property
     def kv_tokens(self) -> int:
         """Tokens whose KV is in the cache (at most ``len(tokens) - 1`` after a call)."""
         return self._cache.sequence.seq_length() if self._cache is not None else 0
@@ -328,17 +277,6 @@ class Session:
         if self.autocommit:  # inside: a turn whose commit failed is not committed at close either
             self.commit()
         return out
-
-    def _call(self, call: Any) -> Any:
-        """``call()``; if a block of the lazy pull is lost meanwhile (nothing was read from it),
-        the session is pulled whole (:meth:`_recover`) and ``call()`` runs again, once."""
-        try:
-            return call()
-        except RemoteBlockLostError as error:
-            if self._lazy is None:
-                raise
-            self._recover(error, time.perf_counter())
-            return call()
 
     def append(self, input_ids: torch.Tensor, *, progress: bool | None = None) -> None:
         """Add tokens (a document, a turn) without generating; their KV is computed now (all but
@@ -441,25 +379,6 @@ class Session:
         if self._remote is not None:
             self._remote.push_later(self.name)  # the local commit is durable; the remote copy follows
 
-    def _settle_lazy(self) -> bool:
-        """Before a commit: bring the lazy pull's remaining blocks into the local store. With
-        nothing new since the open, commit the pulled record (True: the commit is done). A block
-        lost now: the session is pulled whole and the KV of the tokens since refilled."""
-        tokens, lazy = self._tokens, self._lazy
-        try:
-            lazy.finish()
-        except RemoteBlockLostError as error:
-            self._recover(error, time.perf_counter())
-            if len(tokens) > len(self._tokens):
-                self.runtime.fill(self._cache, tokens[self.kv_tokens : -1], progress=False)
-                self._tokens = tokens
-            return False
-        done = (len(self._tokens), self._cache.sequence.sealed_blocks(), self.kv_tokens) == self._committed
-        if done:
-            self.runtime.manager.apply_store_changes(lazy.commit_record())
-        self._drop_lazy()
-        return done
-
     def _write_summary_runs(self, keys: list[list[BlockKey]], n_blocks: int) -> None:
         """After a commit: the summaries of the blocks past the session's runs, as runs of at
         most RUN_BLOCKS blocks (memory stays bounded), each its own small transaction. Runs are a
@@ -504,16 +423,6 @@ class Session:
                 if self._remote is not None:
                     self._remote.release_after_push(self.name)  # another machine then pulls this commit
                 self._lock.release()
-
-    def _close_lazy(self) -> None:
-        """Closing without a commit: the pulled record is committed to the local store once
-        its blocks are all there, as a whole pull does at open. A block lost now leaves it on the
-        server only (the next open pulls it again)."""
-        try:
-            self._lazy.finish()
-            self.runtime.manager.apply_store_changes(self._lazy.commit_record())
-        except TierError as error:
-            log.warning("remote tier: session %r stays on the server only (its pull did not finish: %s)", self.name, error)
 
     def __enter__(self) -> Session:
         return self
