@@ -54,16 +54,14 @@ class PulledSession:
         the fill adopts what the local store holds and computes the rest."""
         lazy = self._lazy
         log.warning("remote tier: %s; session %r is pulled whole and what is missing is recomputed", error, self.name)
-        if self._cache is not None:
-            self._cache.close()
-            self._cache = None
+        self._cache.close()
+        self._cache = self.runtime.new_cache(persist=True)  # before anything that may fail: a session always has one
         self._drop_lazy()
         if self._remote.pull(self.name, self._store.get(self.name)):
             record = self._store.get(self.name)
         else:
             record = dataclasses.replace(lazy.record, kv_tokens=0, kv_blocks=0, tail_tokens=0)
         self._record = record
-        self._cache = self.runtime.new_cache(persist=True)
         self.restored = self._restore(record, started)
 
     def _drop_lazy(self) -> None:

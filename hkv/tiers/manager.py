@@ -277,7 +277,8 @@ class TierManager(Promotion):
             first: dict[Digest, int] = {}
             for i, key in enumerate(keys):
                 first.setdefault(key, i)
-            known = [key for key in first if key in self._entries]
+            claimed = self._claim_remote(list(first)) if self.remote_blocks else set()
+            known = [key for key in first if key in self._entries and key not in claimed]
             if pin:
                 wanted = len(first) - len(known) + sum(not self._entries[key].pinned for key in known)
                 room = self.device_pool.n_slots - self._pinned_count
@@ -294,7 +295,7 @@ class TierManager(Promotion):
         try:
             with self._cond:
                 self._check_open()
-                new = [key for key in first if key not in self._entries]
+                new = [key for key in first if key not in self._entries or key in claimed]
                 if persist:  # first: a refusal leaves nothing new stored
                     self._write_through_known([key for key in first if key not in new], blocks, first)
                 if new:
@@ -304,6 +305,19 @@ class TierManager(Promotion):
             if pin and newly_pinned:
                 self._unpin(newly_pinned)
             raise
+
+    def _claim_remote(self, keys: list[Digest]) -> set[Digest]:
+        """Blocks of ``keys`` registered as remote-backed but never brought (lock held): the data
+        being put replaces the remote copy (a recompute after a lost block). Their entries keep
+        their references and lose the disk copy they never had."""
+        claimed = self.remote_blocks.claim(keys)
+        for key in claimed:
+            entry = self._entries.get(key)
+            if entry is not None and entry.on_disk:
+                entry.on_disk = False
+                self._recent["disk"].pop(key, None)
+                self._disk_count -= 1
+        return {key for key in claimed if key in self._entries}
 
     def _write_through_known(self, keys: list[Digest], blocks: torch.Tensor, first: dict[Digest, int]) -> None:
         """Write known blocks without a disk copy through to disk (lock held). TierFullError.
@@ -349,7 +363,10 @@ class TierManager(Promotion):
                 raise TierFullError(f"cannot insert {len(keys)} blocks: {error}") from None
             raise
         for key in keys:
-            self._entries[key] = Entry()
+            entry, old = Entry(), self._entries.get(key)
+            if old is not None:  # a remote-backed block recomputed (put_many): the live sequences' references stay
+                entry.refs = old.refs
+            self._entries[key] = entry
         # The newest blocks of the batch go highest: disk gets the oldest, the device the newest.
         n, low = len(keys), len(keys) - len(dev) - len(host)
         if low:  # only the disk has room: write them first, durably, so a failure leaves nothing stored

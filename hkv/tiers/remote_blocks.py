@@ -63,6 +63,19 @@ class RemoteBlocks:
         with self._cond:
             return [key for key, owner in self._source.items() if owner is source]
 
+    def claim(self, keys: Sequence[Digest]) -> set[Digest]:
+        """Stop bringing those of ``keys`` still remote or lost, whose data a sequence has just
+        computed (a recompute after a recovery): the manager stores that data instead. Those
+        taken (not those being fetched: their records arrive)."""
+        if not self._source and not self._lost:
+            return set()
+        with self._cond:
+            taken = {key for key in keys if (key in self._source and key not in self._inflight) or key in self._lost}
+            for key in taken:
+                self._source.pop(key, None)
+                self._lost.pop(key, None)
+            return taken
+
     def records(self, keys: Sequence[Digest]) -> dict[Digest, bytes] | None:
         """The records of ``keys`` fetched and not yet durable in the local store (None: none)."""
         if not self._held:

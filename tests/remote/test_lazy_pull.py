@@ -174,6 +174,36 @@ def test_the_server_down_after_a_lazy_open_recomputes(tmp_path: Path, redis_serv
     assert _verify(tmp_path / "b") == ["chat"]
 
 
+def test_two_lazy_sessions_sharing_a_prefix_when_the_server_goes_down(tmp_path: Path, redis_server, caplog) -> None:
+    """"one" and "two" share 320 tokens (20 blocks). Both open lazily in one process (the shared
+    blocks registered with "one"'s pull); the server dies. "one" recovers first (its whole pull
+    finds nothing: its tokens are recomputed, the shared blocks too, which "two" references:
+    the manager takes the computed data for them); "two" recovers in turn. Both continue exactly."""
+    model = tiny_lm()
+    shared = prompt(320, seed=3)[0]
+    with wrap(model, _config(model, tmp_path / "a", redis_server.url, mode="exact")) as rt:
+        turns = {}
+        for name, seed in (("one", 4), ("two", 5)):
+            with rt.session(name) as session:
+                turns[name] = session.generate(torch.cat([shared, prompt(100, seed=seed)[0]]), max_new_tokens=2, do_sample=False)[0]
+    more = torch.tensor([8, 1])
+    config = _config(model, tmp_path / "b", redis_server.url, mode="exact", timeout_s=0.3)
+    with caplog.at_level(logging.WARNING), wrap(model, config) as rt:
+        one, two = rt.session("one"), rt.session("two")
+        pull_one = one._lazy
+        assert pull_one is not None and two._lazy is not None
+        redis_server.stop()
+        out_one = one.generate(more, max_new_tokens=3, do_sample=False)[0]
+        assert one._lazy is None and not rt.manager.remote_blocks.pending(pull_one)  # recomputed by "one", "two"'s too
+        out_two = two.generate(more, max_new_tokens=3, do_sample=False)[0]
+        assert caplog.text.count("pulled whole") == 2
+        one.close()
+        two.close()
+    for turn, out in ((turns["one"], out_one), (turns["two"], out_two)):
+        assert out.tolist() == baseline(model, torch.cat([turn, more]).unsqueeze(0), 3)[0].tolist()
+    assert _verify(tmp_path / "b") == ["one", "two"]
+
+
 def opener(folder: str, url: str) -> None:
     """The kill test's child: open "chat" lazily, run a turn (its reads only), print each fetch."""
     model = tiny_lm()
