@@ -210,6 +210,9 @@ class RemoteConfig(_Section):
         False, description="push the blocks a plain rt.generate stores (store.persist) too, for other machines' prompts"
     )
     cluster: StrictBool = Field(False, description="url names one node of a Redis Cluster: keys are sharded over its nodes")
+    pull: Literal["lazy", "whole"] = Field(
+        "lazy", description="resuming a session from the server: lazy (blocks fetched when first read) or whole (copied first)"
+    )
 
     @field_validator("url")
     @classmethod

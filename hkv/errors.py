@@ -35,3 +35,15 @@ class StoreDamagedError(StoreError):
 class DiskFullError(StoreError):
     """The filesystem holding the store is full: the write that did not fit changed nothing; the
     message names the store's path, the bytes free and what frees space."""
+
+
+class RemoteBlockLostError(TierError):
+    """A block a lazily pulled session referenced on the remote tier could not be brought into
+    the local store when it was read (gone from the server since the session opened, failing its
+    checks, or the server down). Nothing wrong was read: the session that drives the turn
+    catches it, pulls the session whole and recomputes what is missing (docs/remote.md);
+    elsewhere it is an error naming the blocks. ``keys``: their digests."""
+
+    def __init__(self, message: str, keys: list[bytes]) -> None:
+        super().__init__(message)
+        self.keys = keys

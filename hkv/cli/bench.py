@@ -269,8 +269,10 @@ def bench_remote(
     typer.echo(f"ratio              {figures.ratio:7.3f}")
     result = {"reads": figures.as_dict()}
     if resume is not None:
-        typer.echo(f"resume {resume.tokens} tokens: local cold {resume.local_cold_s:.3f} s, through the remote tier "
-                   f"{resume.remote_s:.3f} s (ratio {resume.ratio:.2f}, same first token: {resume.same_token})")  # fmt: skip
+        typer.echo(f"resume {resume.tokens} tokens, first token: local cold {resume.local_cold_s:.3f} s; through the remote tier, "
+                   f"whole pull {resume.remote_s:.3f} s (ratio {resume.ratio:.2f}), lazy pull {resume.lazy_s:.3f} s (ratio "
+                   f"{resume.lazy_ratio:.2f}, {resume.lazy_fetched} of {resume.lazy_blocks} blocks fetched by then); "
+                   f"same first token: {resume.same_token}; load {resume.load}")  # fmt: skip
         result["resume"] = asdict(resume)
     write_json(json_path, result)
 

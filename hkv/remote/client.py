@@ -163,6 +163,23 @@ class RemoteStore:
                     out[i] = value
         return out
 
+    def _cluster_count(self, names: list[str]) -> int:
+        """How many of ``names`` exist: one multi-key EXISTS per node and chunk (redis-py splits
+        it by slot); a node that is down counts none of its keys (logged), the others answer."""
+        by_node: dict[str, list[str]] = {}
+        for name in names:
+            node = self._client.get_node_from_key(name)
+            by_node.setdefault(node.name if node is not None else "", []).append(name)
+        found = 0
+        for node_names in by_node.values():
+            for start in range(0, len(node_names), CHUNK):
+                try:
+                    found += int(self._client.exists(*node_names[start : start + CHUNK]))
+                except _server_errors() as error:
+                    log.warning("remote tier: a cluster node is unreachable (%s): its blocks count as missing", error)
+                    break
+        return found
+
     def _put(self, items: list[tuple[str, bytes]]) -> int:
         for start in range(0, len(items), CHUNK):
             pipe = self._client.pipeline(transaction=False)
@@ -193,6 +210,22 @@ class RemoteStore:
             return found
 
         return self._call("look up blocks", run, [False] * len(keys))
+
+    def holds_all(self, keys: Sequence[bytes], groups: Mapping[bytes, bytes] | None = None) -> bool:
+        """Whether the server holds every block of ``keys`` (False while it is down): one
+        multi-key ``EXISTS`` per chunk (a count, no payloads); on a cluster, per node, a node
+        that is down counting none (:meth:`_cluster_count`)."""
+        if self.config.cluster:
+            names = [self.block_name(key, groups) for key in keys]
+            return self._call("look up blocks", lambda: self._cluster_count(names) == len(names), False)
+
+        def run() -> bool:
+            pipe = self._client.pipeline(transaction=False)
+            for start in range(0, len(keys), CHUNK):
+                pipe.exists(*(self.block_name(key, groups) for key in keys[start : start + CHUNK]))
+            return sum(pipe.execute()) == len(keys) if keys else True
+
+        return self._call("look up blocks", run, False)
 
     def put_blocks(self, records: list[tuple[bytes, bytes]], summaries: list[tuple[bytes, bytes]] = (),
                    groups: Mapping[bytes, bytes] | None = None) -> bool:  # fmt: skip

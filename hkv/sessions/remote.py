@@ -128,21 +128,32 @@ def _copy_blocks(store: SessionStore, remote: RemoteStore, keys: list[bytes], gr
     return stored
 
 
-def pull_session(store: SessionStore, remote: RemoteStore, name: str, local: SessionRecord | None = None) -> bool:
-    """Copy session ``name`` from the server into the local store (see the module docstring)
-    unless the local copy ``local`` is as new (committed at the same time or later); whether
-    the local store now holds the server's copy."""
+def newer_remote_session(remote: RemoteStore, name: str, local: SessionRecord | None) -> tuple[SessionRecord, bytes | None] | None:
+    """``(record, tail record or None)`` of session ``name`` on the server, unless the local copy
+    ``local`` is as new (committed at the same time or later); None then, and when the server has
+    no readable copy (logged) or is down."""
     got = remote.get_session(name)
     if got is None:
-        return False
+        return None
     raw, tail = got
     try:
         record = SessionRecord.from_bytes(name, raw)
     except SessionError as error:
         log.warning("remote tier: session %r is unreadable there (%s); not used", name, error)
-        return False
+        return None
     if local is not None and local.updated >= record.updated:
+        return None
+    return record, tail
+
+
+def pull_session(store: SessionStore, remote: RemoteStore, name: str, local: SessionRecord | None = None) -> bool:
+    """Copy session ``name`` from the server into the local store (see the module docstring)
+    unless the local copy ``local`` is as new (committed at the same time or later); whether
+    the local store now holds the server's copy."""
+    got = newer_remote_session(remote, name, local)
+    if got is None:
         return False
+    record, tail = got
     layers, keys = record.num_layers, record.key_digests()
     with store.disk.reading() as txn:
         stored = set(txn.found("keys", keys))

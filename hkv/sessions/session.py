@@ -34,7 +34,7 @@ from ..attention.prefix import adopt_stored_prefix
 from ..attention.sequence import SequenceKV
 from ..blocks import BlockKey, BlockLayout, CorruptRecordError
 from ..config import Config
-from ..errors import StoreDamagedError, TierError, TierFullError
+from ..errors import RemoteBlockLostError, StoreDamagedError, TierError, TierFullError
 from ..tiers.manager import TierManager
 from .records import (
     CorruptSessionError,
@@ -46,8 +46,10 @@ from .records import (
     SessionRecord,
     check_name,
 )
+from .lazy_pull import LazyPull
+from .pulled import PulledSession
 from .remote import RemoteSync
-from .rows import common_blocks
+from .rows import common_blocks, decode_tail_value
 from .store import SessionStore
 from .summary_runs import encode_run
 
@@ -98,7 +100,7 @@ class RestoreReport:
     new: bool  # True when the session did not exist before
 
 
-class Session:
+class Session(PulledSession):
     """One named conversation: its tokens, its cache, its writer lock. Create with ``rt.session(name)``.
 
     ``tokens``: ``[n]`` int64 on the CPU, the whole conversation (prompts and replies). The KV of
@@ -107,17 +109,20 @@ class Session:
 
     After an error in the middle of a call (a corrupt block, a full store...) the session is
     *broken*: its cache may hold part of a forward, so it is never committed again; close it and
-    reopen it to continue from its last commit.
+    reopen it to continue from its last commit. A block of a lazy pull lost on the remote tier is
+    not such an error: the session pulls itself whole and runs the call again (docs/remote.md).
     """
 
     name: str
     restored: RestoreReport
+    background_pull: bool = True  # a lazily pulled session: fetch the rest of its blocks in a thread after its first call
 
     def __init__(self, runtime: SessionHost, name: str, *, tokenizer: Any = None, autocommit: bool = True) -> None:
         started = time.perf_counter()
         self.name = check_name(name)
         self.runtime, self.autocommit = runtime, autocommit
         self._closed, self._broken, self._cache, self._lock = True, None, None, None
+        self._lazy: LazyPull | None = None  # a lazy pull not yet settled (its blocks partly on the remote tier)
         if name in runtime.open_sessions:
             raise SessionLockedError(f"session {name!r} is already open in this process; close it before opening it again")
         self._store = runtime.session_store()
@@ -126,24 +131,30 @@ class Session:
         try:
             if self._remote is not None:
                 self._take_remote_lease()
+            self._cache = runtime.new_cache(persist=True)
             record = self._store.get(name)
-            if self._remote is not None and self._remote.pull(name, record):
-                record = self._store.get(name)  # another machine's session (or later commit), now in the local store
+            if self._remote is not None:
+                record = self._remote_record(record)  # another machine's session (or later commit)
             self._identity = runtime.model_identity(tokenizer)
             if record is not None:
                 self._check(record)
                 if self._identity.tokenizer is None:
                     self._identity.tokenizer = record.identity.tokenizer  # keep what was recorded
             self._record = record
-            self._cache = runtime.new_cache(persist=True)
             try:
-                self.restored = self._restore(record, started)
+                try:
+                    self.restored = self._restore(record, started)
+                except RemoteBlockLostError as error:
+                    if self._lazy is None:
+                        raise
+                    self._recover(error, started)
             except (CorruptRecordError, StoreDamagedError) as error:  # a pinned sink / local block read now, or the tail
                 raise CorruptSessionError(f"session {name!r}: a stored block is corrupt: {error}") from error
         except BaseException:
             try:
                 if self._cache is not None:
                     self._cache.close()
+                self._drop_lazy()
             finally:
                 if self._remote is not None:
                     self._remote.release(name)
@@ -191,8 +202,17 @@ class Session:
         seq = self._cache.sequence
         digests = record.key_digests()  # block-major
         by_layer = [digests[layer :: record.num_layers] for layer in range(record.num_layers)]
-        runs = self._store.read_summary_runs(self.name, by_layer, seq.summaries.relative)
-        known = [torch.from_numpy(run) for run in runs]
+        lazy, layout = self._lazy, self.runtime.layout
+        if lazy is not None:  # the summaries came from the server; the blocks come when read
+            known = lazy.summary_arrays(by_layer, seq.summaries.relative, 2 * layout.kv_heads * layout.head_dim)
+            if known is None:
+                raise RemoteBlockLostError(f"session {self.name!r}: a block's summary is missing on the remote tier", [])
+            self.runtime.manager.learn_remote([BlockKey(digest) for digest in lazy.remote_keys], lazy)
+            lazy.attach(self.runtime.manager.remote_blocks)
+            runs = []  # the local store has none of its summary runs: the first commit writes them
+        else:
+            runs = self._store.read_summary_runs(self.name, by_layer, seq.summaries.relative)
+            known = [torch.from_numpy(run) for run in runs]
         keys = [[BlockKey(digest) for digest in layer_digests] for layer_digests in by_layer]
         adopted = adopt_stored_prefix(seq, self._tokens[: record.kv_blocks * bt], known_keys=keys, known_summaries=known) // bt
         self._run_end = min(adopted, len(runs[0]) if runs else 0)
@@ -200,9 +220,11 @@ class Session:
         tail = 0
         if adopted == record.kv_blocks and record.tail_tokens:
             tail = record.tail_tokens
-            layout = self.runtime.layout
             kv = torch.empty(self.runtime.num_layers, 2, layout.kv_heads, tail, layout.head_dim, dtype=layout.dtype)
-            self._store.read_tail(record, kv)
+            if lazy is not None:
+                decode_tail_value(lazy.tail, self.name, kv.view(self.runtime.num_layers * 2, layout.kv_heads, tail, layout.head_dim))
+            else:
+                self._store.read_tail(record, kv)
             start = adopted * bt
             self._cache.append_kv(self._tokens[start : start + tail], lambda layer: (kv[layer, 0], kv[layer, 1]))
         kv_tokens = self.kv_tokens
@@ -243,12 +265,17 @@ class Session:
             raise ValueError("input_ids is empty and the session has no tokens yet")
         self._check_disk_room(len(tokens) + int(generate_kwargs.get("max_new_tokens") or 0))
         with self._guard():
-            self.runtime.fill(self._cache, tokens[self.kv_tokens : -1], progress=progress)
-            out = self.runtime.generate_with(self._cache, tokens.unsqueeze(0), **generate_kwargs)
-            sequences = out if isinstance(out, torch.Tensor) else out.sequences
-            self._tokens = sequences[0].detach().to("cpu", torch.long).clone()
-            if self.autocommit:  # inside: a turn whose commit failed is not committed at close either
-                self.commit()
+            return self._call(lambda: self._generate_turn(tokens, progress, generate_kwargs))
+
+    def _generate_turn(self, tokens: torch.Tensor, progress: bool | None, generate_kwargs: dict[str, Any]) -> Any:
+        self.runtime.fill(self._cache, tokens[self.kv_tokens : -1], progress=progress)
+        out = self.runtime.generate_with(self._cache, tokens.unsqueeze(0), **generate_kwargs)
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        self._tokens = sequences[0].detach().to("cpu", torch.long).clone()
+        if self._lazy is not None and self.background_pull:
+            self._lazy.start_background()  # the rest of the session's blocks, now that the reply is out
+        if self.autocommit:  # inside: a turn whose commit failed is not committed at close either
+            self.commit()
         return out
 
     def append(self, input_ids: torch.Tensor, *, progress: bool | None = None) -> None:
@@ -258,10 +285,13 @@ class Session:
         tokens = torch.cat([self._tokens, self.runtime.token_ids(input_ids, allow_empty=True)[0]])
         self._check_disk_room(len(tokens))
         with self._guard():
-            self.runtime.fill(self._cache, tokens[self.kv_tokens : -1], progress=progress)
-            self._tokens = tokens
-            if self.autocommit:
-                self.commit()
+            self._call(lambda: self._append(tokens, progress))
+
+    def _append(self, tokens: torch.Tensor, progress: bool | None) -> None:
+        self.runtime.fill(self._cache, tokens[self.kv_tokens : -1], progress=progress)
+        self._tokens = tokens
+        if self.autocommit:
+            self.commit()
 
     def _check_disk_room(self, tokens: int) -> None:
         """Every sealed block of a session is stored on disk: refuse, before any work, a turn
@@ -299,8 +329,13 @@ class Session:
 
     def commit(self) -> None:
         """Make the conversation so far durable (one atomic store transaction). A no-op when
-        nothing changed since the last commit."""
+        nothing changed since the last commit. A lazily pulled session fetches the rest of its
+        blocks first (its local record names local blocks only)."""
         self._check_usable()
+        if self._lazy is not None:
+            with self._guard():
+                if self._settle_lazy():
+                    return
         seq = self._cache.sequence
         n_blocks = seq.sealed_blocks()
         if self._record is not None and (len(self._tokens), n_blocks, self.kv_tokens) == self._committed:
@@ -376,11 +411,14 @@ class Session:
         try:
             if self.autocommit and self._broken is None:
                 self.commit()
+            elif self._lazy is not None and self._broken is None:
+                self._close_lazy()
         finally:
             self._closed = True
             self.runtime.open_sessions.pop(self.name, None)
             try:
                 self._cache.close()
+                self._drop_lazy()
             finally:
                 if self._remote is not None:
                     self._remote.release_after_push(self.name)  # another machine then pulls this commit

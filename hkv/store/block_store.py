@@ -48,7 +48,7 @@ import math
 import mmap
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
@@ -409,10 +409,13 @@ class BlockStore:
         """Copy the block into ``out`` (``layout.shape``, CPU). Raises BlockNotFoundError, RecordError."""
         self.get_many_into([key], out.unsqueeze(0))
 
-    def get_many_into(self, keys: Sequence[BlockKey], out: torch.Tensor, *, encoding: str = "none") -> None:
+    def get_many_into(self, keys: Sequence[BlockKey], out: torch.Tensor, *, encoding: str = "none",
+                      records: Mapping[bytes, bytes] | None = None) -> None:  # fmt: skip
         """``out``: ``[n, *layout.shape]`` (CPU). One read transaction; the disk reads of the batch overlap.
         With a lossy ``encoding``, ``out`` is ``[n, payload bytes]`` uint8 and receives the blocks
         in that encoding (records already in it are copied as they are: :func:`hkv.blocks.payload_into`).
+        ``records``: block key -> record bytes already in hand (a lazy pull's, fetched from the
+        remote tier and still being written here): decoded from those, not read.
 
         Raises BlockNotFoundError, RecordError / CorruptRecordError naming the key.
         """
@@ -429,10 +432,13 @@ class BlockStore:
             def read_record(record: memoryview, row: int, key: BlockKey, *, where: str) -> None:
                 payload_into(record, out[row], layout, encoding, key, where=where)
         raw = [bytes(key) for key in keys]
+        in_hand = {i for i, key in enumerate(raw) if key in records} if records else set()
+        for i in in_hand:
+            read_record(memoryview(records[raw[i]]), i, keys[i], where=f"block {raw[i].hex()} fetched from the remote tier")
         with damage_named(self.path, "block records"), self._env.begin(db=self._blocks, buffers=True) as txn:
-            entries = [txn.get(key, db=self._index) for key in raw]
+            entries = [None if i in in_hand else txn.get(key, db=self._index) for i, key in enumerate(raw)]
             places = [self._place_of(key, entry) for key, entry in zip(keys, entries)]
-            in_lmdb = [i for i, place in enumerate(places) if place is None]
+            in_lmdb = [i for i, place in enumerate(places) if place is None and i not in in_hand]
             if in_lmdb:
                 self._get_lmdb(txn, [keys[i] for i in in_lmdb], [raw[i] for i in in_lmdb], in_lmdb, read_record)
         segment = [i for i, place in enumerate(places) if place is not None]

@@ -44,6 +44,7 @@ from .disk import DiskTier
 from .host import HostTier
 from .placement import Digest, Entry
 from .promotion import GatherReport, Promotion
+from .remote_blocks import RemoteBlocks, RemoteSource
 from .slot_codec import SlotCodec
 from .policy import make_policy
 
@@ -123,6 +124,7 @@ class TierManager(Promotion):
             disk_record_nbytes=record,
         )
         self._closed = False
+        self.remote_blocks = RemoteBlocks()  # blocks of lazily pulled sessions, still on the remote tier
         if self.has_store():  # a store from an earlier run: its blocks are known
             self._open_disk()
 
@@ -202,6 +204,41 @@ class TierManager(Promotion):
                 self._disk_count += len(present)
             return [key.digest in self._entries for key in keys]
 
+    def learn_remote(self, keys: Sequence[BlockKey], source: RemoteSource) -> None:
+        """Register blocks a lazily pulled session references that the local store lacks: known
+        as on disk, brought from ``source`` into the local store before their first read
+        (:mod:`.remote_blocks`). Keys the manager knows already are left as they are."""
+        with self._cond:
+            self._check_open()
+            self._open_disk()
+            added = [key.digest for key in keys if key.digest not in self._entries]
+            for key in added:
+                self._entry_for(key).on_disk = True
+                self._recent["disk"][key] = None
+            self._disk_count += len(added)
+        self.remote_blocks.add(added, source)
+
+    def forget_remote(self, source: RemoteSource) -> None:
+        """Stop bringing ``source``'s blocks (its session closed, or is pulled whole): those that
+        never reached the local store are forgotten, but those another live sequence references
+        (a lazily pulled session sharing the prefix), which stay registered with ``source``."""
+        gone = self.remote_blocks.remove(source)
+        shared = []
+        with self._cond:
+            for key in gone:
+                entry = self._entries.get(key)
+                if entry is None:
+                    continue
+                if entry.refs or entry.holds or entry.busy:
+                    shared.append(key)
+                    continue
+                if not (self.device_pool.contains(key) or self.host_pool.contains(key)):
+                    self._forget(key)
+                    self._disk_count -= 1
+                else:
+                    entry.on_disk = False
+        self.remote_blocks.add(shared, source)
+
     def in_use(self, key: Digest) -> bool:
         """Whether a live sequence references the block (digest), or a move or gather has it.
         Reads without the lock (the disk writer thread calls it while the lock may be held)."""
@@ -240,7 +277,8 @@ class TierManager(Promotion):
             first: dict[Digest, int] = {}
             for i, key in enumerate(keys):
                 first.setdefault(key, i)
-            known = [key for key in first if key in self._entries]
+            claimed = self._claim_remote(list(first)) if self.remote_blocks else set()
+            known = [key for key in first if key in self._entries and key not in claimed]
             if pin:
                 wanted = len(first) - len(known) + sum(not self._entries[key].pinned for key in known)
                 room = self.device_pool.n_slots - self._pinned_count
@@ -257,7 +295,7 @@ class TierManager(Promotion):
         try:
             with self._cond:
                 self._check_open()
-                new = [key for key in first if key not in self._entries]
+                new = [key for key in first if key not in self._entries or key in claimed]
                 if persist:  # first: a refusal leaves nothing new stored
                     self._write_through_known([key for key in first if key not in new], blocks, first)
                 if new:
@@ -267,6 +305,19 @@ class TierManager(Promotion):
             if pin and newly_pinned:
                 self._unpin(newly_pinned)
             raise
+
+    def _claim_remote(self, keys: list[Digest]) -> set[Digest]:
+        """Blocks of ``keys`` registered as remote-backed but never brought (lock held): the data
+        being put replaces the remote copy (a recompute after a lost block). Their entries keep
+        their references and lose the disk copy they never had."""
+        claimed = self.remote_blocks.claim(keys)
+        for key in claimed:
+            entry = self._entries.get(key)
+            if entry is not None and entry.on_disk:
+                entry.on_disk = False
+                self._recent["disk"].pop(key, None)
+                self._disk_count -= 1
+        return {key for key in claimed if key in self._entries}
 
     def _write_through_known(self, keys: list[Digest], blocks: torch.Tensor, first: dict[Digest, int]) -> None:
         """Write known blocks without a disk copy through to disk (lock held). TierFullError.
@@ -312,7 +363,10 @@ class TierManager(Promotion):
                 raise TierFullError(f"cannot insert {len(keys)} blocks: {error}") from None
             raise
         for key in keys:
-            self._entries[key] = Entry()
+            entry, old = Entry(), self._entries.get(key)
+            if old is not None:  # a remote-backed block recomputed (put_many): the live sequences' references stay
+                entry.refs = old.refs
+            self._entries[key] = entry
         # The newest blocks of the batch go highest: disk gets the oldest, the device the newest.
         n, low = len(keys), len(keys) - len(dev) - len(host)
         if low:  # only the disk has room: write them first, durably, so a failure leaves nothing stored
@@ -361,6 +415,8 @@ class TierManager(Promotion):
     def read(self, key: BlockKey) -> torch.Tensor:
         """A CPU copy of the block, from whichever tier holds it (no promotion)."""
         key = key.digest
+        if self.remote_blocks:
+            self.remote_blocks.ensure([key], strict=True)
         with self._cond:
             self._check_open()
             entry = self._get(key)
@@ -375,7 +431,8 @@ class TierManager(Promotion):
         try:
             out = torch.empty(self.layout.shape, dtype=self.layout.dtype)
             self._wait_disk_write(entry)
-            self._disk.get_into(BlockKey(key), out)
+            records = self.remote_blocks.records([key]) if self.remote_blocks else None
+            self._disk.get_many_into([BlockKey(key)], out.unsqueeze(0), records=records)
             return out
         finally:
             with self._cond:

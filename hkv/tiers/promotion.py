@@ -23,6 +23,7 @@ from ..blocks import BlockKey
 from .base import TierError
 from .placement import Digest, Entry, Placement
 from .pool import copy_slots, runs
+from .remote_blocks import RemoteBlocks
 from .slot_codec import SlotCodec
 
 
@@ -61,6 +62,8 @@ class _Plan:
 
 class Promotion(Placement):
     """The moves up of the tier manager (see the module docstring)."""
+
+    remote_blocks: RemoteBlocks  # made by the manager: blocks still on the remote tier, brought before a read
 
     # -- moving up ------------------------------------------------------------------------------
     def gather(self, keys: Sequence[BlockKey], *, report: GatherReport | None = None) -> torch.Tensor:
@@ -212,6 +215,8 @@ class Promotion(Placement):
         planning, copying and committing an on-demand fetch). Taking the lock and the
         bookkeeping every gather does (holds, slot lookups, assembling the output) are not
         stalls: they cost the same when every block is resident."""
+        if self.remote_blocks:  # a lazily pulled session's blocks: into the local store first
+            self.remote_blocks.ensure(unique, strict=True)
         with self._cond:
             self._check_open()
             busy = [key for key, entry in zip(unique, entries) if entry.busy]
@@ -284,6 +289,9 @@ class Promotion(Placement):
         at host (prefetch is best effort; never raises for lack of room). Unknown keys are skipped."""
         if to not in ("host", "device"):
             raise ValueError(f"promote: to = {to!r} must be 'host' or 'device'")
+        if self.remote_blocks:  # best effort: a block lost on the remote tier is left to the gather, which says so
+            kept = set(self.remote_blocks.ensure([key.digest for key in keys], strict=False))
+            keys = [key for key in keys if key.digest in kept]
         with self._cond:
             self._check_open()
             get, on_device, on_host = self._entries.get, self.device_pool.slot_map, self.host_pool.slot_map
@@ -424,7 +432,9 @@ class Promotion(Placement):
             # its encoding as they are (no second rounding), and its slots are filled by a plain copy.
             codec = plan.staging_codec = self.host_pool.codec
             plan.staging = self.copies.staging(len(plan.disk_keys), codec)
-            self._disk.get_many_into([BlockKey(key) for key in plan.disk_keys], plan.staging, encoding=codec.encoding)  # type: ignore[union-attr]
+            records = self.remote_blocks.records(plan.disk_keys) if self.remote_blocks else None  # a lazy pull's, not yet written
+            self._disk.get_many_into([BlockKey(key) for key in plan.disk_keys], plan.staging, encoding=codec.encoding,  # type: ignore[union-attr]
+                                     records=records)  # fmt: skip
             rows = [i for i, key in enumerate(plan.disk_keys) if key in plan.host_dst]
             copy_slots(self.host_pool.data, [plan.host_dst[plan.disk_keys[i]] for i in rows], plan.staging, rows)
         from_disk = set(plan.disk_keys)
