@@ -388,9 +388,9 @@ class SequenceKV:
                 self._add_keys(acc, fk[:, :visible], fv[:, :visible], f_start, q_pos, q.shape[1])
             outputs.append(acc.result())
             step.kernel_s += acc.kernel_s
-        if selection is not None and self.score_policy and selection.scored.numel():
+        if selection is not None and self.score_policy and selection.scored_indices():
             keys = self._keys[layer]
-            self.manager.note_scores([keys[i] for i in selection.scored.tolist()], selection.scores)
+            self.manager.note_scores([keys[i] for i in selection.scored_indices()], selection.scores)
         if self.prefetcher is not None and selection is not None and not (self.predicted_ahead and layer > 0 and s == 1):
             self._prefetch(layer, selection.prediction())
         step.attend_s += time.perf_counter() - started
