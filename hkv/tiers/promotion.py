@@ -164,10 +164,9 @@ class Promotion(Placement):
         pool = self.device_pool
         torch.index_select(pool.data.permute(1, 2, 0, 3, 4), 2, pool.index([0 if slot is None else slot for slot in slots]), out=out)
         copied = time.perf_counter()
-        fetched = iter(self.host_pool.read_slots(host_slots))  # raw copies (decoded, when the host is encoded)
-        for i, slot in enumerate(slots):
-            if slot is None:
-                out[:, :, i].copy_(next(fetched))
+        fetched = self.host_pool.read_slots(host_slots)  # [m, *layout.shape] raw copies (decoded, when the host is encoded)
+        rows = torch.as_tensor([i for i, slot in enumerate(slots) if slot is None], dtype=torch.long)
+        out.index_copy_(2, rows, fetched.permute(1, 2, 0, 3, 4))  # one op, not a copy per block
         if report is not None:
             done = time.perf_counter()
             report.copy_s += copied - started
