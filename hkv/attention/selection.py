@@ -186,9 +186,9 @@ def block_scores(query: torch.Tensor, summary: torch.Tensor, *, normalize: bool 
         best = piece_best if best is None else torch.maximum(best, piece_best)
     if timing is not None:
         timing[0] += time.perf_counter() - started
-    if normalize:
-        best = best * (dim**-0.5 if scaling is None else scaling)
-        best = best - torch.logsumexp(best, dim=1, keepdim=True)
+    if normalize:  # in place: best is this function's own tensor (same kernels, same bits)
+        best.mul_(dim**-0.5 if scaling is None else scaling)
+        best.sub_(torch.logsumexp(best, dim=1, keepdim=True))
     return best.amax(dim=0)
 
 

@@ -401,7 +401,7 @@ class SequenceKV:
         outputs = []
         selection = None
         for c0 in range(0, s, self.chunk):
-            q = query[:, c0 : c0 + self.chunk]
+            q = query if s <= self.chunk else query[:, c0 : c0 + self.chunk]
             q_pos = q_start + c0
             # the local window ends at the query: sealed fresh blocks before it count towards it
             local = max(0, self.local_blocks - (q_pos + 1 - f_start) // self.block_tokens)
@@ -471,7 +471,7 @@ class SequenceKV:
         only, never on the manager's state, so results never depend on timing."""
         if not indices:
             if fresh is not None:
-                acc.add(fresh[0], fresh[1])
+                acc.add_kv(fresh)
             return
         keys = self._keys[layer]
         wanted = [keys[i].digest for i in indices]
@@ -492,7 +492,7 @@ class SequenceKV:
                 piece[0, :, : n * bt] = self.rotary.rotate_blocks(piece[0, :, : n * bt], [x * bt for x in deltas[p0 : p0 + n]], bt)
             if extra:
                 piece[:, :, n * bt :] = fresh
-            acc.add(piece[0], piece[1])
+            acc.add_kv(piece)
         step.kernel_s += report.copy_s
         self._count_prefetch(layer, wanted, indices, predicted, report, step)
 
