@@ -164,9 +164,14 @@ class Promotion(Placement):
         pool = self.device_pool
         torch.index_select(pool.data.permute(1, 2, 0, 3, 4), 2, pool.index([0 if slot is None else slot for slot in slots]), out=out)
         copied = time.perf_counter()
-        fetched = self.host_pool.read_slots(host_slots)  # [m, *layout.shape] raw copies (decoded, when the host is encoded)
-        rows = torch.as_tensor([i for i, slot in enumerate(slots) if slot is None], dtype=torch.long)
-        out.index_copy_(2, rows, fetched.permute(1, 2, 0, 3, 4))  # one op, not a copy per block
+        rows = [i for i, slot in enumerate(slots) if slot is None]
+        host = self.host_pool
+        if host.codec.lossy:  # decoded into a temporary, then one op
+            fetched = host.read_slots(host_slots)  # [m, *layout.shape]
+            out.index_copy_(2, torch.as_tensor(rows, dtype=torch.long), fetched.permute(1, 2, 0, 3, 4))
+        else:  # straight from the slots: one pass over the bytes (a temporary and index_copy_ take two)
+            for i, slot in zip(rows, host_slots):
+                out[:, :, i].copy_(host.data[slot])
         if report is not None:
             done = time.perf_counter()
             report.copy_s += copied - started
