@@ -514,19 +514,21 @@ class SequenceKV:
         bucket of :class:`~hkv.attention.stats.StepStats`: pinned, hit, unpredicted, waited or
         fetched (the gather found the last two not on the device: ``report.late_keys``)."""
         pinned, late = self._pinned[layer], report.late_keys
-        n_pinned = hit = unpredicted = 0
+        n_pinned = hit = unpredicted = pinned_read = 0  # one pass: pinned_read counts late pinned blocks too
         for key, i in zip(wanted, indices):
-            if late and key in late:
-                continue  # waited for or fetched: counted by the report
             if i in pinned:
-                n_pinned += 1
+                pinned_read += 1
+                if not (late and key in late):  # else waited for or fetched: counted by the report
+                    n_pinned += 1
+            elif late and key in late:
+                continue
             elif predicted is not None and key in predicted:
                 hit += 1
             else:
                 unpredicted += 1
         step.read += len(wanted)
         step.pinned += n_pinned
-        step.needed += sum(1 for i in indices if i not in pinned)
+        step.needed += len(indices) - pinned_read
         step.hit += hit
         step.unpredicted += unpredicted
         step.resident += report.resident
