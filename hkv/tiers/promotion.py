@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 
 import torch
 
@@ -361,12 +362,15 @@ class Promotion(Placement):
         """Up to ``count`` of ``tier``'s next eviction victims (least recently used first, among
         the first ``scan``) for which ``wanted(key, entry)`` holds (lock held)."""
         found: list[Digest] = []
+        if count < 1:
+            return found
         entries = self._entries
-        for i, key in enumerate(self._recent[tier]):
-            if i >= scan or len(found) >= count:
-                break
+        # a prefetch worker runs this with the GIL held, mostly over clean victims: keep the loop bare
+        for key in islice(self._recent[tier], scan):
             if wanted(key, entries[key]):
                 found.append(key)
+                if len(found) >= count:
+                    break
         return found
 
     def clean_host(self, limit: int, *, scan: int | None = None) -> int:
