@@ -37,7 +37,7 @@ def _batch_of_one(x: torch.Tensor) -> torch.Tensor:
     already (a decode step's gathered piece): each costs microseconds of host time per layer."""
     if x.dtype != torch.float32:
         x = x.to(torch.float32)
-    return x[None] if x.is_contiguous() else x.contiguous()[None]
+    return x.unsqueeze(0) if x.is_contiguous() else x.contiguous().unsqueeze(0)
 
 
 class AttentionAccumulator:
@@ -56,13 +56,16 @@ class AttentionAccumulator:
         self.dtype = query.dtype
         self.kv_heads = kv_heads
         self.group = q_heads // kv_heads
-        # [Hkv, group * S, D], rows ordered (group member, query)
-        self.q = (query.to(torch.float32) * scaling).reshape(kv_heads, self.group * s, d)
         self.rows = self.group * s
         self.device = query.device
         self.fused = query.device.type == "cpu" if fused is None else fused
         if self.fused and query.device.type != "cpu":
             raise ValueError("the fused attention kernel runs on the CPU only")
+        # [Hkv, group * S, D], rows ordered (group member, query); the fused kernel's batch of one
+        # [1, Hkv, group * S, D] is made here, not per piece
+        scaled = query.to(torch.float32) * scaling
+        self.q = scaled.reshape(kv_heads, self.rows, d)
+        self._q4 = scaled.reshape(1, kv_heads, self.rows, d) if self.fused else None
         # The running state (max logit m, sum l, weighted values acc), made at the first merge.
         # A fused piece seen by every row is kept as is until a second piece arrives: with one
         # piece (a decode step's usual case) the result is the kernel's output, bitwise what the
@@ -70,7 +73,7 @@ class AttentionAccumulator:
         self.m: torch.Tensor | None = None
         self.l: torch.Tensor | None = None
         self.acc: torch.Tensor | None = None
-        self._single: torch.Tensor | None = None  # the first fused piece's output, unmerged
+        self._single: torch.Tensor | None = None  # the first fused piece's output [1, Hkv, g*S, D], unmerged
         self._single_lse: torch.Tensor | None = None
         self.kernel_s = 0.0  # seconds inside the attention kernels (the bytes read), for the step's host time
 
@@ -79,7 +82,8 @@ class AttentionAccumulator:
         if self.m is not None:
             return
         if self._single is not None:
-            self.m, self.l, self.acc = self._single_lse, torch.ones_like(self._single_lse), self._single
+            lse = self._single_lse[0]
+            self.m, self.l, self.acc = lse, torch.ones_like(lse), self._single[0]
             self._single = self._single_lse = None
             return
         self.m = torch.full((self.kv_heads, self.rows), float("-inf"), device=self.device)
@@ -91,6 +95,15 @@ class AttentionAccumulator:
         """Whether :meth:`add` builds the ``[Hq * S, N]`` logits (then callers cut pieces to
         ``PIECE_SCORE_ELEMENTS``); the CPU path runs a fused kernel that never does."""
         return not self.fused
+
+    def add_kv(self, kv: torch.Tensor) -> None:
+        """One piece that every query sees: ``kv`` ``[2, Hkv, N, D]`` (keys, values), as :meth:`add`
+        without a mask. A contiguous fp32 ``kv`` (a decode step's buffer) reaches the fused
+        kernel as two views of it, with no further op."""
+        if self.fused and kv.dtype == torch.float32 and kv.is_contiguous() and kv.shape[2]:
+            self._add_fused(kv[0:1], kv[1:2], None, batched=True)
+            return
+        self.add(kv[0], kv[1])
 
     def add(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """One piece: ``keys``, ``values`` ``[Hkv, N, D]`` (any float dtype); ``mask`` ``[S, N]``
@@ -116,10 +129,11 @@ class AttentionAccumulator:
         self.m = m_new
         self.kernel_s += time.perf_counter() - started
 
-    def _add_fused(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> None:
+    def _add_fused(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, *, batched: bool = False) -> None:
         """CPU: PyTorch's fused flash-attention kernel gives the piece's normalised output and
-        per-row log-sum-exp ``lse``; merged as a piece with running max ``lse``, sum 1."""
-        k, v = _batch_of_one(keys), _batch_of_one(values)
+        per-row log-sum-exp ``lse``; merged as a piece with running max ``lse``, sum 1.
+        ``batched``: ``keys`` and ``values`` are ``[1, Hkv, N, D]`` contiguous fp32 already."""
+        k, v = (keys, values) if batched else (_batch_of_one(keys), _batch_of_one(values))
         additive = None
         hidden = None
         if mask is not None:
@@ -127,12 +141,12 @@ class AttentionAccumulator:
             additive = torch.zeros(keep.shape, dtype=torch.float32).masked_fill_(~keep, float("-inf"))
             hidden = ~keep.any(dim=1)  # rows that see no key of this piece (the kernel returns lse 0 there)
         started = time.perf_counter()
-        out, lse = _flash_cpu(self.q[None], k, v, attn_mask=additive, scale=1.0)
+        out, lse = _flash_cpu(self._q4, k, v, attn_mask=additive, scale=1.0)  # [1, Hkv, g*S, D], [1, Hkv, g*S]
         self.kernel_s += time.perf_counter() - started
-        out, lse = out[0], lse[0]  # [Hkv, g*S, D], [Hkv, g*S]
         if mask is None and self.m is None and self._single is None:
             self._single, self._single_lse = out, lse  # merged only if another piece comes
             return
+        out, lse = out[0], lse[0]
         self._state()
         if hidden is not None and bool(hidden.any()):
             lse = lse.masked_fill(hidden.unsqueeze(0), float("-inf"))

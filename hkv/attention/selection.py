@@ -26,6 +26,7 @@ from ..positions import RotaryShift
 
 _SCORE_ELEMENTS = 1 << 22  # fp32 scores built at once while scoring a chunk (16 MiB)
 SCORE_QUERIES = 64  # queries of a long prefill chunk that score blocks (see scoring_queries)
+_NO_SCORES = torch.empty(0)  # the scores of a selection that scored nothing (never written to)
 
 
 def scoring_queries(query: torch.Tensor, limit: int = SCORE_QUERIES) -> torch.Tensor:
@@ -185,13 +186,12 @@ def block_scores(query: torch.Tensor, summary: torch.Tensor, *, normalize: bool 
         best = piece_best if best is None else torch.maximum(best, piece_best)
     if timing is not None:
         timing[0] += time.perf_counter() - started
-    if normalize:
-        best = best * (dim**-0.5 if scaling is None else scaling)
-        best = best - torch.logsumexp(best, dim=1, keepdim=True)
+    if normalize:  # in place: best is this function's own tensor (same kernels, same bits)
+        best.mul_(dim**-0.5 if scaling is None else scaling)
+        best.sub_(torch.logsumexp(best, dim=1, keepdim=True))
     return best.amax(dim=0)
 
 
-@dataclass(slots=True)
 class Selection:
     """Which past blocks one query chunk of one layer reads, and what to prefetch next.
 
@@ -199,26 +199,57 @@ class Selection:
     ``predicted``: indices of the top ``k + margin`` scored candidates, best first (no sink or
     local blocks: those are pinned on the device); what the prefetcher brings for the next step.
     ``scores``: the selected candidates' scores, aligned with ``scored`` (their indices).
-    ``block_list`` / ``predicted_list``: the same indices as Python lists when the selection
-    made them anyway (the reader needs lists; None: taken from the tensors).
+    ``block_list`` / ``predicted_list`` / ``scored_list``: the same indices as Python lists.
+    Either form may be given (None for the other): the reader needs lists, so a decode step's
+    selection makes only those, and each tensor is made from its list when first read (three
+    ``torch.tensor`` calls per layer and step saved).
     ``kernel_s``: seconds spent in the scoring matmuls (the summary bytes read).
     """
 
-    blocks: torch.Tensor
-    predicted: torch.Tensor
-    scored: torch.Tensor
-    scores: torch.Tensor
-    block_list: list[int] | None = None
-    predicted_list: list[int] | None = None
-    kernel_s: float = 0.0
+    __slots__ = ("_blocks", "_predicted", "_scored", "scores", "block_list", "predicted_list", "scored_list", "kernel_s")
+
+    def __init__(self, blocks: torch.Tensor | None, predicted: torch.Tensor | None, scored: torch.Tensor | None,
+                 scores: torch.Tensor, block_list: list[int] | None = None, predicted_list: list[int] | None = None,
+                 kernel_s: float = 0.0, scored_list: list[int] | None = None) -> None:  # fmt: skip
+        for name, tensor, values in (("blocks", blocks, block_list), ("predicted", predicted, predicted_list),
+                                     ("scored", scored, scored_list)):  # fmt: skip
+            if tensor is None and values is None:
+                raise ValueError(f"Selection: give {name} or {name}_list")
+        self._blocks, self._predicted, self._scored, self.scores = blocks, predicted, scored, scores
+        self.block_list, self.predicted_list, self.scored_list, self.kernel_s = block_list, predicted_list, scored_list, kernel_s
+
+    @property
+    def blocks(self) -> torch.Tensor:
+        if self._blocks is None:
+            self._blocks = torch.tensor(self.block_list, dtype=torch.long)
+        return self._blocks
+
+    @property
+    def predicted(self) -> torch.Tensor:
+        if self._predicted is None:
+            self._predicted = torch.tensor(self.predicted_list, dtype=torch.long)
+        return self._predicted
+
+    @property
+    def scored(self) -> torch.Tensor:
+        if self._scored is None:
+            self._scored = torch.tensor(self.scored_list, dtype=torch.long)
+        return self._scored
 
     def indices(self) -> list[int]:
         """``blocks`` as a list."""
-        return self.block_list if self.block_list is not None else self.blocks.tolist()
+        return self.block_list if self.block_list is not None else self._blocks.tolist()
 
     def prediction(self) -> list[int]:
         """``predicted`` as a list."""
-        return self.predicted_list if self.predicted_list is not None else self.predicted.tolist()
+        return self.predicted_list if self.predicted_list is not None else self._predicted.tolist()
+
+    def scored_indices(self) -> list[int]:
+        """``scored`` as a list."""
+        return self.scored_list if self.scored_list is not None else self._scored.tolist()
+
+    def __repr__(self) -> str:
+        return f"Selection(blocks={self.indices()}, predicted={self.prediction()}, scored={self.scored_indices()})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,10 +313,9 @@ def select_blocks(
     low = min(sink_blocks, past_blocks)
     high = max(low, past_blocks - local_blocks)
     candidates = high - low
-    empty = torch.empty(0, dtype=torch.long)
     if topk is None or candidates <= topk:  # every block is read: nothing to score
         every = list(range(past_blocks))
-        return Selection(torch.arange(past_blocks), torch.arange(low, high), empty, torch.empty(0), every, every[low:high])
+        return Selection(None, None, None, _NO_SCORES, every, every[low:high], scored_list=[])
     timing = [0.0]
     scores = block_scores(scoring_queries(query), summary[..., low:high], normalize=normalize, scaling=scaling, timing=timing)
     want = min(candidates, topk + math.ceil(margin * topk))
@@ -295,7 +325,6 @@ def select_blocks(
         values, order = both[0].to(scores.dtype), both[1].to(torch.long)
     k = min(topk, candidates)
     predicted = [i + low for i in order.tolist()]
-    blocks = list(range(low)) + sorted(predicted[:k]) + list(range(high, past_blocks))
-    chosen = torch.tensor(predicted[:k], dtype=torch.long)
-    return Selection(torch.tensor(blocks, dtype=torch.long), torch.tensor(predicted, dtype=torch.long), chosen, values[:k],
-                     blocks, predicted, timing[0])
+    chosen = predicted[:k]
+    blocks = list(range(low)) + sorted(chosen) + list(range(high, past_blocks))
+    return Selection(None, None, None, values[:k], blocks, predicted, timing[0], scored_list=chosen)

@@ -113,6 +113,10 @@ class SequenceKV:
         self._keys: list[list[BlockKey]] = [[] for _ in range(num_layers)]
         self._pinned: list[set[int]] = [set() for _ in range(num_layers)]
         self._fresh: list[tuple[torch.Tensor, torch.Tensor, int] | None] = [None] * num_layers
+        # Per layer a preallocated window [2, Hkv, block_tokens, D] for decode appends; _fresh_kv[layer]
+        # is the fresh window as its view [2, Hkv, F, D] when the fresh window lives there (else None)
+        self._windows: list[torch.Tensor | None] = [None] * num_layers
+        self._fresh_kv: list[torch.Tensor | None] = [None] * num_layers
         self._ids = np.empty(1024, dtype="<i8")  # token ids noted so far
         self._noted = 0
         self._chains: list[bytes] = []
@@ -177,22 +181,53 @@ class SequenceKV:
         before = self._tokens[layer]
         if (before + keys.shape[1]) // bt > before // bt:
             self._chain((before + keys.shape[1]) // bt - 1)  # raises before anything changes
-        k = keys.to(self.device, self.dtype)
-        v = values.to(self.device, self.dtype)
         aligned = before - before % bt
-        fresh = self._fresh[layer]
-        if fresh is not None and before > aligned:  # prepend the unsealed tail
-            fk, fv, start = fresh
-            k = torch.cat([fk[:, aligned - start :], k], dim=1)
-            v = torch.cat([fv[:, aligned - start :], v], dim=1)
-        self._fresh[layer] = (k, v, aligned)
         after = before + keys.shape[1]
+        kv = self._append_in_window(layer, keys, values, before, aligned, after)
+        if kv is not None:
+            k, v = kv[0], kv[1]
+        else:
+            k = keys.to(self.device, self.dtype)
+            v = values.to(self.device, self.dtype)
+            fresh = self._fresh[layer]
+            if fresh is not None and before > aligned:  # prepend the unsealed tail
+                fk, fv, start = fresh
+                k = torch.cat([fk[:, aligned - start :], k], dim=1)
+                v = torch.cat([fv[:, aligned - start :], v], dim=1)
+        self._fresh[layer] = (k, v, aligned)
+        self._fresh_kv[layer] = kv
         self._tokens[layer] = after
         sealed_before, sealed_after = before // bt, after // bt
         if sealed_after > sealed_before:
             self._seal(layer, k, v, sealed_before, sealed_after)
         if self._step is not None:
             self._step.append_s += time.perf_counter() - started
+
+    def _append_in_window(self, layer: int, keys: torch.Tensor, values: torch.Tensor, before: int, aligned: int,
+                          after: int) -> torch.Tensor | None:  # fmt: skip
+        """Write the new tokens into the layer's window (a decode step's append: no allocation and
+        no concatenation); returns the fresh window ``[2, Hkv, after - aligned, D]`` as a view of
+        it, or None when it does not fit (a longer append: the caller concatenates instead).
+
+        The window holds tokens ``aligned ..``: the unsealed tail is already in place when the
+        previous fresh window lived there from the same block boundary, and is copied in once
+        otherwise (the first decode step after a prefill). Views of the previous fresh window
+        are overwritten: nothing keeps them (sealing copies its blocks out first)."""
+        bt = self.block_tokens
+        if after - aligned > bt:
+            return None
+        window = self._windows[layer]
+        if window is None:
+            window = self._windows[layer] = torch.empty(2, self.kv_heads, bt, self.head_dim, dtype=self.dtype, device=self.device)
+        tail = before - aligned
+        fresh = self._fresh[layer]
+        if tail and not (self._fresh_kv[layer] is not None and fresh[2] == aligned):
+            fk, fv, start = fresh  # the tail lives elsewhere (a longer append's concatenation): copy it in
+            window[0, :, :tail] = fk[:, aligned - start : before - start]
+            window[1, :, :tail] = fv[:, aligned - start : before - start]
+        window[0, :, tail : after - aligned] = keys  # copy_ casts and moves as .to(device, dtype) does
+        window[1, :, tail : after - aligned] = values
+        return window[:, :, : after - aligned]
 
     def _seal(self, layer: int, k: torch.Tensor, v: torch.Tensor, first: int, end: int) -> None:
         n, bt = end - first, self.block_tokens
@@ -287,7 +322,7 @@ class SequenceKV:
             keys.extend(new_keys)
             self.summaries.extend(layer, summaries[layer])
             self._tokens[layer] = end * bt
-            self._fresh[layer] = None
+            self._fresh[layer] = self._fresh_kv[layer] = None
             pinned = set(range(min(self.sink_blocks, end))) | set(range(max(0, end - self.local_blocks), end))
             leaving = sorted(self._pinned[layer] - pinned)
             if leaving:
@@ -366,7 +401,7 @@ class SequenceKV:
         outputs = []
         selection = None
         for c0 in range(0, s, self.chunk):
-            q = query[:, c0 : c0 + self.chunk]
+            q = query if s <= self.chunk else query[:, c0 : c0 + self.chunk]
             q_pos = q_start + c0
             # the local window ends at the query: sealed fresh blocks before it count towards it
             local = max(0, self.local_blocks - (q_pos + 1 - f_start) // self.block_tokens)
@@ -382,15 +417,18 @@ class SequenceKV:
             blocks = selection.indices()
             visible = q_pos + q.shape[1] - f_start
             if s == 1:  # a decode step: the fresh window joins the blocks' last piece (no mask: all visible)
-                self._read_blocks(layer, acc, blocks, 1, step, self._remap_deltas(blocks, past, local), (fk, fv))
+                fresh_kv = self._fresh_kv[layer]
+                if fresh_kv is None:
+                    fresh_kv = torch.stack([fk, fv])
+                self._read_blocks(layer, acc, blocks, 1, step, self._remap_deltas(blocks, past, local), fresh_kv)
             else:
                 self._read_blocks(layer, acc, blocks, q.shape[1], step, self._remap_deltas(blocks, past, local))
                 self._add_keys(acc, fk[:, :visible], fv[:, :visible], f_start, q_pos, q.shape[1])
             outputs.append(acc.result())
             step.kernel_s += acc.kernel_s
-        if selection is not None and self.score_policy and selection.scored.numel():
+        if selection is not None and self.score_policy and selection.scored_indices():
             keys = self._keys[layer]
-            self.manager.note_scores([keys[i] for i in selection.scored.tolist()], selection.scores)
+            self.manager.note_scores([keys[i] for i in selection.scored_indices()], selection.scores)
         if self.prefetcher is not None and selection is not None and not (self.predicted_ahead and layer > 0 and s == 1):
             self._prefetch(layer, selection.prediction())
         step.attend_s += time.perf_counter() - started
@@ -420,11 +458,11 @@ class SequenceKV:
         return deltas if any(deltas) else None
 
     def _read_blocks(self, layer: int, acc: AttentionAccumulator, indices: list[int], nq: int, step: StepStats,
-                     deltas: list[int] | None = None, fresh: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                     deltas: list[int] | None = None, fresh: torch.Tensor | None = None) -> None:
         """Gather the blocks ``indices`` (sorted) of ``layer`` and feed them to ``acc``; ``deltas``
         (positions = "remap"): per block, the blocks' worth of positions its keys move by.
-        ``fresh``: keys and values ``[Hkv, F, D]`` that every query sees (a decode step's fresh
-        window), read in the same piece as the last blocks.
+        ``fresh``: keys and values ``[2, Hkv, F, D]`` that every query sees (a decode step's fresh
+        window), read in the same piece as the last blocks (one copy behind them).
 
         Each piece is one buffer ``[2, Hkv, tokens, D]``: the manager writes the blocks straight
         into it (:meth:`~hkv.tiers.promotion.Promotion.gather_into`: one ``index_select`` when
@@ -433,7 +471,7 @@ class SequenceKV:
         only, never on the manager's state, so results never depend on timing."""
         if not indices:
             if fresh is not None:
-                acc.add(*fresh)
+                acc.add_kv(fresh)
             return
         keys = self._keys[layer]
         wanted = [keys[i].digest for i in indices]
@@ -447,15 +485,14 @@ class SequenceKV:
         for p0 in range(0, len(wanted), per_piece):
             part = wanted[p0 : p0 + per_piece]
             n = len(part)
-            extra = fresh[0].shape[1] if fresh is not None and p0 + n == len(wanted) else 0
+            extra = fresh.shape[2] if fresh is not None and p0 + n == len(wanted) else 0
             piece = torch.empty(2, h, n * bt + extra, d, dtype=self.dtype, device=self.device)
             gather_into(part, piece[:, :, : n * bt].view(2, h, n, bt, d), report=report)
             if deltas is not None:
                 piece[0, :, : n * bt] = self.rotary.rotate_blocks(piece[0, :, : n * bt], [x * bt for x in deltas[p0 : p0 + n]], bt)
             if extra:
-                piece[0, :, n * bt :] = fresh[0]
-                piece[1, :, n * bt :] = fresh[1]
-            acc.add(piece[0], piece[1])
+                piece[:, :, n * bt :] = fresh
+            acc.add_kv(piece)
         step.kernel_s += report.copy_s
         self._count_prefetch(layer, wanted, indices, predicted, report, step)
 
@@ -477,19 +514,21 @@ class SequenceKV:
         bucket of :class:`~hkv.attention.stats.StepStats`: pinned, hit, unpredicted, waited or
         fetched (the gather found the last two not on the device: ``report.late_keys``)."""
         pinned, late = self._pinned[layer], report.late_keys
-        n_pinned = hit = unpredicted = 0
+        n_pinned = hit = unpredicted = pinned_read = 0  # one pass: pinned_read counts late pinned blocks too
         for key, i in zip(wanted, indices):
-            if late and key in late:
-                continue  # waited for or fetched: counted by the report
             if i in pinned:
-                n_pinned += 1
+                pinned_read += 1
+                if not (late and key in late):  # else waited for or fetched: counted by the report
+                    n_pinned += 1
+            elif late and key in late:
+                continue
             elif predicted is not None and key in predicted:
                 hit += 1
             else:
                 unpredicted += 1
         step.read += len(wanted)
         step.pinned += n_pinned
-        step.needed += sum(1 for i in indices if i not in pinned)
+        step.needed += len(indices) - pinned_read
         step.hit += hit
         step.unpredicted += unpredicted
         step.resident += report.resident
@@ -607,4 +646,4 @@ class SequenceKV:
             if keys:
                 self.manager.release(keys)
             self._pinned[layer] = set()
-            self._fresh[layer] = None
+            self._fresh[layer] = self._fresh_kv[layer] = self._windows[layer] = None

@@ -262,12 +262,28 @@ class SlotPool(Tier):
         self._reserved = 0
 
 
+# Slot lists up to this long are coalesced in plain Python: the ten tensor ops of the batched
+# path cost more there, and a prefetch worker holds the GIL through them (the model's thread waits)
+_RUNS_IN_PYTHON = 256
+
+
 def runs(dst_slots: Sequence[int], src_slots: Sequence[int]) -> list[tuple[int, int, int]]:
     """Coalesce slot pairs into ``(dst_start, src_start, length)`` runs of consecutive slots."""
     if len(dst_slots) != len(src_slots):
         raise ValueError(f"runs: {len(dst_slots)} destination slots but {len(src_slots)} source slots")
     if not dst_slots:
         return []
+    if len(dst_slots) <= _RUNS_IN_PYTHON:  # a prefetch job's or a decode step's few slots: no tensor ops
+        out: list[tuple[int, int, int]] = []
+        d0, s0, n = int(dst_slots[0]), int(src_slots[0]), 1
+        for d, s in zip(dst_slots[1:], src_slots[1:]):
+            if d == d0 + n and s == s0 + n:
+                n += 1
+            else:
+                out.append((d0, s0, n))
+                d0, s0, n = int(d), int(s), 1
+        out.append((d0, s0, n))
+        return out
     dst = torch.as_tensor(dst_slots, dtype=torch.long)
     src = torch.as_tensor(src_slots, dtype=torch.long)
     breaks = ((dst[1:] != dst[:-1] + 1) | (src[1:] != src[:-1] + 1)).nonzero().flatten() + 1

@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 
 import torch
 
@@ -167,10 +168,14 @@ class Promotion(Placement):
         pool = self.device_pool
         torch.index_select(pool.data.permute(1, 2, 0, 3, 4), 2, pool.index([0 if slot is None else slot for slot in slots]), out=out)
         copied = time.perf_counter()
-        fetched = iter(self.host_pool.read_slots(host_slots))  # raw copies (decoded, when the host is encoded)
-        for i, slot in enumerate(slots):
-            if slot is None:
-                out[:, :, i].copy_(next(fetched))
+        rows = [i for i, slot in enumerate(slots) if slot is None]
+        host = self.host_pool
+        if host.codec.lossy:  # decoded into a temporary, then one op
+            fetched = host.read_slots(host_slots)  # [m, *layout.shape]
+            out.index_copy_(2, torch.as_tensor(rows, dtype=torch.long), fetched.permute(1, 2, 0, 3, 4))
+        else:  # straight from the slots: one pass over the bytes (a temporary and index_copy_ take two)
+            for i, slot in zip(rows, host_slots):
+                out[:, :, i].copy_(host.data[slot])
         if report is not None:
             done = time.perf_counter()
             report.copy_s += copied - started
@@ -365,12 +370,15 @@ class Promotion(Placement):
         """Up to ``count`` of ``tier``'s next eviction victims (least recently used first, among
         the first ``scan``) for which ``wanted(key, entry)`` holds (lock held)."""
         found: list[Digest] = []
+        if count < 1:
+            return found
         entries = self._entries
-        for i, key in enumerate(self._recent[tier]):
-            if i >= scan or len(found) >= count:
-                break
+        # a prefetch worker runs this with the GIL held, mostly over clean victims: keep the loop bare
+        for key in islice(self._recent[tier], scan):
             if wanted(key, entries[key]):
                 found.append(key)
+                if len(found) >= count:
+                    break
         return found
 
     def clean_host(self, limit: int, *, scan: int | None = None) -> int:

@@ -98,3 +98,18 @@ def test_one_unmasked_piece_is_the_kernel_output_bitwise_as_the_merge_gives_it()
     merged.add(k[:, :3], v[:, :3], torch.zeros(1, 3, dtype=torch.bool))  # nothing visible: weight 0
     assert single.m is None and merged.m is not None and single.kernel_s > 0
     assert torch.equal(single.result(), merged.result())
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "explicit"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_add_kv_is_add_of_keys_and_values(fused: bool, dtype: torch.dtype) -> None:
+    """``add_kv(kv)`` (a decode step's buffer ``[2, Hkv, N, D]``) gives bitwise what ``add(kv[0], kv[1])`` gives,
+    for one piece and merged with a second."""
+    q, k, v = _qkv(6, 2, 1, 40, 16, seed=3)
+    kv = torch.stack([k, v]).to(dtype)
+    for pieces in ([kv], [kv[:, :, :25], kv[:, :, 25:]]):
+        a, b = AttentionAccumulator(q, 0.25, 2, fused=fused), AttentionAccumulator(q, 0.25, 2, fused=fused)
+        for piece in pieces:
+            a.add_kv(piece)
+            b.add(piece[0], piece[1])
+        assert torch.equal(a.result(), b.result())

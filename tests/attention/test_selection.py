@@ -164,3 +164,24 @@ def test_scoring_queries_keep_short_chunks_and_the_newest_of_long_ones() -> None
     assert picked[-8:] == list(range(92, 100))  # the newest half, whole
     assert picked[0] == 0 and picked[7] == 91  # the rest spread over the older queries
     assert picked == sorted(picked)
+
+
+def test_selection_lists_and_tensors_agree() -> None:
+    """A decode step's selection is made as lists; its tensors, made on first read, hold the same
+    indices (and ``scored`` is the chosen top-k, ``scores`` aligned with it)."""
+    g = torch.Generator().manual_seed(5)
+    summary = torch.randn(2, 2, 8, 40, generator=g).sort(dim=0).values  # min <= max
+    q = torch.randn(4, 1, 8, generator=g)
+    sel = select_blocks(q, summary, past_blocks=40, sink_blocks=1, local_blocks=3, topk=5, margin=0.4)
+    assert sel.block_list is not None and sel.predicted_list is not None and sel.scored_list is not None
+    assert sel.blocks.tolist() == sel.indices() and sel.blocks.dtype == torch.long
+    assert sel.predicted.tolist() == sel.prediction() and len(sel.prediction()) == 7
+    assert sel.scored.tolist() == sel.scored_indices() == sel.prediction()[:5]
+    assert sel.scores.shape == (5,) and sorted(sel.scored_indices()) == sel.indices()[1:-3]
+    every = select_blocks(q, summary, past_blocks=6, sink_blocks=1, local_blocks=3, topk=5)  # nothing to score
+    assert every.blocks.tolist() == list(range(6)) and every.predicted.tolist() == [1, 2]
+    assert every.scored.numel() == 0 and every.scores.numel() == 0
+    given = predictor.Selection(torch.tensor([0, 3]), torch.tensor([3]), torch.tensor([3]), torch.zeros(1))  # tensors only
+    assert given.indices() == [0, 3] and given.prediction() == [3] and given.scored_indices() == [3]
+    with pytest.raises(ValueError, match="blocks"):
+        predictor.Selection(None, torch.tensor([3]), torch.tensor([3]), torch.zeros(1))

@@ -31,6 +31,32 @@ def test_exact_mode_equals_sdpa_with_blocks_in_every_tier(open_seq, tmp_path, ap
         assert "host" in placed and "disk" in placed, placed
 
 
+def test_decode_appends_write_into_one_window(open_seq, tmp_path) -> None:
+    """Appends that end within one block of the last boundary (decode steps) write into the layer's
+    preallocated window instead of concatenating: the same tensor across boundaries and after a
+    longer append, and the fresh window (``tail_kv``) and exact attention stay what they were."""
+    config = make_config(tmp_path)  # 4-token blocks
+    manager, seq = open_seq(config)
+    driver = Driver(seq, manager, seed=4)
+    windows = None
+    for n in (6, 1, 1, 1, 1, 1, 7, 1, 2, 1, 1, 2, 1):
+        before = seq.seq_length()
+        driver.check_exact(driver.step(n))
+        total = seq.seq_length()
+        start = total - total % 4
+        tail = seq.tail_kv()
+        if total > start:
+            for layer in range(LAYERS):
+                assert torch.equal(tail[layer, 0], driver.keys[layer][:, start:]) and torch.equal(tail[layer, 1], driver.values[layer][:, start:])
+        if total - (before - before % 4) <= 4:  # within one block of the last boundary: in the window
+            assert all(kv is not None for kv in seq._fresh_kv)
+            if windows is not None:
+                assert all(w is w0 for w, w0 in zip(seq._windows, windows))
+            windows = list(seq._windows)
+        else:  # more than the 4-token window holds: concatenated
+            assert all(kv is None for kv in seq._fresh_kv)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_exact_mode_long_prefill_waves_exceed_device(open_seq, tmp_path, device: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Far more blocks than the device holds: exact attention reads them in waves, in pieces of 5 blocks."""

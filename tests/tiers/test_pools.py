@@ -126,6 +126,26 @@ def test_runs_coalesce_consecutive_slots():
     assert runs([], []) == []
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(-2, 3)), min_size=1, max_size=300))
+def test_runs_in_python_match_the_batched_path(steps) -> None:
+    """Short slot lists are coalesced in plain Python, long ones with tensor ops: the same runs."""
+    import hkv.tiers.pool as pool
+
+    dst, src, d, s = [], [], 5, 7
+    for jump_d, jump_s in steps:  # 0: the next slot follows on
+        d, s = d + 1 + jump_d, max(0, s + 1 + jump_s)
+        dst.append(d)
+        src.append(s)
+    python = runs(dst, src)
+    limit = pool._RUNS_IN_PYTHON
+    try:
+        pool._RUNS_IN_PYTHON = 0
+        assert python == runs(dst, src)
+    finally:
+        pool._RUNS_IN_PYTHON = limit
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.data())
 def test_copy_slots_matches_a_loop(data):
