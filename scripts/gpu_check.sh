@@ -10,6 +10,8 @@
 # inside 6 minutes on an H100 and passkey (GPU_CHECK_PASSKEY_LENGTHS, default 32768,131072) in 7.
 # Opt-in stage "nextlayer": the decode step at GPU_CHECK_NEXTLAYER_CONTEXT (131072) tokens with
 # prefetch.next_layer off and on, device tier 1/8 of the KV (nextlayer_cuda.{json,txt}; ~4 min).
+# Opt-in stage "offload": at GPU_CHECK_OFFLOAD_CONTEXT (131072) tokens, hkv with the device tier
+# 1/8 of the KV against DynamicCache in HBM and DynamicCache(offloading=True) (offload_cuda.*).
 # Exit status: 0 when every stage run passed and wrote its JSON, 1 otherwise.
 # GPU_CHECK_DEVICE=cpu runs the stages on the CPU instead (a smoke run of this script; files then
 # end in _cpu), with smaller sizes from GPU_CHECK_TIERS_SIZE (1GiB), GPU_CHECK_DISK_SIZE (256MiB),
@@ -164,6 +166,36 @@ rc=$?
 tail -4 "$OUT/nextlayer_$TAG.txt"
 if [ $rc -eq 0 ] && [ -s "$OUT/nextlayer_$TAG.json" ]; then log "next-layer pair written to nextlayer_$TAG.json"
 else log "next-layer pair FAILED (rc $rc; 124 = timeout)"; status=1; fi
+fi
+
+# --- a KV 8x the device tier against transformers' offloaded cache (opt-in stage) ---------------
+if want offload; then
+export GPU_CHECK_OFFLOAD_CONTEXT="${GPU_CHECK_OFFLOAD_CONTEXT:-131072}"
+log "hkv (device tier 1/8 of the KV) vs DynamicCache in HBM vs DynamicCache(offloading=True) on $TAG ($GPU_CHECK_OFFLOAD_CONTEXT tokens, 8 steps)"
+GPU_CHECK_BENCH_JSON="$OUT/offload_$TAG.json" timeout 240 "$PY" - > "$OUT/offload_$TAG.txt" 2>&1 <<'EOF'
+import json, os
+from hkv import Config
+from hkv.bench.decode import run_decode_bench, run_offloaded_baseline
+from hkv.bench.smollm2 import build_model
+
+device = os.environ["GPU_CHECK_DEVICE"]
+context = int(os.environ["GPU_CHECK_OFFLOAD_CONTEXT"])
+kv_bytes = context * 30 * 2 * 3 * 64 * 2  # SmolLM2's shape in float16: 23 KB a token
+model, weights = build_model("random", device=device, max_tokens=context)
+config = Config.load(tiers={"device": kv_bytes // 8, "host": "8GiB", "disk": "16GiB", "dtype": "float16"})
+run = run_decode_bench(config, contexts=(context,), steps=8, device=device, model=model, weights=weights)
+offloaded = run_offloaded_baseline(model, context, steps=8)
+figures = {"context": context, "hkv": run, "offloaded_ms": offloaded["ms"], "offloaded_fill_s": offloaded["fill_s"]}
+hkv_ms, resident_ms = run["hkv_ms"][0], run["baseline_ms"][0]
+print(f"hkv {hkv_ms:.1f} ms (hit rate {run['hit_rate'][0]}, stall {run['stall_frac'][0]}), DynamicCache in HBM {resident_ms:.1f} ms, "
+      f"offloaded DynamicCache {offloaded['ms']:.1f} ms: hkv / HBM {hkv_ms / resident_ms:.2f}x, offloaded / hkv {offloaded['ms'] / hkv_ms:.2f}x", flush=True)
+with open(os.environ["GPU_CHECK_BENCH_JSON"], "w") as handle:
+    json.dump(figures, handle, indent=2, default=str)
+EOF
+rc=$?
+tail -4 "$OUT/offload_$TAG.txt"
+if [ $rc -eq 0 ] && [ -s "$OUT/offload_$TAG.json" ]; then log "offload comparison written to offload_$TAG.json"
+else log "offload comparison FAILED (rc $rc; 124 = timeout)"; status=1; fi
 fi
 
 # --- SmolLM2 passkey accuracy on the GPU (needs the default model) -----------------------------
