@@ -159,7 +159,7 @@ def _disk_budget(config: Config, kv_bytes: int) -> int:
 
 
 def _hkv_run(model: torch.nn.Module, config: Config, context: int, steps: int, store: Path, *,
-             drop_pages: bool = False) -> dict[str, Any]:  # fmt: skip
+             drop_pages: bool = False, warmup: int = 2) -> dict[str, Any]:  # fmt: skip
     """hkv at one context: fill, then ``steps`` timed decode steps. ``drop_pages``: the store's
     files (``data.mdb`` and the segment files) are dropped from the page cache after the fill
     (``posix_fadvise``), so the steps' disk reads are cold."""
@@ -195,7 +195,7 @@ def _hkv_run(model: torch.nn.Module, config: Config, context: int, steps: int, s
         # Prefetch figures over the timed steps only, like the times they are divided by.
         snapshot: dict[str, Any] = {}
         with RssSampler() as decode_rss:
-            times = _time_steps(model, cache, steps, on_warm=lambda: snapshot.update(before=sequence.stats(), moved=rt.stats().moved_bytes))
+            times = _time_steps(model, cache, steps, warmup, on_warm=lambda: snapshot.update(before=sequence.stats(), moved=rt.stats().moved_bytes))
         before, after = snapshot.get("before"), sequence.stats()
         stats = rt.stats()
         disk_bytes = stats.moved_bytes.get("disk->host", 0) - snapshot.get("moved", {}).get("disk->host", 0)
@@ -519,10 +519,13 @@ DISK_PRESET: dict[str, Any] = {"contexts": (131072,), "tiers": {"device": "256Mi
 def run_disk_bound_bench(
     config: Config | None = None, *, contexts: tuple[int, ...] = DISK_PRESET["contexts"], steps: int = 16,
     weights: str = "auto", model: torch.nn.Module | None = None, store_dir: str | Path | None = None, prefetch: bool | None = True,
+    warmup: int = 2,
 ) -> dict[str, Any]:  # fmt: skip
     """hkv's decode step at each context, twice on the same model and synthetic KV: disk-bound
     (``config``'s tiers, default :data:`DISK_PRESET`'s: host 256 MiB; store pages dropped before
     timing) and host-resident (the same config with the host tier raised to the KV + 10%).
+    ``warmup``: untimed steps first (the first ~13 steps after the fill move its newest blocks,
+    which have no copy below, down the tiers).
 
     Returns ``contexts``, and per context ``disk_ms`` / ``host_ms`` (median step), ``ratio``
     (disk / host), ``disk_stall_frac``, ``disk_share`` (blocks read from disk in the timed steps
@@ -534,7 +537,7 @@ def run_disk_bound_bench(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if model is None:
         model, weights = build_model(weights, device=device, max_tokens=max(contexts))
-    figures: dict[str, Any] = {"contexts": list(contexts), "steps": steps, "model": f"SmolLM2-135M shape ({weights} weights)",
+    figures: dict[str, Any] = {"contexts": list(contexts), "steps": steps, "warmup": warmup, "model": f"SmolLM2-135M shape ({weights} weights)",
                                "device": str(device), "threads": torch.get_num_threads(), "host_budget": int(config.tiers.host),
                                "device_budget": int(config.tiers.device), "storage_dtype": config.tiers.dtype,
                                "disk_encoding": config.tiers.disk_encoding, "runs": []}  # fmt: skip
@@ -547,7 +550,7 @@ def run_disk_bound_bench(
         for label, run_config, drop in (("disk", config, True), ("host", resident, False)):
             store = Path(tempfile.mkdtemp(prefix="hkv-bench-", dir=store_dir))
             try:
-                runs[label] = _hkv_run(model, run_config, context, steps, store, drop_pages=drop)
+                runs[label] = _hkv_run(model, run_config, context, steps, store, drop_pages=drop, warmup=warmup)
             finally:
                 shutil.rmtree(store, ignore_errors=True)
             gc.collect()

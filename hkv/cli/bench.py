@@ -56,7 +56,7 @@ def bench_tiers(
 
 def _bench_disk_bound(cfg: Config | None, lengths: tuple[int, ...] | None, steps: int, device_budget: str | None,
                       host_budget: str | None, weights: str, store_dir: Path | None, prefetch: bool | None, json_path: Path | None,
-                      disk_encoding: str | None = None) -> None:  # fmt: skip
+                      disk_encoding: str | None = None, warmup: int = 2) -> None:  # fmt: skip
     """``hkv bench decode --preset disk``: :func:`hkv.bench.decode.run_disk_bound_bench`."""
     from ..bench.decode import BENCH_TIERS, DISK_PRESET, print_disk_bound_table, run_disk_bound_bench
 
@@ -67,7 +67,7 @@ def _bench_disk_bound(cfg: Config | None, lengths: tuple[int, ...] | None, steps
     except ConfigError as error:
         raise fail(str(error), 2) from None
     figures = run_disk_bound_bench(run_config, contexts=lengths or DISK_PRESET["contexts"], steps=steps, weights=weights,
-                                   store_dir=store_dir, prefetch=prefetch)  # fmt: skip
+                                   store_dir=store_dir, prefetch=prefetch, warmup=warmup)  # fmt: skip
     print_disk_bound_table(figures)
     write_json(json_path, figures)
 
@@ -80,6 +80,8 @@ def bench_decode(
         Optional[str], typer.Option(help="comma-separated context lengths in tokens (default 8192,32768,131072; with --preset million 8192,524288,1048576)")
     ] = None,
     steps: Annotated[int, typer.Option(help="decode steps timed per context (median reported)")] = 16,
+    warmup: Annotated[int, typer.Option(min=0, help="--preset disk: untimed steps before them (more: past the first steps after the fill, "
+                                                    "which move the fill's newest blocks down the tiers)")] = 2,
     preset: Annotated[
         Optional[str], typer.Option(help="million: 8K/512K/1M tokens, device 1GiB, host 4GiB, rest on disk, float16 blocks, a fresh process per context; "
                                           "disk: 128K tokens with the host tier at 256MiB (store pages dropped) against the same run with the KV in host RAM")
@@ -106,7 +108,7 @@ def bench_decode(
     cfg = load(config) if config is not None else None
     lengths = parse_lengths(contexts, "--contexts") if contexts else None
     if preset == "disk":
-        _bench_disk_bound(cfg, lengths, steps, device_budget, host_budget, weights, store_dir, prefetch, json_path, disk_encoding)
+        _bench_disk_bound(cfg, lengths, steps, device_budget, host_budget, weights, store_dir, prefetch, json_path, disk_encoding, warmup)
         return
     try:
         limit = int(TypeAdapter(ByteSize).validate_python(baseline_max)) if baseline_max is not None else None
