@@ -56,7 +56,9 @@ def test_tiny_run_spills_to_disk_and_reports_memory(decode_model, tmp_path: Path
     for tiers, kv in zip(figures["tiers_after_fill"], figures["kv_bytes"]):
         disk = tiers["disk"]
         payload = tiers["device"]["used_bytes"] + tiers["host"]["used_bytes"] + disk["used_bytes"] - 64 * disk["blocks"]
-        assert payload == kv  # every block in exactly one tier (disk records carry a 64-byte header)
+        # every block in a tier (disk records carry a 64-byte header); once the KV outgrew the host,
+        # the host's blocks have disk copies too (tiers.md), so the host's bytes may count twice
+        assert kv <= payload <= kv + tiers["host"]["used_bytes"]
         assert disk["capacity_bytes"] >= kv  # the disk budget was raised to hold the KV
     assert figures["tier_bytes"][1]["disk"] > 0
     assert all(peak > 0 for peak in figures["rss_peak_bytes"])
