@@ -1,7 +1,7 @@
 """Encoding a lossy store's blocks off the caller's thread, in submission order
 (:meth:`hkv.store.block_store.BlockStore.submit_put_later`).
 
-Encoding an int4 block costs ~70 µs of CPU (a 52 KiB fp16 SmolLM2 block); a tier manager that
+Encoding an int4 block costs ~80 µs of CPU (a 48 KiB fp16 SmolLM2 block, one thread); a tier manager that
 writes host blocks to disk under its lock would hold every gather up for that long per block.
 One thread encodes instead, and hands the records to the store's writer in the order they were
 submitted; every other write of the store first waits until the encodes queued before it have
