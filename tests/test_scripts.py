@@ -45,7 +45,7 @@ needs_smollm2 = pytest.mark.skipif(not smollm2_installed(), reason="needs the de
 
 
 def test_every_script_is_covered():
-    assert PYTHON_SCRIPTS == ["heap_faults.py", "heap_probe.py", "passkey_selection.py", "prediction_recall.py", "score_cost.py"]
+    assert PYTHON_SCRIPTS == ["encode_gpu_cpu.py", "heap_faults.py", "heap_probe.py", "passkey_selection.py", "prediction_recall.py", "score_cost.py"]
     assert SHELL_SCRIPTS == ["gpu_check.sh", "million_run.sh"]
 
 

@@ -684,11 +684,7 @@ class BlockStore:
         raises TierFullError (nothing of this submission stored) or another TierError.
         """
         self._check_writable()
-        if blocks.shape[1:] != self.layout.shape or blocks.dtype != self.layout.dtype or len(keys) != len(blocks):
-            raise ValueError(
-                f"submit_put_many: {len(keys)} keys and blocks {tuple(blocks.shape)} {blocks.dtype}; "
-                f"expected [n, {', '.join(map(str, self.layout.shape))}] {self.layout.dtype}"
-            )
+        self._check_blocks("submit_put_many", keys, blocks)
         blocks = blocks.detach()
         self._encoder.drain()  # after the puts submitted to be encoded later
         if self.encoding != "none":
@@ -704,13 +700,17 @@ class BlockStore:
         if self.encoding == "none":
             return self.submit_put_many(keys, blocks)
         self._check_writable()
-        if blocks.shape[1:] != self.layout.shape or blocks.dtype != self.layout.dtype or len(keys) != len(blocks):
-            raise ValueError(
-                f"submit_put_later: {len(keys)} keys and blocks {tuple(blocks.shape)} {blocks.dtype}; "
-                f"expected [n, {', '.join(map(str, self.layout.shape))}] {self.layout.dtype}"
-            )
+        self._check_blocks("submit_put_later", keys, blocks)
         keys, blocks = list(keys), blocks.detach()
         return self._encoder.submit(lambda: self._submit_records(keys, encode(blocks, self.encoding).cpu().reshape(len(blocks), -1)))
+
+    def _check_blocks(self, what: str, keys: Sequence[BlockKey], blocks: torch.Tensor) -> None:
+        """ValueError unless ``blocks`` is ``[len(keys), *layout.shape]`` of the layout's dtype."""
+        if blocks.shape[1:] != self.layout.shape or blocks.dtype != self.layout.dtype or len(keys) != len(blocks):
+            raise ValueError(
+                f"{what}: {len(keys)} keys and blocks {tuple(blocks.shape)} {blocks.dtype}; "
+                f"expected [n, {', '.join(map(str, self.layout.shape))}] {self.layout.dtype}"
+            )
 
     def submit_put_encoded(self, keys: Sequence[BlockKey], payloads: torch.Tensor) -> Future[None]:
         """:meth:`submit_put_many` for blocks already encoded in this store's (lossy) encoding:
