@@ -12,10 +12,12 @@
 # prefetch.next_layer off and on, device tier 1/8 of the KV (nextlayer_cuda.{json,txt}; ~4 min).
 # Opt-in stage "offload": at GPU_CHECK_OFFLOAD_CONTEXT (131072) tokens, hkv with the device tier
 # 1/8 of the KV against DynamicCache in HBM and DynamicCache(offloading=True) (offload_cuda.*).
+# Opt-in stage "profile": torch.profiler over decode steps at 8K, hkv and DynamicCache (profile_cuda.txt).
 # Exit status: 0 when every stage run passed and wrote its JSON, 1 otherwise.
 # GPU_CHECK_DEVICE=cpu runs the stages on the CPU instead (a smoke run of this script; files then
 # end in _cpu), with smaller sizes from GPU_CHECK_TIERS_SIZE (1GiB), GPU_CHECK_DISK_SIZE (256MiB),
-# GPU_CHECK_DECODE_CONTEXTS (8192,32768,131072), GPU_CHECK_DECODE_WEIGHTS (auto, smollm2, random)
+# GPU_CHECK_DECODE_CONTEXTS (8192,32768,131072), GPU_CHECK_DECODE_WEIGHTS (auto, smollm2, random),
+# GPU_CHECK_DECODE_DEVICE (the decode stage's device tier: 8GiB on a GPU, the whole KV; 512MiB on the CPU)
 # and GPU_CHECK_PASSKEY_DEPTHS (0.1,0.3,0.5,0.7,0.9).
 # hkv is used through its commands and public functions only (hkv bench, run_decode_bench).
 set -uo pipefail
@@ -101,8 +103,10 @@ from hkv import Config
 from hkv.bench.decode import print_table, run_decode_bench
 from hkv.default_model import ModelNotInstalledError, load_default_model
 
-config = Config.load(tiers={"device": "512MiB", "host": "8GiB", "disk": "16GiB"})
 device = os.environ["GPU_CHECK_DEVICE"]
+# the device tier holds the whole KV on a GPU (issue 18: "KV fits in HBM"); the offload stage has it 1/8
+config = Config.load(tiers={"device": os.environ.get("GPU_CHECK_DECODE_DEVICE", "8GiB" if device.startswith("cuda") else "512MiB"),
+                            "host": "8GiB", "disk": "16GiB"})
 contexts = tuple(int(c) for c in os.environ["GPU_CHECK_DECODE_CONTEXTS"].split(","))
 weights, model = os.environ["GPU_CHECK_DECODE_WEIGHTS"], None  # None: run_decode_bench builds SmolLM2's shape, random weights
 if weights in ("auto", "smollm2"):
@@ -114,6 +118,9 @@ if weights in ("auto", "smollm2"):
         if weights == "smollm2":
             raise
         weights = "random"
+if model is None and device.startswith("cuda"):  # issue 18's shape on a GPU: SmolLM2-135M, float16
+    from hkv.bench.smollm2 import build_model
+    model = build_model("random", device=device, max_tokens=max(contexts))[0].half()
 merged = None
 for context in contexts:  # one context at a time: a timeout still leaves the JSON so far
     figures = run_decode_bench(config, contexts=(context,), steps=16, device=device, model=model, weights=weights)
@@ -166,6 +173,15 @@ rc=$?
 tail -4 "$OUT/nextlayer_$TAG.txt"
 if [ $rc -eq 0 ] && [ -s "$OUT/nextlayer_$TAG.json" ]; then log "next-layer pair written to nextlayer_$TAG.json"
 else log "next-layer pair FAILED (rc $rc; 124 = timeout)"; status=1; fi
+fi
+
+# --- where a decode step's time goes: torch.profiler, hkv and DynamicCache (opt-in stage) -------
+if want profile; then
+log "profile of decode steps at 8192 tokens on $TAG (hkv with the whole KV on the device, DynamicCache)"
+timeout 120 "$PY" scripts/profile_decode.py --device "$DEVICE" --context 8192 --steps 4 > "$OUT/profile_$TAG.txt" 2>&1
+rc=$?
+grep -E "^===|launches per step" "$OUT/profile_$TAG.txt"
+if [ $rc -eq 0 ]; then log "profile written to profile_$TAG.txt"; else log "profile FAILED (rc $rc)"; status=1; fi
 fi
 
 # --- a KV 8x the device tier against transformers' offloaded cache (opt-in stage) ---------------

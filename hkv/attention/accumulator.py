@@ -75,6 +75,10 @@ class AttentionAccumulator:
         self.acc: torch.Tensor | None = None
         self._single: torch.Tensor | None = None  # the first fused piece's output [1, Hkv, g*S, D], unmerged
         self._single_lse: torch.Tensor | None = None
+        # The explicit path's first unmasked piece is kept the same way: its softmax output, and
+        # its logits [Hkv, g*S, N] whose log-sum-exp is taken only if a second piece comes (a
+        # decode step's one piece then costs two matmuls and a softmax, not the merge's ~15 ops)
+        self._single_logits: torch.Tensor | None = None
         self.kernel_s = 0.0  # seconds inside the attention kernels (the bytes read), for the step's host time
 
     def _state(self) -> None:
@@ -82,9 +86,9 @@ class AttentionAccumulator:
         if self.m is not None:
             return
         if self._single is not None:
-            lse = self._single_lse[0]
+            lse = self._single_lse[0] if self._single_logits is None else torch.logsumexp(self._single_logits, dim=2)
             self.m, self.l, self.acc = lse, torch.ones_like(lse), self._single[0]
-            self._single = self._single_lse = None
+            self._single = self._single_lse = self._single_logits = None
             return
         self.m = torch.full((self.kv_heads, self.rows), float("-inf"), device=self.device)
         self.l = torch.zeros(self.kv_heads, self.rows, device=self.device)
@@ -114,8 +118,14 @@ class AttentionAccumulator:
         if not self.materializes_scores:
             self._add_fused(keys, values, mask)
             return
-        self._state()
         started = time.perf_counter()
+        if mask is None and self.m is None and self._single is None:
+            logits = torch.bmm(self.q, keys.to(self.q.device, torch.float32).transpose(1, 2))  # [Hkv, g*S, N]
+            out = torch.bmm(torch.softmax(logits, dim=2), values.to(self.q.device, torch.float32))
+            self._single, self._single_logits = out.unsqueeze(0), logits
+            self.kernel_s += time.perf_counter() - started
+            return
+        self._state()
         logits = torch.bmm(self.q, keys.to(self.q.device, torch.float32).transpose(1, 2))  # [Hkv, g*S, N]
         if mask is not None:
             keep = mask.to(self.q.device).repeat(self.group, 1)  # [g*S, N]

@@ -24,6 +24,7 @@ never depend on the manager's state, so output is bitwise identical with prefetc
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections import deque
@@ -40,7 +41,9 @@ from ..prefetch.prefetcher import Prefetcher, PrefetchTicket
 from ..store.summary_rows import SummaryRows
 from ..tiers.manager import GatherReport, TierManager
 from .accumulator import PIECE_KV_ELEMENTS, PIECE_SCORE_ELEMENTS, AttentionAccumulator, causal_mask
-from .selection import BlockSummaries, SelectionEvent, SelectionObserver, canonical_queries, observed_selection, select_blocks
+from .block_table import BlockTables
+from .selection import (BlockSummaries, SelectionEvent, SelectionObserver, block_scores, canonical_queries, observed_selection,
+                        select_blocks)
 from .stats import COUNTERS, SequenceStats, StepStats
 
 
@@ -124,6 +127,10 @@ class SequenceKV:
         if on_selection is not None:  # an observer may force other blocks: this KV is never shared or adopted
             self._nonce = os.urandom(16)
         self._tickets: list[PrefetchTicket | None] = [None] * num_layers
+        # decode steps over layers whose blocks are all on the device select and read on the device
+        # (block_table.py); positions = "remap" and the score policy read through the host lists
+        self._tables = BlockTables(manager, num_layers, self.device)
+        self._table_reads = self.rotary is None and not self.score_policy
         self._summary_writes: list[tuple[int, int, int, Future]] = []  # (layer, first block, blocks, put_summaries' future)
         self._unsummarised: set[tuple[int, int]] = set()  # (layer, block) whose summary write found no block
         self._share = 0  # prefetch blocks per layer this step
@@ -397,6 +404,12 @@ class SequenceKV:
         if out_device != self.device:
             query = query.to(self.device)
         summary = self.summaries.summary(layer)
+        if s == 1 and past and self._table_reads and self.on_selection is None:
+            local = max(0, self.local_blocks - (q_start + 1 - f_start) // self.block_tokens)
+            out = self._attend_resident(layer, query, summary, past, local, scaling, step)
+            if out is not None:
+                step.attend_s += time.perf_counter() - started
+                return out if out_device == self.device else out.to(out_device)
         relative = self.summaries.relative and self.topk is not None  # exact mode scores nothing
         outputs = []
         selection = None
@@ -434,6 +447,69 @@ class SequenceKV:
         step.attend_s += time.perf_counter() - started
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
         return out if out_device == self.device else out.to(out_device)
+
+    def _attend_resident(self, layer: int, query: torch.Tensor, summary: torch.Tensor, past: int, local: int,
+                         scaling: float, step: StepStats) -> torch.Tensor | None:  # fmt: skip
+        """A decode step's attention (``query`` ``[Hq, 1, D]``) over a layer whose ``past`` sealed
+        blocks are all on the device, through its device-side block table: the blocks
+        :func:`~hkv.attention.selection.select_blocks` would choose, chosen on the device (the
+        same scores, the same ``topk`` call, so the same blocks in the same order), their slots
+        looked up in the table and read from the device pool in the pieces :meth:`_read_blocks`
+        cuts, then the same accumulator calls: bitwise the result of the host path, with no
+        device -> host transfer. None (nothing done) when the layer has blocks off the device, or
+        one left it meanwhile: the caller reads through the host path."""
+        found = self._tables.lookup(layer, self._keys[layer], past, self._totals.step)
+        if found is None:
+            return None
+        epoch, table = found
+        choosing = time.perf_counter()
+        low = min(self.sink_blocks, past)
+        high = max(low, past - local)
+        candidates = high - low
+        kernel_s = [0.0]
+        if self.topk is None or candidates <= self.topk:  # every block is read: nothing to score
+            n, slots = past, table
+        else:
+            scores = block_scores(query, summary[..., low:high], scaling=scaling, timing=kernel_s)
+            want = min(candidates, self.topk + math.ceil(self.margin * self.topk))
+            k = min(self.topk, candidates)
+            chosen = torch.topk(scores, want, sorted=True)[1][:k].sort().values.add_(low)
+            positions = self._tables.positions(past)
+            slots = table[torch.cat([positions[:low], chosen, positions[high:past]])]
+            n = low + k + past - high
+        step.select_s += time.perf_counter() - choosing
+        fresh = self._fresh_kv[layer]
+        if fresh is None:
+            fk, fv, _ = self._fresh[layer]
+            fresh = torch.stack([fk, fv])
+        bt, d, h = self.block_tokens, self.head_dim, self.kv_heads
+        acc = AttentionAccumulator(query, scaling, self.kv_heads)
+        per_piece = max(1, PIECE_KV_ELEMENTS // (2 * h * bt * d))
+        if acc.materializes_scores:
+            per_piece = max(1, min(per_piece, PIECE_SCORE_ELEMENTS // (self.q_heads * bt)))
+        pieces, reads = [], []
+        for p0 in range(0, n, per_piece):
+            m = min(per_piece, n - p0)
+            piece = torch.empty(2, h, m * bt + (fresh.shape[2] if p0 + m == n else 0), d, dtype=self.dtype, device=self.device)
+            pieces.append(piece)
+            reads.append((slots[p0 : p0 + m], piece[:, :, : m * bt].view(2, h, m, bt, d)))
+        report = GatherReport()
+        if not self.manager.read_device_slots(epoch, reads, report=report):
+            return None
+        pieces[-1][:, :, (n - (len(pieces) - 1) * per_piece) * bt :] = fresh
+        for piece in pieces:
+            acc.add_kv(piece)
+        result = acc.result()
+        self._take_prediction(layer, step)  # used up, as a host read would
+        pinned = low + past - high
+        step.read += n
+        step.pinned += pinned
+        step.needed += n - pinned
+        step.unpredicted += n - pinned  # on the device all along: nothing was predicted or moved for them
+        step.resident += report.resident
+        step.table_reads += 1
+        step.kernel_s += kernel_s[0] + report.copy_s + acc.kernel_s
+        return result
 
     def _add_keys(self, acc: AttentionAccumulator, k: torch.Tensor, v: torch.Tensor, k_start: int, q_pos: int, nq: int) -> None:
         """Feed keys at positions ``k_start ...`` to ``acc`` in memory-bounded pieces, causally masked."""
@@ -553,6 +629,8 @@ class SequenceKV:
             return
         q_pos, f_start, bt = self._tokens[layer], fresh[2], self.block_tokens
         past = f_start // bt
+        if self._tables.current(layer, past):  # every block on the device: nothing to bring
+            return
         local = max(0, self.local_blocks - (q_pos + 1 - f_start) // bt)
         # pre-RoPE -> the frame attend scores in: at its own position, or (remap) at score_distance
         turn = self.score_distance if self.summaries.relative else q_pos
@@ -647,3 +725,4 @@ class SequenceKV:
                 self.manager.release(keys)
             self._pinned[layer] = set()
             self._fresh[layer] = self._fresh_kv[layer] = self._windows[layer] = None
+        self._tables.forget()

@@ -24,7 +24,9 @@ class StepStats:
     * ``unpredicted``: on the device when gathered but not among this read's predicted blocks:
       prefetch off, a read with no prediction pending (the first read of a forward, the later
       query chunks of a prefill) or a block beyond the layer's prefetch share; such blocks
-      stayed on the device since an earlier read or the prefill;
+      stayed on the device since an earlier read or the prefill. A decode step's read of a
+      layer whose blocks are all on the device goes through its block table (``table_reads``)
+      and predicts nothing: its blocks count here;
     * ``waited``: in flight when gathered (a prefetch promotion was still moving it);
     * ``fetched``: not on the device when gathered, fetched on demand.
 
@@ -58,6 +60,7 @@ class StepStats:
     attend_s: float = 0.0
     select_s: float = 0.0  # of attend_s: choosing the blocks (scoring their summaries)
     append_s: float = 0.0  # appending the new tokens' KV (sealing full blocks into the tiers)
+    table_reads: int = 0  # layer reads selected and read on the device through the block table (block_table.py)
     kernel_s: float = 0.0  # of attend_s: in the kernels that read the step's bytes (scoring matmuls, the gather's copy, attention)
     moved_bytes: dict[str, int] = field(default_factory=dict)
 
@@ -105,4 +108,4 @@ class SequenceStats(StepStats):
 
 COUNTERS = (  # the StepStats fields summed over steps
     "predicted", "read", "pinned", "needed", "hit", "unpredicted", "late", "missed", "resident", "waited", "fetched",
-    "stall_s", "attend_s", "select_s", "append_s", "kernel_s")
+    "stall_s", "attend_s", "select_s", "append_s", "kernel_s", "table_reads")

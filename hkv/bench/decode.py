@@ -222,6 +222,8 @@ def _hkv_run(model: torch.nn.Module, config: Config, context: int, steps: int, s
         "disk_blocks_per_step": disk_bytes / rt.manager.layout.nbytes / steps,
         "disk_share": disk_bytes / rt.manager.layout.nbytes / needed if needed else None,
         "stall_frac": stall / sum(times) if times else None,
+        # layer reads selected and read on the device through the block tables (every block resident)
+        "table_read_frac": (_stat(after, "table_reads") - _stat(before, "table_reads")) / layer_steps,
         "host_ms_per_layer": 1000 * host_s,
         "layer_ms": {name[:-2]: 1000 * value for name, value in host.items()},
         "tiers": stats.tiers,
@@ -424,6 +426,7 @@ def run_decode_bench(
         figures["hkv_ms"].append(run["ms"])
         figures["hit_rate"].append(run["hit_rate"])
         figures["stall_frac"].append(run["stall_frac"])
+        figures.setdefault("table_read_frac", []).append(run["table_read_frac"])
         figures["host_ms_per_layer"].append(run["host_ms_per_layer"])
         figures["layer_ms"].append(run["layer_ms"])
         figures["precision"].append(run["precision"])
@@ -494,7 +497,9 @@ def print_table(figures: dict[str, Any]) -> None:
               "submissions, appending (StepStats.host_s)")
         for i, parts in enumerate(figures.get("layer_ms", [])):
             if parts:
-                print(f"  {figures['contexts'][i]}: per layer ms " + ", ".join(f"{name} {value:.3f}" for name, value in parts.items()))
+                table = figures.get("table_read_frac", [None] * (i + 1))[i]
+                print(f"  {figures['contexts'][i]}: per layer ms " + ", ".join(f"{name} {value:.3f}" for name, value in parts.items())
+                      + (f"; {table:.0%} of layer reads through the device block tables" if table is not None else ""))
     if figures.get("hkv_growth") is not None:
         print(f"hkv latency at {figures['contexts'][-1]} / at {figures['contexts'][0]}: {figures['hkv_growth']:.2f}x")
     if figures.get("rss_limit_bytes"):

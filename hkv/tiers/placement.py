@@ -67,6 +67,9 @@ class Placement:
         self._cond = threading.Condition(threading.RLock())
         self._disk_count = 0  # records stored, being written, or reserved
         self._pinned_count = 0
+        # Grows whenever a block leaves a device slot (evicted, moved down, deleted): a slot map
+        # copied at one value stays true while it holds (SequenceKV's device-side block tables)
+        self.device_epoch = 0
         self._pending: list[tuple[list[Digest], Future]] = []  # write-through futures
         self._cleaning: set[Digest] = set()  # device blocks a clean-up is copying to the host
         # The KV has outgrown the host (a host block was spilled or a new one went straight to
@@ -143,6 +146,7 @@ class Placement:
             entries = [self._entries[key] for key in keys]
             if self.copies.cuda:  # the slots' next writers must run after their fills
                 self.copies.order_after([entry.event for entry in entries])
+            self.device_epoch += 1
             for entry in entries:
                 entry.event = None
                 if entry.pinned:

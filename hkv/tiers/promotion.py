@@ -150,6 +150,48 @@ class Promotion(Placement):
             part = self.gather(blocks[w : w + capacity], report=None if counted else report)  # [m, 2, Hkv, bt, D]
             out[:, :, w : w + part.shape[0]].copy_(part.permute(1, 2, 0, 3, 4))
 
+    def device_slots(self, keys: Sequence[Digest], first: int = 0) -> tuple[int, list[int]] | int:
+        """``(epoch, slots)``: the device slots of ``keys`` (digests) when every one is on the device,
+        with the :attr:`device_epoch` they hold at and the current stream ordered after their
+        promotions (on CUDA); else the index of a key that is not (``keys[first]`` looked up first,
+        a caller's hint from a previous miss, so that a block still away costs one lookup).
+
+        The slots stay true while :attr:`device_epoch` keeps that value: read them with
+        :meth:`read_device_slots`, which checks it under the lock."""
+        with self._cond:
+            self._check_open()
+            slot_map = self.device_pool.slot_map
+            if 0 <= first < len(keys) and keys[first] not in slot_map:
+                return first
+            slots = [slot_map.get(key) for key in keys]
+            if None in slots:
+                return slots.index(None)
+            if self.copies.cuda:
+                self.copies.order_after([self._entries[key].event for key in keys])
+            return self.device_epoch, slots
+
+    def read_device_slots(self, epoch: int, reads: Sequence[tuple[torch.Tensor, torch.Tensor]], *,
+                          report: GatherReport | None = None) -> bool:  # fmt: skip
+        """For each ``(slots, out)`` of ``reads``: ``out`` ``[2, kv_heads, n, block_tokens, head_dim]``
+        <- the device pool's ``slots`` (a long tensor ``[n]`` on the device), as :meth:`gather_into`
+        writes it, when no block has left the device since ``epoch`` (:meth:`device_slots`); else
+        nothing is read and False is returned. No host list of the blocks and no device -> host
+        transfer: the slots may come from a device-side selection. On CUDA the reads are queued
+        before any later copy into these slots (as a gather's are)."""
+        with self._cond:
+            self._check_open()
+            if epoch != self.device_epoch:
+                return False
+            started = time.perf_counter()
+            source = self.device_pool.data.permute(1, 2, 0, 3, 4)
+            for slots, out in reads:
+                torch.index_select(source, 2, slots, out=out)
+            self.copies.mark_use()
+            if report is not None:
+                report.copy_s += time.perf_counter() - started
+                report.resident += sum(slots.numel() for slots, _ in reads)
+        return True
+
     def _read_from_host(self, keys: Sequence[Digest], slots: list[int | None], missing: list[Digest], out: torch.Tensor,
                         report: GatherReport | None) -> bool:
         """Without a GPU (lock held): when every block of ``keys`` not on the device (``missing``)

@@ -1,0 +1,95 @@
+"""Decode steps through the device-side block tables (hkv/attention/block_table.py): bitwise the
+host path's result whatever the residency, a fall back when a block leaves the device, and (on
+a GPU) no device -> host synchronisation inside a layer's attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hkv.attention.sequence
+
+from helpers.sequences import HKV, HQ, LAYERS, D, Driver, make_config, opened_sequence
+
+
+def _decode_outputs(config, *, tables: bool, device: str, steps: int) -> tuple[list[torch.Tensor], object]:
+    """Every layer's output of a 37-token prefill and ``steps`` decode steps, and the stats."""
+    with opened_sequence(config, device=device) as (manager, seq):
+        seq._table_reads = tables
+        driver = Driver(seq, manager, seed=11)
+        outputs = [out for out, _ in driver.step(37)]
+        for _ in range(steps):
+            outputs += [out for out, _ in driver.step(1)]
+        return outputs, seq.stats()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("mode", ["sparse", "exact"])
+@pytest.mark.parametrize("device_blocks", [64, 9], ids=["kv-fits", "kv-overflows"])
+@pytest.mark.parametrize("piece_blocks", [None, 3], ids=["one-piece", "pieces-of-3"])
+def test_table_reads_are_bitwise_the_host_reads(tmp_path, monkeypatch, device: str, mode: str, device_blocks: int,
+                                                piece_blocks: int | None) -> None:  # fmt: skip
+    """Same prompt, with and without block tables: the same bits at every layer of every step,
+    blocks sealed as it goes (4-token blocks), the KV all on the device or mostly off it."""
+    if piece_blocks is not None:
+        monkeypatch.setattr(hkv.attention.sequence, "PIECE_KV_ELEMENTS", piece_blocks * 2 * HKV * 4 * D)
+    config = make_config(tmp_path, mode=mode, sink=4, local=8, budget=24, device_blocks=device_blocks, host_blocks=40)
+    with_tables, stats = _decode_outputs(config, tables=True, device=device, steps=14)
+    config = make_config(tmp_path / "host", mode=mode, sink=4, local=8, budget=24, device_blocks=device_blocks, host_blocks=40)
+    host_path, host_stats = _decode_outputs(config, tables=False, device=device, steps=14)
+    assert len(with_tables) == len(host_path)
+    for a, b in zip(with_tables, host_path):
+        assert torch.equal(a, b)
+    assert host_stats.table_reads == 0
+    if device_blocks == 64:  # every decode step of every layer went through its table
+        assert stats.table_reads == 14 * LAYERS, stats
+    assert stats.read == host_stats.read and stats.pinned == host_stats.pinned
+
+
+def test_a_block_leaving_the_device_sends_the_read_through_the_host(tmp_path) -> None:
+    """After a block of layer 0 moves to the host the table is stale: the next read goes through
+    the host path (and fetches it), still exact; once the block is back, the rebuilt table."""
+    config = make_config(tmp_path, mode="exact", device_blocks=64, host_blocks=40)
+    with opened_sequence(config) as (manager, seq):
+        driver = Driver(seq, manager, seed=5)
+        driver.check_exact(driver.step(30))
+        driver.check_exact(driver.step(1))
+        assert seq.step_stats().table_reads == LAYERS
+        key = seq.block_keys(0)[3]  # neither sink nor local: may move
+        manager.demote([key], to="host")
+        assert manager.where(key) == frozenset({"host"})
+        driver.check_exact(driver.step(1))
+        step = seq.step_stats()
+        assert step.table_reads == LAYERS - 1 and step.fetched == 1, step
+        driver.check_exact(driver.step(1))  # on the CPU the host path reads it from the host: still away
+        assert seq.step_stats().table_reads == LAYERS - 1
+        manager.promote([key])
+        for _ in range(2):  # two failed tries: the next one two steps later (backoff), and rebuilt
+            driver.check_exact(driver.step(1))
+        assert seq.step_stats().table_reads == LAYERS
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["sparse", "exact"])
+def test_attention_over_a_resident_layer_never_synchronises(tmp_path, mode: str) -> None:
+    """``torch.cuda.set_sync_debug_mode("error")`` around every layer's attention of decode steps
+    (blocks sealed on the way): no device -> host transfer or synchronisation in it."""
+    config = make_config(tmp_path, mode=mode, sink=4, local=8, budget=24, device_blocks=64, host_blocks=40)
+    gen = torch.Generator().manual_seed(3)
+    with opened_sequence(config, device="cuda") as (manager, seq):
+        driver = Driver(seq, manager, seed=7)
+        driver.step(37)
+        driver.step(1)  # the tables are built at the first decode step
+        for _ in range(9):
+            seq.note_tokens(torch.randint(0, 1000, (1,), generator=gen))
+            for layer in range(LAYERS):
+                k, v, q = (torch.randn(h, 1, D, generator=gen).cuda() for h in (HKV, HKV, HQ))
+                seq.append(layer, k, v)
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    out = seq.attend(layer, q, D**-0.5)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+                assert out.shape == (HQ, 1, D) and bool(torch.isfinite(out).all())
+        assert seq.stats().table_reads >= 9 * LAYERS
