@@ -180,6 +180,10 @@ if want profile; then
 log "profile of decode steps at 8192 tokens on $TAG (hkv with the whole KV on the device, DynamicCache)"
 timeout 120 "$PY" scripts/profile_decode.py --device "$DEVICE" --context 8192 --steps 4 > "$OUT/profile_$TAG.txt" 2>&1
 rc=$?
+# the offload stage's case: 128K tokens, fp32 model, float16 blocks, device tier 1/8 of the KV (360 MiB)
+timeout 150 "$PY" scripts/profile_decode.py --device "$DEVICE" --context 131072 --steps 4 --dtype float32 --storage float16 \
+  --device-budget 377487360 > "$OUT/profile_offload_$TAG.txt" 2>&1 || rc=$?
+grep -E "^===|launches per step" "$OUT/profile_offload_$TAG.txt"
 grep -E "^===|launches per step" "$OUT/profile_$TAG.txt"
 if [ $rc -eq 0 ]; then log "profile written to profile_$TAG.txt"; else log "profile FAILED (rc $rc)"; status=1; fi
 fi

@@ -7,6 +7,7 @@ calls) and, on a GPU, kernel launches per step and the CUDA time per step. Used 
 ``scripts/gpu_check.sh`` (stage ``profile``) to decide what to fuse or capture next.
 
     python scripts/profile_decode.py --device cuda --context 8192 --steps 4 [--dtype float16]
+    python scripts/profile_decode.py --context 131072 --dtype float32 --storage float16 --device-budget 360MiB
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="decode steps profiled per cache")
     parser.add_argument("--dtype", default="float16", help="the model's dtype (float16, bfloat16, float32)")
     parser.add_argument("--device-budget", default="8GiB", help="hkv's device tier (default: the whole KV at 128K)")
+    parser.add_argument("--storage", default="auto", help="hkv's tiers.dtype (auto: the model's)")
     parser.add_argument("--rows", type=int, default=25)
     args = parser.parse_args()
 
@@ -53,7 +55,7 @@ def main() -> None:
         return times
 
     decode_bench._time_steps = profiled
-    config = Config.load(tiers={"device": args.device_budget, "host": "8GiB", "disk": "16GiB"})
+    config = Config.load(tiers={"device": args.device_budget, "host": "8GiB", "disk": "16GiB", "dtype": args.storage})
     figures = decode_bench.run_decode_bench(config, contexts=(args.context,), steps=8, device=args.device, model=model,
                                             weights=weights)  # fmt: skip
     decode_bench.print_table(figures)

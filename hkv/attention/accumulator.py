@@ -107,6 +107,8 @@ class AttentionAccumulator:
         if self.fused and kv.dtype == torch.float32 and kv.is_contiguous() and kv.shape[2]:
             self._add_fused(kv[0:1], kv[1:2], None, batched=True)
             return
+        if not self.fused and kv.dtype != torch.float32:  # one conversion for keys and values (one launch, not two)
+            kv = kv.to(self.q.device, torch.float32)
         self.add(kv[0], kv[1])
 
     def add(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None) -> None:

@@ -181,14 +181,13 @@ def block_scores(query: torch.Tensor, summary: torch.Tensor, *, normalize: bool 
     started = time.perf_counter()
     for start in range(0, q.shape[1], rows):
         piece = q if rows >= q.shape[1] else q[:, start : start + rows]
-        bound = torch.bmm(piece.clamp(min=0), kmax).add_(torch.bmm(piece.clamp(max=0), kmin))  # [kv_heads, r, n]
+        bound = torch.baddbmm(torch.bmm(piece.clamp(min=0), kmax), piece.clamp(max=0), kmin)  # [kv_heads, r, n]
         piece_best = bound.amax(dim=1)
         best = piece_best if best is None else torch.maximum(best, piece_best)
     if timing is not None:
         timing[0] += time.perf_counter() - started
-    if normalize:  # in place: best is this function's own tensor (same kernels, same bits)
-        best.mul_(dim**-0.5 if scaling is None else scaling)
-        best.sub_(torch.logsumexp(best, dim=1, keepdim=True))
+    if normalize:  # one log_softmax kernel (logsumexp and a subtraction are about six launches on a GPU)
+        best = torch.log_softmax(best.mul_(dim**-0.5 if scaling is None else scaling), dim=1)
     return best.amax(dim=0)
 
 
