@@ -13,6 +13,8 @@
 # Opt-in stage "offload": at GPU_CHECK_OFFLOAD_CONTEXT (131072) tokens, hkv with the device tier
 # 1/8 of the KV against DynamicCache in HBM and DynamicCache(offloading=True) (offload_cuda.*).
 # Opt-in stage "profile": torch.profiler over decode steps at 8K, hkv and DynamicCache (profile_cuda.txt).
+# Opt-in stage "llama8b": a Llama-3-8B-shaped model (bf16, random weights) at 128K tokens, device tier
+# 1/8 of the KV, against DynamicCache in HBM and offloaded (llama8b_cuda.*).
 # Exit status: 0 when every stage run passed and wrote its JSON, 1 otherwise.
 # GPU_CHECK_DEVICE=cpu runs the stages on the CPU instead (a smoke run of this script; files then
 # end in _cpu), with smaller sizes from GPU_CHECK_TIERS_SIZE (1GiB), GPU_CHECK_DISK_SIZE (256MiB),
@@ -216,6 +218,47 @@ rc=$?
 tail -4 "$OUT/offload_$TAG.txt"
 if [ $rc -eq 0 ] && [ -s "$OUT/offload_$TAG.json" ]; then log "offload comparison written to offload_$TAG.json"
 else log "offload comparison FAILED (rc $rc; 124 = timeout)"; status=1; fi
+fi
+
+# --- a Llama-3-8B-shaped model where offloading is the point (opt-in stage) --------------------
+# Random weights in bf16, GPU_CHECK_LLAMA_CONTEXT (131072) tokens of synthetic KV (128 KiB a token:
+# 16 GiB at 128K), hkv's device tier 1/8 of the KV and the rest in the pinned host tier, against
+# DynamicCache in HBM and DynamicCache(offloading=True). GPU_CHECK_LLAMA_LAYERS (32) shrinks the
+# model for a smoke run on the CPU.
+if want llama8b; then
+export GPU_CHECK_LLAMA_CONTEXT="${GPU_CHECK_LLAMA_CONTEXT:-131072}" GPU_CHECK_LLAMA_LAYERS="${GPU_CHECK_LLAMA_LAYERS:-32}"
+log "Llama-3-8B shape ($GPU_CHECK_LLAMA_LAYERS layers, bf16, random weights) on $TAG at $GPU_CHECK_LLAMA_CONTEXT tokens, device tier 1/8 of the KV"
+GPU_CHECK_BENCH_JSON="$OUT/llama8b_$TAG.json" timeout "${GPU_CHECK_LLAMA_TIMEOUT:-300}" "$PY" - > "$OUT/llama8b_$TAG.txt" 2>&1 <<'EOF'
+import json, os, time
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from hkv import Config
+from hkv.bench.decode import run_decode_bench, run_offloaded_baseline
+
+device = os.environ["GPU_CHECK_DEVICE"]
+context, layers = int(os.environ["GPU_CHECK_LLAMA_CONTEXT"]), int(os.environ["GPU_CHECK_LLAMA_LAYERS"])
+shape = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers, num_attention_heads=32,
+                    num_key_value_heads=8, head_dim=128, vocab_size=128256, rope_theta=500000.0,
+                    max_position_embeddings=context + 64)
+started = time.perf_counter()
+with torch.device(device):
+    model = LlamaForCausalLM._from_config(shape, dtype=torch.bfloat16).eval()
+print(f"model built in {time.perf_counter() - started:.1f} s", flush=True)
+kv_bytes = context * layers * 2 * 8 * 128 * 2  # bf16: 128 KiB a token at 32 layers
+config = Config.load(tiers={"device": kv_bytes // 8, "host": int(kv_bytes * 1.1), "disk": kv_bytes + (4 << 30)})
+run = run_decode_bench(config, contexts=(context,), steps=8, device=device, model=model, weights="random")
+offloaded = run_offloaded_baseline(model, context, steps=8) if device.startswith("cuda") else {"ms": None, "fill_s": None}
+figures = {"context": context, "layers": layers, "kv_bytes": kv_bytes, "hkv": run, "offloaded_ms": offloaded["ms"],
+           "offloaded_fill_s": offloaded["fill_s"]}
+print(f"hkv {run['hkv_ms'][0]:.1f} ms (hit rate {run['hit_rate'][0]}, stall {run['stall_frac'][0]}), "
+      f"DynamicCache in HBM {run['baseline_ms'][0]} ms, offloaded DynamicCache {offloaded['ms']} ms", flush=True)
+with open(os.environ["GPU_CHECK_BENCH_JSON"], "w") as handle:
+    json.dump(figures, handle, indent=2, default=str)
+EOF
+rc=$?
+tail -4 "$OUT/llama8b_$TAG.txt"
+if [ $rc -eq 0 ] && [ -s "$OUT/llama8b_$TAG.json" ]; then log "Llama-3-8B shape written to llama8b_$TAG.json"
+else log "Llama-3-8B shape FAILED (rc $rc; 124 = timeout)"; status=1; fi
 fi
 
 # --- SmolLM2 passkey accuracy on the GPU (needs the default model) -----------------------------
