@@ -45,7 +45,8 @@ needs_smollm2 = pytest.mark.skipif(not smollm2_installed(), reason="needs the de
 
 
 def test_every_script_is_covered():
-    assert PYTHON_SCRIPTS == ["encode_gpu_cpu.py", "heap_faults.py", "heap_probe.py", "passkey_selection.py", "prediction_recall.py", "score_cost.py"]
+    assert PYTHON_SCRIPTS == ["encode_gpu_cpu.py", "heap_faults.py", "heap_probe.py", "passkey_selection.py", "prediction_recall.py",
+                              "profile_decode.py", "score_cost.py"]
     assert SHELL_SCRIPTS == ["gpu_check.sh", "million_run.sh"]
 
 
@@ -57,6 +58,15 @@ def test_python_script_imports_and_shows_its_help(script):
 @pytest.mark.parametrize("script", SHELL_SCRIPTS)
 def test_shell_script_parses(script):
     run(["bash", "-n", f"scripts/{script}"])
+
+
+@pytest.mark.slow  # 7 s alone, more beside other tests
+def test_profile_decode():
+    """The profile of a few decode steps, hkv's and DynamicCache's, on the CPU (no CUDA figures there)."""
+    out = run([sys.executable, "scripts/profile_decode.py", "--device", "cpu", "--context", "1024", "--steps", "1",
+               "--dtype", "float32", "--rows", "5"], timeout=300).stdout
+    assert "=== HkvCache: 1 decode steps at 1024 tokens" in out and "=== DynamicCache: 1 decode steps" in out
+    assert "aten::" in out and "kernel launches" not in out
 
 
 def test_score_cost():
