@@ -20,6 +20,11 @@ the unsealed tail, i.e. fewer than ``budget_tokens + block_tokens`` tokens), gat
 in waves of at most ``gather_capacity()`` blocks, then the fresh window with a causal mask, all
 merged with log-sum-exp (:class:`~hkv.attention.accumulator.AttentionAccumulator`). Piece boundaries
 never depend on the manager's state, so output is bitwise identical with prefetch on or off.
+
+A decode step over a layer whose sealed blocks are all on the device takes a shorter road with
+the same result: the selection stays on the device, the blocks' slots come from the layer's
+device-side table (:mod:`~hkv.attention.block_table`) and the pool is read by them, with no host
+list of the blocks and no device -> host copy (:meth:`SequenceKV._attend_resident`).
 """
 
 from __future__ import annotations
