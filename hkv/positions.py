@@ -82,11 +82,23 @@ class RotaryShift:
     def rotary_dims(self) -> int:
         return 2 * self.inv_freq.numel()
 
-    def _cos_sin(self, deltas: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin ``[N, R]`` fp32 of ``deltas`` ``[N]`` positions (angles in float64)."""
+    def _cos_sin(self, deltas: torch.Tensor, device: torch.device, *, non_blocking: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin ``[N, R]`` fp32 of ``deltas`` ``[N]`` positions (angles in float64, on the
+        CPU). ``non_blocking``: on CUDA they go up through pinned memory without a blocking copy
+        (the same values)."""
         angles = deltas.to("cpu", torch.float64).unsqueeze(1) * self.inv_freq.unsqueeze(0)  # [N, R/2]
         angles = torch.cat([angles, angles], dim=1)
-        return angles.cos().to(device, torch.float32), angles.sin().to(device, torch.float32)
+        cos, sin = angles.cos().to(torch.float32), angles.sin().to(torch.float32)
+        if non_blocking and torch.device(device).type == "cuda":
+            return cos.pin_memory().to(device, non_blocking=True), sin.pin_memory().to(device, non_blocking=True)
+        return cos.to(device), sin.to(device)
+
+    def block_cos_sin(self, blocks: int, block_tokens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin ``[blocks, R]`` fp32 on ``device`` of the moves by ``0 .. blocks - 1`` whole
+        blocks (``j * block_tokens`` positions): row ``j`` is bitwise what :meth:`rotate_blocks`
+        uses for a block moved by ``j`` blocks, so a device-side index into them replaces a host
+        list of deltas. Sent up without a blocking copy."""
+        return self._cos_sin(torch.arange(blocks, dtype=torch.int64) * block_tokens, device, non_blocking=True)
 
     def _apply(self, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """``k`` fp32 ``[..., D]``; ``cos``/``sin`` broadcast against ``k[..., :R]``."""
@@ -95,18 +107,24 @@ class RotaryShift:
         rotated = rot * cos + torch.cat([-rot[..., half:], rot[..., :half]], dim=-1) * sin
         return rotated if r == k.shape[-1] else torch.cat([rotated, k[..., r:]], dim=-1)
 
-    def rotate(self, keys: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+    def rotate(self, keys: torch.Tensor, deltas: torch.Tensor, *, non_blocking: bool = False) -> torch.Tensor:
         """``keys`` ``[H, N, D]`` (post-RoPE, any float dtype) moved by ``deltas`` ``[N]`` positions
-        (integers, per token); returns fp32 ``[H, N, D]`` on the keys' device."""
-        cos, sin = self._cos_sin(deltas, keys.device)
+        (integers, per token); returns fp32 ``[H, N, D]`` on the keys' device. ``non_blocking``:
+        see :meth:`_cos_sin`."""
+        cos, sin = self._cos_sin(deltas, keys.device, non_blocking=non_blocking)
         return self._apply(keys.to(torch.float32), cos, sin)
 
     def rotate_blocks(self, keys: torch.Tensor, block_deltas: list[int], block_tokens: int) -> torch.Tensor:
         """``keys`` ``[H, n * block_tokens, D]`` of ``n`` consecutive gathered blocks, block ``j``
         moved by ``block_deltas[j]`` positions; fp32 (one cos/sin per block, not per token)."""
-        h, _, d = keys.shape
-        n = len(block_deltas)
         cos, sin = self._cos_sin(torch.tensor(block_deltas, dtype=torch.int64), keys.device)  # [n, R]
+        return self.rotate_blocks_by(keys, cos, sin, block_tokens)
+
+    def rotate_blocks_by(self, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block_tokens: int) -> torch.Tensor:
+        """:meth:`rotate_blocks` with the blocks' cos and sin ``[n, R]`` given (rows of
+        :meth:`block_cos_sin`, picked on the device)."""
+        h, _, d = keys.shape
+        n = cos.shape[0]
         k = keys.to(torch.float32).reshape(h, n, block_tokens, d)
         return self._apply(k, cos[None, :, None], sin[None, :, None]).reshape(h, n * block_tokens, d)
 

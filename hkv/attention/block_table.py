@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..blocks import BlockKey
+from ..positions import RotaryShift
 from ..tiers.manager import TierManager
 
 MAX_BACKOFF = 64  # steps between tries to rebuild a table whose layer keeps missing blocks
@@ -106,3 +107,21 @@ class BlockTables:
         if self.device.type == "cuda":
             values = values.pin_memory()
         table.slots[start:end].copy_(values, non_blocking=True)
+
+
+class BlockRotations:
+    """cos and sin ``[capacity, R]`` on the device of the moves by whole blocks that
+    ``attention.positions = "remap"`` makes (:meth:`~hkv.positions.RotaryShift.block_cos_sin`),
+    so that a device-side selection picks its blocks' rows by index, bitwise the rows the host
+    path computes from its list of deltas. Grown by doubling as the context grows."""
+
+    def __init__(self, rotary: RotaryShift, block_tokens: int, device: torch.device) -> None:
+        self.rotary, self.block_tokens, self.device = rotary, block_tokens, device
+        self.cos = self.sin = torch.empty(0, rotary.rotary_dims, device=device)
+
+    def rows(self, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of the moves by ``0 .. blocks - 1`` blocks (views of at least that many rows)."""
+        if self.cos.shape[0] < blocks:
+            capacity = max(blocks, 2 * self.cos.shape[0], 64)
+            self.cos, self.sin = self.rotary.block_cos_sin(capacity, self.block_tokens, self.device)
+        return self.cos, self.sin

@@ -144,7 +144,8 @@ class BlockSummaries:
         return self.rotary is not None
 
 
-def canonical_queries(query: torch.Tensor, first_position: int, distance: int, rotary: RotaryShift) -> torch.Tensor:
+def canonical_queries(query: torch.Tensor, first_position: int, distance: int, rotary: RotaryShift, *,
+                      non_blocking: bool = False) -> torch.Tensor:  # fmt: skip
     """Queries ``[Hq, S, D]`` at positions ``first_position ...`` rotated to position ``distance``
     each, for scoring relative-frame summaries (:class:`BlockSummaries`): every block is then
     scored as if its first token lay ``distance`` positions before the query. Only the
@@ -152,7 +153,7 @@ def canonical_queries(query: torch.Tensor, first_position: int, distance: int, r
     index = scoring_index(query.shape[1])
     offsets = torch.arange(query.shape[1], dtype=torch.int64) if index is None else index
     picked = query if index is None else query[:, index.to(query.device)]
-    return rotary.rotate(picked, distance - first_position - offsets)
+    return rotary.rotate(picked, distance - first_position - offsets, non_blocking=non_blocking)
 
 
 def block_scores(query: torch.Tensor, summary: torch.Tensor, *, normalize: bool = True, scaling: float | None = None,

@@ -46,7 +46,7 @@ from ..prefetch.prefetcher import Prefetcher, PrefetchTicket
 from ..store.summary_rows import SummaryRows
 from ..tiers.manager import GatherReport, TierManager
 from .accumulator import PIECE_KV_ELEMENTS, PIECE_SCORE_ELEMENTS, AttentionAccumulator, causal_mask
-from .block_table import BlockTables
+from .block_table import BlockRotations, BlockTables
 from .selection import (BlockSummaries, SelectionEvent, SelectionObserver, block_scores, canonical_queries, observed_selection,
                         select_blocks)
 from .stats import COUNTERS, SequenceStats, StepStats
@@ -133,9 +133,10 @@ class SequenceKV:
             self._nonce = os.urandom(16)
         self._tickets: list[PrefetchTicket | None] = [None] * num_layers
         # decode steps over layers whose blocks are all on the device select and read on the device
-        # (block_table.py); positions = "remap" and the score policy read through the host lists
+        # (block_table.py); the score policy (which needs the scores on the host) reads through the host lists
         self._tables = BlockTables(manager, num_layers, self.device)
-        self._table_reads = self.rotary is None and not self.score_policy
+        self._rotations = BlockRotations(self.rotary, self.block_tokens, self.device) if self.rotary is not None else None
+        self._table_reads = not self.score_policy
         self._summary_writes: list[tuple[int, int, int, Future]] = []  # (layer, first block, blocks, put_summaries' future)
         self._unsummarised: set[tuple[int, int]] = set()  # (layer, block) whose summary write found no block
         self._share = 0  # prefetch blocks per layer this step
@@ -463,25 +464,38 @@ class SequenceKV:
         cuts, then the same accumulator calls: bitwise the result of the host path, with no
         device -> host transfer. None (nothing done) when the layer has blocks off the device, or
         one left it meanwhile: the caller reads through the host path."""
+        low = min(self.sink_blocks, past)
+        high = max(low, past - local)
+        candidates = high - low
+        scored = self.topk is not None and candidates > self.topk
+        if scored and self._rotations is not None and low == 0:
+            return None  # remap without sink blocks may move nothing, which only the host list tells
         found = self._tables.lookup(layer, self._keys[layer], past, self._totals.step)
         if found is None:
             return None
         epoch, table = found
         choosing = time.perf_counter()
-        low = min(self.sink_blocks, past)
-        high = max(low, past - local)
-        candidates = high - low
         kernel_s = [0.0]
-        if self.topk is None or candidates <= self.topk:  # every block is read: nothing to score
+        cos = sin = None
+        if not scored:  # every block is read: nothing to score, nothing moves
             n, slots = past, table
         else:
-            scores = block_scores(query, summary[..., low:high], scaling=scaling, timing=kernel_s)
+            q_pos = self._tokens[layer] - 1
+            scoring = (canonical_queries(query, q_pos, self.score_distance, self.rotary, non_blocking=True)
+                       if self._rotations is not None else query)  # fmt: skip
+            scores = block_scores(scoring, summary[..., low:high], scaling=scaling, timing=kernel_s)
             want = min(candidates, self.topk + math.ceil(self.margin * self.topk))
             k = min(self.topk, candidates)
             chosen = torch.topk(scores, want, sorted=True)[1][:k].sort().values.add_(low)
             positions = self._tables.positions(past)
-            slots = table[torch.cat([positions[:low], chosen, positions[high:past]])]
+            blocks = torch.cat([positions[:low], chosen, positions[high:past]])
+            slots = table[blocks]
             n = low + k + past - high
+            if self._rotations is not None:  # far blocks to the slots just before the local window (_remap_deltas)
+                moves = positions[:n] - blocks
+                moves += high - (low + k)  # local blocks: 0; the j-th far block: high - (far count) + j - block
+                all_cos, all_sin = self._rotations.rows(past + 1)
+                cos, sin = all_cos[moves], all_sin[moves]
         step.select_s += time.perf_counter() - choosing
         fresh = self._fresh_kv[layer]
         if fresh is None:
@@ -501,6 +515,11 @@ class SequenceKV:
         report = GatherReport()
         if not self.manager.read_device_slots(epoch, reads, report=report):
             return None
+        if cos is not None:
+            for i, piece in enumerate(pieces):
+                p0 = i * per_piece
+                m = min(per_piece, n - p0)
+                piece[0, :, : m * bt] = self.rotary.rotate_blocks_by(piece[0, :, : m * bt], cos[p0 : p0 + m], sin[p0 : p0 + m], bt)
         pieces[-1][:, :, (n - (len(pieces) - 1) * per_piece) * bt :] = fresh
         for piece in pieces:
             acc.add_kv(piece)

@@ -8,13 +8,19 @@ import pytest
 import torch
 
 import hkv.attention.sequence
+from hkv.config import Config
+from hkv.positions import RotaryShift
 
 from helpers.sequences import HKV, HQ, LAYERS, D, Driver, make_config, opened_sequence
 
 
+ROTARY = RotaryShift(torch.tensor([1.0, 0.3, 0.05, 0.002], dtype=torch.float64))  # all 8 dims of D rotate
+
+
 def _decode_outputs(config, *, tables: bool, device: str, steps: int) -> tuple[list[torch.Tensor], object]:
     """Every layer's output of a 37-token prefill and ``steps`` decode steps, and the stats."""
-    with opened_sequence(config, device=device) as (manager, seq):
+    rotary = ROTARY if config.attention.positions == "remap" else None
+    with opened_sequence(config, device=device, rotary=rotary) as (manager, seq):
         seq._table_reads = tables
         driver = Driver(seq, manager, seed=11)
         outputs = [out for out, _ in driver.step(37)]
@@ -23,20 +29,26 @@ def _decode_outputs(config, *, tables: bool, device: str, steps: int) -> tuple[l
         return outputs, seq.stats()
 
 
+def _config(path, mode: str, device_blocks: int):
+    positions = "original" if mode in ("sparse", "exact") else "remap"
+    config = make_config(path, mode="exact" if mode == "exact" else "sparse", sink=4, local=8, budget=24,
+                         device_blocks=device_blocks, host_blocks=40)
+    return Config.load(config, attention={"positions": positions}, env={})
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
-@pytest.mark.parametrize("mode", ["sparse", "exact"])
+@pytest.mark.parametrize("mode", ["sparse", "remap", "exact"])
 @pytest.mark.parametrize("device_blocks", [64, 9], ids=["kv-fits", "kv-overflows"])
 @pytest.mark.parametrize("piece_blocks", [None, 3], ids=["one-piece", "pieces-of-3"])
 def test_table_reads_are_bitwise_the_host_reads(tmp_path, monkeypatch, device: str, mode: str, device_blocks: int,
                                                 piece_blocks: int | None) -> None:  # fmt: skip
     """Same prompt, with and without block tables: the same bits at every layer of every step,
-    blocks sealed as it goes (4-token blocks), the KV all on the device or mostly off it."""
+    blocks sealed as it goes (4-token blocks), the KV all on the device or mostly off it; with
+    ``positions = "remap"`` the far blocks are moved by rows picked on the device."""
     if piece_blocks is not None:
         monkeypatch.setattr(hkv.attention.sequence, "PIECE_KV_ELEMENTS", piece_blocks * 2 * HKV * 4 * D)
-    config = make_config(tmp_path, mode=mode, sink=4, local=8, budget=24, device_blocks=device_blocks, host_blocks=40)
-    with_tables, stats = _decode_outputs(config, tables=True, device=device, steps=14)
-    config = make_config(tmp_path / "host", mode=mode, sink=4, local=8, budget=24, device_blocks=device_blocks, host_blocks=40)
-    host_path, host_stats = _decode_outputs(config, tables=False, device=device, steps=14)
+    with_tables, stats = _decode_outputs(_config(tmp_path, mode, device_blocks), tables=True, device=device, steps=14)
+    host_path, host_stats = _decode_outputs(_config(tmp_path / "host", mode, device_blocks), tables=False, device=device, steps=14)
     assert len(with_tables) == len(host_path)
     for a, b in zip(with_tables, host_path):
         assert torch.equal(a, b)
@@ -70,13 +82,13 @@ def test_a_block_leaving_the_device_sends_the_read_through_the_host(tmp_path) ->
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("mode", ["sparse", "exact"])
+@pytest.mark.parametrize("mode", ["sparse", "remap", "exact"])
 def test_attention_over_a_resident_layer_never_synchronises(tmp_path, mode: str) -> None:
     """``torch.cuda.set_sync_debug_mode("error")`` around every layer's attention of decode steps
     (blocks sealed on the way): no device -> host transfer or synchronisation in it."""
-    config = make_config(tmp_path, mode=mode, sink=4, local=8, budget=24, device_blocks=64, host_blocks=40)
+    config = _config(tmp_path, mode, 64)
     gen = torch.Generator().manual_seed(3)
-    with opened_sequence(config, device="cuda") as (manager, seq):
+    with opened_sequence(config, device="cuda", rotary=ROTARY if mode == "remap" else None) as (manager, seq):
         driver = Driver(seq, manager, seed=7)
         driver.step(37)
         driver.step(1)  # the tables are built at the first decode step

@@ -45,13 +45,14 @@ def make_config(tmp_path, *, mode: str = "exact", block: int = 4, sink: int = 4,
 
 
 def open_sequence(config: Config, *, dtype: torch.dtype = torch.float32, prefetcher=None, manager=None, fingerprint: bytes = b"test-model",
-                  device: str = "cpu"):
-    """``(manager, seq)``: a SequenceKV of ``LAYERS`` layers over ``manager`` (a new TierManager when None)."""
+                  device: str = "cpu", rotary=None):
+    """``(manager, seq)``: a SequenceKV of ``LAYERS`` layers over ``manager`` (a new TierManager when None);
+    ``rotary``: a RotaryShift, for ``attention.positions = "remap"``."""
     storage = dtype if config.tiers.dtype == "auto" else getattr(torch, config.tiers.dtype)
     if manager is None:
         manager = tier_manager.TierManager(config, BlockLayout(HKV, config.attention.block_tokens, D, storage), device=device)
     seq = SequenceKV(manager, config, num_layers=LAYERS, num_kv_heads=HKV, num_q_heads=HQ, head_dim=D, dtype=dtype,
-                     fingerprint=fingerprint, prefetcher=prefetcher)
+                     fingerprint=fingerprint, prefetcher=prefetcher, rotary=rotary)
     return manager, seq
 
 
