@@ -503,25 +503,19 @@ class SequenceKV:
             fresh = torch.stack([fk, fv])
         bt, d, h = self.block_tokens, self.head_dim, self.kv_heads
         acc = AttentionAccumulator(query, scaling, self.kv_heads)
-        per_piece = max(1, PIECE_KV_ELEMENTS // (2 * h * bt * d))
-        if acc.materializes_scores:
-            per_piece = max(1, min(per_piece, PIECE_SCORE_ELEMENTS // (self.q_heads * bt)))
-        pieces, reads = [], []
-        for p0 in range(0, n, per_piece):
-            m = min(per_piece, n - p0)
-            piece = torch.empty(2, h, m * bt + (fresh.shape[2] if p0 + m == n else 0), d, dtype=self.dtype, device=self.device)
-            pieces.append(piece)
-            reads.append((slots[p0 : p0 + m], piece[:, :, : m * bt].view(2, h, m, bt, d)))
+        per_piece = self._blocks_per_piece(acc, 1)
+        spans = [(p0, min(per_piece, n - p0)) for p0 in range(0, n, per_piece)]  # (first block, blocks) per piece
+        pieces = [torch.empty(2, h, m * bt + (fresh.shape[2] if p0 + m == n else 0), d, dtype=self.dtype, device=self.device)
+                  for p0, m in spans]  # fmt: skip
+        reads = [(slots[p0 : p0 + m], piece[:, :, : m * bt].view(2, h, m, bt, d)) for (p0, m), piece in zip(spans, pieces)]
         report = GatherReport()
         if not self.manager.read_device_slots(epoch, reads, report=report):
             return None
-        if cos is not None:
-            for i, piece in enumerate(pieces):
-                p0 = i * per_piece
-                m = min(per_piece, n - p0)
+        for (p0, m), piece in zip(spans, pieces):
+            if cos is not None:
                 piece[0, :, : m * bt] = self.rotary.rotate_blocks_by(piece[0, :, : m * bt], cos[p0 : p0 + m], sin[p0 : p0 + m], bt)
-        pieces[-1][:, :, (n - (len(pieces) - 1) * per_piece) * bt :] = fresh
-        for piece in pieces:
+            if p0 + m == n:
+                piece[:, :, m * bt :] = fresh
             acc.add_kv(piece)
         result = acc.result()
         self._take_prediction(layer, step)  # used up, as a host read would
@@ -557,6 +551,14 @@ class SequenceKV:
         deltas = far_block_deltas(far, boundary) + [0] * (len(blocks) - len(far))
         return deltas if any(deltas) else None
 
+    def _blocks_per_piece(self, acc: AttentionAccumulator, nq: int) -> int:
+        """Blocks read per attention piece for ``nq`` queries: fixed by the memory constants
+        (``PIECE_*_ELEMENTS``) only, so both reads cut the same pieces whatever the residency."""
+        per_piece = max(1, PIECE_KV_ELEMENTS // (2 * self.kv_heads * self.block_tokens * self.head_dim))
+        if acc.materializes_scores:
+            per_piece = max(1, min(per_piece, PIECE_SCORE_ELEMENTS // (self.q_heads * nq * self.block_tokens)))
+        return per_piece
+
     def _read_blocks(self, layer: int, acc: AttentionAccumulator, indices: list[int], nq: int, step: StepStats,
                      deltas: list[int] | None = None, fresh: torch.Tensor | None = None) -> None:
         """Gather the blocks ``indices`` (sorted) of ``layer`` and feed them to ``acc``; ``deltas``
@@ -577,9 +579,7 @@ class SequenceKV:
         wanted = [keys[i].digest for i in indices]
         predicted = self._take_prediction(layer, step)
         bt, d, h = self.block_tokens, self.head_dim, self.kv_heads
-        per_piece = max(1, PIECE_KV_ELEMENTS // (2 * h * bt * d))
-        if acc.materializes_scores:
-            per_piece = max(1, min(per_piece, PIECE_SCORE_ELEMENTS // (self.q_heads * nq * bt)))
+        per_piece = self._blocks_per_piece(acc, nq)
         report = GatherReport(late_keys=set())
         gather_into = self.manager.gather_into
         for p0 in range(0, len(wanted), per_piece):

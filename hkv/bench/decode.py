@@ -249,9 +249,10 @@ def _baseline_run(model: torch.nn.Module, context: int, steps: int, *, offloadin
 
 def _fastest_sdpa(device: torch.device) -> Any:
     """On CUDA, sdpa without its cuDNN backend: in torch 2.11 on an H200 that backend plans each
-    new KV length anew (about 2 ms of host time per call, 60 ms a step of SmolLM2 in fp16:
-    scripts/profile_decode.py), while flash / memory-efficient attention take microseconds; the
-    baseline gets its fastest backend. Elsewhere nothing changes."""
+    new KV length anew (about 2 ms of host time per call, 60 ms a step of SmolLM2 in fp16, in the
+    ``profile`` stage of scripts/gpu_check.sh at f8cef4b, before this function), while flash /
+    memory-efficient attention take microseconds; the baseline gets its fastest backend.
+    Elsewhere nothing changes."""
     if device.type != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
