@@ -20,6 +20,24 @@ from pydantic import BaseModel, ByteSize, ConfigDict, Field, StrictBool, StrictI
 
 ENV_PREFIX = "HKV_"
 ENV_DELIMITER = "__"
+# prefetch.enabled = "auto" turns the prefetcher on with a GPU, or on a CPU with at least this many
+# cores: on fewer its threads take cores the model computes on (2 cores, 8K tokens, SmolLM2's
+# shape: the decode step 108 ms with it, 58 ms without; docs/benchmarks.md)
+AUTO_PREFETCH_MIN_CORES = 4
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def prefetch_pays(gpu: bool, cores: int) -> bool:
+    """Whether ``prefetch.enabled = "auto"`` turns the prefetcher on: with a GPU device, or on a CPU
+    with at least :data:`AUTO_PREFETCH_MIN_CORES` cores."""
+    return gpu or cores >= AUTO_PREFETCH_MIN_CORES
 
 
 class ConfigError(ValueError):
@@ -144,13 +162,29 @@ class AttentionConfig(_Section):
 class PrefetchConfig(_Section):
     """The asynchronous prefetcher that moves predicted blocks up the tiers."""
 
-    enabled: StrictBool = True
+    enabled: StrictBool | Literal["auto"] = Field(
+        "auto", description='run the asynchronous prefetcher: true, false, or "auto" (on with a GPU, or on a CPU with at least 4 cores)'
+    )
     lookahead: StrictInt = Field(1, description="not read by this version (the prediction is always for the next step, or with next_layer for the next layer); validated so that configs that set it still load")
     workers: StrictInt = Field(2, description="threads reading from the lower tiers")
     margin: float = Field(0.25, description="extra candidates prefetched, as a fraction of the selected blocks")
     next_layer: StrictBool = Field(False, description="at decode steps, predict layer l + 1's blocks from layer l's input "
                                    "(models with the Llama layer layout) and prefetch them while layer l computes; off by "
                                    "default: on a 2-core CPU it read more and ran slower (docs/benchmarks.md)")
+
+    def on(self, gpu: bool, cores: int | None = None) -> bool:
+        """``enabled`` resolved for a run on a GPU device (``gpu``) or a CPU with ``cores`` cores
+        (default: this process's): "auto" is :func:`prefetch_pays`."""
+        if self.enabled != "auto":
+            return bool(self.enabled)
+        return prefetch_pays(gpu, cpu_cores() if cores is None else cores)
+
+    @field_validator("enabled", mode="before")
+    @classmethod
+    def _enabled(cls, value: Any) -> Any:
+        if value is True or value is False or value == "auto":
+            return value
+        raise ValueError('must be true, false or "auto"')
 
     @field_validator("lookahead", "workers")
     @classmethod

@@ -138,3 +138,15 @@ def test_budget_smaller_than_one_block_names_the_key() -> None:
     layout.check_budgets({"device": layout.nbytes, "host": 2**30})
     with pytest.raises(ConfigError, match=r"tiers.device = 1000 bytes: smaller than one block \(49152 bytes"):
         layout.check_budgets({"device": 1000, "host": 2**30})
+
+
+def test_prefetch_auto_is_on_with_a_gpu_or_four_cores() -> None:
+    from hkv.config import AUTO_PREFETCH_MIN_CORES
+
+    auto = Config().prefetch
+    assert auto.enabled == "auto"
+    assert auto.on(gpu=True, cores=1) and auto.on(gpu=False, cores=AUTO_PREFETCH_MIN_CORES)
+    assert not auto.on(gpu=False, cores=AUTO_PREFETCH_MIN_CORES - 1)
+    assert Config(prefetch={"enabled": True}).prefetch.on(gpu=False, cores=1)
+    assert not Config(prefetch={"enabled": False}).prefetch.on(gpu=True, cores=64)
+    assert Config.load(env={"HKV_PREFETCH__ENABLED": "auto"}).prefetch.enabled == "auto"

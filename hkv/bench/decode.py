@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from ..config import Config
+from ..config import Config, cpu_cores
 from .disk import drop_store_pages
 from .smollm2 import build_model, synthetic_kv
 
@@ -361,12 +361,13 @@ def run_decode_bench(
     baseline_max_bytes: int | None = None,
     isolate: bool = False,
     store_dir: str | Path | None = None,
-    prefetch: bool | None = True,
+    prefetch: bool | None = None,
 ) -> dict[str, Any]:
     """Decode latency per token of hkv sparse mode and of ``DynamicCache`` at each context length.
 
     ``config``: hkv's config (its attention/tier settings; mode is forced to sparse, prefetch
-    to ``prefetch`` (on by default; None keeps the config's), the disk store goes to a temporary folder, under ``store_dir`` if given, removed after
+    to ``prefetch`` (None: the config's, with "auto" resolved for ``device`` and this machine's
+    cores, :meth:`~hkv.config.PrefetchConfig.on`), the disk store goes to a temporary folder, under ``store_dir`` if given, removed after
     each context, and the disk budget is raised to the KV + 2% + 1 GiB where it is smaller);
     None: defaults with :data:`BENCH_TIERS`. ``weights``: "smollm2" (the real model, so decode
     queries are realistic), "random" (SmolLM2's shape) or "auto" (smollm2 when installed).
@@ -387,9 +388,11 @@ def run_decode_bench(
     if isolate and model is not None:
         raise ValueError("isolate=True builds the model in each context's process; do not pass model=")
     config = config if config is not None else Config.load(tiers=BENCH_TIERS)
-    if prefetch is not None:
-        config = Config.load(config, env={}, prefetch={"enabled": prefetch})
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    prefetch_auto = prefetch is None and config.prefetch.enabled == "auto"
+    if prefetch is None:
+        prefetch = config.prefetch.on(gpu=device.type == "cuda")
+    config = Config.load(config, env={}, prefetch={"enabled": prefetch})
     model_dtype = None
     if not isolate:
         if model is None:
@@ -432,6 +435,8 @@ def run_decode_bench(
         "fill": "synthetic KV appended per layer without a prefill (keys: per-head mean + noise; values: Gaussian)",
         "timed": "one decode forward per token (median of steps after 2 warm-up steps)",
         "hkv_config": {k: v for k, v in config.as_dict().items() if k in ("tiers", "attention", "prefetch")},
+        # how prefetch.enabled was chosen: "auto" (on with a GPU or >= 4 cores) or as given
+        "prefetch_chosen": f"auto ({'GPU' if device.type == 'cuda' else f'{cpu_cores()} cores, no GPU'})" if prefetch_auto else "given",
     }
     for context in contexts:
         if isolate:
@@ -493,7 +498,8 @@ def print_table(figures: dict[str, Any]) -> None:
         print(f"tiers: device {tiers['device'] / GiB:.2f} GiB, host {tiers['host'] / GiB:.2f} GiB, rest on disk; storage dtype {tiers['dtype']}")
     pf = figures.get("hkv_config", {}).get("prefetch", {})
     if pf:
-        print(f"prefetch: {'on, ' + str(pf['workers']) + ' workers' if pf['enabled'] else 'off'}")
+        chosen = figures.get("prefetch_chosen", "given")
+        print(f"prefetch: {'on, ' + str(pf['workers']) + ' workers' if pf['enabled'] else 'off'}" + ("" if chosen == "given" else f", chosen by prefetch.enabled = {chosen}"))
     print(f"{'context':>9} {'hkv ms':>9} {'Dynamic ms':>11} {'speedup':>8} {'host ms/layer':>14} {'hit rate':>9} {'miss/step':>10}"
           f" {'stall':>7} {'fill s':>8} {'peak RSS':>9} {'dev/host/disk GiB':>19}")
     for i, context in enumerate(figures["contexts"]):

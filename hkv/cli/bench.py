@@ -66,6 +66,8 @@ def _bench_disk_bound(cfg: Config | None, lengths: tuple[int, ...] | None, steps
         run_config = Config.load(cfg if cfg is not None else Config.load(tiers=BENCH_TIERS), env={}, tiers=tiers)
     except ConfigError as error:
         raise fail(str(error), 2) from None
+    if prefetch is None and run_config.prefetch.enabled == "auto":
+        prefetch = True  # the preset measures how much of the disk reads the prefetcher hides, on any core count
     figures = run_disk_bound_bench(run_config, contexts=lengths or DISK_PRESET["contexts"], steps=steps, weights=weights,
                                    store_dir=store_dir, prefetch=prefetch, warmup=warmup)  # fmt: skip
     print_disk_bound_table(figures)
@@ -95,7 +97,7 @@ def bench_decode(
     isolate: Annotated[Optional[bool], typer.Option("--isolate/--no-isolate", help="each context in a fresh process (its own peak RSS)")] = None,
     baseline_max: Annotated[Optional[str], typer.Option(help="skip DynamicCache where its KV exceeds this, e.g. 8GiB")] = None,
     png: Annotated[Optional[Path], typer.Option(help="latency and memory against context length (needs matplotlib)")] = None,
-    prefetch: Annotated[Optional[bool], typer.Option("--prefetch/--no-prefetch", help="hkv's prefetcher on or off (default: on, or --config's prefetch.enabled)")] = None,
+    prefetch: Annotated[Optional[bool], typer.Option("--prefetch/--no-prefetch", help="hkv's prefetcher on or off (default: --config's prefetch.enabled; \"auto\", the default, is on with a GPU or 4+ cores)")] = None,
     predict: Annotated[bool, typer.Option("--predict", help="also measure this machine as hkv tune does and print the cost model's step beside each measured one")] = False,
     disk_encoding: Annotated[Optional[str], typer.Option(help="tiers.disk_encoding for the run: none, int8 or int4 (sparse only)")] = None,
 ) -> None:

@@ -18,6 +18,7 @@ import torch
 from ..bench.disk import measure_disk
 from ..bench.tiers import measure_block_moves
 from ..blocks import BlockLayout
+from ..config import cpu_cores
 from ..store.space import free_bytes
 
 
@@ -37,13 +38,6 @@ class MachineProfile:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 def _device_copy_gbps(device: torch.device, nbytes: int) -> float:
@@ -88,7 +82,7 @@ def measure_capacities(store: Path) -> Capacities:
         device_free, gpu = int(torch.cuda.mem_get_info(device)[0]), torch.cuda.get_device_name(device)
     else:
         device_free, gpu = host_free, None
-    return Capacities(_cores(), gpu, device_free, host_free, free_bytes(_existing_parent(store)))
+    return Capacities(cpu_cores(), gpu, device_free, host_free, free_bytes(_existing_parent(store)))
 
 
 def profile_of(capacities: Capacities, device_gbps: float, host_to_device_gbps: float, disk_read_gbps: float,

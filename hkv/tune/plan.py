@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ..blocks import DTYPE_NAMES, BlockLayout
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, prefetch_pays
 from .machine import MachineProfile
 
 SLACK_BYTES = 64 << 20  # disk: room beyond the encoded KV (session tails, freelist)
@@ -140,7 +140,7 @@ def _predict(config: Config, shape: ModelShape, layout: BlockLayout, context: in
         "disk": blocks["disk"] * record / (machine.disk_read_gbps * 1e9) * 1e3,
     }
     moves = parts["host"] + parts["disk"]
-    total = parts["summaries"] + (max(compute_ms, moves) if config.prefetch.enabled else compute_ms + moves)
+    total = parts["summaries"] + (max(compute_ms, moves) if config.prefetch.on(machine.gpu is not None, machine.cores) else compute_ms + moves)
     return StepPrediction(
         compute_ms=round(compute_ms, 2), summaries_ms=round(parts["summaries"], 2), host_ms=round(parts["host"], 2),
         disk_ms=round(parts["disk"], 2), total_ms=round(total, 2), bound=max(parts, key=parts.get),
@@ -213,7 +213,7 @@ def plan(shape: ModelShape, context: int, machine: MachineProfile, *, store: Pat
         )
     if encoding != "none":
         notes.append(f"disk blocks stored as {encoding}: the raw KV ({kv} bytes) does not fit 90% of the free disk")
-    prefetch = machine.gpu is not None or machine.cores >= 4
+    prefetch = prefetch_pays(machine.gpu is not None, machine.cores)
     if not prefetch:
         notes.append(f"prefetch off: on {machine.cores} cores its threads compete with the model for the CPU (docs/benchmarks.md)")
     config = Config.load(

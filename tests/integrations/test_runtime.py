@@ -80,3 +80,15 @@ def test_close_removes_hooks_and_restores_attention(tiny_lm, tmp_path):
     assert model.config._attn_implementation == original
     # and it can be wrapped again
     wrap(model, wrap_config(model, tmp_path / "again")).close()
+
+
+@pytest.mark.parametrize("enabled", ["auto", True, False])
+def test_prefetcher_runs_as_prefetch_enabled_resolves(tiny_lm, tmp_path, enabled):
+    from hkv import Config
+    from hkv.config import cpu_cores
+
+    model = tiny_lm("llama")
+    config = Config.load(wrap_config(model, tmp_path), env={}, prefetch={"enabled": enabled})
+    with wrap(model, config) as rt:
+        expected = enabled if enabled != "auto" else cpu_cores() >= 4  # no GPU here: the cores decide
+        assert (rt.prefetcher is not None) == expected
