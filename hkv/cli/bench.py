@@ -132,7 +132,7 @@ def bench_decode(
     figures = run_decode_bench(**options, steps=steps, weights=weights, store_dir=store_dir, prefetch=prefetch, model=model)
     print_table(figures)
     if model is not None:
-        from ..tune.compute import model_step_ms
+        from ..tune.compute import hkv_step_ms
         from ..tune.machine import measure_machine
         from ..tune.plan import ModelShape, predict_step
 
@@ -140,7 +140,7 @@ def bench_decode(
         shape = ModelShape.of(model)
         layout = BlockLayout(shape.kv_heads, run_config.attention.block_tokens, shape.head_dim, shape.dtype)
         machine = measure_machine(store_dir or Path(tempfile.gettempdir()), layout, sample_bytes=64 << 20)
-        compute_ms = model_step_ms(model, run_config.attention.budget_tokens)
+        compute_ms = hkv_step_ms(model, run_config, 2 * run_config.attention.budget_tokens)  # as hkv tune times it
         figures["machine"], figures["predicted"] = machine.as_dict(), []
         for context, measured in zip(figures["contexts"], figures["hkv_ms"]):
             step = predict_step(run_config, shape, context, machine, compute_ms)

@@ -42,9 +42,9 @@ def tune(
     from pydantic import ByteSize, TypeAdapter
 
     from ..config import Config
-    from ..tune.compute import attention_step_ms, model_step_ms
+    from ..tune.compute import attention_step_ms, hkv_step_ms, model_step_ms
     from ..tune.machine import measure_machine
-    from ..tune.plan import ModelShape, plan
+    from ..tune.plan import ModelShape, plan, storage_dtype
 
     tokens = parse_tokens(context)
     if mode not in ("sparse", "exact"):
@@ -74,7 +74,11 @@ def tune(
     import torch
 
     device = torch.device("cuda" if machine.gpu else "cpu")
-    if loaded is not None:
+    if loaded is not None and mode == "sparse":
+        timed_tokens = min(2 * budget, tokens)
+        compute_ms = hkv_step_ms(loaded.to(device), Config.load(base, env={}, tiers={"dtype": storage_dtype(model_shape, mode)}), timed_tokens)
+        compute_what = f"hkv's step over {timed_tokens} tokens, every block on the device"
+    elif loaded is not None:
         compute_ms = model_step_ms(loaded.to(device), min(budget, tokens))
         compute_what = f"the model's step over {min(budget, tokens)} tokens (DynamicCache)"
     else:

@@ -1,5 +1,10 @@
-"""The compute term of `hkv tune`'s cost model: a decode step over ``tokens`` of attention,
-measured, not estimated."""
+"""The compute term of `hkv tune`'s cost model: a decode step, measured, not estimated.
+
+For a model in sparse mode it is hkv's own step with every block on the device
+(:func:`hkv_step_ms`): the model's layers, selection, hkv's bookkeeping and the attention over
+the budget. Timing the model with transformers' cache instead (:func:`model_step_ms`, kept for
+exact mode) left hkv's per-layer host time out of the prediction: on an H200 that made `hkv
+tune` predict 19.8 ms for an 8K step measured at 48.6 ms (docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import time
 
 import torch
 
+from ..config import Config
 from .plan import ModelShape
 
 
@@ -40,6 +46,24 @@ def model_step_ms(model: torch.nn.Module, tokens: int, *, steps: int = 5) -> flo
             if i >= 2:
                 times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
+
+
+def hkv_step_ms(model: torch.nn.Module, config: Config, tokens: int, *, steps: int = 5) -> float:
+    """Median milliseconds of hkv's decode step (sparse, ``config``'s attention settings and
+    storage dtype) over ``tokens`` tokens of synthetic KV that all stay on the device, prefetch
+    off: what a step costs when no block has to move (:func:`hkv.bench.decode.run_decode_bench`
+    without its baseline, in a temporary store). Pass about twice ``attention.budget_tokens``,
+    so that selection scores and chooses blocks as it does at any longer context."""
+    from ..bench.decode import run_decode_bench, storage_kv_bytes
+
+    device = next(model.parameters()).device
+    kv_bytes = storage_kv_bytes(model.config, config, tokens, next(model.parameters()).dtype)
+    room = 2 * kv_bytes + (64 << 20)  # every block and its copies during the step, with room to spare
+    run_config = Config.load(config, env={}, tiers={"device": room, "host": room}, attention={"mode": "sparse"},
+                             prefetch={"enabled": False})  # fmt: skip
+    figures = run_decode_bench(run_config, contexts=(tokens,), steps=steps, device=device, baseline=False, model=model,
+                               weights="given")  # fmt: skip
+    return float(figures["hkv_ms"][0])
 
 
 def attention_step_ms(shape: ModelShape, tokens: int, device: torch.device, *, steps: int = 5) -> float:
