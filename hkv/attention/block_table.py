@@ -66,14 +66,14 @@ class BlockTables:
         if table.epoch == epoch and table.count == count:
             return epoch, table.slots[:count]
         if table.epoch == epoch and table.count < count:  # blocks sealed since: add theirs
-            found = self.manager.device_slots([key.digest for key in keys[table.count : count]])
+            found = self.manager.device_slots(keys[table.count : count])
             if isinstance(found, tuple) and found[0] == epoch:
                 self._write(table, table.count, found[1])
                 table.count = count
                 return epoch, table.slots[:count]
         if step < table.retry_step:
             return None
-        found = self.manager.device_slots([key.digest for key in keys[:count]], table.missing)
+        found = self.manager.device_slots(keys[:count], table.missing)
         if isinstance(found, int):
             table.epoch, table.count, table.missing = -1, 0, found
             table.retry_step = step + table.backoff

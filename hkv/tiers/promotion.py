@@ -150,24 +150,26 @@ class Promotion(Placement):
             part = self.gather(blocks[w : w + capacity], report=None if counted else report)  # [m, 2, Hkv, bt, D]
             out[:, :, w : w + part.shape[0]].copy_(part.permute(1, 2, 0, 3, 4))
 
-    def device_slots(self, keys: Sequence[Digest], first: int = 0) -> tuple[int, list[int]] | int:
-        """``(epoch, slots)``: the device slots of ``keys`` (digests) when every one is on the device,
-        with the :attr:`device_epoch` they hold at and the current stream ordered after their
+    def device_slots(self, keys: Sequence[BlockKey], first: int = 0) -> tuple[int, list[int]] | int:
+        """``(epoch, slots)``: the device slots of ``keys`` when every one is on the device, with
+        the :attr:`device_epoch` they hold at and the current stream ordered after their
         promotions (on CUDA); else the index of a key that is not (``keys[first]`` looked up first,
-        a caller's hint from a previous miss, so that a block still away costs one lookup).
+        a caller's hint from a previous miss, so that a block still away costs one lookup, not a
+        pass over the layer's keys).
 
         The slots stay true while :attr:`device_epoch` keeps that value: read them with
         :meth:`read_device_slots`, which checks it under the lock."""
         with self._cond:
             self._check_open()
             slot_map = self.device_pool.slot_map
-            if 0 <= first < len(keys) and keys[first] not in slot_map:
+            if 0 <= first < len(keys) and keys[first].digest not in slot_map:
                 return first
-            slots = [slot_map.get(key) for key in keys]
+            digests = [key.digest for key in keys]
+            slots = [slot_map.get(key) for key in digests]
             if None in slots:
                 return slots.index(None)
             if self.copies.cuda:
-                self.copies.order_after([self._entries[key].event for key in keys])
+                self.copies.order_after([self._entries[key].event for key in digests])
             return self.device_epoch, slots
 
     def read_device_slots(self, epoch: int, reads: Sequence[tuple[torch.Tensor, torch.Tensor]], *,
