@@ -45,6 +45,13 @@ export GPU_CHECK_DECODE_WEIGHTS="${GPU_CHECK_DECODE_WEIGHTS:-auto}"
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 
 log() { echo "[gpu_check $(( $(date +%s) - START ))s] $*" | tee -a "$OUT/summary.txt"; }
+# A stage's end: the last LINES of its output, then one line in summary.txt; status 1 unless it
+# exited 0 and wrote its JSON.   stage_done RC NAME LINES WHAT   (files $OUT/NAME_$TAG.{txt,json})
+stage_done() {
+  tail -"$3" "$OUT/$2_$TAG.txt"
+  if [ "$1" -eq 0 ] && [ -s "$OUT/$2_$TAG.json" ]; then log "$4 written to $2_$TAG.json"
+  else log "$4 FAILED (rc $1; 124 = timeout)"; status=1; fi
+}
 
 # --- environment ------------------------------------------------------------------------------
 {
@@ -94,9 +101,7 @@ if want tiers; then
 tiers_size="${GPU_CHECK_TIERS_SIZE:-1GiB}"; disk_size="${GPU_CHECK_DISK_SIZE:-256MiB}"
 log "tiers benchmark on $TAG ($tiers_size moved each way, $disk_size through the disk tier)"
 timeout 90 "$PY" -m hkv.cli.app bench tiers --size "$tiers_size" --disk-size "$disk_size" --json "$OUT/tiers_$TAG.json" > "$OUT/tiers_$TAG.txt" 2>&1
-rc=$?
-tail -8 "$OUT/tiers_$TAG.txt"
-if [ $rc -eq 0 ] && [ -s "$OUT/tiers_$TAG.json" ]; then log "tiers benchmark written"; else log "tiers benchmark FAILED (rc $rc)"; status=1; fi
+stage_done $? tiers 8 "tiers benchmark"
 fi
 
 # --- decode benchmark on the GPU --------------------------------------------------------------
@@ -145,10 +150,7 @@ for context in contexts:  # one context at a time: a timeout still leaves the JS
         json.dump(merged, handle, indent=2, default=str)
 print_table(merged)
 EOF
-rc=$?
-tail -12 "$OUT/decode_$TAG.txt"
-if [ $rc -eq 0 ] && [ -s "$OUT/decode_$TAG.json" ]; then log "benchmark written to decode_$TAG.json"
-else log "benchmark FAILED (rc $rc; 124 = timeout)"; status=1; fi
+stage_done $? decode 12 "decode benchmark"
 fi
 
 # --- next-layer prediction against same-layer, device tier 1/8 of the KV (opt-in stage) ----------
@@ -174,10 +176,7 @@ for next_layer in (False, True):  # the same synthetic KV and random-weight mode
     with open(os.environ["GPU_CHECK_BENCH_JSON"], "w") as handle:
         json.dump(figures, handle, indent=2, default=str)
 EOF
-rc=$?
-tail -4 "$OUT/nextlayer_$TAG.txt"
-if [ $rc -eq 0 ] && [ -s "$OUT/nextlayer_$TAG.json" ]; then log "next-layer pair written to nextlayer_$TAG.json"
-else log "next-layer pair FAILED (rc $rc; 124 = timeout)"; status=1; fi
+stage_done $? nextlayer 4 "next-layer pair"
 fi
 
 # --- where a decode step's time goes: torch.profiler, hkv and DynamicCache (opt-in stage) -------
@@ -217,10 +216,7 @@ print(f"hkv {hkv_ms:.1f} ms (hit rate {run['hit_rate'][0]}, stall {run['stall_fr
 with open(os.environ["GPU_CHECK_BENCH_JSON"], "w") as handle:
     json.dump(figures, handle, indent=2, default=str)
 EOF
-rc=$?
-tail -4 "$OUT/offload_$TAG.txt"
-if [ $rc -eq 0 ] && [ -s "$OUT/offload_$TAG.json" ]; then log "offload comparison written to offload_$TAG.json"
-else log "offload comparison FAILED (rc $rc; 124 = timeout)"; status=1; fi
+stage_done $? offload 4 "offload comparison"
 fi
 
 # --- a Llama-3-8B-shaped model where offloading is the point (opt-in stage) --------------------
@@ -258,10 +254,7 @@ print(f"hkv {run['hkv_ms'][0]:.1f} ms (hit rate {run['hit_rate'][0]}, stall {run
 with open(os.environ["GPU_CHECK_BENCH_JSON"], "w") as handle:
     json.dump(figures, handle, indent=2, default=str)
 EOF
-rc=$?
-tail -4 "$OUT/llama8b_$TAG.txt"
-if [ $rc -eq 0 ] && [ -s "$OUT/llama8b_$TAG.json" ]; then log "Llama-3-8B shape written to llama8b_$TAG.json"
-else log "Llama-3-8B shape FAILED (rc $rc; 124 = timeout)"; status=1; fi
+stage_done $? llama8b 4 "Llama-3-8B shape"
 fi
 
 # --- SmolLM2 passkey accuracy on the GPU (needs the default model) -----------------------------
