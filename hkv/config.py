@@ -22,7 +22,7 @@ ENV_PREFIX = "HKV_"
 ENV_DELIMITER = "__"
 # prefetch.enabled = "auto" turns the prefetcher on with a GPU, or on a CPU with at least this many
 # cores: on fewer its threads take cores the model computes on (2 cores, 8K tokens, SmolLM2's
-# shape: the decode step 108 ms with it, 58 ms without; docs/benchmarks.md)
+# shape: the decode step 101.9 ms with it, 60.4 ms without; docs/benchmarks.md)
 AUTO_PREFETCH_MIN_CORES = 4
 
 

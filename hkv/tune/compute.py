@@ -59,8 +59,7 @@ def hkv_step_ms(model: torch.nn.Module, config: Config, tokens: int, *, steps: i
     device = next(model.parameters()).device
     kv_bytes = storage_kv_bytes(model.config, config, tokens, next(model.parameters()).dtype)
     room = 2 * kv_bytes + (64 << 20)  # every block and its copies during the step, with room to spare
-    run_config = Config.load(config, env={}, tiers={"device": room, "host": room}, attention={"mode": "sparse"},
-                             prefetch={"enabled": False})  # fmt: skip
+    run_config = Config.load(config, env={}, tiers={"device": room, "host": room}, prefetch={"enabled": False})  # the bench runs sparse
     figures = run_decode_bench(run_config, contexts=(tokens,), steps=steps, device=device, baseline=False, model=model,
                                weights="given")  # fmt: skip
     return float(figures["hkv_ms"][0])

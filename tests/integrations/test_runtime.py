@@ -85,10 +85,10 @@ def test_close_removes_hooks_and_restores_attention(tiny_lm, tmp_path):
 @pytest.mark.parametrize("enabled", ["auto", True, False])
 def test_prefetcher_runs_as_prefetch_enabled_resolves(tiny_lm, tmp_path, enabled):
     from hkv import Config
-    from hkv.config import cpu_cores
+    from hkv.config import AUTO_PREFETCH_MIN_CORES, cpu_cores
 
     model = tiny_lm("llama")
     config = Config.load(wrap_config(model, tmp_path), env={}, prefetch={"enabled": enabled})
     with wrap(model, config) as rt:
-        expected = enabled if enabled != "auto" else cpu_cores() >= 4  # no GPU here: the cores decide
+        expected = enabled if enabled != "auto" else cpu_cores() >= AUTO_PREFETCH_MIN_CORES  # no GPU here: the cores decide
         assert (rt.prefetcher is not None) == expected
