@@ -227,7 +227,7 @@ class Runtime:
             if mask.shape[1] != input_ids.shape[1]:
                 raise ValueError(f"attention_mask has {mask.shape[1]} positions for {input_ids.shape[1]} input ids")
         with self.new_cache() as cache:
-            self.fill(cache, input_ids[0, :-1], progress=progress)
+            self.fill_for_generate(cache, input_ids[0], progress=progress)
             out = self.generate_with(cache, input_ids, **generate_kwargs)
             if self.config.remote.url and self.config.remote.prefixes:
                 self._push_prefix(cache.sequence)
@@ -309,10 +309,36 @@ class Runtime:
         self._reused_tokens += adopted
         return adopted
 
+    def fill_for_generate(self, cache: HkvCache, token_ids: torch.Tensor, *, progress: bool | None = None) -> None:
+        """Before :meth:`generate_with`: put in ``cache`` the KV of the tokens of ``token_ids``
+        (``[S]``, those after the cache's length, the last one included) that ``generate``'s own
+        first forward does not compute. A long run is filled (:meth:`fill`) but its last token.
+        A short one (at most ``attention.prefill_chunk_tokens``, no complete block of it in the
+        store, no remote prefix tier) is left whole to ``generate``: one pass over the layers,
+        one block selection and one round of block reads for the new turn and its first token,
+        instead of a fill's and then a one-token step's. In sparse mode the first token then
+        attends the blocks chosen for the whole run (scored by its every query, as in any
+        prefill chunk) rather than its own."""
+        token_ids = token_ids.reshape(-1)
+        if self._generate_takes_all(cache, token_ids):
+            self._counters["prompt_tokens"] += len(token_ids) - 1
+            return
+        self.fill(cache, token_ids[:-1], progress=progress)
+
+    def _generate_takes_all(self, cache: HkvCache, token_ids: torch.Tensor) -> bool:
+        if not 1 < len(token_ids) <= self.config.attention.prefill_chunk_tokens:
+            return False
+        remote = self.config.remote
+        if remote.url and (remote.sessions or remote.prefixes):
+            return False  # fill asks the server for the blocks the local store lacks
+        if self.config.store.reuse_prefix and self.manager.has_store():
+            return not any(span.stored for span in stored_spans(cache.sequence, token_ids[:-1]))
+        return True
+
     def generate_with(self, cache: HkvCache, input_ids: torch.Tensor, **generate_kwargs: Any) -> Any:
         """``model.generate(input_ids, cache=cache, **generate_kwargs)`` with an all-ones
         attention mask, timed and counted in :meth:`stats`; ``input_ids`` ``[1, S]``, the whole
-        sequence, whose KV but the last token's is in ``cache`` (:meth:`fill`)."""
+        sequence, whose KV up to where :meth:`fill_for_generate` left it is in ``cache``."""
         input_ids = input_ids.to(self.spec.device)
         start = time.perf_counter()
         with torch.inference_mode():

@@ -84,6 +84,7 @@ class SessionHost(Protocol):
     def model_identity(self, tokenizer: Any = None) -> ModelIdentity: ...
     def new_cache(self, *, persist: bool = False) -> SessionCache: ...
     def fill(self, cache: SessionCache, token_ids: torch.Tensor, *, progress: bool | None = None) -> int: ...
+    def fill_for_generate(self, cache: SessionCache, token_ids: torch.Tensor, *, progress: bool | None = None) -> None: ...
     def generate_with(self, cache: SessionCache, input_ids: torch.Tensor, **generate_kwargs: Any) -> Any: ...
 
 
@@ -268,7 +269,7 @@ class Session(PulledSession):
             return self._call(lambda: self._generate_turn(tokens, progress, generate_kwargs))
 
     def _generate_turn(self, tokens: torch.Tensor, progress: bool | None, generate_kwargs: dict[str, Any]) -> Any:
-        self.runtime.fill(self._cache, tokens[self.kv_tokens : -1], progress=progress)
+        self.runtime.fill_for_generate(self._cache, tokens[self.kv_tokens :], progress=progress)
         out = self.runtime.generate_with(self._cache, tokens.unsqueeze(0), **generate_kwargs)
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         self._tokens = sequences[0].detach().to("cpu", torch.long).clone()

@@ -531,7 +531,10 @@ class TierManager(Promotion):
         """Count a live sequence's reference to each block (duplicates count twice): referenced
         blocks are never evicted from disk by the disk budget."""
         with self._cond:
-            entries = [self._get(key.digest) for key in keys]
+            get = self._entries.get  # a restored 256K-token session retains 122,880 blocks
+            entries = [get(key.digest) for key in keys]
+            if None in entries:
+                self._get(keys[entries.index(None)].digest)  # raises, naming the block
             for entry in entries:
                 entry.refs += 1
 

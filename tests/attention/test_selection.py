@@ -46,6 +46,18 @@ def test_one_big_extend_leaves_room_for_the_next_blocks() -> None:
     assert s._buffers[0] is buffer and s.count(0) == 40
 
 
+def test_extend_is_bitwise_what_add_computes_across_its_pieces() -> None:
+    # extend copies in pieces of _EXTEND_PIECE blocks on a CPU: more blocks than two pieces, onto
+    # a layer that already holds some, must land exactly where add would have put them
+    blocks = torch.randn(2 * predictor._EXTEND_PIECE + 37, 2, 4, 8)
+    added = BlockSummaries(1, 2, 8, torch.device("cpu"), initial_blocks=4)
+    added.add(0, blocks)
+    extended = BlockSummaries(1, 2, 8, torch.device("cpu"), initial_blocks=4)
+    extended.add(0, blocks[:5])
+    extended.extend(0, added.export(0, 5, len(blocks)))
+    assert torch.equal(extended.summary(0), added.summary(0))
+
+
 def test_summary_is_min_max_and_grows() -> None:
     blocks = torch.randn(9, 2, 4, 8)
     s = _summaries(blocks)

@@ -109,3 +109,22 @@ def test_kv_of_an_observed_cache_is_never_shared_with_other_caches(tiny_lm, tmp_
         with rt.new_cache() as plain:
             rt.fill(plain, ids)
             assert seen and set(seen).isdisjoint(plain.sequence.block_keys(0))
+
+
+@pytest.mark.parametrize(("run", "expected"), [
+    (12, [(PROMPT, 12)]),  # at most prefill_chunk_tokens: generate's first forward takes the run whole
+    (100, [(PROMPT, 64), (PROMPT + 64, 35), (PROMPT + 99, 1)]),  # longer: filled in chunks, its last token alone
+])  # fmt: skip
+def test_fill_for_generate_leaves_a_short_run_to_generate(model, tmp_path, run, expected):
+    ids = torch.randint(0, 256, (1, PROMPT + run), generator=torch.Generator().manual_seed(2))
+    events: list[SelectionEvent] = []
+    with wrap(model, config(tmp_path, "sparse")) as rt, rt.new_cache(on_selection=events.append) as cache:
+        rt.fill(cache, ids[0, :PROMPT], progress=False)
+        events.clear()
+        rt.fill_for_generate(cache, ids[0, PROMPT:], progress=False)
+        assert cache.get_seq_length() == (PROMPT if run <= 64 else PROMPT + run - 1)
+        out = rt.generate_with(cache, ids, max_new_tokens=1, do_sample=False)
+        assert cache.get_seq_length() == PROMPT + run
+    assert out.shape == (1, PROMPT + run + 1)
+    layers = model.config.num_hidden_layers
+    assert sorted((e.query_start, e.queries) for e in events) == sorted(x for x in expected for _ in range(layers))
