@@ -210,9 +210,10 @@ class Runtime:
     def generate(self, input_ids: torch.Tensor, *, progress: bool | None = None, **generate_kwargs: Any) -> Any:
         """Like ``model.generate(input_ids, **generate_kwargs)`` with the KV in hkv.
 
-        The prompt but its last token is filled (:meth:`fill`: stored prefix adopted, the rest
-        prefilled in chunks; ``progress``: a tqdm bar, default on for more than 8 chunks to
-        prefill), then the model's own ``generate`` continues with the filled cache. Batch size
+        The prompt is filled as :meth:`fill_for_generate` says (a long one but its last token:
+        stored prefix adopted, the rest prefilled in chunks; ``progress``: a tqdm bar, default
+        on for more than 8 chunks to prefill; a short one not at all), then the model's own
+        ``generate`` continues with the cache. Batch size
         1; ``attention_mask`` may be given but must be all ones. Returns what ``generate``
         returns (by default ``[1, S + new]`` token ids).
         """
