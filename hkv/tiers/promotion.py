@@ -27,6 +27,8 @@ from .pool import copy_slots, runs
 from .remote_blocks import RemoteBlocks
 from .slot_codec import SlotCodec
 
+_SLOT_PROBES = 8  # keys device_slots looks up spread over the layer before the rest
+
 
 @dataclass(slots=True)
 class GatherReport:
@@ -164,6 +166,11 @@ class Promotion(Placement):
             slot_map = self.device_pool.slot_map
             if 0 <= first < len(keys) and keys[first].digest not in slot_map:
                 return first
+            # A few keys spread over the layer first: one mostly off the device (a 128K context
+            # over a device tier of 1/8 of it) then fails in ~10 lookups, not a pass over 2,048 keys.
+            for probe in range(0, len(keys), max(1, len(keys) // _SLOT_PROBES)):
+                if keys[probe].digest not in slot_map:
+                    return probe
             digests = [key.digest for key in keys]
             slots = [slot_map.get(key) for key in digests]
             if None in slots:
