@@ -215,9 +215,13 @@ class Promotion(Placement):
         if None in host_slots:
             return False
         started = time.perf_counter()
-        # every row from the device pool (a missing one from slot 0, overwritten below): one pass
         pool = self.device_pool
-        torch.index_select(pool.data.permute(1, 2, 0, 3, 4), 2, pool.index([0 if slot is None else slot for slot in slots]), out=out)
+        if 2 * len(missing) < len(keys):  # mostly on the device: every row in one pass (a missing one from slot 0, overwritten below)
+            torch.index_select(pool.data.permute(1, 2, 0, 3, 4), 2, pool.index([0 if slot is None else slot for slot in slots]), out=out)
+        else:  # mostly from the host: the device's rows alone (a pass over every row copied most of them twice)
+            for i, slot in enumerate(slots):
+                if slot is not None:
+                    out[:, :, i].copy_(pool.data[slot])
         copied = time.perf_counter()
         rows = [i for i, slot in enumerate(slots) if slot is None]
         host = self.host_pool

@@ -75,6 +75,15 @@ def test_gather_into_on_a_cpu_reads_host_blocks_without_promoting_them(manager: 
     assert {i: manager.where(_key(i)) for i in range(12)} == before  # nothing moved, nothing evicted
 
 
+@pytest.mark.parametrize("indices", [[2, 3, 4, 10], [5, 9, 10, 11]])  # mostly host rows / mostly device rows
+def test_gather_into_on_a_cpu_reads_a_mix_of_host_and_device_blocks_bitwise(manager: TierManager, indices: list[int]) -> None:
+    where = {i: manager.where(_key(i)) for i in indices}
+    assert {"host"} in where.values() and any("device" in w for w in where.values())  # a mix, nothing from disk
+    before = {i: manager.where(_key(i)) for i in range(12)}
+    assert torch.equal(_read(manager, indices), _expected(indices))
+    assert {i: manager.where(_key(i)) for i in range(12)} == before
+
+
 @pytest.mark.cuda
 def test_cuda_gather_into_promotes_misses_and_reads_the_same_bytes(tmp_path) -> None:
     # On a GPU nothing is read from the host pool directly: misses are promoted (copy stream,
