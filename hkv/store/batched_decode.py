@@ -15,10 +15,12 @@ class BatchedDecode:
     """Reads records into rows of ``out`` ``[n, *shape]`` (CPU, ``shape`` a block's ``[2, H, T,
     D]``): raw ones at once, lossy ones staged (their payloads in one ``[n, payload bytes]``
     uint8 tensor per encoding, which a segment read fills straight from the file) and decoded
-    when :meth:`finish` runs, one batch per encoding."""
+    when :meth:`finish` runs, one batch per encoding. ``rows``: how many rows may be staged (the
+    batch's blocks, where ``out`` has more rows than that, e.g. a host pool; default all)."""
 
-    def __init__(self, out: torch.Tensor) -> None:
+    def __init__(self, out: torch.Tensor, rows: int | None = None) -> None:
         self.out = out
+        self.capacity = len(out) if rows is None else rows  # rows that may be staged (the batch's blocks)
         self._staged: dict[str, torch.Tensor] = {}  # encoding -> [n, payload bytes] uint8
         self._rows: dict[str, list[int]] = {}  # encoding -> the rows of out its staged payloads go to
 
@@ -28,7 +30,7 @@ class BatchedDecode:
         staged = self._staged.get(encoding)
         if staged is None:
             _, heads, tokens, dim = self.out.shape[1:]
-            staged = torch.empty((len(self.out), EncodedShape(encoding, heads, tokens, dim).nbytes), dtype=torch.uint8)
+            staged = torch.empty((self.capacity, EncodedShape(encoding, heads, tokens, dim).nbytes), dtype=torch.uint8)
             self._staged[encoding], self._rows[encoding] = staged, []
         return staged[len(self._rows[encoding])]
 

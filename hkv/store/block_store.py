@@ -409,9 +409,11 @@ class BlockStore:
         """Copy the block into ``out`` (``layout.shape``, CPU). Raises BlockNotFoundError, RecordError."""
         self.get_many_into([key], out.unsqueeze(0))
 
-    def get_many_into(self, keys: Sequence[BlockKey], out: torch.Tensor, *, encoding: str = "none",
-                      records: Mapping[bytes, bytes] | None = None) -> None:  # fmt: skip
+    def get_many_into(self, keys: Sequence[BlockKey], out: torch.Tensor, *, rows: Sequence[int] | None = None,
+                      encoding: str = "none", records: Mapping[bytes, bytes] | None = None) -> None:  # fmt: skip
         """``out``: ``[n, *layout.shape]`` (CPU). One read transaction; the disk reads of the batch overlap.
+        ``rows``: the row of ``out`` each key's block goes to (distinct; default ``0 .. n - 1``,
+        and then ``out`` holds exactly ``n``), e.g. the host pool's slots themselves.
         With a lossy ``encoding``, ``out`` is ``[n, payload bytes]`` uint8 and receives the blocks
         in that encoding (records already in it are copied as they are: :func:`hkv.blocks.payload_into`).
         ``records``: block key -> record bytes already in hand (a lazy pull's, fetched from the
@@ -420,9 +422,13 @@ class BlockStore:
         Raises BlockNotFoundError, RecordError / CorruptRecordError naming the key.
         """
         self._check_open()
-        if len(keys) != len(out):
-            raise ValueError(f"get_many_into: {len(keys)} keys but out holds {len(out)} blocks")
-        batch = BatchedDecode(out) if encoding == "none" else None  # lossy records decoded together at the end
+        if rows is None:
+            if len(keys) != len(out):
+                raise ValueError(f"get_many_into: {len(keys)} keys but out holds {len(out)} blocks")
+            rows = range(len(keys))
+        elif len(rows) != len(keys) or (rows and not 0 <= min(rows) <= max(rows) < len(out)):
+            raise ValueError(f"get_many_into: {len(rows)} rows for {len(keys)} keys, out holds {len(out)} blocks")
+        batch = BatchedDecode(out, len(keys)) if encoding == "none" else None  # lossy records decoded together at the end
         read_record: Callable[..., None]
         if batch is not None:
             read_record = batch.read
@@ -434,17 +440,18 @@ class BlockStore:
         raw = [bytes(key) for key in keys]
         in_hand = {i for i, key in enumerate(raw) if key in records} if records else set()
         for i in in_hand:
-            read_record(memoryview(records[raw[i]]), i, keys[i], where=f"block {raw[i].hex()} fetched from the remote tier")
+            read_record(memoryview(records[raw[i]]), rows[i], keys[i], where=f"block {raw[i].hex()} fetched from the remote tier")
         with damage_named(self.path, "block records"), self._env.begin(db=self._blocks, buffers=True) as txn:
             entries = [None if i in in_hand else txn.get(key, db=self._index) for i, key in enumerate(raw)]
             places = [self._place_of(key, entry) for key, entry in zip(keys, entries)]
             in_lmdb = [i for i, place in enumerate(places) if place is None and i not in in_hand]
             if in_lmdb:
-                self._get_lmdb(txn, [keys[i] for i in in_lmdb], [raw[i] for i in in_lmdb], in_lmdb, read_record)
+                self._get_lmdb(txn, [keys[i] for i in in_lmdb], [raw[i] for i in in_lmdb], [rows[i] for i in in_lmdb],
+                               read_record)  # fmt: skip
         segment = [i for i, place in enumerate(places) if place is not None]
         if segment:
-            self._get_segments([keys[i] for i in segment], [places[i] for i in segment], segment, out, read_record,
-                               encoding=encoding, batch=batch)  # fmt: skip
+            self._get_segments([keys[i] for i in segment], [places[i] for i in segment], [rows[i] for i in segment], out,
+                               read_record, encoding=encoding, batch=batch)  # fmt: skip
         if batch is not None:
             batch.finish()
 

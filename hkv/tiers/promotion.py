@@ -327,7 +327,9 @@ class Promotion(Placement):
             for i, key in enumerate(keys):
                 if key in on_device:
                     continue
-                if key in staged:
+                if key in staged and plan.staging is None:  # read straight into its host slot (a CPU)
+                    out[i].copy_(self.host_pool.data[plan.host_dst[key]])
+                elif key in staged:
                     row = plan.staging[staged[key] : staged[key] + 1]
                     if plan.staging_codec is not None and plan.staging_codec.lossy:
                         row = plan.staging_codec.decode(row)
@@ -487,25 +489,34 @@ class Promotion(Placement):
         return _Plan(keys, entries, on_disk_only, host_dst, dev_dst)
 
     def _run_plan(self, plan: _Plan) -> None:
-        """The copies of a plan, without the lock: disk -> staging -> host slots, then -> device."""
+        """The copies of a plan, without the lock: disk -> staging -> host slots, then -> device.
+        Without a GPU, when every block read from disk has a host slot and the host holds raw
+        blocks, the records are read straight into those slots (no staging buffer, no copy)."""
+        into_host = False
         if plan.disk_keys:
             for key in plan.disk_keys:
                 self._wait_disk_write(self._entries[key])
             # Staging rows in the host pool's slot format: an encoded host takes records already in
             # its encoding as they are (no second rounding), and its slots are filled by a plain copy.
             codec = plan.staging_codec = self.host_pool.codec
-            plan.staging = self.copies.staging(len(plan.disk_keys), codec)
             records = self.remote_blocks.records(plan.disk_keys) if self.remote_blocks else None  # a lazy pull's, not yet written
-            self._disk.get_many_into([BlockKey(key) for key in plan.disk_keys], plan.staging, encoding=codec.encoding,  # type: ignore[union-attr]
-                                     records=records)  # fmt: skip
-            rows = [i for i, key in enumerate(plan.disk_keys) if key in plan.host_dst]
-            copy_slots(self.host_pool.data, [plan.host_dst[plan.disk_keys[i]] for i in rows], plan.staging, rows)
-        from_disk = set(plan.disk_keys)
+            keys = [BlockKey(key) for key in plan.disk_keys]
+            into_host = not self.copies.cuda and not codec.lossy and all(key in plan.host_dst for key in plan.disk_keys)
+            if into_host:  # both pools are RAM: the reserved host slots are the read's destination
+                self._disk.get_many_into(keys, self.host_pool.data, rows=[plan.host_dst[key] for key in plan.disk_keys],  # type: ignore[union-attr]
+                                         records=records)  # fmt: skip
+            else:
+                plan.staging = self.copies.staging(len(plan.disk_keys), codec)
+                self._disk.get_many_into(keys, plan.staging, encoding=codec.encoding, records=records)  # type: ignore[union-attr]
+                rows = [i for i, key in enumerate(plan.disk_keys) if key in plan.host_dst]
+                copy_slots(self.host_pool.data, [plan.host_dst[plan.disk_keys[i]] for i in rows], plan.staging, rows)
+        from_disk = set() if into_host else set(plan.disk_keys)
         from_host = [key for key in plan.dev_dst if key not in from_disk] if from_disk else list(plan.dev_dst)
         host_slot = self.host_pool.slot_map
-        slots = [host_slot[key] for key in from_host]  # busy: these slots cannot change
+        # busy: these slots cannot change (a block read into its reserved slot is not in the map yet)
+        slots = [plan.host_dst[key] if key in plan.host_dst else host_slot[key] for key in from_host]
         event = self._to_device([plan.dev_dst[key] for key in from_host], self.host_pool.data, slots, self.host_pool.codec)
-        staged = [i for i, key in enumerate(plan.disk_keys) if key in plan.dev_dst]
+        staged = [] if into_host else [i for i, key in enumerate(plan.disk_keys) if key in plan.dev_dst]
         if staged:
             dst = [plan.dev_dst[plan.disk_keys[i]] for i in staged]
             event = self._to_device(dst, plan.staging, staged, plan.staging_codec) or event  # in order on the stream

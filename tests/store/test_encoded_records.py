@@ -142,7 +142,17 @@ def test_one_read_of_mixed_encodings_decodes_each_record_into_its_row(tmp_path: 
         alone = torch.empty_like(together)
         for row, key in enumerate(order):
             store.get_into(key, alone[row])
+        # rows of a larger tensor (as the host pool's slots are read into on a CPU), in another order
+        scattered = torch.full((2 * len(order) + 1, *SMALL.shape), float("nan"), dtype=SMALL.dtype)
+        rows = [2 * i + 1 for i in reversed(range(len(order)))]
+        store.get_many_into(order, scattered, rows=rows)
+        with pytest.raises(ValueError, match="rows"):
+            store.get_many_into(order, scattered, rows=rows[:-1])
+        with pytest.raises(ValueError, match="rows"):
+            store.get_many_into(order[:1], scattered, rows=[len(scattered)])
     assert torch.equal(together, alone)
+    assert torch.equal(scattered[rows], together)
+    assert scattered[[r for r in range(len(scattered)) if r not in rows]].isnan().all()
     assert len({tuple(block.flatten()[:4].tolist()) for block in together}) == len(order)  # twelve different blocks
     for encoding, first in (("int8", 4), ("int4", 8)):  # each as its encoding's round trip gives it
         written = _blocks(SMALL, 4, seed=10 + first // 4)
