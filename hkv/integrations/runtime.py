@@ -56,10 +56,10 @@ class RuntimeStats:
     moved_bytes: dict[str, int]
     evictions: dict[str, int]
     prefetch: SequenceStats | None  # the SequenceKV stats of the current / last sequence (None before the first)
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # prompt tokens computed, those a short run leaves to generate's first forward included
     generated_tokens: int = 0
-    prefill_s: float = 0.0
-    generate_s: float = 0.0
+    prefill_s: float = 0.0  # in the chunked prefill (Runtime.prefill) only
+    generate_s: float = 0.0  # in the model's generate, its first forward over a short run included
     forwards: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
