@@ -46,7 +46,7 @@ needs_smollm2 = pytest.mark.skipif(not smollm2_installed(), reason="needs the de
 
 def test_every_script_is_covered():
     assert PYTHON_SCRIPTS == ["encode_gpu_cpu.py", "heap_faults.py", "heap_probe.py", "passkey_selection.py", "prediction_recall.py",
-                              "profile_decode.py", "score_cost.py"]
+                              "profile_decode.py", "resume_parts.py", "score_cost.py"]
     assert SHELL_SCRIPTS == ["gpu_check.sh", "million_run.sh"]
 
 
@@ -72,6 +72,16 @@ def test_profile_decode():
 def test_score_cost():
     out = run([sys.executable, "scripts/score_cost.py", "--contexts", "2048,4096", "--repeats", "1"]).stdout
     assert out.count("ms per decode step") == 2
+
+
+@pytest.mark.slow
+def test_resume_parts():
+    # a SmolLM2-shaped model with random weights and a 256-token conversation: every step is timed
+    out = run([sys.executable, "scripts/resume_parts.py", "--tokens", "256"], timeout=300).stdout
+    assert "pages dropped" in out
+    for label in ("resume (wrap + session + first token)", "summary runs", "adopting the blocks", "the turn (first token)"):
+        line = next(line for line in out.splitlines() if line.strip().startswith(label))
+        assert float(line.split()[-2]) > 0, line
 
 
 @pytest.mark.slow
