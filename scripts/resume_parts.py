@@ -107,7 +107,7 @@ def main() -> None:
     if args.child is not None:
         child(args.child)
         return
-    compileall.compile_dir(Path(bench.__file__).resolve().parents[1], quiet=1)  # as the benchmark does
+    compileall.compile_dir(Path(bench.__file__).resolve().parents[1], quiet=2)  # as the benchmark does
     with tempfile.TemporaryDirectory(prefix="hkv-resume-parts-") as folder:
         work = Path(folder)
         model, _, _ = bench._build_model("random", args.tokens + 64)  # noqa: SLF001
