@@ -15,12 +15,12 @@ class BatchedDecode:
     """Reads records into rows of ``out`` ``[n, *shape]`` (CPU, ``shape`` a block's ``[2, H, T,
     D]``): raw ones at once, lossy ones staged (their payloads in one ``[n, payload bytes]``
     uint8 tensor per encoding, which a segment read fills straight from the file) and decoded
-    when :meth:`finish` runs, one batch per encoding. ``rows``: how many rows may be staged (the
-    batch's blocks, where ``out`` has more rows than that, e.g. a host pool; default all)."""
+    when :meth:`finish` runs, one batch per encoding. ``capacity``: how many rows may be staged
+    (the batch's blocks, where ``out`` has more rows than that, e.g. a host pool; default all)."""
 
-    def __init__(self, out: torch.Tensor, rows: int | None = None) -> None:
+    def __init__(self, out: torch.Tensor, capacity: int | None = None) -> None:
         self.out = out
-        self.capacity = len(out) if rows is None else rows  # rows that may be staged (the batch's blocks)
+        self.capacity = len(out) if capacity is None else capacity
         self._staged: dict[str, torch.Tensor] = {}  # encoding -> [n, payload bytes] uint8
         self._rows: dict[str, list[int]] = {}  # encoding -> the rows of out its staged payloads go to
 
