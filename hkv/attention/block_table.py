@@ -1,16 +1,17 @@
 """Per-layer block tables on the device: block index -> device slot, for layers whose every
-sealed block is on the device.
+sealed block is on the device (without a GPU: in RAM, on the device or the host tier, whose
+pools are then rows of one tensor, :class:`~hkv.tiers.pool.SharedRows`).
 
 A decode step over such a layer can select its blocks (scores over the summaries, top-k), look
-up their slots and read them from the device pool as a few device operations, with no host list
-of the chosen blocks and no device -> host transfer in the layer's attention
-(:meth:`~hkv.attention.sequence.SequenceKV.attend`). A table is a copy of the manager's slot map
-taken at one :attr:`~hkv.tiers.placement.Placement.device_epoch`; it stays true while no block
-has left the device since (:meth:`~hkv.tiers.promotion.Promotion.read_device_slots` checks that
+up their rows and read them from the pool as a few device operations, with no host list of
+the chosen blocks and no device -> host transfer in the layer's attention
+(:meth:`~hkv.attention.sequence.SequenceKV.attend`). A table is a copy of the manager's slot maps
+taken at one :attr:`~hkv.tiers.placement.Placement.table_epoch`; it stays true while no block
+has left its slot since (:meth:`~hkv.tiers.promotion.Promotion.read_table_rows` checks that
 under the manager's lock), and grows by the blocks sealed since, without being rebuilt.
 
-A layer with blocks off the device (a KV larger than the device tier) is read through the
-host-side gather instead. Its table is rebuilt only after the epoch moved, no sooner than
+A layer with blocks away (a KV larger than the device tier; without a GPU, blocks on disk
+alone) is read through the host-side gather instead. Its table is rebuilt only after the epoch moved, no sooner than
 ``backoff`` steps after the last failed try (doubling to ``MAX_BACKOFF``), and each try looks
 first at the block found away last time, so that a layer that keeps missing blocks costs one
 dict lookup per try, not a walk over its blocks.
@@ -32,13 +33,14 @@ MAX_BACKOFF = 64  # steps between tries to rebuild a table whose layer keeps mis
 
 @dataclass(slots=True)
 class LayerTable:
-    """One layer's table: ``slots[:count]`` (long, on the device) are the device slots of its
-    blocks ``0 .. count - 1``, true at manager epoch ``epoch`` (-1: none)."""
+    """One layer's table: ``slots[:count]`` (long, on the device) are the rows of its blocks
+    ``0 .. count - 1`` in the manager's :meth:`~hkv.tiers.promotion.Promotion.table_source`
+    (device slots on a GPU), true at manager epoch ``epoch`` (-1: none)."""
 
     slots: torch.Tensor
     epoch: int = -1
     count: int = 0
-    missing: int = -1  # a block found off the device at the last failed try
+    missing: int = -1  # a block found away at the last failed try
     retry_step: int = 0  # the step from which a rebuild may be tried again
     backoff: int = 1
 
@@ -55,25 +57,26 @@ class BlockTables:
         """Whether ``layer``'s table covers its first ``count`` blocks at the manager's epoch now
         (no lookup, no lock: a cheap test; reads still check the epoch under the lock)."""
         table = self._tables[layer]
-        return table.count == count and table.epoch == self.manager.device_epoch
+        return table.count == count and table.epoch == self.manager.table_epoch
 
     def lookup(self, layer: int, keys: Sequence[BlockKey], count: int, step: int) -> tuple[int, torch.Tensor] | None:
-        """``(epoch, slots)``: the device slots ``[count]`` of ``keys[:count]`` (the layer's blocks,
-        oldest first) when all are on the device, else None. ``step``: the sequence's step
+        """``(epoch, slots)``: the rows ``[count]`` of ``keys[:count]`` (the layer's blocks, oldest
+        first) when all are where tables read (:meth:`~hkv.tiers.promotion.Promotion.table_rows`),
+        else None. ``step``: the sequence's step
         counter, for the backoff after a failed rebuild."""
         table = self._tables[layer]
-        epoch = self.manager.device_epoch
+        epoch = self.manager.table_epoch
         if table.epoch == epoch and table.count == count:
             return epoch, table.slots[:count]
         if table.epoch == epoch and table.count < count:  # blocks sealed since: add theirs
-            found = self.manager.device_slots(keys[table.count : count])
+            found = self.manager.table_rows(keys[table.count : count])
             if isinstance(found, tuple) and found[0] == epoch:
                 self._write(table, table.count, found[1])
                 table.count = count
                 return epoch, table.slots[:count]
         if step < table.retry_step:
             return None
-        found = self.manager.device_slots(keys[:count], table.missing)
+        found = self.manager.table_rows(keys[:count], table.missing)
         if isinstance(found, int):
             table.epoch, table.count, table.missing = -1, 0, found
             table.retry_step = step + table.backoff

@@ -509,7 +509,7 @@ class SequenceKV:
                   for p0, m in spans]  # fmt: skip
         reads = [(slots[p0 : p0 + m], piece[:, :, : m * bt].view(2, h, m, bt, d)) for (p0, m), piece in zip(spans, pieces)]
         report = GatherReport()
-        if not self.manager.read_device_slots(epoch, reads, report=report):
+        if not self.manager.read_table_rows(epoch, reads, report=report):
             return None
         for (p0, m), piece in zip(spans, pieces):
             if cos is not None:

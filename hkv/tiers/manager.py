@@ -47,6 +47,7 @@ from .promotion import GatherReport, Promotion
 from .remote_blocks import RemoteBlocks, RemoteSource
 from .slot_codec import SlotCodec
 from .policy import make_policy
+from .pool import SharedRows
 
 TIER_NAMES = ("device", "host", "disk")
 __all__ = ["GatherReport", "ManagerStats", "TIER_NAMES", "TierManager", "TierUsage"]
@@ -123,6 +124,8 @@ class TierManager(Promotion):
             evict_sessions=config.store.evict_sessions,
             disk_record_nbytes=record,
         )
+        if self.device.type == "cpu" and not self.host_pool.codec.lossy:  # both pools RAM: one tensor, tables read either
+            self.shared_rows = SharedRows(self.device_pool, self.host_pool)
         self._closed = False
         self.remote_blocks = RemoteBlocks()  # blocks of lazily pulled sessions, still on the remote tier
         if self.has_store():  # a store from an earlier run: its blocks are known

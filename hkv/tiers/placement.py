@@ -21,7 +21,7 @@ from .base import BlockNotFoundError, TierError, TierFullError
 from .copies import CopyEngine
 from .disk import DiskTier
 from .policy import EvictionPolicy, LRUPolicy
-from .pool import SlotPool
+from .pool import SharedRows, SlotPool
 
 Digest = bytes  # a block's 16-byte key digest: how the manager knows blocks internally (cached hash)
 DIRECTIONS = ("host->device", "device->host", "disk->host", "host->disk")
@@ -67,9 +67,11 @@ class Placement:
         self._cond = threading.Condition(threading.RLock())
         self._disk_count = 0  # records stored, being written, or reserved
         self._pinned_count = 0
-        # Grows whenever a block leaves a device slot (evicted, moved down, deleted): a slot map
-        # copied at one value stays true while it holds (SequenceKV's device-side block tables)
-        self.device_epoch = 0
+        # Grows whenever a block leaves a slot that block tables read (SequenceKV's device-side
+        # tables: a device slot; without a GPU a host slot too, the pools sharing one tensor):
+        # rows looked up at one value stay true while it holds
+        self.table_epoch = 0
+        self.shared_rows: SharedRows | None = None  # set where the two pools are rows of one tensor
         self._pending: list[tuple[list[Digest], Future]] = []  # write-through futures
         self._cleaning: set[Digest] = set()  # device blocks a clean-up is copying to the host
         # The KV has outgrown the host (a host block was spilled or a new one went straight to
@@ -146,12 +148,14 @@ class Placement:
             entries = [self._entries[key] for key in keys]
             if self.copies.cuda:  # the slots' next writers must run after their fills
                 self.copies.order_after([entry.event for entry in entries])
-            self.device_epoch += 1
+            self.table_epoch += 1
             for entry in entries:
                 entry.event = None
                 if entry.pinned:
                     entry.pinned = False
                     self._pinned_count -= 1
+        elif self.shared_rows is not None:
+            self.table_epoch += 1
         elif self.copies.cuda:
             for key in keys:
                 entry = self._entries[key]

@@ -18,6 +18,11 @@ object caches its hash, which makes bulk bookkeeping several times cheaper).
 The tensor is allocated on first use, not at construction: a 2 GiB default host budget costs
 nothing until blocks arrive. A pool is not thread-safe on its own; the tier manager serialises
 every metadata change under its lock.
+
+Without a GPU both the device and the host pool are RAM; when both hold raw blocks they are two
+row ranges of one tensor (:class:`SharedRows`), so that one ``index_select`` reads blocks from
+either (the block tables of :mod:`hkv.attention.block_table`). Each pool still has its own slots,
+budget and free list.
 """
 
 from __future__ import annotations
@@ -30,6 +35,33 @@ import torch
 from ..blocks import BlockKey, BlockLayout
 from .base import BlockNotFoundError, Tier, TierFullError
 from .slot_codec import SlotCodec
+
+
+class SharedRows:
+    """One tensor behind two raw pools on the same device (the device and host pools of a machine
+    without a GPU): ``first``'s slots are its rows ``0 .. first.n_slots - 1``, ``second``'s the
+    rows after them, so a block's row is its slot, plus ``first.n_slots`` in ``second``.
+    Allocated when either pool first uses its data; released when either pool is closed."""
+
+    def __init__(self, first: SlotPool, second: SlotPool) -> None:
+        if first.codec.lossy or second.codec.lossy or first.device != second.device or first.allocated or second.allocated:
+            raise ValueError("SharedRows: two raw pools on one device, neither allocated yet")
+        self.first, self.second = first, second
+        self.offset = first.n_slots  # the row of second's slot 0
+        self._data: torch.Tensor | None = None
+        first._shared, second._shared = (self, 0), (self, self.offset)
+
+    @property
+    def data(self) -> torch.Tensor:
+        """``[first.n_slots + second.n_slots, 2, kv_heads, block_tokens, head_dim]``."""
+        if self._data is None:
+            shape = (self.first.n_slots + self.second.n_slots, *self.first.codec.slot_shape)
+            with torch.inference_mode(False):  # see SlotPool._allocate
+                self._data = torch.empty(shape, dtype=self.first.codec.slot_dtype, device=self.first.device)
+        return self._data
+
+    def release(self) -> None:
+        self._data = None
 
 
 class SlotPool(Tier):
@@ -53,6 +85,7 @@ class SlotPool(Tier):
         self._key_of: list[BlockKey | None] = [None] * self.n_slots
         self._free: list[int] = list(range(-self.n_slots + 1, 1))  # negated, sorted: the lowest slot is last
         self._reserved = 0  # slots taken by alloc() and not yet assigned a key
+        self._shared: tuple[SharedRows, int] | None = None  # (the tensor shared with another pool, this pool's first row)
 
     # -- storage --------------------------------------------------------------------------------
     @property
@@ -64,6 +97,9 @@ class SlotPool(Tier):
         return self._data
 
     def _allocate(self) -> torch.Tensor:
+        if self._shared is not None:
+            shared, start = self._shared
+            return shared.data[start : start + self.n_slots]
         shape = (self.n_slots, *self.codec.slot_shape)
         # A normal tensor even when first used inside torch.inference_mode (a model's forward):
         # an inference tensor could not be written by the prefetcher's threads, which run outside it.
@@ -256,6 +292,8 @@ class SlotPool(Tier):
 
     def close(self) -> None:
         self._data = None
+        if self._shared is not None:
+            self._shared[0].release()
         self._slot_of.clear()
         self._key_of = [None] * self.n_slots
         self._free = list(range(-self.n_slots + 1, 1))

@@ -27,7 +27,7 @@ from .pool import copy_slots, runs
 from .remote_blocks import RemoteBlocks
 from .slot_codec import SlotCodec
 
-_SLOT_PROBES = 8  # keys device_slots looks up spread over the layer before the rest
+_SLOT_PROBES = 8  # keys table_rows looks up spread over the layer before the rest
 
 
 @dataclass(slots=True)
@@ -141,7 +141,9 @@ class Promotion(Placement):
                     return
             if attempt == 1 or len(missing) > capacity:
                 break
-            self._bring(missing, report)  # counts the missing blocks: waited for or fetched
+            # counts the missing blocks: waited for or fetched. Pools sharing one tensor: to the
+            # host alone (the read takes them there; a device copy would be one more memcpy)
+            self._bring(missing, report, to="host" if self.shared_rows is not None else "device")
             if report is not None:
                 report.resident += n - len(missing)
         if capacity < 1:
@@ -152,53 +154,66 @@ class Promotion(Placement):
             part = self.gather(blocks[w : w + capacity], report=None if counted else report)  # [m, 2, Hkv, bt, D]
             out[:, :, w : w + part.shape[0]].copy_(part.permute(1, 2, 0, 3, 4))
 
-    def device_slots(self, keys: Sequence[BlockKey], first: int = 0) -> tuple[int, list[int]] | int:
-        """``(epoch, slots)``: the device slots of ``keys`` when every one is on the device, with
-        the :attr:`device_epoch` they hold at and the current stream ordered after their
-        promotions (on CUDA); else the index of a key that is not (``keys[first]`` looked up first,
-        a caller's hint from a previous miss, so that a block still away costs one lookup, not a
+    def table_rows(self, keys: Sequence[BlockKey], first: int = 0) -> tuple[int, list[int]] | int:
+        """``(epoch, rows)``: the rows of ``keys`` in :meth:`table_source` when every one is there
+        (on the device; without a GPU, on the device or the host, whose pools are then rows of
+        one tensor: a device slot, else the host slot after the device's rows), with the
+        :attr:`table_epoch` they hold at and the current stream ordered after their promotions
+        (on CUDA); else the index of a key that is not (``keys[first]`` looked up first, a
+        caller's hint from a previous miss, so that a block still away costs one lookup, not a
         pass over the layer's keys).
 
-        The slots stay true while :attr:`device_epoch` keeps that value: read them with
-        :meth:`read_device_slots`, which checks it under the lock."""
+        The rows stay true while :attr:`table_epoch` keeps that value: read them with
+        :meth:`read_table_rows`, which checks it under the lock."""
         with self._cond:
             self._check_open()
-            slot_map = self.device_pool.slot_map
-            if 0 <= first < len(keys) and keys[first].digest not in slot_map:
+            on_device = self.device_pool.slot_map
+            shared = self.shared_rows
+            on_host = self.host_pool.slot_map if shared is not None else {}
+            if 0 <= first < len(keys) and keys[first].digest not in on_device and keys[first].digest not in on_host:
                 return first
-            # A few keys spread over the layer first: one mostly off the device (a 128K context
-            # over a device tier of 1/8 of it) then fails in ~10 lookups, not a pass over 2,048 keys.
+            # A few keys spread over the layer first: one mostly away (a 128K context over a
+            # device tier of 1/8 of it) then fails in ~10 lookups, not a pass over 2,048 keys.
             for probe in range(0, len(keys), max(1, len(keys) // _SLOT_PROBES)):
-                if keys[probe].digest not in slot_map:
+                if keys[probe].digest not in on_device and keys[probe].digest not in on_host:
                     return probe
             digests = [key.digest for key in keys]
-            slots = [slot_map.get(key) for key in digests]
-            if None in slots:
-                return slots.index(None)
+            rows = [on_device.get(key) for key in digests]
+            if shared is not None and None in rows:
+                offset = shared.offset
+                rows = [row if row is not None else (None if (slot := on_host.get(key)) is None else offset + slot)
+                        for row, key in zip(rows, digests)]  # fmt: skip
+            if None in rows:
+                return rows.index(None)
             if self.copies.cuda:
                 self.copies.order_after([self._entries[key].event for key in digests])
-            return self.device_epoch, slots
+            return self.table_epoch, rows  # type: ignore[return-value]
 
-    def read_device_slots(self, epoch: int, reads: Sequence[tuple[torch.Tensor, torch.Tensor]], *,
-                          report: GatherReport | None = None) -> bool:  # fmt: skip
-        """For each ``(slots, out)`` of ``reads``: ``out`` ``[2, kv_heads, n, block_tokens, head_dim]``
-        <- the device pool's ``slots`` (a long tensor ``[n]`` on the device), as :meth:`gather_into`
-        writes it, when no block has left the device since ``epoch`` (:meth:`device_slots`); else
-        nothing is read and False is returned. No host list of the blocks and no device -> host
-        transfer: the slots may come from a device-side selection. On CUDA the reads are queued
-        before any later copy into these slots (as a gather's are)."""
+    def table_source(self) -> torch.Tensor:
+        """The tensor :meth:`table_rows` index (lock held): the device pool's, or both pools' shared one."""
+        return self.shared_rows.data if self.shared_rows is not None else self.device_pool.data
+
+    def read_table_rows(self, epoch: int, reads: Sequence[tuple[torch.Tensor, torch.Tensor]], *,
+                        report: GatherReport | None = None) -> bool:  # fmt: skip
+        """For each ``(rows, out)`` of ``reads``: ``out`` ``[2, kv_heads, n, block_tokens, head_dim]``
+        <- the blocks at ``rows`` (a long tensor ``[n]`` on the device) of :meth:`table_source`,
+        as :meth:`gather_into` writes them, when no block has left its row since ``epoch``
+        (:meth:`table_rows`); else nothing is read and False is returned. No host list of the
+        blocks and no device -> host transfer: the rows may come from a device-side selection.
+        On CUDA the reads are queued before any later copy into these slots (as a gather's are).
+        Every block read counts as resident: read in place, nothing moved."""
         with self._cond:
             self._check_open()
-            if epoch != self.device_epoch:
+            if epoch != self.table_epoch:
                 return False
             started = time.perf_counter()
-            source = self.device_pool.data.permute(1, 2, 0, 3, 4)
-            for slots, out in reads:
-                torch.index_select(source, 2, slots, out=out)
+            source = self.table_source().permute(1, 2, 0, 3, 4)
+            for rows, out in reads:
+                torch.index_select(source, 2, rows, out=out)
             self.copies.mark_use()
             if report is not None:
                 report.copy_s += time.perf_counter() - started
-                report.resident += sum(slots.numel() for slots, _ in reads)
+                report.resident += sum(rows.numel() for rows, _ in reads)
         return True
 
     def _read_from_host(self, keys: Sequence[Digest], slots: list[int | None], missing: list[Digest], out: torch.Tensor,
@@ -209,12 +224,24 @@ class Promotion(Placement):
         a promotion would copy each block twice more (host -> device slot, device slot -> out)
         and evict another block, where the read needs one copy. The bytes are the same, so the
         attention's result does not change. The blocks read from the host count as fetched (on
-        demand, the time of their copies as stall); a disk-only block leaves it to the promotion."""
+        demand, the time of their copies as stall); a disk-only block leaves it to the promotion.
+        Where the two pools share one tensor (:class:`~hkv.tiers.pool.SharedRows`) every row is
+        read in one ``index_select``, in place, and every block counts as resident, as a block
+        table's read does."""
         on_host = self.host_pool.slot_map
         host_slots = [on_host.get(key) for key in missing]
         if None in host_slots:
             return False
         started = time.perf_counter()
+        shared = self.shared_rows
+        if shared is not None:
+            from_host = iter(host_slots)
+            rows = [slot if slot is not None else shared.offset + next(from_host) for slot in slots]
+            torch.index_select(shared.data.permute(1, 2, 0, 3, 4), 2, torch.tensor(rows, dtype=torch.long), out=out)
+            if report is not None:
+                report.copy_s += time.perf_counter() - started
+                report.resident += len(keys)
+            return True
         pool = self.device_pool
         if 2 * len(missing) < len(keys):  # mostly on the device: every row in one pass (a missing one from slot 0, overwritten below)
             torch.index_select(pool.data.permute(1, 2, 0, 3, 4), 2, pool.index([0 if slot is None else slot for slot in slots]), out=out)
@@ -250,24 +277,25 @@ class Promotion(Placement):
                 entry.holds -= 1
             self._cond.notify_all()
 
-    def _bring(self, keys: list[Digest], report: GatherReport | None) -> None:
-        """Bring the distinct blocks ``keys`` to the device as far as room allows (:meth:`gather`
-        without the read): hold them, wait for the busy ones, fetch the rest; count them in
-        ``report`` (waited or fetched; those found resident meanwhile as resident)."""
+    def _bring(self, keys: list[Digest], report: GatherReport | None, to: str = "device") -> None:
+        """Bring the distinct blocks ``keys`` to ``to`` ("device", or "host": RAM, where the pools
+        share one tensor) as far as room allows (:meth:`gather` without the read): hold them, wait
+        for the busy ones, fetch the rest; count them in ``report`` (waited or fetched; those
+        found there meanwhile as resident)."""
         with self._cond:
             self._check_open()
             entries = [self._get(key) for key in keys]
             for entry in entries:
                 entry.holds += 1
         try:
-            busy, resident, missing, _, stalled = self._fetch(keys, entries)
+            busy, resident, missing, _, stalled = self._fetch(keys, entries, to)
         finally:
             self._unhold(entries)
         _count(report, busy, resident, missing, stalled)
 
-    def _fetch(self, unique: list[Digest], entries: list[Entry]) -> tuple[list[Digest], int, list[Digest], _Plan | None, float]:
-        """Bring held blocks to the device (as far as room allows): wait for the busy ones, fetch
-        the rest. Returns (blocks waited for, how many were resident at once, blocks fetched,
+    def _fetch(self, unique: list[Digest], entries: list[Entry], to: str = "device") -> tuple[list[Digest], int, list[Digest], _Plan | None, float]:
+        """Bring held blocks to ``to`` (as far as room allows; "host": to RAM, a block on the device
+        stays there): wait for the busy ones, fetch the rest. Returns (blocks waited for, how many were resident at once, blocks fetched,
         the fetch plan, seconds stalled).
 
         Stalled time is only the time spent because data was not on the device: from the moment
@@ -285,9 +313,12 @@ class Promotion(Placement):
                 self._cond.wait_for(lambda: not any(entry.busy for entry in entries))
             on_device = self.device_pool.slot_map
             missing = [key for key in unique if key not in on_device]
+            if to == "host":
+                on_host = self.host_pool.slot_map
+                missing = [key for key in missing if key not in on_host]
             if missing and start is None:
                 start = time.perf_counter()
-            plan = self._plan_up(missing, "device", must=True, exclude=set(unique)) if missing else None
+            plan = self._plan_up(missing, to, must=True, exclude=set(unique)) if missing else None
         if plan is not None:
             try:
                 self._run_plan(plan)

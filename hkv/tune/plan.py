@@ -133,10 +133,13 @@ def _predict(config: Config, shape: ModelShape, layout: BlockLayout, context: in
     blocks = {name: shape.layers * chosen * f for name, f in (("device", f_dev), ("host", f_host), ("disk", f_disk))}
     blocks["device"] += shape.layers * pinned
     record = layout.encoded_record_nbytes(tiers.disk_encoding)
+    # Without a GPU a raw host tier is rows of the device's tensor: with no block on disk, a step
+    # reads host blocks in place as it reads device ones (in the compute term), copying nothing.
+    in_place = machine.gpu is None and tiers.host_encoding == "none" and f_disk == 0
     parts = {
         "compute": compute_ms,
         "summaries": summaries / (machine.device_gbps * 1e9) * 1e3,
-        "host": blocks["host"] * layout.nbytes / (machine.host_to_device_gbps * 1e9) * 1e3,
+        "host": 0.0 if in_place else blocks["host"] * layout.nbytes / (machine.host_to_device_gbps * 1e9) * 1e3,
         "disk": blocks["disk"] * record / (machine.disk_read_gbps * 1e9) * 1e3,
     }
     moves = parts["host"] + parts["disk"]

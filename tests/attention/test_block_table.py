@@ -58,11 +58,14 @@ def test_table_reads_are_bitwise_the_host_reads(tmp_path, monkeypatch, device: s
     assert stats.read == host_stats.read and stats.pinned == host_stats.pinned
 
 
-def test_a_block_leaving_the_device_sends_the_read_through_the_host(tmp_path) -> None:
-    """After a block of layer 0 moves to the host the table is stale: the next read goes through
-    the host path (and fetches it), still exact; once the block is back, the rebuilt table."""
+def test_a_block_leaving_ram_sends_the_read_through_the_host_path(tmp_path) -> None:
+    """Without a GPU the device and host pools are rows of one tensor and the tables read both: a
+    block moved to the host is still read through its layer's table (rebuilt: the epoch moved),
+    in place, nothing fetched. A block on disk alone makes the table stale: the next read goes
+    through the host path (and fetches it), still exact; once the block is back, the rebuilt table."""
     config = make_config(tmp_path, mode="exact", device_blocks=64, host_blocks=40)
     with opened_sequence(config) as (manager, seq):
+        assert manager.shared_rows is not None
         driver = Driver(seq, manager, seed=5)
         driver.check_exact(driver.step(30))
         driver.check_exact(driver.step(1))
@@ -72,13 +75,31 @@ def test_a_block_leaving_the_device_sends_the_read_through_the_host(tmp_path) ->
         assert manager.where(key) == frozenset({"host"})
         driver.check_exact(driver.step(1))
         step = seq.step_stats()
+        assert step.table_reads == LAYERS and step.fetched == 0 and step.resident == step.read, step
+        assert manager.where(key) == frozenset({"host"})  # read where it is, not promoted
+        manager.demote([key], to="disk")
+        assert manager.where(key) == frozenset({"disk"})
+        driver.check_exact(driver.step(1))
+        step = seq.step_stats()
         assert step.table_reads == LAYERS - 1 and step.fetched == 1, step
-        driver.check_exact(driver.step(1))  # on the CPU the host path reads it from the host: still away
-        assert seq.step_stats().table_reads == LAYERS - 1
-        manager.promote([key])
-        for _ in range(2):  # two failed tries: the next one two steps later (backoff), and rebuilt
+        for _ in range(2):  # the block came back with the fetch: the table is rebuilt at a later try
             driver.check_exact(driver.step(1))
         assert seq.step_stats().table_reads == LAYERS
+
+
+def test_pools_share_one_tensor_only_where_both_are_raw_ram(tmp_path) -> None:
+    """The shared rows: the device pool's slots first, then the host pool's, one allocation; an
+    encoded host tier keeps its own tensor (tables then read the device alone)."""
+    with opened_sequence(make_config(tmp_path, mode="exact", device_blocks=16, host_blocks=8)) as (manager, _):
+        shared = manager.shared_rows
+        assert shared is not None and shared.offset == manager.device_pool.n_slots
+        assert manager.device_pool.data.data_ptr() == shared.data.data_ptr()
+        assert manager.host_pool.data.data_ptr() == shared.data[shared.offset].data_ptr()
+        assert shared.data.shape[0] == manager.device_pool.n_slots + manager.host_pool.n_slots
+    config = Config.load(make_config(tmp_path / "int8", mode="sparse", device_blocks=16, host_blocks=8),
+                         tiers={"host_encoding": "int8"}, env={})  # fmt: skip
+    with opened_sequence(config) as (manager, _):
+        assert manager.shared_rows is None and manager.host_pool.data.dtype == torch.uint8
 
 
 @pytest.mark.cuda

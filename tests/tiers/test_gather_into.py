@@ -69,10 +69,26 @@ def test_gather_into_matches_gather(manager: TierManager) -> None:
 
 def test_gather_into_on_a_cpu_reads_host_blocks_without_promoting_them(manager: TierManager) -> None:
     host_only = [i for i in range(12) if manager.where(_key(i)) == frozenset({"host"})]
-    assert host_only
+    assert host_only and manager.shared_rows is not None
     before = {i: manager.where(_key(i)) for i in range(12)}
-    _read(manager, host_only)
+    report = GatherReport(late_keys=set())
+    _read(manager, host_only, report)
     assert {i: manager.where(_key(i)) for i in range(12)} == before  # nothing moved, nothing evicted
+    assert report.resident == len(host_only) and report.fetched == 0 and not report.late_keys  # RAM is resident here
+    assert manager.stats().moved_bytes["host->device"] == 0
+
+
+def test_gather_into_on_a_cpu_brings_disk_blocks_to_the_host_alone(manager: TierManager) -> None:
+    on_disk = [i for i in range(12) if manager.where(_key(i)) == frozenset({"disk"})]
+    in_ram = [i for i in range(12) if "device" in manager.where(_key(i))][:1]
+    assert on_disk and in_ram
+    report = GatherReport(late_keys=set())
+    indices = on_disk + in_ram
+    assert torch.equal(_read(manager, indices, report), _expected(indices))
+    assert all(manager.where(_key(i)) == frozenset({"host", "disk"}) for i in on_disk)  # read from disk into the host
+    assert report.fetched == len(on_disk) and report.resident == len(in_ram)
+    assert report.late_keys == {_key(i).digest for i in on_disk}
+    assert manager.stats().moved_bytes["host->device"] == 0
 
 
 @pytest.mark.parametrize("indices", [[2, 3, 4, 10], [5, 9, 10, 11]])  # mostly host rows / mostly device rows

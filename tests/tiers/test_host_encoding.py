@@ -220,7 +220,9 @@ def test_an_int8_host_generates_the_tokens_of_a_raw_one(tiny_lm, tmp_path: Path)
         with wrap(model, config) as rt, rt.new_cache() as cache:
             out = model.generate(ids, cache=cache, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
             moved = rt.stats().moved_bytes
-            assert moved["device->host"] > 0 and moved["host->device"] > 0  # the host tier was used
+            assert moved["device->host"] > 0 and rt.stats().tiers["host"]["used_bytes"] > 0  # the host tier was used
+            if name != "none":  # encoded blocks are decoded on their way up (a raw host is read in place on a CPU)
+                assert moved["host->device"] > 0
             assert rt.stats().tiers["host"]["used_bytes"] % rt.manager.host_pool.slot_nbytes == 0
             outs[name] = out
     assert torch.equal(outs["none"], outs[encoding])
@@ -250,7 +252,8 @@ def test_smollm2_finds_the_passkey_through_an_int4_host(smollm2, tmp_path: Path)
         )  # fmt: skip
         with wrap(model, config) as rt:
             out = rt.generate(ids, max_new_tokens=7, do_sample=False)
-            assert rt.stats().moved_bytes["host->device"] > 0
+            stats = rt.stats()  # blocks went through the host (a raw one is read in place on a CPU, an encoded one decoded up)
+            assert stats.moved_bytes["device->host"] > 0 and (encoding == "none" or stats.moved_bytes["host->device"] > 0)
         answers[encoding] = passkey_answer(tokenizer, out[0, ids.shape[1] :])
     assert answers == {"none": key, "int4": key}
 

@@ -65,6 +65,22 @@ def test_a_slow_disk_bounds_the_step_and_a_config_can_be_predicted(tmp_path: Pat
     assert again == result.prediction
 
 
+def test_host_blocks_cost_nothing_where_a_cpu_reads_them_in_place(tmp_path: Path) -> None:
+    """Without a GPU a raw host tier is read in place while no block is on disk; an encoded host,
+    or a layer with blocks on disk, still pays the host's copies."""
+    from hkv.config import Config
+
+    kv = 30 * 2**11 * 49152  # 128K tokens of fp16 blocks
+    config = Config.load(env={}, tiers={"device": 64 * 2**20, "host": 2 * kv, "dtype": "float16"})
+    in_ram = predict_step(config, SMOLLM2, 2**17, machine(), 50.0)
+    assert in_ram.blocks["host"] > 0 and in_ram.host_ms == 0 and in_ram.total_ms == pytest.approx(50.0 + in_ram.summaries_ms, abs=0.05)
+    encoded = predict_step(Config.load(config, env={}, tiers={"host_encoding": "int8"}), SMOLLM2, 2**17, machine(), 50.0)
+    assert encoded.host_ms > 0
+    spilling = predict_step(Config.load(config, env={}, tiers={"host": kv // 2}), SMOLLM2, 2**17, machine(), 50.0)
+    assert spilling.blocks["disk"] > 0 and spilling.host_ms > 0
+    assert predict_step(config, SMOLLM2, 2**17, machine(gpu="H200"), 50.0).host_ms > 0
+
+
 def test_shape_parsing() -> None:
     assert ModelShape.parse("layers=30,q_heads=9,kv_heads=3,head_dim=64") == ModelShape(30, 9, 3, 64, torch.float16)
     for bad, words in (("layers=30,q_heads=9", "lacks head_dim, kv_heads"), ("layers=0,q_heads=1,kv_heads=1,head_dim=8", "'layers=0'"),
