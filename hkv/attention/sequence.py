@@ -670,7 +670,7 @@ class SequenceKV:
             self._tickets[layer] = None
             return
         keys = self._keys[layer]
-        self._tickets[layer] = self.prefetcher.submit(layer, [keys[i] for i in predicted[:count]])
+        self._tickets[layer] = self.prefetcher.submit(layer, [keys[i] for i in predicted[:count]], self.manager.prefetch_tier)
 
     # -- stats -----------------------------------------------------------------------------------
 

@@ -85,7 +85,7 @@ class Prefetcher:
     """Promotes blocks to the device tier on ``workers`` threads.
 
     ``manager``: a :class:`~hkv.tiers.manager.TierManager`; the prefetcher calls its
-    ``missing_from_device``, ``promote`` and ``write_back`` (thread-safe).
+    ``missing_from``, ``promote`` and ``write_back`` (thread-safe).
     """
 
     def __init__(self, manager: TierManager, workers: int = 2, *, job_blocks: int = 16) -> None:
@@ -110,7 +110,7 @@ class Prefetcher:
         # Skip blocks already there before queueing anything (a lock-free hint; promote checks
         # again under the manager's lock): consecutive steps predict mostly the same blocks, and
         # a job per resident block would only cost the main thread GIL and lock time.
-        todo = self.manager.missing_from_device(keys) if to == "device" else list(keys)
+        todo = self.manager.missing_from(keys, to)
         size = max(1, self.job_blocks)
         # Keep the device's next eviction victims clean (a host copy below them), so that making
         # room for these blocks, or for a gather's misses, drops instead of copying down on the

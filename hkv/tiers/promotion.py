@@ -341,6 +341,21 @@ class Promotion(Placement):
         on_device = self.device_pool.slot_map
         return [key for key in keys if key.digest not in on_device]
 
+    def missing_from(self, keys: Sequence[BlockKey], to: str) -> list[BlockKey]:
+        """:meth:`missing_from_device` for ``to = "device"``; for ``"host"``, the keys in neither
+        pool (a block on the device is above the host already)."""
+        if to == "device":
+            return self.missing_from_device(keys)
+        on_device, on_host = self.device_pool.slot_map, self.host_pool.slot_map
+        return [key for key in keys if key.digest not in on_device and key.digest not in on_host]
+
+    @property
+    def prefetch_tier(self) -> str:
+        """Where prefetches bring blocks: the device; without a GPU, where the two pools are rows
+        of one tensor (:class:`~hkv.tiers.pool.SharedRows`), the host, since a step reads RAM in
+        place and a copy into a device slot would only cost a memcpy and an eviction."""
+        return "host" if self.shared_rows is not None else "device"
+
     def _assemble(self, keys, on_device, direct, plan, events) -> torch.Tensor:
         """``out[i]`` = block ``keys[i]``: device slots by one ``index_select``, the rest (no device
         room) copied from their staging row or host slot."""

@@ -16,7 +16,7 @@ from helpers.sequences import Driver, make_config, open_sequence
 
 
 class RecordingManager:
-    """Only what the prefetcher calls: ``missing_from_device`` (nothing resident), ``promote``,
+    """Only what the prefetcher calls: ``missing_from`` (nothing resident), ``promote``,
     ``write_back`` and ``clean_host`` (nothing to clean)."""
 
     def __init__(self, *, delay: float = 0.0, fail: bool = False) -> None:
@@ -27,7 +27,7 @@ class RecordingManager:
         self.write_backs: list[int] = []
         self.host_cleanings: list[int] = []
 
-    def missing_from_device(self, keys):
+    def missing_from(self, keys, to):
         return list(keys)
 
     def write_back(self, limit: int) -> int:
@@ -126,7 +126,7 @@ class ResidencyManager(RecordingManager):
         super().__init__()
         self.resident = resident
 
-    def missing_from_device(self, keys):
+    def missing_from(self, keys, to):
         return [key for key in keys if key not in self.resident]
 
     def write_back(self, limit: int) -> int:

@@ -117,3 +117,15 @@ def test_cuda_gather_into_promotes_misses_and_reads_the_same_bytes(tmp_path) -> 
         assert torch.equal(out.reshape(2, h, n * t, d).cpu(), _expected(indices))
         assert report.resident + report.waited + report.fetched == n
         assert all("device" in m.where(_key(i)) for i in indices)  # promoted, not read from the host
+
+
+def test_a_cpu_prefetches_to_the_host_and_skips_blocks_in_ram(manager: TierManager) -> None:
+    """Pools sharing one tensor: a prefetch brings a disk block to the host alone, and blocks on
+    the device or the host are not asked for again."""
+    assert manager.prefetch_tier == "host"
+    where = {i: manager.where(_key(i)) for i in range(12)}
+    on_disk = [i for i in range(12) if where[i] == frozenset({"disk"})]
+    assert on_disk and manager.missing_from([_key(i) for i in range(12)], "host") == [_key(i) for i in on_disk]
+    manager.promote([_key(on_disk[0])], manager.prefetch_tier)
+    assert manager.where(_key(on_disk[0])) == frozenset({"host", "disk"})
+    assert manager.stats().moved_bytes["host->device"] == 0
