@@ -11,10 +11,10 @@ has left its slot since (:meth:`~hkv.tiers.promotion.Promotion.read_table_rows` 
 under the manager's lock), and grows by the blocks sealed since, without being rebuilt.
 
 A layer with blocks away (a KV larger than the device tier; without a GPU, blocks on disk
-alone) is read through the host-side gather instead. Its table is rebuilt only after the epoch moved, no sooner than
-``backoff`` steps after the last failed try (doubling to ``MAX_BACKOFF``), and each try looks
-first at the block found away last time, so that a layer that keeps missing blocks costs one
-dict lookup per try, not a walk over its blocks.
+alone) is read through the host-side gather instead. Its table is rebuilt only after the epoch
+moved, no sooner than ``backoff`` steps after the last failed try (doubling to ``MAX_BACKOFF``),
+and each try looks first at the block found away last time, so that a layer that keeps missing
+blocks costs one dict lookup per try, not a walk over its blocks.
 """
 
 from __future__ import annotations
@@ -62,8 +62,7 @@ class BlockTables:
     def lookup(self, layer: int, keys: Sequence[BlockKey], count: int, step: int) -> tuple[int, torch.Tensor] | None:
         """``(epoch, slots)``: the rows ``[count]`` of ``keys[:count]`` (the layer's blocks, oldest
         first) when all are where tables read (:meth:`~hkv.tiers.promotion.Promotion.table_rows`),
-        else None. ``step``: the sequence's step
-        counter, for the backoff after a failed rebuild."""
+        else None. ``step``: the sequence's step counter, for the backoff after a failed rebuild."""
         table = self._tables[layer]
         epoch = self.manager.table_epoch
         if table.epoch == epoch and table.count == count:

@@ -457,13 +457,13 @@ class SequenceKV:
     def _attend_resident(self, layer: int, query: torch.Tensor, summary: torch.Tensor, past: int, local: int,
                          scaling: float, step: StepStats) -> torch.Tensor | None:  # fmt: skip
         """A decode step's attention (``query`` ``[Hq, 1, D]``) over a layer whose ``past`` sealed
-        blocks are all on the device, through its device-side block table: the blocks
-        :func:`~hkv.attention.selection.select_blocks` would choose, chosen on the device (the
-        same scores, the same ``topk`` call, so the same blocks in the same order), their slots
-        looked up in the table and read from the device pool in the pieces :meth:`_read_blocks`
-        cuts, then the same accumulator calls: bitwise the result of the host path, with no
-        device -> host transfer. None (nothing done) when the layer has blocks off the device, or
-        one left it meanwhile: the caller reads through the host path."""
+        blocks are all on the device (without a GPU: all in RAM), through its device-side block
+        table: the blocks :func:`~hkv.attention.selection.select_blocks` would choose, chosen on
+        the device (the same scores, the same ``topk`` call, so the same blocks in the same
+        order), their rows looked up in the table and read from the pool in the pieces
+        :meth:`_read_blocks` cuts, then the same accumulator calls: bitwise the result of the
+        host path, with no device -> host transfer. None (nothing done) when the layer has blocks
+        away, or one left its slot meanwhile: the caller reads through the host path."""
         low = min(self.sink_blocks, past)
         high = max(low, past - local)
         candidates = high - low
@@ -523,7 +523,7 @@ class SequenceKV:
         step.read += n
         step.pinned += pinned
         step.needed += n - pinned
-        step.unpredicted += n - pinned  # on the device all along: nothing was predicted or moved for them
+        step.unpredicted += n - pinned  # readable in place all along: nothing was predicted or moved for them
         step.resident += report.resident
         step.table_reads += 1
         step.kernel_s += kernel_s[0] + report.copy_s + acc.kernel_s

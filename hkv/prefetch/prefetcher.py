@@ -7,8 +7,8 @@ models with the Llama layer layout) that prediction is kept for layer 0 only: at
 the forward pre-hook of layer ``l - 1`` estimates layer ``l``'s query from layer ``l - 1``'s
 input (:mod:`hkv.integrations.next_layer`) and replaces it, a prediction from this step's token
 with one layer's compute as lead time. Workers call :meth:`TierManager.promote` (disk -> host
--> device; on CUDA the host -> device copy runs on the manager's copy stream) while the main
-thread computes. When a layer attends, :meth:`TierManager.gather` waits for blocks still in
+-> device; on CUDA the host -> device copy runs on the manager's copy stream; on a CPU, where the
+two RAM pools are one tensor and read in place, disk -> host only) while the main thread computes. When a layer attends, :meth:`TierManager.gather` waits for blocks still in
 flight and fetches misses on demand, so results never depend on timing.
 
 After the promotions of a submission, the last job keeps the next victims clean: device blocks
@@ -82,7 +82,9 @@ class PrefetchTicket:
 
 
 class Prefetcher:
-    """Promotes blocks to the device tier on ``workers`` threads.
+    """Promotes blocks to the device tier on ``workers`` threads (or where ``submit`` says: a
+    sequence asks for the manager's ``prefetch_tier``, the host on a CPU whose two RAM pools are
+    one tensor).
 
     ``manager``: a :class:`~hkv.tiers.manager.TierManager`; the prefetcher calls its
     ``missing_from``, ``promote`` and ``write_back`` (thread-safe).
