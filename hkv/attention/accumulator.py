@@ -18,10 +18,13 @@ this accumulator is :class:`hkv.attention.sequence.SequenceKV`.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 PIECE_SCORE_ELEMENTS = 1 << 24  # fp32 logits built at once per piece (64 MiB); pieces are cut to fit
 PIECE_KV_ELEMENTS = 1 << 24  # key + value elements gathered at once per piece (32 MiB in fp16)
@@ -53,6 +56,7 @@ class AttentionAccumulator:
         if q_heads % kv_heads:
             raise ValueError(f"query heads ({q_heads}) must be a multiple of kv heads ({kv_heads})")
         self.shape = (q_heads, s, d)
+        self.query, self.scaling = query, scaling  # as given (attend_one_piece reads them)
         self.dtype = query.dtype
         self.kv_heads = kv_heads
         self.group = q_heads // kv_heads
@@ -61,11 +65,8 @@ class AttentionAccumulator:
         self.fused = query.device.type == "cpu" if fused is None else fused
         if self.fused and query.device.type != "cpu":
             raise ValueError("the fused attention kernel runs on the CPU only")
-        # [Hkv, group * S, D], rows ordered (group member, query); the fused kernel's batch of one
-        # [1, Hkv, group * S, D] is made here, not per piece
-        scaled = query.to(torch.float32) * scaling
-        self.q = scaled.reshape(kv_heads, self.rows, d)
-        self._q4 = scaled.reshape(1, kv_heads, self.rows, d) if self.fused else None
+        self._q: torch.Tensor | None = None  # made at the first piece (attend_one_piece needs none)
+        self._q4: torch.Tensor | None = None
         # The running state (max logit m, sum l, weighted values acc), made at the first merge.
         # A fused piece seen by every row is kept as is until a second piece arrives: with one
         # piece (a decode step's usual case) the result is the kernel's output, bitwise what the
@@ -79,7 +80,19 @@ class AttentionAccumulator:
         # its logits [Hkv, g*S, N] whose log-sum-exp is taken only if a second piece comes (a
         # decode step's one piece then costs two matmuls and a softmax, not the merge's ~15 ops)
         self._single_logits: torch.Tensor | None = None
+        self._output: torch.Tensor | None = None  # the whole result, computed in one call (set_output)
         self.kernel_s = 0.0  # seconds inside the attention kernels (the bytes read), for the step's host time
+
+    @property
+    def q(self) -> torch.Tensor:
+        """The scaled fp32 queries ``[Hkv, group * S, D]``, rows ordered (group member, query);
+        the fused kernel's batch of one ``[1, Hkv, group * S, D]`` is made with them, not per piece."""
+        if self._q is None:
+            q_heads, _, d = self.shape
+            scaled = self.query.to(torch.float32) * self.scaling
+            self._q = scaled.reshape(self.kv_heads, self.rows, d)
+            self._q4 = scaled.reshape(1, self.kv_heads, self.rows, d) if self.fused else None
+        return self._q
 
     def _state(self) -> None:
         """Make the running state: empty, or from the unmerged first piece."""
@@ -108,7 +121,7 @@ class AttentionAccumulator:
             self._add_fused(kv[0:1], kv[1:2], None, batched=True)
             return
         if not self.fused and kv.dtype != torch.float32:  # one conversion for keys and values (one launch, not two)
-            kv = kv.to(self.q.device, torch.float32)
+            kv = kv.to(self.device, torch.float32)
         self.add(kv[0], kv[1])
 
     def add(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None) -> None:
@@ -122,22 +135,22 @@ class AttentionAccumulator:
             return
         started = time.perf_counter()
         if mask is None and self.m is None and self._single is None:
-            logits = torch.bmm(self.q, keys.to(self.q.device, torch.float32).transpose(1, 2))  # [Hkv, g*S, N]
-            out = torch.bmm(torch.softmax(logits, dim=2), values.to(self.q.device, torch.float32))
+            logits = torch.bmm(self.q, keys.to(self.device, torch.float32).transpose(1, 2))  # [Hkv, g*S, N]
+            out = torch.bmm(torch.softmax(logits, dim=2), values.to(self.device, torch.float32))
             self._single, self._single_logits = out.unsqueeze(0), logits
             self.kernel_s += time.perf_counter() - started
             return
         self._state()
-        logits = torch.bmm(self.q, keys.to(self.q.device, torch.float32).transpose(1, 2))  # [Hkv, g*S, N]
+        logits = torch.bmm(self.q, keys.to(self.device, torch.float32).transpose(1, 2))  # [Hkv, g*S, N]
         if mask is not None:
-            keep = mask.to(self.q.device).repeat(self.group, 1)  # [g*S, N]
+            keep = mask.to(self.device).repeat(self.group, 1)  # [g*S, N]
             logits.masked_fill_(~keep, float("-inf"))
         m_new = torch.maximum(self.m, logits.amax(dim=2))
         m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # rows with nothing visible yet
         probs = torch.exp(logits.sub_(m_safe.unsqueeze(2)))
         correction = torch.exp(self.m - m_safe)
         self.l = self.l * correction + probs.sum(dim=2)
-        self.acc = torch.baddbmm(self.acc * correction.unsqueeze(2), probs, values.to(self.q.device, torch.float32))
+        self.acc = torch.baddbmm(self.acc * correction.unsqueeze(2), probs, values.to(self.device, torch.float32))
         self.m = m_new
         self.kernel_s += time.perf_counter() - started
 
@@ -153,6 +166,8 @@ class AttentionAccumulator:
             additive = torch.zeros(keep.shape, dtype=torch.float32).masked_fill_(~keep, float("-inf"))
             hidden = ~keep.any(dim=1)  # rows that see no key of this piece (the kernel returns lse 0 there)
         started = time.perf_counter()
+        if self._q4 is None:
+            self.q  # noqa: B018 - makes self._q4
         out, lse = _flash_cpu(self._q4, k, v, attn_mask=additive, scale=1.0)  # [1, Hkv, g*S, D], [1, Hkv, g*S]
         self.kernel_s += time.perf_counter() - started
         if mask is None and self.m is None and self._single is None:
@@ -170,13 +185,47 @@ class AttentionAccumulator:
         self.acc = self.acc * correction.unsqueeze(2) + out * weight.unsqueeze(2)
         self.m = m_new
 
+    def set_output(self, out: torch.Tensor) -> None:
+        """The whole attention's output ``[Hq, S, D]``, computed in one call over one piece
+        (:func:`attend_one_piece`) instead of pieces fed to this accumulator; nothing else may
+        have been or be added."""
+        if self.m is not None or self._single is not None or self._output is not None:
+            raise RuntimeError("set_output: pieces were added already")
+        self._output = out
+
     def result(self) -> torch.Tensor:
         """``[Hq, S, D]`` in the query's dtype (rows that saw no key are zero)."""
+        if self._output is not None:
+            return self._output.to(self.dtype)
         if self._single is not None:
             return self._single.reshape(self.shape).to(self.dtype)
         self._state()
         out = self.acc / self.l.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(2)
         return out.reshape(self.shape).to(self.dtype)
+
+
+def _efficient_backend(device: torch.device) -> Any:
+    """On CUDA, sdpa's memory-efficient kernel (it takes an additive mask; flash does not, and the
+    cuDNN backend plans each new shape anew at milliseconds of host time), the math one where it
+    cannot run; elsewhere sdpa's choice."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def attend_one_piece(query: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor, scaling: float, kv_heads: int) -> torch.Tensor:
+    """A decode step's attention read in one piece, as one fused kernel: ``query`` ``[Hq, 1, D]``
+    over ``kv`` ``[2, Hkv, N, D]`` (keys, values; the query's dtype) with the additive ``mask``
+    ``[1, 1, 1, N]`` (0 where read, -inf where not: the padded end of the fresh window);
+    returns ``[Hq, 1, D]`` in the query's dtype. Softmax and sums are fp32 inside the kernel,
+    whose inputs and output keep the storage dtype (as the model's own sdpa over its cache).
+    The same shapes always run the same kernel, so a CUDA graph's replay of this call is
+    bitwise its eager result (:mod:`~hkv.attention.decode_graphs`)."""
+    q_heads, s, d = query.shape
+    q = query.reshape(1, kv_heads, (q_heads // kv_heads) * s, d)
+    with _efficient_backend(kv.device):
+        out = F.scaled_dot_product_attention(q, kv[0:1], kv[1:2], attn_mask=mask, scale=scaling)
+    return out.reshape(q_heads, s, d)
 
 
 def causal_mask(query_start: int, queries: int, key_start: int, keys: int, device: torch.device | str = "cpu") -> torch.Tensor | None:

@@ -45,8 +45,9 @@ from ..positions import RotaryShift, far_block_deltas
 from ..prefetch.prefetcher import Prefetcher, PrefetchTicket
 from ..store.summary_rows import SummaryRows
 from ..tiers.manager import GatherReport, TierManager
-from .accumulator import PIECE_KV_ELEMENTS, PIECE_SCORE_ELEMENTS, AttentionAccumulator, causal_mask
+from .accumulator import PIECE_KV_ELEMENTS, PIECE_SCORE_ELEMENTS, AttentionAccumulator, attend_one_piece, causal_mask
 from .block_table import BlockRotations, BlockTables
+from .decode_graphs import DecodeGraphs
 from .selection import (BlockSummaries, SelectionEvent, SelectionObserver, block_scores, canonical_queries, observed_selection,
                         select_blocks)
 from .stats import COUNTERS, SequenceStats, StepStats
@@ -137,6 +138,13 @@ class SequenceKV:
         self._tables = BlockTables(manager, num_layers, self.device)
         self._rotations = BlockRotations(self.rotary, self.block_tokens, self.device) if self.rotary is not None else None
         self._table_reads = not self.score_policy
+        # On a GPU (fp16 / bf16 storage) a decode step reads the whole fresh window, its unwritten
+        # end masked: shapes then change only at block boundaries, the read is one fused kernel,
+        # and a resident layer's attention replays a CUDA graph (decode_graphs.py)
+        self._padded = self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16)
+        self._graphs = DecodeGraphs(num_layers, self.device) if self._padded and a.cuda_graphs else None
+        self._tail_rows: torch.Tensor | None = None  # [bt + 1, bt]: row f is 0 for the first f entries, -inf after
+        self._mask_zeros = torch.zeros(0, dtype=self.dtype, device=self.device)
         self._summary_writes: list[tuple[int, int, int, Future]] = []  # (layer, first block, blocks, put_summaries' future)
         self._unsummarised: set[tuple[int, int]] = set()  # (layer, block) whose summary write found no block
         self._share = 0  # prefetch blocks per layer this step
@@ -230,8 +238,8 @@ class SequenceKV:
         if after - aligned > bt:
             return None
         window = self._windows[layer]
-        if window is None:
-            window = self._windows[layer] = torch.empty(2, self.kv_heads, bt, self.head_dim, dtype=self.dtype, device=self.device)
+        if window is None:  # zeros: a padded read (self._padded) masks the unwritten end, which must be finite
+            window = self._windows[layer] = torch.zeros(2, self.kv_heads, bt, self.head_dim, dtype=self.dtype, device=self.device)
         tail = before - aligned
         fresh = self._fresh[layer]
         if tail and not (self._fresh_kv[layer] is not None and fresh[2] == aligned):
@@ -437,9 +445,11 @@ class SequenceKV:
             visible = q_pos + q.shape[1] - f_start
             if s == 1:  # a decode step: the fresh window joins the blocks' last piece (no mask: all visible)
                 fresh_kv = self._fresh_kv[layer]
-                if fresh_kv is None:
-                    fresh_kv = torch.stack([fk, fv])
-                self._read_blocks(layer, acc, blocks, 1, step, self._remap_deltas(blocks, past, local), fresh_kv)
+                deltas = self._remap_deltas(blocks, past, local)
+                if self._pads(query, fresh_kv):  # the whole window, its unwritten end masked
+                    self._read_blocks(layer, acc, blocks, 1, step, deltas, self._windows[layer], fresh_kv.shape[2])
+                else:
+                    self._read_blocks(layer, acc, blocks, 1, step, deltas, torch.stack([fk, fv]) if fresh_kv is None else fresh_kv)
             else:
                 self._read_blocks(layer, acc, blocks, q.shape[1], step, self._remap_deltas(blocks, past, local))
                 self._add_keys(acc, fk[:, :visible], fv[:, :visible], f_start, q_pos, q.shape[1])
@@ -463,7 +473,9 @@ class SequenceKV:
         order), their rows looked up in the table and read from the pool in the pieces
         :meth:`_read_blocks` cuts, then the same accumulator calls: bitwise the result of the
         host path, with no device -> host transfer. None (nothing done) when the layer has blocks
-        away, or one left its slot meanwhile: the caller reads through the host path."""
+        away, or one left its slot meanwhile: the caller reads through the host path. On a GPU a
+        read of one piece is one function of the device's tensors, replayed from a CUDA graph
+        (:meth:`_resident_one_piece`)."""
         low = min(self.sink_blocks, past)
         high = max(low, past - local)
         candidates = high - low
@@ -474,50 +486,20 @@ class SequenceKV:
         if found is None:
             return None
         epoch, table = found
-        choosing = time.perf_counter()
-        kernel_s = [0.0]
-        cos = sin = None
-        if not scored:  # every block is read: nothing to score, nothing moves
-            n, slots = past, table
-        else:
-            q_pos = self._tokens[layer] - 1
-            scoring = (canonical_queries(query, q_pos, self.score_distance, self.rotary, non_blocking=True)
-                       if self._rotations is not None else query)  # fmt: skip
-            scores = block_scores(scoring, summary[..., low:high], scaling=scaling, timing=kernel_s)
-            want = min(candidates, self.topk + math.ceil(self.margin * self.topk))
-            k = min(self.topk, candidates)
-            chosen = torch.topk(scores, want, sorted=True)[1][:k].sort().values.add_(low)
-            positions = self._tables.positions(past)
-            blocks = torch.cat([positions[:low], chosen, positions[high:past]])
-            slots = table[blocks]
-            n = low + k + past - high
-            if self._rotations is not None:  # far blocks to the slots just before the local window (_remap_deltas)
-                moves = positions[:n] - blocks
-                moves += high - (low + k)  # local blocks: 0; the j-th far block: high - (far count) + j - block
-                all_cos, all_sin = self._rotations.rows(past + 1)
-                cos, sin = all_cos[moves], all_sin[moves]
-        step.select_s += time.perf_counter() - choosing
-        fresh = self._fresh_kv[layer]
-        if fresh is None:
-            fk, fv, _ = self._fresh[layer]
-            fresh = torch.stack([fk, fv])
-        bt, d, h = self.block_tokens, self.head_dim, self.kv_heads
         acc = AttentionAccumulator(query, scaling, self.kv_heads)
         per_piece = self._blocks_per_piece(acc, 1)
-        spans = [(p0, min(per_piece, n - p0)) for p0 in range(0, n, per_piece)]  # (first block, blocks) per piece
-        pieces = [torch.empty(2, h, m * bt + (fresh.shape[2] if p0 + m == n else 0), d, dtype=self.dtype, device=self.device)
-                  for p0, m in spans]  # fmt: skip
-        reads = [(slots[p0 : p0 + m], piece[:, :, : m * bt].view(2, h, m, bt, d)) for (p0, m), piece in zip(spans, pieces)]
+        k = min(self.topk, candidates) if scored else 0
+        n = low + k + past - high if scored else past
+        fresh = self._fresh_kv[layer]
         report = GatherReport()
-        if not self.manager.read_table_rows(epoch, reads, report=report):
-            return None
-        for (p0, m), piece in zip(spans, pieces):
-            if cos is not None:
-                piece[0, :, : m * bt] = self.rotary.rotate_blocks_by(piece[0, :, : m * bt], cos[p0 : p0 + m], sin[p0 : p0 + m], bt)
-            if p0 + m == n:
-                piece[:, :, m * bt :] = fresh
-            acc.add_kv(piece)
-        result = acc.result()
+        if self._pads(query, fresh) and n <= per_piece:
+            result = self._resident_one_piece(layer, acc, summary, epoch, table, past, low, high, k, fresh.shape[2], report)
+            if result is None:
+                return None
+        else:
+            result = self._resident_pieces(layer, acc, summary, epoch, table, past, low, high, k, per_piece, report, step)
+            if result is None:
+                return None
         self._take_prediction(layer, step)  # used up, as a host read would
         pinned = low + past - high
         step.read += n
@@ -526,8 +508,108 @@ class SequenceKV:
         step.unpredicted += n - pinned  # readable in place all along: nothing was predicted or moved for them
         step.resident += report.resident
         step.table_reads += 1
-        step.kernel_s += kernel_s[0] + report.copy_s + acc.kernel_s
+        step.kernel_s += report.copy_s + acc.kernel_s
         return result
+
+    def _device_selection(self, query: torch.Tensor, q_pos: int, summary: torch.Tensor, table: torch.Tensor, past: int,
+                          low: int, high: int, k: int, scaling: float, kernel_s: list[float] | None = None,
+                          ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+        """The rows of the blocks a decode step reads (sink, the top ``k`` of blocks ``low .. high``
+        by score, local; ``k`` = 0: every block, nothing scored), from the layer's ``table``, with
+        no host transfer; and with positions = "remap" the cos and sin ``[n, R]`` of each block's
+        move (None, None otherwise, or when nothing is scored). ``q_pos``: the query's position."""
+        if not k:
+            return table, None, None
+        scoring = (canonical_queries(query, q_pos, self.score_distance, self.rotary, non_blocking=True)
+                   if self._rotations is not None else query)  # fmt: skip
+        scores = block_scores(scoring, summary[..., low:high], scaling=scaling, timing=kernel_s)
+        want = min(high - low, self.topk + math.ceil(self.margin * self.topk))
+        chosen = torch.topk(scores, want, sorted=True)[1][:k].sort().values.add_(low)
+        positions = self._tables.positions(past)
+        blocks = torch.cat([positions[:low], chosen, positions[high:past]])
+        if self._rotations is None:
+            return table[blocks], None, None
+        n = low + k + past - high
+        moves = positions[:n] - blocks  # far blocks to the slots just before the local window (_remap_deltas)
+        moves += high - (low + k)  # local blocks: 0; the j-th far block: high - (far count) + j - block
+        all_cos, all_sin = self._rotations.rows(past + 1)
+        return table[blocks], all_cos[moves], all_sin[moves]
+
+    def _resident_pieces(self, layer: int, acc: AttentionAccumulator, summary: torch.Tensor, epoch: int, table: torch.Tensor,
+                         past: int, low: int, high: int, k: int, per_piece: int, report: GatherReport,
+                         step: StepStats) -> torch.Tensor | None:  # fmt: skip
+        """:meth:`_attend_resident` in the pieces :meth:`_read_blocks` cuts (eager)."""
+        choosing = time.perf_counter()
+        kernel_s = [0.0]
+        slots, cos, sin = self._device_selection(acc.query, self._tokens[layer] - 1, summary, table, past, low, high, k,
+                                                 acc.scaling, kernel_s)  # fmt: skip
+        n = slots.shape[0]
+        step.select_s += time.perf_counter() - choosing
+        step.kernel_s += kernel_s[0]
+        fresh = self._fresh_kv[layer]
+        valid = None
+        if self._pads(acc.query, fresh):
+            fresh, valid = self._windows[layer], fresh.shape[2]
+        elif fresh is None:
+            fk, fv, _ = self._fresh[layer]
+            fresh = torch.stack([fk, fv])
+        bt, d, h = self.block_tokens, self.head_dim, self.kv_heads
+        spans = [(p0, min(per_piece, n - p0)) for p0 in range(0, n, per_piece)]  # (first block, blocks) per piece
+        pieces = [torch.empty(2, h, m * bt + (fresh.shape[2] if p0 + m == n else 0), d, dtype=self.dtype, device=self.device)
+                  for p0, m in spans]  # fmt: skip
+        reads = [(slots[p0 : p0 + m], piece[:, :, : m * bt].view(2, h, m, bt, d)) for (p0, m), piece in zip(spans, pieces)]
+        if not self.manager.read_table_rows(epoch, reads, report=report):
+            return None
+        for (p0, m), piece in zip(spans, pieces):
+            if cos is not None:
+                piece[0, :, : m * bt] = self.rotary.rotate_blocks_by(piece[0, :, : m * bt], cos[p0 : p0 + m], sin[p0 : p0 + m], bt)
+            if p0 + m == n:
+                piece[:, :, m * bt :] = fresh
+                self._add_last(acc, piece, valid, single=p0 == 0)
+            else:
+                acc.add_kv(piece)
+        return acc.result()
+
+    def _resident_one_piece(self, layer: int, acc: AttentionAccumulator, summary: torch.Tensor, epoch: int,
+                            table: torch.Tensor, past: int, low: int, high: int, k: int, valid: int,
+                            report: GatherReport) -> torch.Tensor | None:  # fmt: skip
+        """:meth:`_attend_resident` when its read is one piece and the fresh window is read whole
+        (on a GPU): selection, lookup, gather and attention as one function of the device's
+        tensors, run under the manager's lock (the rows must stay put until the reads are queued);
+        replayed from the layer's CUDA graph, captured whenever the read's geometry changes
+        (:class:`~hkv.attention.decode_graphs.DecodeGraphs`), eager where graphs are off. Bitwise
+        :meth:`_read_blocks`' result either way (the same calls)."""
+        bt, d, h = self.block_tokens, self.head_dim, self.kv_heads
+        n = low + k + past - high if k else past
+        keys = (n + 1) * bt
+        window = self._windows[layer]
+        scaling, q_pos = acc.scaling, self._tokens[layer] - 1
+        self._tables.positions(past)  # grown here, not inside a capture
+        if self._rotations is not None:
+            self._rotations.rows(past + 1)
+        graphs = self._graphs if self._rotations is None else None  # remap's query rotation depends on the step
+        output: list[torch.Tensor] = []
+
+        def read(source: torch.Tensor) -> None:
+            def build(q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+                slots, cos, sin = self._device_selection(q, q_pos, summary, table, past, low, high, k, scaling)
+                piece = torch.empty(2, h, keys, d, dtype=self.dtype, device=self.device)
+                torch.index_select(source, 2, slots, out=piece[:, :, : n * bt].view(2, h, n, bt, d))
+                if cos is not None:
+                    piece[0, :, : n * bt] = self.rotary.rotate_blocks_by(piece[0, :, : n * bt], cos, sin, bt)
+                piece[:, :, n * bt :] = window
+                return attend_one_piece(q, piece, mask, scaling, h)
+
+            out = None
+            if graphs is not None:
+                key = (past, low, high, k, summary.data_ptr(), table.data_ptr(), window.data_ptr(), source.data_ptr(),
+                       acc.query.shape, acc.query.stride(), scaling)  # fmt: skip
+                out = graphs.run(layer, key, build, acc.query, self._tail_row(valid), keys)
+            output.append(out if out is not None else build(acc.query, self._window_mask(keys, valid)))
+
+        if not self.manager.run_table_read(epoch, read, n, report=report):
+            return None
+        return output[0]
 
     def _add_keys(self, acc: AttentionAccumulator, k: torch.Tensor, v: torch.Tensor, k_start: int, q_pos: int, nq: int) -> None:
         """Feed keys at positions ``k_start ...`` to ``acc`` in memory-bounded pieces, causally masked."""
@@ -560,11 +642,13 @@ class SequenceKV:
         return per_piece
 
     def _read_blocks(self, layer: int, acc: AttentionAccumulator, indices: list[int], nq: int, step: StepStats,
-                     deltas: list[int] | None = None, fresh: torch.Tensor | None = None) -> None:
+                     deltas: list[int] | None = None, fresh: torch.Tensor | None = None, valid: int | None = None) -> None:
         """Gather the blocks ``indices`` (sorted) of ``layer`` and feed them to ``acc``; ``deltas``
         (positions = "remap"): per block, the blocks' worth of positions its keys move by.
         ``fresh``: keys and values ``[2, Hkv, F, D]`` that every query sees (a decode step's fresh
-        window), read in the same piece as the last blocks (one copy behind them).
+        window), read in the same piece as the last blocks (one copy behind them). ``valid``: the
+        window is read whole (``F`` = ``block_tokens``) and only its first ``valid`` tokens are
+        seen (:meth:`_add_last`).
 
         Each piece is one buffer ``[2, Hkv, tokens, D]``: the manager writes the blocks straight
         into it (:meth:`~hkv.tiers.promotion.Promotion.gather_into`: one ``index_select`` when
@@ -573,7 +657,7 @@ class SequenceKV:
         only, never on the manager's state, so results never depend on timing."""
         if not indices:
             if fresh is not None:
-                acc.add_kv(fresh)
+                self._add_last(acc, fresh, valid, single=True)
             return
         keys = self._keys[layer]
         wanted = [keys[i].digest for i in indices]
@@ -592,9 +676,49 @@ class SequenceKV:
                 piece[0, :, : n * bt] = self.rotary.rotate_blocks(piece[0, :, : n * bt], [x * bt for x in deltas[p0 : p0 + n]], bt)
             if extra:
                 piece[:, :, n * bt :] = fresh
-            acc.add_kv(piece)
+                self._add_last(acc, piece, valid, single=p0 == 0)
+            else:
+                acc.add_kv(piece)
         step.kernel_s += report.copy_s
         self._count_prefetch(layer, wanted, indices, predicted, report, step)
+
+    def _pads(self, query: torch.Tensor, fresh_kv: torch.Tensor | None) -> bool:
+        """Whether a decode step reads the whole fresh window with its unwritten end masked
+        (``self._padded``: on a GPU), for this query and fresh window (one in the layer's window)."""
+        return self._padded and fresh_kv is not None and query.dtype == self.dtype
+
+    def _add_last(self, acc: AttentionAccumulator, piece: torch.Tensor, valid: int | None, *, single: bool) -> None:
+        """Feed a decode step's last piece ``[2, Hkv, N, D]``, which ends with the fresh window, to
+        ``acc``: as it is when ``valid`` is None; else the window is the whole of it (``block_tokens``
+        tokens) and its tokens from ``valid`` on are masked: one fused kernel when the piece is the
+        read's only one (``single``, :func:`~hkv.attention.accumulator.attend_one_piece`), the
+        accumulator's masked merge otherwise."""
+        if valid is None:
+            acc.add_kv(piece)
+            return
+        mask = self._window_mask(piece.shape[2], valid)
+        if single:
+            acc.set_output(attend_one_piece(acc.query, piece, mask, acc.scaling, self.kv_heads))
+        else:
+            acc.add(piece[0], piece[1], mask.view(1, -1) == 0)
+
+    def _tail_row(self, valid: int) -> torch.Tensor:
+        """``[block_tokens]`` additive mask of a fresh window whose first ``valid`` tokens are written:
+        0 there, -inf after (a view of one cached table)."""
+        if self._tail_rows is None:
+            bt = self.block_tokens
+            cols = torch.arange(bt, device=self.device).unsqueeze(0)
+            rows = torch.arange(bt + 1, device=self.device).unsqueeze(1)
+            self._tail_rows = torch.zeros(bt + 1, bt, dtype=self.dtype, device=self.device).masked_fill_(cols >= rows, float("-inf"))
+        return self._tail_rows[valid]
+
+    def _window_mask(self, keys: int, valid: int) -> torch.Tensor:
+        """``[1, 1, 1, keys]`` additive mask of a piece that ends with the whole fresh window:
+        0 but for the window's tokens from ``valid`` on (-inf)."""
+        before = keys - self.block_tokens
+        if self._mask_zeros.numel() < before:
+            self._mask_zeros = torch.zeros(max(before, 2 * self._mask_zeros.numel()), dtype=self.dtype, device=self.device)
+        return torch.cat([self._mask_zeros[:before], self._tail_row(valid)]).view(1, 1, 1, keys)
 
     # -- prefetch --------------------------------------------------------------------------------
 
@@ -750,3 +874,5 @@ class SequenceKV:
             self._pinned[layer] = set()
             self._fresh[layer] = self._fresh_kv[layer] = self._windows[layer] = None
         self._tables.forget()
+        if self._graphs is not None:
+            self._graphs.forget()

@@ -202,18 +202,30 @@ class Promotion(Placement):
         blocks and no device -> host transfer: the rows may come from a device-side selection.
         On CUDA the reads are queued before any later copy into these slots (as a gather's are).
         Every block read counts as resident: read in place, nothing moved."""
+
+        def read(source: torch.Tensor) -> None:
+            for rows, out in reads:
+                torch.index_select(source, 2, rows, out=out)
+
+        return self.run_table_read(epoch, read, sum(rows.numel() for rows, _ in reads), report=report)
+
+    def run_table_read(self, epoch: int, read: Callable[[torch.Tensor], object], blocks: int, *,
+                       report: GatherReport | None = None) -> bool:  # fmt: skip
+        """``read(source)`` under the lock, when no block has left its row since ``epoch``, where
+        ``source`` is :meth:`table_source` as ``[2, kv_heads, rows, block_tokens, head_dim]``: the
+        queued reads of a block table's rows (:meth:`read_table_rows`, or a CUDA graph's replay,
+        :mod:`~hkv.attention.decode_graphs`); False (nothing run) when the epoch moved. ``blocks``:
+        the blocks ``read`` reads, counted resident in ``report``."""
         with self._cond:
             self._check_open()
             if epoch != self.table_epoch:
                 return False
             started = time.perf_counter()
-            source = self.table_source().permute(1, 2, 0, 3, 4)
-            for rows, out in reads:
-                torch.index_select(source, 2, rows, out=out)
+            read(self.table_source().permute(1, 2, 0, 3, 4))
             self.copies.mark_use()
             if report is not None:
                 report.copy_s += time.perf_counter() - started
-                report.resident += sum(rows.numel() for rows, _ in reads)
+                report.resident += blocks
         return True
 
     def _read_from_host(self, keys: Sequence[Digest], slots: list[int | None], missing: list[Digest], out: torch.Tensor,

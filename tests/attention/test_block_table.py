@@ -11,7 +11,7 @@ import hkv.attention.sequence
 from hkv.config import Config
 from hkv.positions import RotaryShift
 
-from helpers.sequences import HKV, HQ, LAYERS, D, Driver, make_config, opened_sequence
+from helpers.sequences import HKV, LAYERS, D, Driver, attend_without_syncs, make_config, opened_sequence
 
 
 ROTARY = RotaryShift(torch.tensor([1.0, 0.3, 0.05, 0.002], dtype=torch.float64))  # all 8 dims of D rotate
@@ -108,21 +108,9 @@ def test_attention_over_a_resident_layer_never_synchronises(tmp_path, mode: str)
     """``torch.cuda.set_sync_debug_mode("error")`` around every layer's attention of decode steps
     (blocks sealed on the way): no device -> host transfer or synchronisation in it."""
     config = _config(tmp_path, mode, 64)
-    gen = torch.Generator().manual_seed(3)
     with opened_sequence(config, device="cuda", rotary=ROTARY if mode == "remap" else None) as (manager, seq):
         driver = Driver(seq, manager, seed=7)
         driver.step(37)
         driver.step(1)  # the tables are built at the first decode step
-        for _ in range(9):
-            seq.note_tokens(torch.randint(0, 1000, (1,), generator=gen))
-            for layer in range(LAYERS):
-                k, v, q = (torch.randn(h, 1, D, generator=gen).cuda() for h in (HKV, HKV, HQ))
-                seq.append(layer, k, v)
-                torch.cuda.synchronize()
-                torch.cuda.set_sync_debug_mode("error")
-                try:
-                    out = seq.attend(layer, q, D**-0.5)
-                finally:
-                    torch.cuda.set_sync_debug_mode("default")
-                assert out.shape == (HQ, 1, D) and bool(torch.isfinite(out).all())
+        attend_without_syncs(seq, 9)
         assert seq.stats().table_reads >= 9 * LAYERS

@@ -102,3 +102,21 @@ class Driver:
             expected = reference(q, self.keys[layer], self.values[layer], D**-0.5)
             assert out.shape == q.shape and out.dtype == self.dtype
             torch.testing.assert_close(out.float().cpu(), expected, atol=atol, rtol=atol)
+
+
+def attend_without_syncs(seq: SequenceKV, steps: int, *, seed: int = 3, dtype: torch.dtype = torch.float32) -> None:
+    """``steps`` decode steps of random KV on CUDA, every layer's attention under
+    ``torch.cuda.set_sync_debug_mode("error")`` (a device -> host synchronisation in it raises)."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        seq.note_tokens(torch.randint(0, 1000, (1,), generator=gen))
+        for layer in range(LAYERS):
+            k, v, q = (torch.randn(h, 1, D, generator=gen).cuda().to(dtype) for h in (HKV, HKV, HQ))
+            seq.append(layer, k, v)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                out = seq.attend(layer, q, D**-0.5)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            assert out.shape == (HQ, 1, D) and bool(torch.isfinite(out).all())
