@@ -828,6 +828,12 @@ class SequenceKV:
             copy.moved_bytes = {k: v - self._moved_start.get(k, 0) for k, v in moved.items()}
         return copy
 
+    @property
+    def graphs(self) -> DecodeGraphs | None:
+        """The CUDA graphs of the resident decode reads (their counts, and why they were turned
+        off if they were); None without a GPU or with ``attention.cuda_graphs = false``."""
+        return self._graphs
+
     def stats(self) -> SequenceStats:
         """Totals over every step so far, the current step included."""
         out = SequenceStats(**{f.name: getattr(self._totals, f.name) for f in fields(StepStats)})

@@ -120,6 +120,15 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
+def _graph_counts(sequence: Any) -> dict[str, Any] | None:
+    """The sequence's CUDA graph captures and replays and why they were turned off, if they were
+    (:class:`~hkv.attention.decode_graphs.DecodeGraphs`); None where it has none (no GPU)."""
+    graphs = sequence.graphs
+    if graphs is None:
+        return None
+    return {"captures": graphs.captures, "replays": graphs.replays, "failure": graphs.failure}
+
+
 def _time_steps(model: torch.nn.Module, cache: Any, steps: int, warmup: int = 2, on_warm: Any = None) -> list[float]:
     """Seconds per decode step (greedy next token), ``steps`` timed after ``warmup``.
     ``on_warm()`` is called once the warm-up steps are done (to snapshot statistics)."""
@@ -225,6 +234,8 @@ def _hkv_run(model: torch.nn.Module, config: Config, context: int, steps: int, s
         "stall_frac": stall / sum(times) if times else None,
         # layer reads selected and read on the device through the block tables (every block resident)
         "table_read_frac": (_stat(after, "table_reads") - _stat(before, "table_reads")) / layer_steps,
+        # on a GPU: the resident reads' CUDA graphs over the whole run (fill included), None elsewhere
+        "cuda_graphs": _graph_counts(sequence),
         "host_ms_per_layer": 1000 * host_s,
         "layer_ms": {name[:-2]: 1000 * value for name, value in host.items()},
         "tiers": stats.tiers,
@@ -453,6 +464,7 @@ def run_decode_bench(
         figures["hit_rate"].append(run["hit_rate"])
         figures["stall_frac"].append(run["stall_frac"])
         figures.setdefault("table_read_frac", []).append(run["table_read_frac"])
+        figures.setdefault("cuda_graphs", []).append(run["cuda_graphs"])
         figures["host_ms_per_layer"].append(run["host_ms_per_layer"])
         figures["layer_ms"].append(run["layer_ms"])
         figures["precision"].append(run["precision"])
@@ -525,8 +537,11 @@ def print_table(figures: dict[str, Any]) -> None:
         for i, parts in enumerate(figures.get("layer_ms", [])):
             if parts:
                 table = figures.get("table_read_frac", [None] * (i + 1))[i]
+                graphs = figures.get("cuda_graphs", [None] * (i + 1))[i]
                 print(f"  {figures['contexts'][i]}: per layer ms " + ", ".join(f"{name} {value:.3f}" for name, value in parts.items())
-                      + (f"; {table:.0%} of layer reads through the device block tables" if table is not None else ""))
+                      + (f"; {table:.0%} of layer reads through the device block tables" if table is not None else "")
+                      + (f"; CUDA graphs: {graphs['captures']} captures, {graphs['replays']} replays"
+                         + (f", off: {graphs['failure']}" if graphs["failure"] else "") if graphs else ""))  # fmt: skip
     if figures.get("hkv_growth") is not None:
         print(f"hkv latency at {figures['contexts'][-1]} / at {figures['contexts'][0]}: {figures['hkv_growth']:.2f}x")
     if figures.get("rss_limit_bytes"):

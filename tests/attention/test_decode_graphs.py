@@ -38,7 +38,7 @@ def _outputs(config, *, device: str, dtype: torch.dtype, tables: bool = True, pa
         outputs = [out for out, _ in driver.step(37)]
         for _ in range(steps):
             outputs += [out for out, _ in driver.step(1)]
-        return outputs, seq.stats(), seq._graphs
+        return outputs, seq.stats(), seq.graphs
 
 
 @pytest.mark.parametrize("mode", ["sparse", "remap", "exact"])
@@ -119,7 +119,7 @@ def test_graph_captures_and_replays_never_synchronise(tmp_path) -> None:
         driver.step(37)
         driver.step(1)  # the tables are built, the first graphs captured (and checked) at the first decode step
         attend_without_syncs(seq, 9, dtype=torch.float16)
-        assert seq._graphs.failure is None and seq._graphs.captures > LAYERS
+        assert seq.graphs.failure is None and seq.graphs.captures > LAYERS
 
 
 class _ClosureGraph:
@@ -165,7 +165,7 @@ def test_what_a_capture_holds_is_keyed_on_the_cpu(tmp_path, mode: str) -> None:
         replayed = [out for out, _ in driver.step(37)]
         for _ in range(14):
             replayed += [out for out, _ in driver.step(1)]
-        graphs = seq._graphs
+        graphs = seq.graphs
     eager, _, _ = _outputs(_config(tmp_path / "e", mode, 64), device="cpu", dtype=torch.float32, padded=True)
     for a, b in zip(replayed, eager, strict=True):
         assert torch.equal(a, b)

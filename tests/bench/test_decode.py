@@ -102,7 +102,9 @@ def test_cli_isolated_run_writes_json(cli, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     figures = json.loads(out.read_text())
     assert figures["isolated"] is True and figures["baseline_ms"] == [None]
-    assert figures["rss_lifetime_peak_bytes"][0] >= figures["rss_peak_bytes"][0] > 0
+    # ru_maxrss and the sampled VmRSS sum the kernel's per-CPU RSS counters at different times and
+    # ways, so the lifetime peak may read a few hundred KiB below a sampled one (seen: 280 KiB)
+    assert figures["rss_lifetime_peak_bytes"][0] >= figures["rss_peak_bytes"][0] - 2**20 > 0
     assert figures["tier_bytes"][0]["disk"] > 0
 
 
