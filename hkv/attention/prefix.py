@@ -35,8 +35,8 @@ def adopt_stored_prefix(seq: SequenceKV, token_ids: torch.Tensor | np.ndarray, *
 
     A session's restore passes what it has already (computing 122,880 keys took 1.4 s at 256K
     tokens): ``known_keys[layer]``, the keys of the blocks of ``token_ids`` (all of them), and
-    ``known_summaries[layer]``, the summaries ``[n, 2 * kv_heads * head_dim]`` of the first
-    ``n`` (its summary runs): only the blocks after those are looked up."""
+    ``known_summaries[layer]``, the summaries ``[n_i, 2 * kv_heads * head_dim]`` of the first
+    blocks in pieces (its summary runs, in block order): only the blocks after those are looked up."""
     bt, first = seq.block_tokens, seq.sealed_blocks()
     if seq.seq_length() != first * bt:
         return 0
@@ -61,24 +61,39 @@ def adopt_stored_prefix(seq: SequenceKV, token_ids: torch.Tensor | np.ndarray, *
             return 0
         keys.append(layer_keys)
     rows = SummaryRows(seq.manager.store)
-    summaries = []
+    shape = (2, seq.kv_heads, seq.head_dim)
+    summaries: list[list[torch.Tensor]] = []
     for layer in range(seq.num_layers):
-        known = min(count, len(known_summaries[layer])) if known_summaries is not None else 0
-        if known == count:  # all in the session's runs: a view, not a copy (190 MB at 256K tokens)
-            summaries.append(known_summaries[layer][:count].reshape(count, 2, seq.kv_heads, seq.head_dim))
+        pieces = known_summaries[layer] if known_summaries is not None else []
+        known = min(count, sum(len(piece) for piece in pieces))
+        if known == count:  # all in the session's runs: views, not a copy (190 MB at 256K tokens)
+            summaries.append(_first_blocks([piece.view(-1, *shape) for piece in pieces], count))
             continue
-        out = torch.empty(count, 2, seq.kv_heads, seq.head_dim, dtype=torch.float32)
-        if known:
-            out[:known] = known_summaries[layer][:known].reshape(known, 2, seq.kv_heads, seq.head_dim)
+        out = torch.empty(count, *shape, dtype=torch.float32)
+        at = 0
+        for piece in _first_blocks([piece.view(-1, *shape) for piece in pieces], known):
+            out[at : at + len(piece)] = piece
+            at += len(piece)
         if known < count:
             known += rows.read(keys[layer][known:count], out[known:], relative=seq.summaries.relative)
         count = min(count, known)
         if count == 0:
             return 0
-        summaries.append(out)
+        summaries.append([out])
     seq.note_tokens(torch.from_numpy(ids[: count * bt]))
-    seq.adopt(count, [s[:count] for s in summaries], keys)
+    seq.adopt(count, [_first_blocks(pieces, count) for pieces in summaries], keys)
     return count * bt
+
+
+def _first_blocks(pieces: list[torch.Tensor], count: int) -> list[torch.Tensor]:
+    """The first ``count`` rows of the pieces' concatenation, as views of the pieces."""
+    out = []
+    for piece in pieces:
+        if count <= 0:
+            break
+        out.append(piece[:count])
+        count -= len(out[-1])
+    return out
 
 
 def as_ids(token_ids: torch.Tensor | np.ndarray | list[int]) -> np.ndarray:

@@ -315,12 +315,14 @@ class SequenceKV:
 
     # -- sessions: adopting stored blocks, exporting what a commit needs ---------------------------
 
-    def adopt(self, n_blocks: int, summaries: list[torch.Tensor], block_keys: list[list[BlockKey]] | None = None) -> None:
+    def adopt(self, n_blocks: int, summaries: list[torch.Tensor] | list[list[torch.Tensor]],
+              block_keys: list[list[BlockKey]] | None = None) -> None:  # fmt: skip
         """Take the next ``n_blocks`` complete blocks of the noted tokens as sealed blocks of every
         layer WITHOUT reading them: they are already stored (a restored session, a reused prefix).
 
         ``summaries[layer]``: ``[n_blocks, 2, Hkv, D]`` fp32 (min, max of each block's keys), as
-        stored. Every layer must be at the same block boundary (no unsealed tail) and
+        stored; or a list of such pieces ``[n_i, 2, Hkv, D]`` in block order whose ``n_i`` add up
+        to ``n_blocks`` (a session's summary runs, read without a concatenation). Every layer must be at the same block boundary (no unsealed tail) and
         :meth:`note_tokens` must cover the adopted tokens. The blocks are retained; the sink /
         local ones are pinned (read now, from wherever they are); the others stay where they are
         until attention or the prefetcher needs them. ``block_keys[layer]``: the blocks' keys, where the
@@ -329,7 +331,10 @@ class SequenceKV:
         bt, first = self.block_tokens, len(self._keys[0])
         if any(t != first * bt for t in self._tokens) or any(len(k) != first for k in self._keys):
             raise ValueError(f"adopt needs every layer at the same block boundary; tokens per layer: {self._tokens}")
-        if len(summaries) != self.num_layers or any(tuple(s.shape) != (n_blocks, 2, self.kv_heads, self.head_dim) for s in summaries):
+        pieces = [[s] if isinstance(s, torch.Tensor) else list(s) for s in summaries]
+        if len(pieces) != self.num_layers or any(sum(len(p) for p in layer) != n_blocks
+                                                 or any(tuple(p.shape[1:]) != (2, self.kv_heads, self.head_dim) for p in layer)
+                                                 for layer in pieces):  # fmt: skip
             raise ValueError(f"adopt expects {self.num_layers} summaries of [{n_blocks}, 2, {self.kv_heads}, {self.head_dim}]")
         if n_blocks <= 0:
             return
@@ -341,7 +346,7 @@ class SequenceKV:
             self.manager.retain(new_keys)
             keys = self._keys[layer]
             keys.extend(new_keys)
-            self.summaries.extend(layer, summaries[layer])
+            self.summaries.extend(layer, pieces[layer])
             self._tokens[layer] = end * bt
             self._fresh[layer] = self._fresh_kv[layer] = None
             pinned = set(range(min(self.sink_blocks, end))) | set(range(max(0, end - self.local_blocks), end))

@@ -210,13 +210,15 @@ class Session(PulledSession):
                 raise RemoteBlockLostError(f"session {self.name!r}: a block's summary is missing on the remote tier", [])
             self.runtime.manager.learn_remote([BlockKey(digest) for digest in lazy.remote_keys], lazy)
             lazy.attach(self.runtime.manager.remote_blocks)
-            runs = []  # the local store has none of its summary runs: the first commit writes them
+            known = [[layer_summaries] for layer_summaries in known]
+            covered = 0  # the local store has none of its summary runs: the first commit writes them
         else:
             runs = self._store.read_summary_runs(self.name, by_layer, seq.summaries.relative)
-            known = [torch.from_numpy(run) for run in runs]
+            known = [[torch.from_numpy(run) for run in layer_runs] for layer_runs in runs]
+            covered = sum(len(run) for run in runs[0]) if runs else 0
         keys = [[BlockKey(digest) for digest in layer_digests] for layer_digests in by_layer]
         adopted = adopt_stored_prefix(seq, self._tokens[: record.kv_blocks * bt], known_keys=keys, known_summaries=known) // bt
-        self._run_end = min(adopted, len(runs[0]) if runs else 0)
+        self._run_end = min(adopted, covered)
         self._cache.sync_lengths()
         tail = 0
         if adopted == record.kv_blocks and record.tail_tokens:

@@ -196,9 +196,9 @@ class SessionStore:
         ``name``'s, after a commit; False (nothing written) unless its runs end at ``first``."""
         return self.disk.apply(lambda txn: put_run(txn, name, first, count, value, keep_blocks=first))
 
-    def read_summary_runs(self, name: str, keys_by_layer: list[list[bytes]], relative: bool) -> list[np.ndarray]:
-        """Per layer, the fp32 summaries ``[covered, 2 * kv_heads * head_dim]`` of ``name``'s
-        leading blocks that its runs hold (:func:`~.summary_runs.read_runs`)."""
+    def read_summary_runs(self, name: str, keys_by_layer: list[list[bytes]], relative: bool) -> list[list[np.ndarray]]:
+        """Per layer, the fp32 summaries ``[count, 2 * kv_heads * head_dim]`` of each of the runs
+        that hold ``name``'s leading blocks, in block order (:func:`~.summary_runs.read_runs`)."""
         layout = self.disk.layout
         return read_runs(self.disk, name, keys_by_layer, relative, 2 * layout.kv_heads * layout.head_dim)
 

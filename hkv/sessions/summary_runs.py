@@ -80,7 +80,7 @@ class SummaryRun:
     values: np.ndarray  # fp32 [layers, count, floats per summary], a view of the row's bytes
 
 
-def decode_run(raw: bytes | memoryview, floats: int) -> SummaryRun | None:
+def decode_run(raw: bytes | bytearray | memoryview, floats: int) -> SummaryRun | None:
     """The run in ``raw`` if intact (length and checksum), else None."""
     view = memoryview(raw)
     if len(view) < CHECKSUM_BYTES + _HEADER.size or checksum(view[CHECKSUM_BYTES:]) != bytes(view[:CHECKSUM_BYTES]):
@@ -121,17 +121,19 @@ def put_run(txn: StoreTxn, name: str, first: int, count: int, value: bytes, keep
 
 
 def read_runs(store: BlockStore, name: str, keys_by_layer: Sequence[Sequence[bytes]], relative: bool,
-              floats: int) -> list[np.ndarray]:  # fmt: skip
-    """The summaries of ``name``'s leading blocks that its runs hold: per layer an fp32 array
-    ``[covered, floats]`` (covered may be 0). A run counts only if intact, in the frame asked
-    for, contiguous with the ones before it and naming exactly the record's block keys."""
+              floats: int) -> list[list[np.ndarray]]:  # fmt: skip
+    """The summaries of ``name``'s leading blocks that its runs hold: per layer the fp32 arrays
+    ``[count, floats]`` of its runs in block order (none when no run counts), each a view of
+    the memory the run was read into, no copy (190 MB at 256K tokens, whose page faults cost
+    more than the read). A run counts only if intact, in the frame asked for, contiguous with
+    the ones before it and naming exactly the record's block keys."""
     layers = len(keys_by_layer)
     total = min((len(keys) for keys in keys_by_layer), default=0)
     runs: list[SummaryRun] = []
     covered = 0
     with store.reading(buffers=True) as txn:
         keys = [key for key in run_keys(txn, name) if sum(_span(key)) <= total]
-        raws = store.read_large_values("sessions", keys, txn)  # all read at once, valid until the transaction ends
+        raws = store.read_large_values("sessions", keys, txn, owned=True)  # all read at once, kept past the transaction
         for raw in raws:
             run = None if raw is None else decode_run(raw, floats)
             if (run is None or run.first != covered or run.layers != layers or run.relative != relative
@@ -140,9 +142,4 @@ def read_runs(store: BlockStore, name: str, keys_by_layer: Sequence[Sequence[byt
                 break
             runs.append(run)
             covered += run.count
-        # One copy out of the read buffers, straight into place (a copy per run and then a
-        # concatenation per layer cost twice the time in page faults at 256K tokens: 190 MB).
-        out = np.empty((layers, covered, floats), dtype=np.float32)
-        for run in runs:
-            out[:, run.first : run.first + run.count] = run.values
-    return list(out)
+    return [[run.values[layer] for run in runs] for layer in range(layers)]

@@ -551,14 +551,24 @@ class BlockStore:
             read_record(record, row, key, where=self._where(key))
         self._mapped.note(len(keys) * self.record_nbytes)
 
-    def read_large_values(self, db: str, keys: Sequence[bytes], txn: StoreTxn) -> list[memoryview | None]:
+    def read_large_values(self, db: str, keys: Sequence[bytes], txn: StoreTxn, *,
+                          owned: bool = False) -> list[memoryview | bytearray | None]:  # fmt: skip
         """The values of ``keys`` in database ``db`` under ``txn`` (a :meth:`reading` snapshot
         with ``buffers``): those in overflow pages read with O_DIRECT, all in flight together;
         the others through the map. None for a missing key. Views are valid until this thread's
-        next direct read or the end of the transaction. The caller checks what it reads."""
+        next direct read or the end of the transaction; with ``owned`` every value outlives
+        both (the direct reads land in memory of this call's own, the map's are copied). The
+        caller checks what it reads."""
         handle = txn.db[db]
-        views = self.direct.read(self._locator.locate(txn.txn, self._main_db, db.encode(), keys))
-        return [view if view is not None else txn.txn.get(key, db=handle) for key, view in zip(keys, views)]
+        views = self.direct.read(self._locator.locate(txn.txn, self._main_db, db.encode(), keys), owned=owned)
+        values: list[memoryview | bytearray | None] = []
+        for key, view in zip(keys, views):
+            if view is None:
+                view = txn.txn.get(key, db=handle)
+                if owned and view is not None:
+                    view = bytearray(view)  # writable, as the direct reads' memory is
+            values.append(view)
+        return values
 
     def _read_one(self, txn: lmdb.Transaction, key: BlockKey, raw_key: bytes, view: memoryview | None, row: int,
                   read_record: Callable[..., None]) -> None:  # fmt: skip

@@ -116,7 +116,9 @@ class DirectReader:
         if fd is not None:
             os.close(fd)
 
-    def read(self, locations: list[tuple[int, int] | None]) -> list[memoryview | None]:
+    def read(self, locations: list[tuple[int, int] | None], *, owned: bool = False) -> list[memoryview | None]:
+        """See the class docstring; ``owned``: into a buffer of this call's own, so the views stay
+        valid as long as they are referenced (a restore keeps a session's summary runs so)."""
         fd = self._fd if self.available else None
         if fd is None:
             return [None] * len(locations)
@@ -124,7 +126,7 @@ class DirectReader:
         starts = [0]
         for span in spans:
             starts.append(starts[-1] + span)
-        buffer = self._buffers.get(starts[-1])
+        buffer = mmap.mmap(-1, max(starts[-1], PAGE)) if owned else self._buffers.get(starts[-1])
         view = memoryview(buffer)
         jobs = [(i, loc[0]) for i, loc in enumerate(locations) if loc is not None]
 

@@ -73,7 +73,10 @@ def test_a_resume_reads_its_summaries_from_the_runs_and_matches_the_rows(model, 
         record = s._store.get("chat")
         digests = record.key_digests()
         by_layer = [digests[layer::LAYERS] for layer in range(LAYERS)]
-        runs = s._store.read_summary_runs("chat", by_layer, relative=False)
+        pieces = s._store.read_summary_runs("chat", by_layer, relative=False)
+        # per layer one array per run, each a view of the memory read (no concatenation, no copy)
+        assert all(len(layer) == 2 and not any(piece.flags.owndata for piece in layer) for layer in pieces)
+        runs = [np.concatenate(layer) for layer in pieces]
         with s._store.disk.reading() as txn:
             floats = runs[0].shape[1]
             for layer in range(LAYERS):
