@@ -119,7 +119,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.inference_mode()
 def _graph_counts(sequence: Any) -> dict[str, Any] | None:
     """The sequence's CUDA graph captures and replays and why they were turned off, if they were
     (:class:`~hkv.attention.decode_graphs.DecodeGraphs`); None where it has none (no GPU)."""
@@ -129,6 +128,7 @@ def _graph_counts(sequence: Any) -> dict[str, Any] | None:
     return {"captures": graphs.captures, "replays": graphs.replays, "failure": graphs.failure}
 
 
+@torch.inference_mode()
 def _time_steps(model: torch.nn.Module, cache: Any, steps: int, warmup: int = 2, on_warm: Any = None) -> list[float]:
     """Seconds per decode step (greedy next token), ``steps`` timed after ``warmup``.
     ``on_warm()`` is called once the warm-up steps are done (to snapshot statistics)."""
