@@ -119,7 +119,7 @@ class AttentionConfig(_Section):
         description='rotary positions of far blocks: "original" keeps them; "remap" (sparse mode only) moves the selected '
         "far blocks just before the local window, so distances stay within the model's trained length (InfLLM)",
     )
-    cuda_graphs: bool = Field(
+    cuda_graphs: StrictBool = Field(
         True,
         description="on a GPU, replay a decode step's attention over a layer whose blocks are all on the device from a "
         "CUDA graph captured once per block boundary (one launch instead of a few dozen; same result); no effect elsewhere",

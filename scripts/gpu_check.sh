@@ -13,6 +13,7 @@
 # Opt-in stage "offload": at GPU_CHECK_OFFLOAD_CONTEXT (131072) tokens, hkv with the device tier
 # 1/8 of the KV against DynamicCache in HBM and DynamicCache(offloading=True) (offload_cuda.*).
 # Opt-in stage "profile": torch.profiler over decode steps at 8K, hkv and DynamicCache (profile_cuda.txt).
+# Opt-in stage "nographs": the decode stage again with attention.cuda_graphs = false (decode_nographs_cuda.*).
 # Opt-in stage "llama8b": a Llama-3-8B-shaped model (bf16, random weights) at 128K tokens, device tier
 # 1/8 of the KV, against DynamicCache in HBM and offloaded (llama8b_cuda.*).
 # Opt-in stage "tune": `hkv tune` for SmolLM2's shape (random weights saved as a model folder: its
@@ -105,9 +106,9 @@ stage_done $? tiers 8 "tiers benchmark"
 fi
 
 # --- decode benchmark on the GPU --------------------------------------------------------------
-if want decode; then
-log "decode benchmark on $TAG (contexts $GPU_CHECK_DECODE_CONTEXTS; 16 steps)"
-GPU_CHECK_BENCH_JSON="$OUT/decode_$TAG.json" timeout 170 "$PY" - > "$OUT/decode_$TAG.txt" 2>&1 <<'EOF'
+# decode_stage NAME: the decode benchmark into $OUT/NAME_$TAG.{json,txt} (with the caller's HKV_* environment)
+decode_stage() {
+GPU_CHECK_BENCH_JSON="$OUT/$1_$TAG.json" timeout 170 "$PY" - > "$OUT/$1_$TAG.txt" 2>&1 <<'EOF'
 import json, os
 from hkv import Config
 from hkv.bench.decode import print_table, run_decode_bench
@@ -150,7 +151,17 @@ for context in contexts:  # one context at a time: a timeout still leaves the JS
         json.dump(merged, handle, indent=2, default=str)
 print_table(merged)
 EOF
+}
+if want decode; then
+log "decode benchmark on $TAG (contexts $GPU_CHECK_DECODE_CONTEXTS; 16 steps)"
+decode_stage decode
 stage_done $? decode 12 "decode benchmark"
+fi
+# the same without the CUDA graphs of the resident reads (opt-in stage "nographs": their effect, same machine and run)
+if want nographs; then
+log "decode benchmark on $TAG without CUDA graphs (attention.cuda_graphs = false)"
+HKV_ATTENTION__CUDA_GRAPHS=false decode_stage decode_nographs
+stage_done $? decode_nographs 12 "decode benchmark without CUDA graphs"
 fi
 
 # --- next-layer prediction against same-layer, device tier 1/8 of the KV (opt-in stage) ----------
