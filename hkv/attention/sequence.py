@@ -322,8 +322,9 @@ class SequenceKV:
 
         ``summaries[layer]``: ``[n_blocks, 2, Hkv, D]`` fp32 (min, max of each block's keys), as
         stored; or a list of such pieces ``[n_i, 2, Hkv, D]`` in block order whose ``n_i`` add up
-        to ``n_blocks`` (a session's summary runs, read without a concatenation). Every layer must be at the same block boundary (no unsealed tail) and
-        :meth:`note_tokens` must cover the adopted tokens. The blocks are retained; the sink /
+        to ``n_blocks`` (a session's summary runs, read without a concatenation). Every layer must
+        be at the same block boundary (no unsealed tail) and :meth:`note_tokens` must cover the
+        adopted tokens. The blocks are retained; the sink /
         local ones are pinned (read now, from wherever they are); the others stay where they are
         until attention or the prefetcher needs them. ``block_keys[layer]``: the blocks' keys, where the
         caller has them already (at least ``n_blocks`` per layer; else computed here)."""
@@ -493,8 +494,8 @@ class SequenceKV:
         epoch, table = found
         acc = AttentionAccumulator(query, scaling, self.kv_heads)
         per_piece = self._blocks_per_piece(acc, 1)
-        k = min(self.topk, candidates) if scored else 0
-        n = low + k + past - high if scored else past
+        k = min(self.topk, candidates) if scored else None  # None: every block, nothing scored
+        n = low + k + past - high if k is not None else past
         fresh = self._fresh_kv[layer]
         report = GatherReport()
         if self._pads(query, fresh) and n <= per_piece:
@@ -517,13 +518,13 @@ class SequenceKV:
         return result
 
     def _device_selection(self, query: torch.Tensor, q_pos: int, summary: torch.Tensor, table: torch.Tensor, past: int,
-                          low: int, high: int, k: int, scaling: float, kernel_s: list[float] | None = None,
+                          low: int, high: int, k: int | None, scaling: float, kernel_s: list[float] | None = None,
                           ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
         """The rows of the blocks a decode step reads (sink, the top ``k`` of blocks ``low .. high``
-        by score, local; ``k`` = 0: every block, nothing scored), from the layer's ``table``, with
+        by score, local; ``k`` None: every block, nothing scored), from the layer's ``table``, with
         no host transfer; and with positions = "remap" the cos and sin ``[n, R]`` of each block's
         move (None, None otherwise, or when nothing is scored). ``q_pos``: the query's position."""
-        if not k:
+        if k is None:
             return table, None, None
         scoring = (canonical_queries(query, q_pos, self.score_distance, self.rotary, non_blocking=True)
                    if self._rotations is not None else query)  # fmt: skip
@@ -541,7 +542,7 @@ class SequenceKV:
         return table[blocks], all_cos[moves], all_sin[moves]
 
     def _resident_pieces(self, layer: int, acc: AttentionAccumulator, summary: torch.Tensor, epoch: int, table: torch.Tensor,
-                         past: int, low: int, high: int, k: int, per_piece: int, report: GatherReport,
+                         past: int, low: int, high: int, k: int | None, per_piece: int, report: GatherReport,
                          step: StepStats) -> torch.Tensor | None:  # fmt: skip
         """:meth:`_attend_resident` in the pieces :meth:`_read_blocks` cuts (eager)."""
         choosing = time.perf_counter()
@@ -576,7 +577,7 @@ class SequenceKV:
         return acc.result()
 
     def _resident_one_piece(self, layer: int, acc: AttentionAccumulator, summary: torch.Tensor, epoch: int,
-                            table: torch.Tensor, past: int, low: int, high: int, k: int, valid: int,
+                            table: torch.Tensor, past: int, low: int, high: int, k: int | None, valid: int,
                             report: GatherReport) -> torch.Tensor | None:  # fmt: skip
         """:meth:`_attend_resident` when its read is one piece and the fresh window is read whole
         (on a GPU): selection, lookup, gather and attention as one function of the device's
@@ -585,7 +586,7 @@ class SequenceKV:
         (:class:`~hkv.attention.decode_graphs.DecodeGraphs`), eager where graphs are off. Bitwise
         :meth:`_read_blocks`' result either way (the same calls)."""
         bt, d, h = self.block_tokens, self.head_dim, self.kv_heads
-        n = low + k + past - high if k else past
+        n = low + k + past - high if k is not None else past
         keys = (n + 1) * bt
         window = self._windows[layer]
         scaling, q_pos = acc.scaling, self._tokens[layer] - 1
