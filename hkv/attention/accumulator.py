@@ -83,15 +83,19 @@ class AttentionAccumulator:
         self._output: torch.Tensor | None = None  # the whole result, computed in one call (set_output)
         self.kernel_s = 0.0  # seconds inside the attention kernels (the bytes read), for the step's host time
 
-    @property
-    def q(self) -> torch.Tensor:
-        """The scaled fp32 queries ``[Hkv, group * S, D]``, rows ordered (group member, query);
-        the fused kernel's batch of one ``[1, Hkv, group * S, D]`` is made with them, not per piece."""
+    def _scale_queries(self) -> None:
+        """Make :attr:`q` and, for the fused kernel, its batch of one ``[1, Hkv, group * S, D]``
+        (once, at the first piece, not per piece)."""
         if self._q is None:
-            q_heads, _, d = self.shape
+            d = self.shape[2]
             scaled = self.query.to(torch.float32) * self.scaling
             self._q = scaled.reshape(self.kv_heads, self.rows, d)
             self._q4 = scaled.reshape(1, self.kv_heads, self.rows, d) if self.fused else None
+
+    @property
+    def q(self) -> torch.Tensor:
+        """The scaled fp32 queries ``[Hkv, group * S, D]``, rows ordered (group member, query)."""
+        self._scale_queries()
         return self._q
 
     def _state(self) -> None:
@@ -166,8 +170,7 @@ class AttentionAccumulator:
             additive = torch.zeros(keep.shape, dtype=torch.float32).masked_fill_(~keep, float("-inf"))
             hidden = ~keep.any(dim=1)  # rows that see no key of this piece (the kernel returns lse 0 there)
         started = time.perf_counter()
-        if self._q4 is None:
-            self.q  # noqa: B018 - makes self._q4
+        self._scale_queries()
         out, lse = _flash_cpu(self._q4, k, v, attn_mask=additive, scale=1.0)  # [1, Hkv, g*S, D], [1, Hkv, g*S]
         self.kernel_s += time.perf_counter() - started
         if mask is None and self.m is None and self._single is None:
