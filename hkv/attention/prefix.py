@@ -64,14 +64,14 @@ def adopt_stored_prefix(seq: SequenceKV, token_ids: torch.Tensor | np.ndarray, *
     shape = (2, seq.kv_heads, seq.head_dim)
     summaries: list[list[torch.Tensor]] = []
     for layer in range(seq.num_layers):
-        pieces = known_summaries[layer] if known_summaries is not None else []
+        pieces = [piece.view(-1, *shape) for piece in known_summaries[layer]] if known_summaries is not None else []
         known = min(count, sum(len(piece) for piece in pieces))
         if known == count:  # all in the session's runs: views, not a copy (190 MB at 256K tokens)
-            summaries.append(_first_blocks([piece.view(-1, *shape) for piece in pieces], count))
+            summaries.append(_first_blocks(pieces, count))
             continue
         out = torch.empty(count, *shape, dtype=torch.float32)
         at = 0
-        for piece in _first_blocks([piece.view(-1, *shape) for piece in pieces], known):
+        for piece in _first_blocks(pieces, known):
             out[at : at + len(piece)] = piece
             at += len(piece)
         if known < count:
