@@ -224,6 +224,9 @@ class StoreConfig(_Section):
     segments: StrictBool = Field(
         True, description="write block records to append-only segment files beside the LMDB index (store format 3); false: inside LMDB (format 2)"
     )
+    aio_reads: StrictBool = Field(
+        True, description="read a batch of segment records with Linux native AIO and O_DIRECT, all in one submission; false, or where the OS or filesystem lacks them: through the page cache"
+    )
     reuse_prefix: StrictBool = Field(True, description="adopt the longest stored prefix of a prompt instead of prefilling it")
     evict_sessions: StrictBool = Field(
         True, description='with tiers.disk_full = "evict": when unreferenced blocks are not enough, drop the KV of least-recently-used sessions'

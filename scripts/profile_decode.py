@@ -40,10 +40,10 @@ def main() -> None:
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     timed = decode_bench._time_steps
 
-    def profiled(model, cache, steps, warmup=2, on_warm=None):  # the bench's timing, then profiled steps
-        times = timed(model, cache, steps, warmup, on_warm)
+    def profiled(model, cache, steps, warmup=2, on_warm=None, before_step=None):  # the bench's timing, then profiled steps
+        times = timed(model, cache, steps, warmup, on_warm, before_step)
         with torch.profiler.profile(activities=activities) as prof:
-            timed(model, cache, args.steps, 0)
+            timed(model, cache, args.steps, 0, before_step=before_step)
         events = prof.key_averages()
         name = type(cache).__name__
         print(f"\n=== {name}: {args.steps} decode steps at {args.context} tokens, median timed step {1000 * sorted(times)[len(times) // 2]:.2f} ms")

@@ -20,8 +20,11 @@ Five figures, in GB/s (10^9 bytes per second, payload bytes), each the best of `
 - ``disk_read_gbps``: every block read back in a random order with ``get_many_into`` batches
   of ``read_batch`` blocks into a host buffer, by ``read_threads`` threads (the prefetcher's
   defaults: 2 workers, 16-block jobs), after the page cache is dropped (``read_cache = "cold"``),
-  the store opened before the clock starts. Where dropping the cache is refused the figure is
+  the store opened before the clock starts (``store.aio_reads``, the default: each batch in one
+  Linux AIO submission with O_DIRECT). Where dropping the cache is refused the figure is
   labelled ``"warm"``;
+- ``disk_cache_read_gbps``: the same reads through the page cache (``store.aio_reads =
+  false``: each batch's records hinted, then read one by one), side by side in the same run;
 - ``disk_lmdb_write_gbps`` / ``disk_lmdb_read_gbps``: the same writes and reads with
   ``store.segments = false`` (records inside LMDB, format 2: the path before segment files; reads
   through the map with batch hints), side by side in the same run.
@@ -58,6 +61,7 @@ class DiskFigures:
     """Throughputs in GB/s (10^9 B/s) of payload bytes; sizes in bytes."""
 
     disk_read_gbps: float
+    disk_cache_read_gbps: float
     disk_write_gbps: float
     disk_lmdb_write_gbps: float  # the same writes with store.segments = false (records in LMDB)
     disk_lmdb_read_gbps: float  # the same reads of that store (through LMDB's map)
@@ -105,10 +109,12 @@ def store_nbytes(store: Path) -> int | None:
     return sum(path.stat().st_size for path in files) if files else None
 
 
-def drop_store_pages(store: Path) -> str:
-    """:func:`drop_file_pages` for every data file of the store in folder ``store``; "ok" or the
+def drop_store_pages(store: Path, *, records_only: bool = False) -> str:
+    """:func:`drop_file_pages` for every data file of the store in folder ``store`` (with
+    ``records_only``, its segment files alone: the block records, not the index); "ok" or the
     first reason one could not be dropped."""
-    problems = [why for why in map(drop_file_pages, store_files(store)) if why != "ok"]
+    files = sorted(list_segments(store).values()) if records_only else store_files(store)
+    problems = [why for why in map(drop_file_pages, files) if why != "ok"]
     return problems[0] if problems else "ok"
 
 
@@ -207,14 +213,15 @@ def _tier_write(store: Path, layout: BlockLayout, keys: list[BlockKey], writer_b
 
 
 def _tier_read(store: Path, layout: BlockLayout, keys: list[BlockKey], read_batch: int, threads: int,
-               direct: bool = False) -> float:  # fmt: skip
+               direct: bool = False, aio: bool = True) -> float:  # fmt: skip
     """Seconds to read every block once in a random order from an opened store (opening it, a
     walk of its B-tree pages, is not timed). ``threads`` readers of ``read_batch`` blocks each;
-    ``direct``: with O_DIRECT (``store.direct_reads``) instead of through the map."""
+    ``direct``: records in LMDB with O_DIRECT (``store.direct_reads``) instead of through the
+    map; ``aio``: segment records with Linux AIO (``store.aio_reads``), else through the page cache."""
     order = keys[:]
     random.Random(0).shuffle(order)
     batches = [order[i : i + read_batch] for i in range(0, len(order), read_batch)]
-    with DiskTier(store, layout, len(keys) * layout.record_nbytes, readonly=True, direct_reads=direct) as tier:
+    with DiskTier(store, layout, len(keys) * layout.record_nbytes, readonly=True, direct_reads=direct, aio_reads=aio) as tier:
 
         def reader(mine: list[list[BlockKey]]) -> None:
             out = torch.empty(read_batch, *layout.shape, dtype=layout.dtype)  # the host buffer
@@ -253,8 +260,8 @@ def measure_disk(
     count = max(1, total_bytes // layout.nbytes)
     raw_bytes = max(RAW_CHUNK, count * layout.nbytes // RAW_CHUNK * RAW_CHUNK)
     keys = _keys(count)
-    best = dict.fromkeys(("raw_write", "raw_read", "raw_random_read", "buffered_write", "tier_write", "tier_read", "lmdb_write",
-                          "lmdb_read"), math.inf)  # fmt: skip
+    best = dict.fromkeys(("raw_write", "raw_read", "raw_random_read", "buffered_write", "tier_write", "tier_read", "cache_read",
+                          "lmdb_write", "lmdb_read"), math.inf)  # fmt: skip
     cold, direct, made = True, True, []
     try:
         for repeat in range(repeats):  # interleaved, so a slow spell of the disk hits both sides
@@ -275,6 +282,8 @@ def measure_disk(
             best["tier_write"] = min(best["tier_write"], _tier_write(store, layout, keys, writer_batch, submit_batch))
             cold = drop_page_cache() and cold
             best["tier_read"] = min(best["tier_read"], _tier_read(store, layout, keys, read_batch, read_threads))
+            cold = drop_page_cache() and cold
+            best["cache_read"] = min(best["cache_read"], _tier_read(store, layout, keys, read_batch, read_threads, aio=False))
             seconds = _tier_write(lmdb_store, layout, keys, writer_batch, submit_batch, segments=False)
             best["lmdb_write"] = min(best["lmdb_write"], seconds)
             cold = drop_page_cache() and cold
@@ -289,6 +298,7 @@ def measure_disk(
     return DiskFigures(
         disk_read_gbps=payload / best["tier_read"] / 1e9,
         disk_write_gbps=payload / best["tier_write"] / 1e9,
+        disk_cache_read_gbps=payload / best["cache_read"] / 1e9,
         disk_lmdb_write_gbps=payload / best["lmdb_write"] / 1e9,
         disk_lmdb_read_gbps=payload / best["lmdb_read"] / 1e9,
         raw_disk_read_gbps=raw_bytes / best["raw_read"] / 1e9,

@@ -4,10 +4,12 @@ tensor ops, whose fixed cost dominates for one 52 KiB block on a CPU)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
-from ..blocks import read_into
+from ..blocks import HEADER_SIZE, BlockLayout, read_into, record_prefix
 from ..encoding import EncodedShape, decode
 
 
@@ -61,3 +63,60 @@ class BatchedDecode:
             self.out.index_copy_(0, torch.tensor(rows), blocks)
         self._staged.clear()
         self._rows.clear()
+
+
+@dataclass
+class RowTargets:
+    """Where a batch read puts a record without reading it twice: a record stored as ``out``
+    holds blocks (a raw block of ``out``'s dtype and shape, or a block of the store's layout in
+    ``out``'s lossy ``encoding``) lands in its row of ``out``; with ``batch`` (raw rows), one in
+    the store's own lossy encoding lands in the batch's staging row, decoded with the others at
+    the end. What lands is checked by :func:`hkv.blocks.record_matches` against the prefix given
+    with the destination; anything else is read whole and checked by the caller's slow path."""
+
+    out: torch.Tensor
+    row_nbytes: int
+    prefix: bytes  # what a record landing in a row of out starts with
+    flat: memoryview | None  # one view of the whole destination, sliced per row (a tensor view per record cost ~10 µs)
+    batch: BatchedDecode | None
+    staged_encoding: str | None  # the store's lossy encoding, when its records are staged
+    staged_nbytes: int
+    staged_prefix: bytes
+
+    @classmethod
+    def for_read(cls, out: torch.Tensor, layout: BlockLayout, encoding: str, store_encoding: str,
+                 batch: BatchedDecode | None) -> RowTargets:  # fmt: skip
+        """``out``: the read's destination (raw blocks for ``encoding == "none"``, else payloads
+        in that encoding); ``store_encoding``: the store's own encoding."""
+        row_nbytes = out[0].numel() * out.element_size() if len(out) else 0
+        prefix = (record_prefix(tuple(out.shape[1:]), out.dtype, "none", row_nbytes) if encoding == "none"
+                  else record_prefix(layout.shape, layout.dtype, encoding, row_nbytes))  # fmt: skip
+        staged = (batch is not None and store_encoding != "none"
+                  and out.dtype == layout.dtype and tuple(out.shape[1:]) == layout.shape)  # fmt: skip
+        staged_nbytes = layout.encoded_record_nbytes(store_encoding) - HEADER_SIZE if staged else -1
+        return cls(
+            out=out,
+            row_nbytes=row_nbytes,
+            prefix=prefix,
+            flat=memoryview(out.view(-1).view(torch.uint8).numpy()) if out.is_contiguous() else None,
+            batch=batch if staged else None,
+            staged_encoding=store_encoding if staged else None,
+            staged_nbytes=staged_nbytes,
+            staged_prefix=record_prefix(layout.shape, layout.dtype, store_encoding, staged_nbytes) if staged else b"",
+        )
+
+    def target(self, record_nbytes: int, row: int) -> tuple[memoryview, bytes] | None:
+        """The payload's destination and the expected header prefix for a record of
+        ``record_nbytes`` going to row ``row``; None where it is not a fast case."""
+        if record_nbytes == HEADER_SIZE + self.row_nbytes:
+            if self.flat is not None:
+                return self.flat[row * self.row_nbytes : (row + 1) * self.row_nbytes], self.prefix
+            return memoryview(self.out[row].view(-1).view(torch.uint8).numpy()), self.prefix
+        if self.batch is not None and record_nbytes == HEADER_SIZE + self.staged_nbytes:
+            return memoryview(self.batch.stage(self.staged_encoding).numpy()), self.staged_prefix  # type: ignore[arg-type]
+        return None
+
+    def landed(self, record_nbytes: int, row: int) -> None:
+        """The payload :meth:`target` gave passed its checks."""
+        if self.batch is not None and record_nbytes != HEADER_SIZE + self.row_nbytes:  # the staged case
+            self.batch.commit(self.staged_encoding, row)  # type: ignore[arg-type]

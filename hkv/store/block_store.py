@@ -68,11 +68,10 @@ from ..blocks import (
     encode_header,
     payload_into,
     record_matches,
-    record_prefix,
 )
 from ..encoding import CODES, ENCODINGS, encode
 from ..errors import BlockNotFoundError, StoreDamagedError, StoreError, TierError, TierFullError
-from .batched_decode import BatchedDecode
+from .batched_decode import BatchedDecode, RowTargets
 from .encoder import OrderedEncoder
 from .files import LOCK_FILES, check_store_files, creating, hold_store
 from .compaction import AUTO_DEAD_SHARE, CompactionReport, compact, punch_dead
@@ -232,7 +231,7 @@ class BlockStore:
     def __init__(
         self, path: str | Path, layout: BlockLayout, capacity_bytes: int, *, writer_batch: int = 64, readonly: bool = False,
         exclusive: bool = False, encoding: str = "none", direct_reads: bool = False, segments: bool = True,
-        _env: lmdb.Environment | None = None,
+        aio_reads: bool = True, _env: lmdb.Environment | None = None,
     ) -> None:  # fmt: skip
         if encoding not in ENCODINGS:
             raise ValueError(f"encoding = {encoding!r}: one of {', '.join(ENCODINGS)}")
@@ -267,7 +266,7 @@ class BlockStore:
         self.direct_reads = direct_reads  # block records with O_DIRECT (summary runs always, where it works)
         self._locator = Locator(self.path / "data.mdb")
         self._main_db = self._env.open_db(None)
-        self.segment_reader = SegmentReader(self.path)
+        self.segment_reader = SegmentReader(self.path, aio=aio_reads)
         self.segment_writer = None if readonly or not self.segments else SegmentWriter(self.path, self._next_segment)
         self._reserve = SpaceReserve(self.path, reserve_bytes(self.capacity_bytes))
         self._encoder = OrderedEncoder(f"hkv encoder {self.path.name}")  # submit_put_later's thread
@@ -476,34 +475,35 @@ class BlockStore:
         the problem. A segment file gone (compaction moved its records, then deleted it) is
         looked up again once."""
         reader = self.segment_reader
-        reader.hint(places)
-        layout = self.layout
-        row_nbytes = out[0].numel() * out.element_size() if len(out) else 0
-        # What a record read straight into a row starts with: a raw block of out's dtype and
-        # shape, or a block of the layout in out's lossy encoding.
-        direct = (record_prefix(tuple(out.shape[1:]), out.dtype, "none", row_nbytes) if encoding == "none"
-                  else record_prefix(layout.shape, layout.dtype, encoding, row_nbytes))  # fmt: skip
-        staged = (batch is not None and self.encoding != "none"  # the store's own lossy records, staged for one decode
-                  and out.dtype == layout.dtype and tuple(out.shape[1:]) == layout.shape)  # fmt: skip
-        staged_nbytes = layout.encoded_record_nbytes(self.encoding) - HEADER_SIZE
-        staged_prefix = record_prefix(layout.shape, layout.dtype, self.encoding, staged_nbytes) if staged else b""
-        # One view of the whole destination, sliced per row (a tensor view per record cost ~10 µs).
-        flat = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.is_contiguous() else None
+        views = reader.read_many(places)  # the whole batch read at once; None: each read below
+        if views is None:
+            reader.hint(places)
+        targets = RowTargets.for_read(out, self.layout, encoding, self.encoding, batch)
         head = memoryview(bytearray(HEADER_SIZE))
         moved: list[int] = []
         for i, (key, place, row) in enumerate(zip(keys, places, rows)):
-            try:
-                if place.length == HEADER_SIZE + row_nbytes:
-                    dest = (flat[row * row_nbytes : (row + 1) * row_nbytes] if flat is not None
-                            else memoryview(out[row].view(-1).view(torch.uint8).numpy()))  # fmt: skip
-                    got = reader.read_split(place, head, dest)
-                    if got == place.length and record_matches(head, dest, direct, bytes(key)):
+            if views is not None:
+                view = views[i]
+                if view is None:
+                    moved.append(i)
+                    continue
+                target = targets.target(place.length, row) if len(view) == place.length else None
+                if target is not None:
+                    dest, prefix = target
+                    dest[:] = view[HEADER_SIZE:]
+                    if record_matches(view[:HEADER_SIZE], dest, prefix, bytes(key)):
+                        targets.landed(place.length, row)
                         continue
-                elif staged and place.length == HEADER_SIZE + staged_nbytes:
-                    codes = memoryview(batch.stage(self.encoding).numpy())  # type: ignore[union-attr]
-                    got = reader.read_split(place, head, codes)
-                    if got == place.length and record_matches(head, codes, staged_prefix, bytes(key)):
-                        batch.commit(self.encoding, row)  # type: ignore[union-attr]
+                with torch.inference_mode(out.is_inference()):
+                    read_record(view, row, key, where=self._where(key))
+                continue
+            try:
+                target = targets.target(place.length, row)
+                if target is not None:
+                    dest, prefix = target
+                    got = reader.read_split(place, head, dest)
+                    if got == place.length and record_matches(head, dest, prefix, bytes(key)):
+                        targets.landed(place.length, row)
                         continue
                 with torch.inference_mode(out.is_inference()):
                     reader.read(place, lambda view, row=row, key=key: read_record(view, row, key, where=self._where(key)))

@@ -136,6 +136,7 @@ class TierManager(Promotion):
         if self._disk is None:
             self._disk = DiskTier(self.path, self.layout, self.disk_capacity, writer_batch=self.config.store.writer_batch,
                                   direct_reads=self.config.store.direct_reads, segments=self.config.store.segments,
+                                  aio_reads=self.config.store.aio_reads,
                                   encoding=self.config.tiers.disk_encoding)  # fmt: skip
             self._learn_disk_keys(self._disk.key_digests())
             for key in self._disk.referenced_keys():

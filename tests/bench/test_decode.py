@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import hkv.bench.decode as decode_module
 from hkv.bench.decode import run_disk_bound_bench, BENCH_TIERS, GiB, bench_options, run_decode_bench
 from hkv.config import Config
 
@@ -68,10 +69,15 @@ def test_tiny_run_spills_to_disk_and_reports_memory(decode_model, tmp_path: Path
     assert not user_store.exists()
 
 
-def test_disk_bound_preset_reads_from_disk_against_the_same_run_from_host(decode_model, tmp_path: Path) -> None:
+def test_disk_bound_preset_reads_from_disk_against_the_same_run_from_host(decode_model, tmp_path: Path, monkeypatch) -> None:
     # 4 KiB blocks, 2,048 tokens = 64 blocks per run: a 64 KiB host tier (16 blocks) sends most to disk.
     config = Config.load(tiers={"device": 64 * KIB, "host": 64 * KIB, "disk": 64 * KIB, "dtype": "float16"})
+    drops = []
+    real_drop = decode_module.drop_store_pages
+    monkeypatch.setattr(decode_module, "drop_store_pages", lambda store, **kw: drops.append(kw) or real_drop(store, **kw))
     figures = run_disk_bound_bench(config, contexts=(2048,), steps=2, model=decode_model, weights="random", store_dir=tmp_path)
+    # the disk run alone: its whole store after the fill, then its records before each of 2 + 2 steps
+    assert drops == [{}] + [{"records_only": True}] * 4
     json.dumps(figures)
     disk, host = figures["runs"][0]["disk"], figures["runs"][0]["host"]
     assert figures["disk_share"][0] > 0.5 and figures["disk_blocks_per_step"][0] > 0  # most reads came from disk

@@ -20,6 +20,7 @@ import hkv.store.block_store as store_module
 from hkv.blocks import BlockKey, BlockLayout, CorruptRecordError
 from hkv.encoding import decode, encode
 from hkv.errors import StoreError
+from hkv.store import linux_aio
 from hkv.store.batched_decode import BatchedDecode
 from hkv.store.compaction import segment_use
 from hkv.store.segment_reads import _page_runs
@@ -33,6 +34,19 @@ SMOL = BlockLayout(kv_heads=3, block_tokens=64, head_dim=64, dtype=torch.float16
 LAYOUT = BlockLayout(kv_heads=1, block_tokens=16, head_dim=64, dtype=torch.float16)
 REC = LAYOUT.record_nbytes
 TRIALS = 20
+
+
+@pytest.fixture(params=["aio", "page-cache"])
+def aio_reads(request) -> bool:
+    """Both read paths of a segment batch: Linux native AIO with O_DIRECT, and the page cache."""
+    if request.param == "aio" and linux_aio.probe() is None:
+        pytest.skip("Linux native AIO not available here")
+    return request.param == "aio"
+
+
+def _read_path_used(tier: DiskTier, aio_reads: bool) -> None:
+    aio = tier.segment_reader.aio
+    assert (aio is not None and aio.reads > 0) if aio_reads else aio is None
 
 
 def key_of(i: int) -> BlockKey:
@@ -56,13 +70,14 @@ def _place(path: Path, key: BlockKey) -> Place | None:
 
 
 @pytest.mark.parametrize("encoding", ["none", "int8", "int4"])
-def test_round_trip_in_each_encoding_and_records_are_packed(tmp_path: Path, encoding: str) -> None:
+def test_round_trip_in_each_encoding_and_records_are_packed(tmp_path: Path, encoding: str, aio_reads: bool) -> None:
     blocks = blocks_of(range(32), SMOL)
-    with DiskTier(tmp_path / "s", SMOL, 1 << 26, encoding=encoding) as tier:
+    with DiskTier(tmp_path / "s", SMOL, 1 << 26, encoding=encoding, aio_reads=aio_reads) as tier:
         tier.put_many([key_of(i) for i in range(32)], blocks)
         record = tier.record_nbytes
         out = torch.empty_like(blocks)
         tier.get_many_into([key_of(i) for i in reversed(range(32))], out)
+        _read_path_used(tier, aio_reads)
         assert tier.verify() == [] and tier.used_bytes() == 32 * record
     expected = blocks.flip(0) if encoding == "none" else None
     if expected is not None:
@@ -90,7 +105,7 @@ def test_a_torn_tail_is_ignored_and_the_store_writes_on(store_path: Path) -> Non
     assert len(list_segments(store_path)) == 2  # a writer never appends to another's segment
 
 
-def test_flipped_and_truncated_segment_records_name_the_key(store_path: Path) -> None:
+def test_flipped_and_truncated_segment_records_name_the_key(store_path: Path, aio_reads: bool) -> None:
     with DiskTier(store_path, LAYOUT, 64 * REC) as tier:
         tier.put_many([key_of(i) for i in range(4)], blocks_of(range(4)))
     flipped, last = _place(store_path, key_of(1)), _place(store_path, key_of(3))
@@ -101,7 +116,7 @@ def test_flipped_and_truncated_segment_records_name_the_key(store_path: Path) ->
         handle.seek(flipped.offset + 1000)
         handle.write(bytes([byte[0] ^ 0x04]))
     os.truncate(file, last.offset + last.length - 100)  # the file cut inside the last record
-    with DiskTier(store_path, LAYOUT, 64 * REC) as tier:
+    with DiskTier(store_path, LAYOUT, 64 * REC, aio_reads=aio_reads) as tier:
         one = torch.empty(LAYOUT.shape, dtype=LAYOUT.dtype)
         with pytest.raises(CorruptRecordError, match=f"{key_of(1).hex()}.*checksum"):
             tier.get_into(key_of(1), one)
@@ -110,8 +125,9 @@ def test_flipped_and_truncated_segment_records_name_the_key(store_path: Path) ->
         assert sorted(key for key, _ in tier.verify()) == sorted([key_of(1), key_of(3)])
         tier.get_into(key_of(2), one)
         assert torch.equal(one, block_of(2))
+        _read_path_used(tier, aio_reads)
     os.unlink(file)
-    with DiskTier(store_path, LAYOUT, 64 * REC, readonly=True) as tier:
+    with DiskTier(store_path, LAYOUT, 64 * REC, readonly=True, aio_reads=aio_reads) as tier:
         with pytest.raises(CorruptRecordError, match=f"{key_of(0).hex()}.*segment file .* is missing"):
             tier.get_into(key_of(0), one)
 
@@ -267,10 +283,11 @@ def test_a_segments_link_is_refused(store_path: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("written", "reader"), [("none", "none"), ("int4", "int4"), ("int8", "int4")],
                          ids=["raw-straight-in", "staged-for-one-decode", "checked-whole"])  # fmt: skip
-def test_a_read_that_finds_its_segment_compacted_away_looks_the_block_up_again(store_path: Path, written: str, reader: str) -> None:
+def test_a_read_that_finds_its_segment_compacted_away_looks_the_block_up_again(store_path: Path, written: str, reader: str,
+                                                                               aio_reads: bool) -> None:  # fmt: skip
     with DiskTier(store_path, LAYOUT, 64 * REC, encoding=written) as tier:
         tier.put_many([key_of(i) for i in range(6)], blocks_of(range(6)))
-    with DiskTier(store_path, LAYOUT, 64 * REC, encoding=reader) as tier:
+    with DiskTier(store_path, LAYOUT, 64 * REC, encoding=reader, aio_reads=aio_reads) as tier:
         old = _place_in(tier, key_of(5))  # what a reader looked up before the compaction's commit
         tier.delete_many([key_of(i) for i in range(4)])  # 4 of 6 dead: compacted, the file deleted
         assert not segment_path(store_path, old.segment).exists() and _place_in(tier, key_of(5)) != old
@@ -278,6 +295,7 @@ def test_a_read_that_finds_its_segment_compacted_away_looks_the_block_up_again(s
         batch = BatchedDecode(out)
         tier._get_segments([key_of(5)], [old], [0], out, batch.read, encoding="none", batch=batch)  # the reader's read, after the deletion
         batch.finish()
+        _read_path_used(tier, aio_reads)
         expected = block_of(5).unsqueeze(0)
         if written != "none":
             decode(encode(expected, written), written, expected)

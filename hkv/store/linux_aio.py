@@ -1,0 +1,273 @@
+"""Byte ranges of files read with Linux native AIO and O_DIRECT: a batch of reads in one submission.
+
+Why: a batch of block records read through the page cache costs per record a
+``posix_fadvise(WILLNEED)`` (the kernel allocates the pages and starts the read in the calling
+thread: ~12 µs here) and a ``preadv`` (a wait, then a copy out of the page cache), each a
+system call that drops and retakes the GIL; on 2 cores that, not the disk, bounded the tier's
+cold reads (docs/store.md, "Segment files"). Here a batch is one ``io_submit`` of every
+record's whole pages (O_DIRECT: no page cache) and a few ``io_getevents`` that wait for them
+all, from the calling thread: no helper threads, no hand-off per record.
+
+How: the kernel's AIO system calls through :mod:`ctypes` (``syscall(2)`` with the numbers of
+x86-64 and arm64; a ctypes call releases the GIL while it waits). Each thread has its own AIO
+context, request arrays and a page-aligned bounce buffer; a record is read as the whole pages
+that hold it and handed back as a view of its bytes in that buffer (records are packed end to
+end in a segment, so the disk cannot write one straight into an unaligned tensor row). A
+request still in flight when the waiting is interrupted (an exception, a signal's handler
+raising) is never left writing into a buffer that is reused: the context is destroyed, which
+waits for its requests, and a new one is made at the next read.
+
+Where AIO or O_DIRECT is missing (another OS or CPU, a filesystem such as tmpfs that refuses
+O_DIRECT, ``io_setup`` refused by a sandbox or the system's ``aio-max-nr``), :func:`probe`
+says so and the caller reads through the page cache instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import platform
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+PAGE = 4096  # O_DIRECT alignment of offsets, lengths and buffers
+DEPTH = 64  # requests one context holds in flight; a larger batch is read in rounds of this many
+KEEP_BYTES = 64 << 20  # larger bounce buffers are not kept for the thread's life
+# io_setup, io_destroy, io_submit, io_getevents
+_SYSCALLS = {"x86_64": (206, 207, 209, 208), "amd64": (206, 207, 209, 208), "aarch64": (0, 1, 2, 4), "arm64": (0, 1, 2, 4)}
+_IOCB_CMD_PREAD = 0
+
+
+class _Iocb(ctypes.Structure):
+    """``struct iocb`` of linux/aio_abi.h (64 bytes, little-endian field order)."""
+
+    _fields_ = [
+        ("aio_data", ctypes.c_uint64),
+        ("aio_key", ctypes.c_uint32),
+        ("aio_rw_flags", ctypes.c_uint32),
+        ("aio_lio_opcode", ctypes.c_uint16),
+        ("aio_reqprio", ctypes.c_int16),
+        ("aio_fildes", ctypes.c_uint32),
+        ("aio_buf", ctypes.c_uint64),
+        ("aio_nbytes", ctypes.c_uint64),
+        ("aio_offset", ctypes.c_int64),
+        ("aio_reserved2", ctypes.c_uint64),
+        ("aio_flags", ctypes.c_uint32),
+        ("aio_resfd", ctypes.c_uint32),
+    ]
+
+
+class _Event(ctypes.Structure):
+    """``struct io_event``: the request's ``aio_data``, the iocb's address, the result (bytes or -errno)."""
+
+    _fields_ = [("data", ctypes.c_uint64), ("obj", ctypes.c_uint64), ("res", ctypes.c_int64), ("res2", ctypes.c_int64)]
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """``length`` bytes at byte ``offset`` of the file open (with O_DIRECT) as ``fd``."""
+
+    fd: int
+    offset: int
+    length: int
+
+
+def _syscall_numbers() -> tuple[int, int, int, int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    return _SYSCALLS.get(platform.machine().lower())
+
+
+class _Kernel:
+    """The four AIO system calls; each returns the call's result or raises OSError."""
+
+    def __init__(self, numbers: tuple[int, int, int, int]) -> None:
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._syscall = self._libc.syscall
+        self._syscall.restype = ctypes.c_long
+        self._setup, self._destroy, self._submit, self._getevents = numbers
+
+    def _call(self, *args: object) -> int:
+        result = self._syscall(*args)
+        if result < 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+        return result
+
+    def setup(self, depth: int) -> int:
+        context = ctypes.c_ulong(0)
+        self._call(self._setup, ctypes.c_long(depth), ctypes.byref(context))
+        return context.value
+
+    def destroy(self, context: int) -> None:
+        self._call(self._destroy, ctypes.c_ulong(context))
+
+    def submit(self, context: int, count: int, pointers: ctypes.Array) -> int:
+        return self._call(self._submit, ctypes.c_ulong(context), ctypes.c_long(count), pointers)
+
+    def getevents(self, context: int, least: int, most: int, events: ctypes.Array) -> int:
+        while True:
+            try:
+                return self._call(self._getevents, ctypes.c_ulong(context), ctypes.c_long(least), ctypes.c_long(most), events, None)
+            except InterruptedError:
+                continue
+
+
+class _ThreadState:
+    """One thread's AIO context, request arrays and bounce buffer."""
+
+    def __init__(self, kernel: _Kernel, depth: int) -> None:
+        self.context = kernel.setup(depth)
+        self.iocbs = (_Iocb * depth)()
+        self.pointers = (ctypes.POINTER(_Iocb) * depth)(*(ctypes.pointer(iocb) for iocb in self.iocbs))
+        self.events = (_Event * depth)()
+        self.buffer: mmap.mmap | None = None
+        self.address = 0
+
+    def bounce(self, nbytes: int) -> tuple[mmap.mmap, int]:
+        """A page-aligned buffer of at least ``nbytes`` and its address (kept for the next read
+        unless larger than KEEP_BYTES)."""
+        if self.buffer is not None and len(self.buffer) >= nbytes:
+            return self.buffer, self.address
+        # The old buffer is dropped, not closed: views of it from an earlier read may live on.
+        buffer = mmap.mmap(-1, max(nbytes, 1 << 20))
+        address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+        if nbytes <= KEEP_BYTES:
+            self.buffer, self.address = buffer, address
+        return buffer, address
+
+
+def _span(request: Request) -> tuple[int, int]:
+    """The whole pages holding a request: (first byte, bytes)."""
+    start = request.offset // PAGE * PAGE
+    end = -(-(request.offset + request.length) // PAGE) * PAGE
+    return start, end - start
+
+
+class AioReader:
+    """Reads batches of byte ranges (:class:`Request`) with Linux native AIO, all in flight together.
+
+    ``read(requests)`` returns, per request, a memoryview of the bytes read (shorter than asked
+    where the file ends first), valid until the same thread's next ``read``. The file
+    descriptors must be open with O_DIRECT. OSError where the kernel refuses a request (EINVAL:
+    O_DIRECT refused). ``reads`` counts requests, ``submits`` io_submit calls.
+    """
+
+    def __init__(self, depth: int = DEPTH) -> None:
+        numbers = _syscall_numbers()
+        if numbers is None:
+            raise OSError(errno.ENOSYS, f"Linux native AIO is not available on {sys.platform} {platform.machine()}")
+        self.depth = depth
+        self.reads = 0
+        self.submits = 0
+        self._kernel = _Kernel(numbers)
+        self._local = threading.local()
+        self._states: list[_ThreadState] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self._state()  # io_setup refused: raise here, at construction
+
+    def _state(self) -> _ThreadState:
+        if self._closed:
+            raise ValueError("AioReader is closed")
+        state = getattr(self._local, "state", None)
+        if state is None:
+            with self._lock:
+                if self._closed:
+                    raise ValueError("AioReader is closed")
+                state = _ThreadState(self._kernel, self.depth)
+                self._states.append(state)
+            self._local.state = state
+        return state
+
+    def _drop(self, state: _ThreadState) -> None:
+        """Destroy a thread's context (the kernel waits for its requests in flight)."""
+        with self._lock:
+            if state in self._states:
+                self._states.remove(state)
+                self._kernel.destroy(state.context)
+        self._local.state = None
+
+    def read(self, requests: Sequence[Request]) -> list[memoryview]:
+        state = self._state()
+        spans = [_span(request) for request in requests]
+        starts = [0]
+        for _, nbytes in spans:
+            starts.append(starts[-1] + nbytes)
+        buffer, base = state.bounce(starts[-1])
+        done = [0] * len(requests)
+        try:
+            for first in range(0, len(requests), self.depth):
+                self._round(state, requests, spans, starts, base, first, min(len(requests), first + self.depth), done)
+        except BaseException:
+            self._drop(state)  # a request may still be in flight into the buffer
+            raise
+        self.reads += len(requests)
+        view = memoryview(buffer)
+        out = []
+        for request, (start, _), at, got in zip(requests, spans, starts, done):
+            skip = request.offset - start
+            end = at + skip + max(0, min(request.length, got - skip))
+            out.append(view[at + skip : max(at + skip, end)])
+        return out
+
+    def _round(self, state: _ThreadState, requests: Sequence[Request], spans: list[tuple[int, int]], starts: list[int],
+               base: int, first: int, last: int, done: list[int]) -> None:  # fmt: skip
+        """Submit requests ``first .. last - 1`` and wait for all of them; bytes read into ``done``."""
+        count = last - first
+        for slot, i in enumerate(range(first, last)):
+            iocb = state.iocbs[slot]
+            start, nbytes = spans[i]
+            iocb.aio_data = i
+            iocb.aio_lio_opcode = _IOCB_CMD_PREAD
+            iocb.aio_fildes = requests[i].fd
+            iocb.aio_buf = base + starts[i]
+            iocb.aio_nbytes = nbytes
+            iocb.aio_offset = start
+        submitted = waited = 0
+        error: OSError | None = None
+        while submitted < count:
+            try:
+                pointers = ctypes.cast(ctypes.byref(state.pointers, submitted * ctypes.sizeof(ctypes.c_void_p)),
+                                       ctypes.POINTER(ctypes.POINTER(_Iocb)))  # fmt: skip
+                submitted += self._kernel.submit(state.context, count - submitted, pointers)  # type: ignore[arg-type]
+                self.submits += 1
+            except BlockingIOError:  # the context is full: wait for one, then submit the rest
+                if submitted == waited:
+                    raise
+                waited += self._reap(state, 1, submitted - waited, done)
+            except OSError as refused:  # the first unsubmitted request was refused; those in flight are waited for
+                error = refused
+                break
+        while waited < submitted:
+            waited += self._reap(state, submitted - waited, submitted - waited, done)
+        if error is not None:
+            raise error
+        failed = [-done[i] for i in range(first, last) if done[i] < 0]
+        if failed:
+            raise OSError(failed[0], os.strerror(failed[0]))
+
+    def _reap(self, state: _ThreadState, least: int, most: int, done: list[int]) -> int:
+        got = self._kernel.getevents(state.context, least, most, state.events)
+        for event in state.events[:got]:
+            done[event.data] = event.res
+        return got
+
+    def close(self) -> None:
+        """Destroy every thread's context (no read may be running)."""
+        with self._lock:
+            states, self._states, self._closed = self._states, [], True
+        for state in states:
+            self._kernel.destroy(state.context)
+
+
+def probe(depth: int = DEPTH) -> AioReader | None:
+    """An :class:`AioReader`, or None where Linux native AIO is not to be had here."""
+    try:
+        return AioReader(depth)
+    except (OSError, AttributeError):
+        return None
