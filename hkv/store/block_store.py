@@ -475,40 +475,41 @@ class BlockStore:
         the problem. A segment file gone (compaction moved its records, then deleted it) is
         looked up again once."""
         reader = self.segment_reader
-        views = reader.read_many(places)  # the whole batch read at once; None: each read below
-        if views is None:
-            reader.hint(places)
         targets = RowTargets.for_read(out, self.layout, encoding, self.encoding, batch)
-        head = memoryview(bytearray(HEADER_SIZE))
         moved: list[int] = []
-        for i, (key, place, row) in enumerate(zip(keys, places, rows)):
-            if views is not None:
-                view = views[i]
-                if view is None:
-                    moved.append(i)
-                    continue
-                target = targets.target(place.length, row) if len(view) == place.length else None
-                if target is not None:
-                    dest, prefix = target
-                    dest[:] = view[HEADER_SIZE:]
-                    if record_matches(view[:HEADER_SIZE], dest, prefix, bytes(key)):
-                        targets.landed(place.length, row)
-                        continue
-                with torch.inference_mode(out.is_inference()):
-                    read_record(view, row, key, where=self._where(key))
-                continue
-            try:
-                target = targets.target(place.length, row)
-                if target is not None:
-                    dest, prefix = target
-                    got = reader.read_split(place, head, dest)
-                    if got == place.length and record_matches(head, dest, prefix, bytes(key)):
-                        targets.landed(place.length, row)
-                        continue
-                with torch.inference_mode(out.is_inference()):
-                    reader.read(place, lambda view, row=row, key=key: read_record(view, row, key, where=self._where(key)))
-            except FileNotFoundError:
+
+        def land(i: int, view: memoryview | None) -> None:
+            """Record ``i`` read whole (None: its segment file is gone)."""
+            if view is None:
                 moved.append(i)
+                return
+            key, place, row = keys[i], places[i], rows[i]
+            target = targets.target(place.length, row) if len(view) == place.length else None
+            if target is not None:
+                dest, prefix = target
+                dest[:] = view[HEADER_SIZE:]
+                if record_matches(view[:HEADER_SIZE], dest, prefix, bytes(key)):
+                    targets.landed(place.length, row)
+                    return
+            with torch.inference_mode(out.is_inference()):
+                read_record(view, row, key, where=self._where(key))
+
+        if not reader.read_each(places, land):  # no batch reads here: hinted, then each read on its own
+            reader.hint(places)
+            head = memoryview(bytearray(HEADER_SIZE))
+            for i, (key, place, row) in enumerate(zip(keys, places, rows)):
+                try:
+                    target = targets.target(place.length, row)
+                    if target is not None:
+                        dest, prefix = target
+                        got = reader.read_split(place, head, dest)
+                        if got == place.length and record_matches(head, dest, prefix, bytes(key)):
+                            targets.landed(place.length, row)
+                            continue
+                    with torch.inference_mode(out.is_inference()):
+                        reader.read(place, lambda view, row=row, key=key: read_record(view, row, key, where=self._where(key)))
+                except FileNotFoundError:
+                    moved.append(i)
         if not moved:
             return
         with self._env.begin(buffers=True) as txn:
@@ -759,12 +760,12 @@ class BlockStore:
         for i, record in zip(rows, views):
             record[:HEADER_SIZE] = encode_header(keys[i], shape_of, record[HEADER_SIZE:], code)
         job = WriteJob(puts=list(zip(last, views)))
-        job.staged = buffer
-        job.future.add_done_callback(lambda _: give_back())
+        job.staged, job.release_staged = buffer, _once(give_back)
+        job.future.add_done_callback(lambda _: job.release_staged())
         try:
             return self._writer.submit(job)
         except BaseException:
-            give_back()
+            job.release_staged()
             raise
 
     def put_many(self, keys: Sequence[BlockKey], blocks: torch.Tensor) -> None:
@@ -877,6 +878,8 @@ class BlockStore:
             placed = self.segment_writer.append_jobs([StagedRecords([record for _, record in job.puts], job.staged) for job in jobs])
             for job, places in zip(jobs, placed):
                 job.places = places
+                if job.release_staged is not None:  # durable in the segment: the next submission may build there
+                    job.release_staged()
 
     def _punch_freed(self, jobs: list[WriteJob]) -> None:
         """The whole pages of segment records durable transactions stopped naming go back to the
@@ -985,3 +988,17 @@ class BlockStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _once(action: Callable[[], None]) -> Callable[[], None]:
+    """``action`` made safe to call more than once, from any thread: it runs the first time only."""
+    lock, done = threading.Lock(), [False]
+
+    def run() -> None:
+        with lock:
+            if done[0]:
+                return
+            done[0] = True
+        action()
+
+    return run

@@ -31,7 +31,7 @@ import os
 import platform
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 PAGE = 4096  # O_DIRECT alignment of offsets, lengths and buffers
@@ -193,31 +193,46 @@ class AioReader:
         self._local.state = None
 
     def read(self, requests: Sequence[Request]) -> list[memoryview]:
+        """Per request a view of the bytes read (see the class docstring)."""
+        out: list[memoryview] = [memoryview(b"")] * len(requests)
+
+        def keep(i: int, view: memoryview) -> None:
+            out[i] = view
+
+        self.read_each(requests, keep)
+        return out
+
+    def read_each(self, requests: Sequence[Request], ready: Callable[[int, memoryview], object]) -> None:
+        """Read ``requests``, calling ``ready(i, view)`` for each once it is read (in completion
+        order, a round of up to ``depth`` requests at a time; the view valid until this thread's
+        next read). A request the kernel fails raises OSError, and what ``ready`` raises
+        propagates; either way no request is left in flight."""
         state = self._state()
         spans = [_span(request) for request in requests]
         starts = [0]
         for _, nbytes in spans:
             starts.append(starts[-1] + nbytes)
         buffer, base = state.bounce(starts[-1])
-        done = [0] * len(requests)
+        view = memoryview(buffer)
+
+        def finish(i: int, result: int) -> None:
+            if result < 0:
+                raise OSError(-result, os.strerror(-result))
+            skip = requests[i].offset - spans[i][0]
+            at = starts[i] + skip
+            ready(i, view[at : at + max(0, min(requests[i].length, result - skip))])
+
         try:
             for first in range(0, len(requests), self.depth):
-                self._round(state, requests, spans, starts, base, first, min(len(requests), first + self.depth), done)
+                self._round(state, requests, spans, starts, base, first, min(len(requests), first + self.depth), finish)
         except BaseException:
             self._drop(state)  # a request may still be in flight into the buffer
             raise
         self.reads += len(requests)
-        view = memoryview(buffer)
-        out = []
-        for request, (start, _), at, got in zip(requests, spans, starts, done):
-            skip = request.offset - start
-            end = at + skip + max(0, min(request.length, got - skip))
-            out.append(view[at + skip : max(at + skip, end)])
-        return out
 
     def _round(self, state: _ThreadState, requests: Sequence[Request], spans: list[tuple[int, int]], starts: list[int],
-               base: int, first: int, last: int, done: list[int]) -> None:  # fmt: skip
-        """Submit requests ``first .. last - 1`` and wait for all of them; bytes read into ``done``."""
+               base: int, first: int, last: int, finish: Callable[[int, int], None]) -> None:  # fmt: skip
+        """Submit requests ``first .. last - 1`` and reap them, ``finish(i, result)`` for each."""
         count = last - first
         for slot, i in enumerate(range(first, last)):
             iocb = state.iocbs[slot]
@@ -228,34 +243,25 @@ class AioReader:
             iocb.aio_buf = base + starts[i]
             iocb.aio_nbytes = nbytes
             iocb.aio_offset = start
-        submitted = waited = 0
-        error: OSError | None = None
-        while submitted < count:
-            try:
-                pointers = ctypes.cast(ctypes.byref(state.pointers, submitted * ctypes.sizeof(ctypes.c_void_p)),
-                                       ctypes.POINTER(ctypes.POINTER(_Iocb)))  # fmt: skip
-                submitted += self._kernel.submit(state.context, count - submitted, pointers)  # type: ignore[arg-type]
-                self.submits += 1
-            except BlockingIOError:  # the context is full: wait for one, then submit the rest
-                if submitted == waited:
-                    raise
-                waited += self._reap(state, 1, submitted - waited, done)
-            except OSError as refused:  # the first unsubmitted request was refused; those in flight are waited for
-                error = refused
-                break
-        while waited < submitted:
-            waited += self._reap(state, submitted - waited, submitted - waited, done)
-        if error is not None:
-            raise error
-        failed = [-done[i] for i in range(first, last) if done[i] < 0]
-        if failed:
-            raise OSError(failed[0], os.strerror(failed[0]))
-
-    def _reap(self, state: _ThreadState, least: int, most: int, done: list[int]) -> int:
-        got = self._kernel.getevents(state.context, least, most, state.events)
-        for event in state.events[:got]:
-            done[event.data] = event.res
-        return got
+        submitted = reaped = 0
+        while reaped < count:
+            if submitted < count:
+                try:
+                    pointers = ctypes.cast(ctypes.byref(state.pointers, submitted * ctypes.sizeof(ctypes.c_void_p)),
+                                           ctypes.POINTER(ctypes.POINTER(_Iocb)))  # fmt: skip
+                    submitted += self._kernel.submit(state.context, count - submitted, pointers)  # type: ignore[arg-type]
+                    self.submits += 1
+                    continue
+                except BlockingIOError:  # the context is full: reap, then submit the rest
+                    if submitted == reaped:
+                        raise
+            # All of the round at once (reaping each as it came took more CPU for the same speed, measured),
+            # unless the context was full before everything was submitted.
+            least = 1 if submitted < count else submitted - reaped
+            got = self._kernel.getevents(state.context, least, submitted - reaped, state.events)
+            for event in state.events[:got]:
+                finish(event.data, event.res)
+            reaped += got
 
     def close(self) -> None:
         """Destroy every thread's context (no read may be running)."""

@@ -21,7 +21,7 @@ class SegmentReader:
     """Reads records from the segment files of the store folder ``folder``, a batch at a time.
 
     With ``aio`` (and where Linux native AIO and O_DIRECT work: :mod:`.linux_aio`),
-    :meth:`read_many` reads a batch's records in one submission, every record's pages in flight
+    :meth:`read_each` reads a batch's records in one submission, every record's pages in flight
     together, bypassing the page cache. Otherwise (and for single records) with positional reads
     through the page cache: :meth:`hint` first asks the kernel for every record of the batch
     (``posix_fadvise(WILLNEED)``: its disk reads start at once), then :meth:`read_split` reads
@@ -84,39 +84,46 @@ class SegmentReader:
         if self._reads % _SWEEP_EVERY == 0:
             self.sweep()
 
-    def read_many(self, places: Sequence[Place]) -> list[memoryview | None] | None:
-        """Read every record of ``places`` at once (Linux native AIO, O_DIRECT): per place a view
-        of its bytes (shorter than ``place.length``: the file ends early), or None where its
-        segment file is gone. The views are valid until this thread's next ``read_many``. None
-        (nothing read) where batch reads are not to be had here: then :meth:`hint` and
-        :meth:`read_split`."""
+    def read_each(self, places: Sequence[Place], ready: Callable[[int, memoryview | None], object]) -> bool:
+        """Read every record of ``places`` at once (Linux native AIO, O_DIRECT), calling
+        ``ready(i, view)`` for each once it is read (the view shorter than ``place.length``: the
+        file ends early; None: its segment file is gone); the view is valid until this thread's
+        next read. False (nothing read) where batch reads are not to be had here: then
+        :meth:`hint` and :meth:`read_split`."""
         aio = self.aio
         if aio is None:
-            return None
+            return False
         self._count_batch()
         requests: list[Request] = []
         read: list[int] = []
+        gone: list[int] = []
         for i, place in enumerate(places):
             try:
                 fd = self._direct_fd(place.segment)
             except FileNotFoundError:
+                gone.append(i)
                 continue
             if fd is None:
                 self._give_up_aio(aio)
-                return None
+                return False
             requests.append(Request(fd, place.offset, place.length))
             read.append(i)
+        delivered = [0]
+
+        def deliver(j: int, view: memoryview) -> None:
+            delivered[0] += 1
+            ready(read[j], view)
+
         try:
-            views = aio.read(requests)
+            aio.read_each(requests, deliver)
         except OSError as error:
-            if error.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+            if error.errno not in (errno.EINVAL, errno.EOPNOTSUPP) or delivered[0]:
                 raise
             self._give_up_aio(aio)  # the filesystem refused an O_DIRECT read it had opened
-            return None
-        out: list[memoryview | None] = [None] * len(places)
-        for i, view in zip(read, views):
-            out[i] = view
-        return out
+            return False
+        for i in gone:
+            ready(i, None)
+        return True
 
     def _give_up_aio(self, aio: AioReader) -> None:
         with self._lock:

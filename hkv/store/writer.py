@@ -34,7 +34,7 @@ class WriteJob:
     again in a fresh transaction after a full map or disk. ``frees``: the job deletes more than
     it writes (deletes alone always do)."""
 
-    __slots__ = ("puts", "deletes", "apply", "frees", "future", "places", "freed", "staged")
+    __slots__ = ("puts", "deletes", "apply", "frees", "future", "places", "freed", "staged", "release_staged")
 
     def __init__(
         self, puts: list[tuple[bytes, bytearray]] | None = None, deletes: list[bytes] | None = None,
@@ -46,6 +46,9 @@ class WriteJob:
         self.places: list | None = None  # where the owner wrote ``puts`` outside the transaction (kept for a retry)
         self.freed: list = []  # what the owner may reclaim once the job's transaction is durable (``on_durable``)
         self.staged: memoryview | None = None  # a page-aligned buffer holding ``puts``' records packed (the owner's)
+        # Gives ``staged`` back to its owner (at most once): called once the records are durable at
+        # ``places`` (only their lengths are read after that), and when the future is done.
+        self.release_staged: Callable[[], None] | None = None
 
     @property
     def size(self) -> int:

@@ -124,7 +124,7 @@ def test_a_filesystem_refusing_o_direct_sends_reads_back_to_the_page_cache(tmp_p
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_open(path, flags, *args, **kwargs)
 
-    def refusing_read(self, requests):
+    def refusing_read(self, requests, ready):
         raise OSError(errno.EINVAL, "Invalid argument")
 
     keys = [BlockKey(i.to_bytes(16, "little")) for i in range(8)]
@@ -134,10 +134,33 @@ def test_a_filesystem_refusing_o_direct_sends_reads_back_to_the_page_cache(tmp_p
         if refused == "at open":
             monkeypatch.setattr(segment_reads.os, "open", refusing_open)
         else:
-            monkeypatch.setattr(AioReader, "read", refusing_read)
+            monkeypatch.setattr(AioReader, "read_each", refusing_read)
         out = torch.empty_like(blocks)
         tier.get_many_into(keys[::-1], out)
         reader = tier.segment_reader
         assert reader.aio is None and len(reader._retired) == 1  # given up at the first batch, the page cache served
         tier.get_many_into(keys, out)
     assert torch.equal(out, blocks)
+
+
+def test_what_the_callback_raises_propagates_and_the_reader_reads_on(data_file: Path) -> None:
+    fd = _direct_fd(data_file)
+    reader = AioReader()
+    requests = [Request(fd, i * 50_000, 49_216) for i in range(20)]
+    seen: list[int] = []
+
+    def ready(i: int, view: memoryview) -> None:
+        seen.append(i)
+        if len(seen) == 3:
+            raise ValueError("a corrupt record")
+
+    try:
+        with pytest.raises(ValueError, match="corrupt"):
+            reader.read_each(requests, ready)
+        assert len(seen) == 3
+        views = reader.read(requests)
+        data = data_file.read_bytes()
+        assert [bytes(v) for v in views] == [data[r.offset : r.offset + r.length] for r in requests]
+    finally:
+        reader.close()
+        os.close(fd)
