@@ -264,11 +264,16 @@ class AioReader:
             reaped += got
 
     def close(self) -> None:
-        """Destroy every thread's context (no read may be running)."""
+        """Destroy every thread's context (no read may be running, so none has a request in
+        flight). ``io_destroy`` waits for an RCU grace period, ~30 ms here, so the contexts are
+        destroyed by a short-lived daemon thread: closing a store does not wait for them (a
+        process that exits first leaves them to the kernel)."""
         with self._lock:
             states, self._states, self._closed = self._states, [], True
-        for state in states:
-            self._kernel.destroy(state.context)
+        if states:
+            kernel = self._kernel
+            threading.Thread(target=lambda: [kernel.destroy(state.context) for state in states], name="hkv aio close",
+                             daemon=True).start()  # fmt: skip
 
 
 def probe(depth: int = DEPTH) -> AioReader | None:
