@@ -166,7 +166,7 @@ class AioReader:
         self.submits = 0
         self._kernel = _Kernel(numbers)
         self._local = threading.local()
-        self._states: list[_ThreadState] = []
+        self._states: dict[threading.Thread, _ThreadState] = {}  # the thread each context belongs to
         self._lock = threading.Lock()
         self._closed = False
         self._state()  # io_setup refused: raise here, at construction
@@ -179,16 +179,28 @@ class AioReader:
             with self._lock:
                 if self._closed:
                     raise ValueError("AioReader is closed")
+                # Threads that ended left their contexts: destroyed now (a store outlives many threads).
+                ended = [thread for thread in self._states if not thread.is_alive()]
+                self._destroy_later([self._states.pop(thread) for thread in ended])
                 state = _ThreadState(self._kernel, self.depth)
-                self._states.append(state)
+                self._states[threading.current_thread()] = state
             self._local.state = state
         return state
+
+    def _destroy_later(self, states: list[_ThreadState]) -> None:
+        """Destroy contexts none of whose requests are in flight, from a short-lived daemon thread:
+        ``io_destroy`` waits for an RCU grace period (~30 ms here), which no caller should wait for
+        (a process that exits first leaves them to the kernel)."""
+        if states:
+            kernel = self._kernel
+            threading.Thread(target=lambda: [kernel.destroy(state.context) for state in states], name="hkv aio close",
+                             daemon=True).start()  # fmt: skip
 
     def _drop(self, state: _ThreadState) -> None:
         """Destroy a thread's context (the kernel waits for its requests in flight)."""
         with self._lock:
-            if state in self._states:
-                self._states.remove(state)
+            if self._states.get(threading.current_thread()) is state:
+                del self._states[threading.current_thread()]
                 self._kernel.destroy(state.context)
         self._local.state = None
 
@@ -264,16 +276,10 @@ class AioReader:
             reaped += got
 
     def close(self) -> None:
-        """Destroy every thread's context (no read may be running, so none has a request in
-        flight). ``io_destroy`` waits for an RCU grace period, ~30 ms here, so the contexts are
-        destroyed by a short-lived daemon thread: closing a store does not wait for them (a
-        process that exits first leaves them to the kernel)."""
+        """Destroy every thread's context (no read may be running, so none has a request in flight)."""
         with self._lock:
-            states, self._states, self._closed = self._states, [], True
-        if states:
-            kernel = self._kernel
-            threading.Thread(target=lambda: [kernel.destroy(state.context) for state in states], name="hkv aio close",
-                             daemon=True).start()  # fmt: skip
+            states, self._states, self._closed = list(self._states.values()), {}, True
+        self._destroy_later(states)
 
 
 def probe(depth: int = DEPTH) -> AioReader | None:

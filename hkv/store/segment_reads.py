@@ -117,9 +117,11 @@ class SegmentReader:
         try:
             aio.read_each(requests, deliver)
         except OSError as error:
-            if error.errno not in (errno.EINVAL, errno.EOPNOTSUPP) or delivered[0]:
+            if delivered[0] or error.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.EAGAIN):
                 raise
-            self._give_up_aio(aio)  # the filesystem refused an O_DIRECT read it had opened
+            if error.errno != errno.EAGAIN:
+                self._give_up_aio(aio)  # the filesystem refused an O_DIRECT read it had opened
+            # EAGAIN: a new thread's io_setup over the system's aio-max-nr: this batch through the page cache
             return False
         for i in gone:
             ready(i, None)

@@ -81,6 +81,21 @@ def test_threads_read_at_once_each_into_its_own_buffer(data_file: Path) -> None:
         reader.close()
         os.close(fd)
     assert wrong == [] and reader.reads == 4 * 20 * 16
+    assert not reader._states  # closed: every context destroyed
+
+
+def test_the_contexts_of_threads_that_ended_are_destroyed(data_file: Path) -> None:
+    fd = _direct_fd(data_file)
+    reader = AioReader()
+    try:
+        for _ in range(5):
+            thread = threading.Thread(target=lambda: reader.read([Request(fd, 0, 4096)]))
+            thread.start()
+            thread.join()
+        assert len(reader._states) == 2  # this thread's and the last one's; the four before were destroyed
+    finally:
+        reader.close()
+        os.close(fd)
 
 
 def test_an_interrupted_wait_leaves_no_request_in_flight(data_file: Path, monkeypatch) -> None:
@@ -96,7 +111,7 @@ def test_an_interrupted_wait_leaves_no_request_in_flight(data_file: Path, monkey
     try:
         with pytest.raises(KeyboardInterrupt):
             reader.read([Request(fd, 0, 4096 * 8)])
-        assert state not in reader._states  # its context destroyed: the kernel waited for the request
+        assert state not in reader._states.values()  # its context destroyed: the kernel waited for the request
         monkeypatch.setattr(reader._kernel, "getevents", real)
         (view,) = reader.read([Request(fd, 100, 5000)])  # a new context serves the next read
         assert bytes(view) == data_file.read_bytes()[100:5100]
@@ -164,3 +179,24 @@ def test_what_the_callback_raises_propagates_and_the_reader_reads_on(data_file: 
     finally:
         reader.close()
         os.close(fd)
+
+
+def test_a_thread_refused_an_aio_context_reads_through_the_page_cache(tmp_path: Path, monkeypatch) -> None:
+    """io_setup fails with EAGAIN once the system's aio-max-nr events are taken: that thread's
+    batch goes through the page cache, and AIO stays on for the store."""
+    keys = [BlockKey(i.to_bytes(16, "little")) for i in range(8)]
+    blocks = torch.randn(8, *LAYOUT.shape).to(LAYOUT.dtype)
+    with DiskTier(tmp_path / "store", LAYOUT, 64 * LAYOUT.record_nbytes) as tier:
+        tier.put_many(keys, blocks)
+        aio = tier.segment_reader.aio
+        assert aio is not None
+
+        def refused(depth):
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+        monkeypatch.setattr(aio._kernel, "setup", refused)
+        out = torch.empty_like(blocks)
+        thread = threading.Thread(target=lambda: tier.get_many_into(keys, out))  # a thread without a context yet
+        thread.start()
+        thread.join()
+        assert torch.equal(out, blocks) and tier.segment_reader.aio is aio and aio.reads == 0
