@@ -49,6 +49,7 @@ import torch
 import xxhash
 
 from ..blocks import BlockKey, BlockLayout
+from ..memory import page_aligned_empty
 from ..store.segments import list_segments
 from ..tiers.disk import DiskTier
 
@@ -224,7 +225,7 @@ def _tier_read(store: Path, layout: BlockLayout, keys: list[BlockKey], read_batc
     with DiskTier(store, layout, len(keys) * layout.record_nbytes, readonly=True, direct_reads=direct, aio_reads=aio) as tier:
 
         def reader(mine: list[list[BlockKey]]) -> None:
-            out = torch.empty(read_batch, *layout.shape, dtype=layout.dtype)  # the host buffer
+            out = page_aligned_empty((read_batch, *layout.shape), layout.dtype)  # a host buffer laid out as the host pool's
             for batch in mine:
                 tier.get_many_into(batch, out[: len(batch)])
 

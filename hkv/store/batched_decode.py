@@ -116,6 +116,13 @@ class RowTargets:
             return memoryview(self.batch.stage(self.staged_encoding).numpy()), self.staged_prefix  # type: ignore[arg-type]
         return None
 
+    def straight_into(self, record_nbytes: int, row: int) -> memoryview | None:
+        """Row ``row`` of ``out`` where a record of ``record_nbytes`` is a raw block of it (its
+        payload may be read straight there), else None."""
+        if record_nbytes != HEADER_SIZE + self.row_nbytes or self.flat is None:
+            return None
+        return self.flat[row * self.row_nbytes : (row + 1) * self.row_nbytes]
+
     def landed(self, record_nbytes: int, row: int) -> None:
         """The payload :meth:`target` gave passed its checks."""
         if self.batch is not None and record_nbytes != HEADER_SIZE + self.row_nbytes:  # the staged case

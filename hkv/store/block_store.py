@@ -79,7 +79,7 @@ from .pages import check_pages
 from .segment_rows import ROW as SEGMENTS_ROW
 from .segment_rows import SegmentStats, read_stats
 from .segment_reads import SegmentReader
-from .segments import Place, SegmentWriter, StagedRecords, entry_length, segment_path
+from .segments import Place, SegmentWriter, StagedRecords, entry_length, record_shift, segment_path
 from .staging import StagingBuffers
 from .direct_reads import PAGE, PAGE_HEADER, DirectReader
 from .locate import Locator
@@ -478,12 +478,19 @@ class BlockStore:
         targets = RowTargets.for_read(out, self.layout, encoding, self.encoding, batch)
         moved: list[int] = []
 
+        # A raw row's payload goes straight from the disk into the row where alignment allows.
+        into = [targets.straight_into(place.length, row) for place, row in zip(places, rows)]
+
         def land(i: int, view: memoryview | None) -> None:
-            """Record ``i`` read whole (None: its segment file is gone)."""
+            """Record ``i`` read (None: its segment file is gone)."""
             if view is None:
                 moved.append(i)
                 return
             key, place, row = keys[i], places[i], rows[i]
+            if len(view) == HEADER_SIZE and into[i] is not None and place.length > HEADER_SIZE:  # the payload is in its row
+                if record_matches(view, into[i], targets.prefix, bytes(key)):
+                    return
+                view = memoryview(bytes(view) + bytes(into[i]))  # checked whole below, which names the problem
             target = targets.target(place.length, row) if len(view) == place.length else None
             if target is not None:
                 dest, prefix = target
@@ -494,7 +501,7 @@ class BlockStore:
             with torch.inference_mode(out.is_inference()):
                 read_record(view, row, key, where=self._where(key))
 
-        if not reader.read_each(places, land):  # no batch reads here: hinted, then each read on its own
+        if not reader.read_each(places, land, into):  # no batch reads here: hinted, then each read on its own
             reader.hint(places)
             head = memoryview(bytearray(HEADER_SIZE))
             for i, (key, place, row) in enumerate(zip(keys, places, rows)):
@@ -755,8 +762,13 @@ class BlockStore:
         # Records are built in place in one page-aligned buffer (the segment writer writes it as it
         # is): the payloads in one tensor copy, then each header with its payload's checksum.
         buffer, views, give_back = self._staging.take([HEADER_SIZE + payload_nbytes] * len(rows))
-        packed = torch.frombuffer(buffer, dtype=torch.uint8, count=len(rows) * (HEADER_SIZE + payload_nbytes))
-        packed.view(len(rows), -1)[:, HEADER_SIZE:].copy_(source[rows] if len(rows) < len(source) else source)
+        # Records of one size lie at a fixed stride (record_shift pads each the same way after the first).
+        record_nbytes = HEADER_SIZE + payload_nbytes
+        first = record_shift(0, record_nbytes)
+        stride = record_nbytes + record_shift(first + record_nbytes, record_nbytes)
+        packed = torch.frombuffer(buffer, dtype=torch.uint8, count=first + (len(rows) - 1) * stride + record_nbytes)
+        payloads = packed.as_strided((len(rows), payload_nbytes), (stride, 1), first + HEADER_SIZE)
+        payloads.copy_(source[rows] if len(rows) < len(source) else source)
         for i, record in zip(rows, views):
             record[:HEADER_SIZE] = encode_header(keys[i], shape_of, record[HEADER_SIZE:], code)
         job = WriteJob(puts=list(zip(last, views)))

@@ -34,12 +34,14 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-PAGE = 4096  # O_DIRECT alignment of offsets, lengths and buffers
+PAGE = 4096  # O_DIRECT alignment of offsets, lengths and buffers (the bounce buffer's spans)
+ALIGN = 512  # the smallest O_DIRECT alignment (a logical block): a Request's ``into``
 DEPTH = 64  # requests one context holds in flight; a larger batch is read in rounds of this many
 KEEP_BYTES = 64 << 20  # larger bounce buffers are not kept for the thread's life
 # io_setup, io_destroy, io_submit, io_getevents
 _SYSCALLS = {"x86_64": (206, 207, 209, 208), "amd64": (206, 207, 209, 208), "aarch64": (0, 1, 2, 4), "arm64": (0, 1, 2, 4)}
 _IOCB_CMD_PREAD = 0
+_IOCB_CMD_PREADV = 7
 
 
 class _Iocb(ctypes.Structure):
@@ -61,6 +63,12 @@ class _Iocb(ctypes.Structure):
     ]
 
 
+class _Iovec(ctypes.Structure):
+    """``struct iovec``: a buffer's address and size."""
+
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
 class _Event(ctypes.Structure):
     """``struct io_event``: the request's ``aio_data``, the iocb's address, the result (bytes or -errno)."""
 
@@ -69,11 +77,15 @@ class _Event(ctypes.Structure):
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """``length`` bytes at byte ``offset`` of the file open (with O_DIRECT) as ``fd``."""
+    """``length`` bytes at byte ``offset`` of the file open (with O_DIRECT) as ``fd``. ``into``:
+    where the range's last ``len(into)`` bytes go, straight from the disk (no copy), when they
+    can (``into`` writable, its address and size and their place in the file multiples of
+    :data:`ALIGN`, the bytes before them at most ``ALIGN``); else ignored."""
 
     fd: int
     offset: int
     length: int
+    into: memoryview | None = None
 
 
 def _syscall_numbers() -> tuple[int, int, int, int] | None:
@@ -125,6 +137,7 @@ class _ThreadState:
         self.iocbs = (_Iocb * depth)()
         self.pointers = (ctypes.POINTER(_Iocb) * depth)(*(ctypes.pointer(iocb) for iocb in self.iocbs))
         self.events = (_Event * depth)()
+        self.iovecs = (_Iovec * (2 * depth))()  # two per request read partly into its ``into``
         self.buffer: mmap.mmap | None = None
         self.address = 0
 
@@ -141,8 +154,24 @@ class _ThreadState:
         return buffer, address
 
 
-def _span(request: Request) -> tuple[int, int]:
-    """The whole pages holding a request: (first byte, bytes)."""
+def _into_address(request: Request) -> int | None:
+    """The address ``request.into`` is read to, or None where it cannot be (see :class:`Request`)."""
+    into = request.into
+    if into is None or into.readonly or not into.c_contiguous:
+        return None
+    tail = into.nbytes
+    split = request.offset + request.length - tail
+    if tail == 0 or tail % ALIGN or split % ALIGN or not 0 < split - request.offset <= ALIGN or split < ALIGN:
+        return None
+    address = ctypes.addressof(ctypes.c_char.from_buffer(into))
+    return address if address % ALIGN == 0 else None
+
+
+def _span(request: Request, into: int | None) -> tuple[int, int]:
+    """What goes to the bounce buffer: (first byte, bytes) of the whole pages holding the request,
+    or with ``into``, the one ALIGN-byte block before the part read into it."""
+    if into is not None:
+        return request.offset + request.length - request.into.nbytes - ALIGN, ALIGN  # type: ignore[union-attr]
     start = request.offset // PAGE * PAGE
     end = -(-(request.offset + request.length) // PAGE) * PAGE
     return start, end - start
@@ -154,7 +183,8 @@ class AioReader:
     ``read(requests)`` returns, per request, a memoryview of the bytes read (shorter than asked
     where the file ends first), valid until the same thread's next ``read``. The file
     descriptors must be open with O_DIRECT. OSError where the kernel refuses a request (EINVAL:
-    O_DIRECT refused). ``reads`` counts requests, ``submits`` io_submit calls.
+    O_DIRECT refused). ``reads`` counts requests, ``straight`` those read partly straight into
+    their ``into``, ``submits`` io_submit calls.
     """
 
     def __init__(self, depth: int = DEPTH) -> None:
@@ -163,6 +193,7 @@ class AioReader:
             raise OSError(errno.ENOSYS, f"Linux native AIO is not available on {sys.platform} {platform.machine()}")
         self.depth = depth
         self.reads = 0
+        self.straight = 0  # requests whose ``into`` took its part straight from the disk
         self.submits = 0
         self._kernel = _Kernel(numbers)
         self._local = threading.local()
@@ -217,10 +248,13 @@ class AioReader:
     def read_each(self, requests: Sequence[Request], ready: Callable[[int, memoryview], object]) -> None:
         """Read ``requests``, calling ``ready(i, view)`` for each once it is read (in completion
         order, a round of up to ``depth`` requests at a time; the view valid until this thread's
-        next read). A request the kernel fails raises OSError, and what ``ready`` raises
-        propagates; either way no request is left in flight."""
+        next read): the bytes read (shorter than asked where the file ends first), or, for a
+        request whose ``into`` was used and read whole, the bytes before ``into``'s. A request
+        the kernel fails raises OSError, and what ``ready`` raises propagates; either way no
+        request is left in flight."""
         state = self._state()
-        spans = [_span(request) for request in requests]
+        intos = [_into_address(request) for request in requests]
+        spans = [_span(request, into) for request, into in zip(requests, intos)]
         starts = [0]
         for _, nbytes in spans:
             starts.append(starts[-1] + nbytes)
@@ -230,31 +264,49 @@ class AioReader:
         def finish(i: int, result: int) -> None:
             if result < 0:
                 raise OSError(-result, os.strerror(-result))
-            skip = requests[i].offset - spans[i][0]
+            request = requests[i]
+            skip = request.offset - spans[i][0]
             at = starts[i] + skip
-            ready(i, view[at : at + max(0, min(requests[i].length, result - skip))])
+            if intos[i] is None:
+                ready(i, view[at : at + max(0, min(request.length, result - skip))])
+            elif result == spans[i][1] + request.into.nbytes:  # type: ignore[union-attr]
+                ready(i, view[at : starts[i] + spans[i][1]])
+            else:  # the file ends early: what was read, in one piece
+                head = view[at : starts[i] + min(spans[i][1], max(skip, result))]
+                ready(i, memoryview(bytes(head) + bytes(request.into[: max(0, result - spans[i][1])])))  # type: ignore[index]
 
         try:
             for first in range(0, len(requests), self.depth):
-                self._round(state, requests, spans, starts, base, first, min(len(requests), first + self.depth), finish)
+                self._round(state, requests, intos, spans, starts, base, first, min(len(requests), first + self.depth), finish)
         except BaseException:
             self._drop(state)  # a request may still be in flight into the buffer
             raise
         self.reads += len(requests)
+        self.straight += sum(into is not None for into in intos)
 
-    def _round(self, state: _ThreadState, requests: Sequence[Request], spans: list[tuple[int, int]], starts: list[int],
-               base: int, first: int, last: int, finish: Callable[[int, int], None]) -> None:  # fmt: skip
+    def _round(self, state: _ThreadState, requests: Sequence[Request], intos: list[int | None], spans: list[tuple[int, int]],
+               starts: list[int], base: int, first: int, last: int, finish: Callable[[int, int], None]) -> None:  # fmt: skip
         """Submit requests ``first .. last - 1`` and reap them, ``finish(i, result)`` for each."""
         count = last - first
+        iovec_size = ctypes.sizeof(_Iovec)
+        iovecs_at = ctypes.addressof(state.iovecs)
         for slot, i in enumerate(range(first, last)):
             iocb = state.iocbs[slot]
             start, nbytes = spans[i]
             iocb.aio_data = i
-            iocb.aio_lio_opcode = _IOCB_CMD_PREAD
             iocb.aio_fildes = requests[i].fd
-            iocb.aio_buf = base + starts[i]
-            iocb.aio_nbytes = nbytes
             iocb.aio_offset = start
+            if intos[i] is None:
+                iocb.aio_lio_opcode = _IOCB_CMD_PREAD
+                iocb.aio_buf = base + starts[i]
+                iocb.aio_nbytes = nbytes
+            else:  # two buffers: the block before into's part (bounce), then into itself
+                head, tail = state.iovecs[2 * slot], state.iovecs[2 * slot + 1]
+                head.base, head.len = base + starts[i], nbytes
+                tail.base, tail.len = intos[i], requests[i].into.nbytes  # type: ignore[union-attr]
+                iocb.aio_lio_opcode = _IOCB_CMD_PREADV
+                iocb.aio_buf = iovecs_at + 2 * slot * iovec_size
+                iocb.aio_nbytes = 2
         submitted = reaped = 0
         while reaped < count:
             if submitted < count:

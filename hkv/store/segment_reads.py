@@ -84,12 +84,16 @@ class SegmentReader:
         if self._reads % _SWEEP_EVERY == 0:
             self.sweep()
 
-    def read_each(self, places: Sequence[Place], ready: Callable[[int, memoryview | None], object]) -> bool:
+    def read_each(self, places: Sequence[Place], ready: Callable[[int, memoryview | None], object],
+                  into: Sequence[memoryview | None] | None = None) -> bool:  # fmt: skip
         """Read every record of ``places`` at once (Linux native AIO, O_DIRECT), calling
         ``ready(i, view)`` for each once it is read (the view shorter than ``place.length``: the
         file ends early; None: its segment file is gone); the view is valid until this thread's
-        next read. False (nothing read) where batch reads are not to be had here: then
-        :meth:`hint` and :meth:`read_split`."""
+        next read. ``into[i]``: where record ``i``'s payload may go straight from the disk (a
+        raw record's, 512-byte aligned in the file: :func:`~.segments.record_shift`); where it
+        went, ``view`` is the record's header alone (``len(view) < place.length`` with the
+        payload in ``into[i]``; see :class:`~.linux_aio.Request`). False (nothing read) where
+        batch reads are not to be had here: then :meth:`hint` and :meth:`read_split`."""
         aio = self.aio
         if aio is None:
             return False
@@ -106,7 +110,7 @@ class SegmentReader:
             if fd is None:
                 self._give_up_aio(aio)
                 return False
-            requests.append(Request(fd, place.offset, place.length))
+            requests.append(Request(fd, place.offset, place.length, into[i] if into is not None else None))
             read.append(i)
         delivered = [0]
 

@@ -34,11 +34,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..blocks import HEADER_SIZE
 from .files import SEGMENT_DIR
 
 log = logging.getLogger(__name__)
 
 PAGE = 4096  # O_DIRECT alignment (offsets, lengths, buffers) and the header's size
+PAYLOAD_ALIGN = 512  # the smallest O_DIRECT alignment (a logical block): where raw payloads start
 SEGMENT_BYTES = 256 << 20  # a writer starts a new segment past this size (bounds one compaction's copy)
 MAGIC = b"HKVSEG\x00\x01"
 _FILE_HEADER = struct.Struct("<8sI")  # magic, segment id; the rest of page 0 is zero
@@ -157,10 +159,22 @@ def round_up(nbytes: int, to: int = PAGE) -> int:
     return -(-nbytes // to) * to
 
 
+def record_shift(at: int, record_nbytes: int) -> int:
+    """Bytes of padding before a record placed at byte ``at`` of a page-aligned write. A record
+    whose payload is a whole number of :data:`PAYLOAD_ALIGN` units (a raw block: 48 KiB for
+    SmolLM2 in fp16) starts so that its payload does, 448 bytes at most (0.9% of such a record):
+    an O_DIRECT read can then put the payload straight into an aligned tensor row
+    (:mod:`.segment_reads`). Other records (the lossy encodings') are packed."""
+    if (record_nbytes - HEADER_SIZE) % PAYLOAD_ALIGN:
+        return 0
+    return -(at + HEADER_SIZE) % PAYLOAD_ALIGN
+
+
 @dataclass(slots=True)
 class StagedRecords:
     """One write job's records; ``buffer``: a page-aligned buffer (an anonymous mmap) that holds
-    them packed from byte 0, zero after them up to its end, or None."""
+    them from byte 0, packed but for :func:`record_shift`'s padding, zero after them up to its
+    end, or None."""
 
     records: list[bytes | bytearray | memoryview]
     buffer: memoryview | None = None
@@ -208,7 +222,8 @@ class SegmentWriter:
                 if pieces and pieces[-1][0] is None:  # end the staged run on a page
                     stage, pos = round_up(stage), round_up(pos)
                 at = 0
-                for record in job.records:
+                for record in job.records:  # laid out by the same rule (StagingBuffers.take)
+                    at += record_shift(at, len(record))
                     offsets.append(pos + at)
                     at += len(record)
                 pieces.append((job.buffer[: round_up(at)], 0, round_up(at)))
@@ -218,6 +233,7 @@ class SegmentWriter:
                     pieces.append((None, stage, stage))
                 for record in job.records:
                     shift = round_up(stage, self.align) - stage
+                    shift += record_shift(stage + shift, len(record))  # stage and pos differ by whole pages
                     stage, pos = stage + shift, pos + shift
                     offsets.append(pos)
                     copies.append((stage, record))

@@ -12,7 +12,7 @@ import mmap
 import threading
 from collections.abc import Callable, Sequence
 
-from .segments import PAGE, round_up
+from .segments import PAGE, record_shift, round_up
 
 
 class StagingBuffers:
@@ -29,10 +29,17 @@ class StagingBuffers:
         self._cond = threading.Condition()
 
     def take(self, sizes: Sequence[int]) -> tuple[memoryview, list[memoryview], Callable[[], None]]:
-        """A buffer for records of ``sizes`` bytes packed end to end, zero after them up to its
-        page; a view of each record's place (the caller fills them); and the call that gives
+        """A buffer for records of ``sizes`` bytes packed end to end (but for
+        :func:`~.segments.record_shift`'s padding, zeroed), zero after them up to its page; a view of each record's place (the caller fills them); and the call that gives
         the buffer back (once nothing reads it any more: the job's future is done)."""
-        total = sum(sizes)
+        starts, gaps, total = [], [], 0
+        for size in sizes:  # packed, but for the padding that puts a raw payload on a 512-byte boundary
+            shift = record_shift(total, size)
+            if shift:
+                gaps.append((total, total + shift))
+            total += shift
+            starts.append(total)
+            total += size
         need = max(round_up(total), PAGE)
         with self._cond:
             while self._out and self._out + need > self.limit_bytes:
@@ -47,11 +54,9 @@ class StagingBuffers:
             flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
             raw = mmap.mmap(-1, need, flags=flags)
         buffer = memoryview(raw)[:need]
-        buffer[total:need] = bytes(need - total)  # a reused buffer's old bytes never reach the disk
-        views, at = [], 0
-        for size in sizes:
-            views.append(buffer[at : at + size])
-            at += size
+        for first, last in gaps + [(total, need)]:  # a reused buffer's old bytes never reach the disk
+            buffer[first:last] = bytes(last - first)
+        views = [buffer[at : at + size] for at, size in zip(starts, sizes)]
 
         def give_back() -> None:
             with self._cond:

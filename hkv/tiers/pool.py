@@ -33,6 +33,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from ..blocks import BlockKey, BlockLayout
+from ..memory import page_aligned_empty
 from .base import BlockNotFoundError, Tier, TierFullError
 from .slot_codec import SlotCodec
 
@@ -57,7 +58,7 @@ class SharedRows:
         if self._data is None:
             shape = (self.first.n_slots + self.second.n_slots, *self.first.codec.slot_shape)
             with torch.inference_mode(False):  # see SlotPool._allocate
-                self._data = torch.empty(shape, dtype=self.first.codec.slot_dtype, device=self.first.device)
+                self._data = page_aligned_empty(shape, self.first.codec.slot_dtype, self.first.device)
         return self._data
 
     def release(self) -> None:
@@ -104,7 +105,7 @@ class SlotPool(Tier):
         # A normal tensor even when first used inside torch.inference_mode (a model's forward):
         # an inference tensor could not be written by the prefetcher's threads, which run outside it.
         with torch.inference_mode(False):
-            return torch.empty(shape, dtype=self.codec.slot_dtype, device=self.device, pin_memory=self.pin_memory)
+            return page_aligned_empty(shape, self.codec.slot_dtype, self.device, pin_memory=self.pin_memory)
 
     @property
     def capacity_blocks(self) -> int:

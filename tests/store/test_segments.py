@@ -17,8 +17,9 @@ import pytest
 import torch
 
 import hkv.store.block_store as store_module
-from hkv.blocks import BlockKey, BlockLayout, CorruptRecordError
+from hkv.blocks import HEADER_SIZE, BlockKey, BlockLayout, CorruptRecordError
 from hkv.encoding import decode, encode
+from hkv.memory import page_aligned_empty
 from hkv.errors import StoreError
 from hkv.store import linux_aio
 from hkv.store.batched_decode import BatchedDecode
@@ -75,9 +76,16 @@ def test_round_trip_in_each_encoding_and_records_are_packed(tmp_path: Path, enco
     with DiskTier(tmp_path / "s", SMOL, 1 << 26, encoding=encoding, aio_reads=aio_reads) as tier:
         tier.put_many([key_of(i) for i in range(32)], blocks)
         record = tier.record_nbytes
-        out = torch.empty_like(blocks)
+        out = page_aligned_empty(tuple(blocks.shape), blocks.dtype)  # as the host pool's rows: raw payloads read straight in
         tier.get_many_into([key_of(i) for i in reversed(range(32))], out)
         _read_path_used(tier, aio_reads)
+        if aio_reads:
+            assert tier.segment_reader.aio.straight == (32 if encoding == "none" else 0)
+            base = page_aligned_empty((32 * SMOL.nbytes + 64,), torch.uint8)
+            unaligned = base[64:].view(SMOL.dtype).view(32, *SMOL.shape)  # rows off the 512-byte grid: read, then copied
+            tier.get_many_into([key_of(i) for i in reversed(range(32))], unaligned)
+            assert tier.segment_reader.aio.straight == (32 if encoding == "none" else 0)
+            assert torch.equal(unaligned.view(torch.uint8), out.view(torch.uint8))
         assert tier.verify() == [] and tier.used_bytes() == 32 * record
     expected = blocks.flip(0) if encoding == "none" else None
     if expected is not None:
@@ -85,9 +93,14 @@ def test_round_trip_in_each_encoding_and_records_are_packed(tmp_path: Path, enco
     else:  # lossy: within the encoding's error, and decoded the same way a second time
         assert (out.float() - blocks.flip(0).float()).abs().max() < (0.05 if encoding == "int8" else 0.6)
     (file,) = list_segments(tmp_path / "s").values()
-    assert os.path.getsize(file) == PAGE + -(-32 * record // PAGE) * PAGE  # packed: one page of padding per batch at most
+    # Lossy records packed end to end; raw ones padded so that each payload starts on 512 bytes
+    # (448 bytes a record here), which O_DIRECT can then read straight into a tensor row.
+    first, stride = (448, record + 448) if encoding == "none" else (0, record)
+    assert os.path.getsize(file) == PAGE + -(-(first + 31 * stride + record) // PAGE) * PAGE  # one page of padding per batch at most
     places = [_place(tmp_path / "s", key_of(i)) for i in range(32)]
-    assert [p.offset for p in places] == [PAGE + i * record for i in range(32)] and {p.length for p in places} == {record}
+    assert [p.offset for p in places] == [PAGE + first + i * stride for i in range(32)] and {p.length for p in places} == {record}
+    if encoding == "none":
+        assert all((p.offset + HEADER_SIZE) % 512 == 0 for p in places)
 
 
 def test_a_torn_tail_is_ignored_and_the_store_writes_on(store_path: Path) -> None:
