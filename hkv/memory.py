@@ -1,5 +1,6 @@
-"""How hkv's process uses glibc's heap: freed memory goes back to the OS during long prefills,
-and not after every tensor op while decoding.
+"""How hkv's process uses memory: glibc's heap gives freed memory back to the OS during long
+prefills, and not after every tensor op while decoding; and pools whose rows the disk can fill
+straight (:func:`page_aligned_empty`).
 
 Why: a prefill chunk allocates and frees hundreds of MB of temporaries (activations, attention
 pieces, block copies) from several threads. glibc's malloc keeps much of what is freed in its

@@ -105,23 +105,26 @@ class RowTargets:
             staged_prefix=record_prefix(layout.shape, layout.dtype, store_encoding, staged_nbytes) if staged else b"",
         )
 
+    def _row(self, row: int) -> memoryview:
+        if self.flat is not None:
+            return self.flat[row * self.row_nbytes : (row + 1) * self.row_nbytes]
+        return memoryview(self.out[row].view(-1).view(torch.uint8).numpy())
+
     def target(self, record_nbytes: int, row: int) -> tuple[memoryview, bytes] | None:
         """The payload's destination and the expected header prefix for a record of
         ``record_nbytes`` going to row ``row``; None where it is not a fast case."""
         if record_nbytes == HEADER_SIZE + self.row_nbytes:
-            if self.flat is not None:
-                return self.flat[row * self.row_nbytes : (row + 1) * self.row_nbytes], self.prefix
-            return memoryview(self.out[row].view(-1).view(torch.uint8).numpy()), self.prefix
+            return self._row(row), self.prefix
         if self.batch is not None and record_nbytes == HEADER_SIZE + self.staged_nbytes:
             return memoryview(self.batch.stage(self.staged_encoding).numpy()), self.staged_prefix  # type: ignore[arg-type]
         return None
 
     def straight_into(self, record_nbytes: int, row: int) -> memoryview | None:
-        """Row ``row`` of ``out`` where a record of ``record_nbytes`` is a raw block of it (its
-        payload may be read straight there), else None."""
+        """Row ``row`` of a contiguous ``out`` where a record of ``record_nbytes`` is a raw block
+        of it (its payload may be read straight there, checked against :attr:`prefix`), else None."""
         if record_nbytes != HEADER_SIZE + self.row_nbytes or self.flat is None:
             return None
-        return self.flat[row * self.row_nbytes : (row + 1) * self.row_nbytes]
+        return self._row(row)
 
     def landed(self, record_nbytes: int, row: int) -> None:
         """The payload :meth:`target` gave passed its checks."""

@@ -10,12 +10,14 @@ all, from the calling thread: no helper threads, no hand-off per record.
 
 How: the kernel's AIO system calls through :mod:`ctypes` (``syscall(2)`` with the numbers of
 x86-64 and arm64; a ctypes call releases the GIL while it waits). Each thread has its own AIO
-context, request arrays and a page-aligned bounce buffer; a record is read as the whole pages
-that hold it and handed back as a view of its bytes in that buffer (records are packed end to
-end in a segment, so the disk cannot write one straight into an unaligned tensor row). A
-request still in flight when the waiting is interrupted (an exception, a signal's handler
-raising) is never left writing into a buffer that is reused: the context is destroyed, which
-waits for its requests, and a new one is made at the next read.
+context, request arrays and a page-aligned bounce buffer. A request is read as the whole pages
+that hold it into the bounce buffer and handed back as a view of its bytes there; or, with an
+``into`` (a raw record's payload, which the segment writer puts on a 512-byte boundary, going
+to a 512-byte-aligned tensor row), as two buffers in one request: the 512-byte block before the
+payload (the record's header at its end) into the bounce buffer, the payload straight into the
+row, no copy. A request still in flight when the waiting is interrupted (an exception, a signal's
+handler raising) is never left writing into a buffer that is reused: the context is destroyed,
+which waits for its requests, and a new one is made at the next read.
 
 Where AIO or O_DIRECT is missing (another OS or CPU, a filesystem such as tmpfs that refuses
 O_DIRECT, ``io_setup`` refused by a sandbox or the system's ``aio-max-nr``), :func:`probe`

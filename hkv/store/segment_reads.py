@@ -112,16 +112,17 @@ class SegmentReader:
                 return False
             requests.append(Request(fd, place.offset, place.length, into[i] if into is not None else None))
             read.append(i)
-        delivered = [0]
+        delivered = 0
 
         def deliver(j: int, view: memoryview) -> None:
-            delivered[0] += 1
+            nonlocal delivered
+            delivered += 1
             ready(read[j], view)
 
         try:
             aio.read_each(requests, deliver)
         except OSError as error:
-            if delivered[0] or error.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.EAGAIN):
+            if delivered or error.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.EAGAIN):
                 raise
             if error.errno != errno.EAGAIN:
                 self._give_up_aio(aio)  # the filesystem refused an O_DIRECT read it had opened

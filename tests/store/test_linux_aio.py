@@ -7,6 +7,7 @@ both paths (tests/store/test_segments.py)."""
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import random
 import threading
@@ -200,3 +201,27 @@ def test_a_thread_refused_an_aio_context_reads_through_the_page_cache(tmp_path: 
         thread.start()
         thread.join()
         assert torch.equal(out, blocks) and tier.segment_reader.aio is aio and aio.reads == 0
+
+
+def test_a_payload_on_a_512_byte_boundary_goes_straight_into_an_aligned_buffer(data_file: Path) -> None:
+    fd = _direct_fd(data_file)
+    data = data_file.read_bytes()
+    rows = memoryview(mmap.mmap(-1, 1 << 20))  # page-aligned
+    payload = 8 * 512
+    requests = [Request(fd, 4096 + 512 * (3 + 20 * k) - 64, 64 + payload, into=rows[k * payload : (k + 1) * payload]) for k in range(6)]
+    end_payload = (len(data) - 1000) // 512 * 512  # aligned, the file ending inside the payload
+    requests.append(Request(fd, end_payload - 64, 64 + payload, into=rows[6 * payload : 7 * payload]))
+    requests.append(Request(fd, 4096 + 512 * 300 - 64, 64 + payload, into=rows[7 * payload + 64 : 8 * payload + 64]))  # unaligned row
+    reader = AioReader()
+    got: dict[int, bytes] = {}
+    try:
+        reader.read_each(requests, lambda i, view: got.__setitem__(i, bytes(view)))
+    finally:
+        reader.close()
+        os.close(fd)
+    for i, request in enumerate(requests[:6]):
+        assert got[i] == data[request.offset : request.offset + 64]  # the header alone: the payload is in the row
+        assert bytes(request.into) == data[request.offset + 64 : request.offset + request.length]
+    assert got[6] == data[requests[6].offset :]  # short: the record as far as the file goes, in one piece
+    assert got[7] == data[requests[7].offset : requests[7].offset + requests[7].length]  # read whole, into ignored
+    assert reader.straight == 7
