@@ -79,7 +79,7 @@ from .pages import check_pages
 from .segment_rows import ROW as SEGMENTS_ROW
 from .segment_rows import SegmentStats, read_stats
 from .segment_reads import SegmentReader
-from .segments import Place, SegmentWriter, StagedRecords, entry_length, record_shift, segment_path
+from .segments import Place, SegmentWriter, StagedRecords, entry_length, record_starts, segment_path
 from .staging import StagingBuffers
 from .direct_reads import PAGE, PAGE_HEADER, DirectReader
 from .locate import Locator
@@ -479,7 +479,7 @@ class BlockStore:
         moved: list[int] = []
 
         # A raw row's payload goes straight from the disk into the row where alignment allows.
-        into = [targets.straight_into(place.length, row) for place, row in zip(places, rows)]
+        into = [targets.straight_into(place.length, row) for place, row in zip(places, rows)] if reader.aio is not None else None
 
         def land(i: int, view: memoryview | None) -> None:
             """Record ``i`` read (None: its segment file is gone)."""
@@ -487,7 +487,7 @@ class BlockStore:
                 moved.append(i)
                 return
             key, place, row = keys[i], places[i], rows[i]
-            if len(view) == HEADER_SIZE and into[i] is not None and place.length > HEADER_SIZE:  # the payload is in its row
+            if len(view) == HEADER_SIZE and into is not None and into[i] is not None and place.length > HEADER_SIZE:  # the payload is in its row
                 if record_matches(view, into[i], targets.prefix, bytes(key)):
                     return
                 view = memoryview(bytes(view) + bytes(into[i]))  # checked whole below, which names the problem
@@ -764,8 +764,8 @@ class BlockStore:
         buffer, views, give_back = self._staging.take([HEADER_SIZE + payload_nbytes] * len(rows))
         # Records of one size lie at a fixed stride (record_shift pads each the same way after the first).
         record_nbytes = HEADER_SIZE + payload_nbytes
-        first = record_shift(0, record_nbytes)
-        stride = record_nbytes + record_shift(first + record_nbytes, record_nbytes)
+        (first, second), _ = record_starts([record_nbytes] * 2)
+        stride = second - first
         packed = torch.frombuffer(buffer, dtype=torch.uint8, count=first + (len(rows) - 1) * stride + record_nbytes)
         payloads = packed.as_strided((len(rows), payload_nbytes), (stride, 1), first + HEADER_SIZE)
         payloads.copy_(source[rows] if len(rows) < len(source) else source)

@@ -170,6 +170,17 @@ def record_shift(at: int, record_nbytes: int) -> int:
     return -(at + HEADER_SIZE) % PAYLOAD_ALIGN
 
 
+def record_starts(sizes: Sequence[int]) -> tuple[list[int], int]:
+    """Where records of ``sizes`` bytes go in a page-aligned write, one after the other with
+    :func:`record_shift`'s padding: each record's first byte, and the byte after the last."""
+    starts, end = [], 0
+    for size in sizes:
+        end += record_shift(end, size)
+        starts.append(end)
+        end += size
+    return starts, end
+
+
 @dataclass(slots=True)
 class StagedRecords:
     """One write job's records; ``buffer``: a page-aligned buffer (an anonymous mmap) that holds
@@ -221,11 +232,8 @@ class SegmentWriter:
             if job.buffer is not None and len(job.buffer) >= OWN_BUFFER_BYTES:
                 if pieces and pieces[-1][0] is None:  # end the staged run on a page
                     stage, pos = round_up(stage), round_up(pos)
-                at = 0
-                for record in job.records:  # laid out by the same rule (StagingBuffers.take)
-                    at += record_shift(at, len(record))
-                    offsets.append(pos + at)
-                    at += len(record)
+                starts, at = record_starts([len(record) for record in job.records])  # as StagingBuffers.take laid them
+                offsets.extend(pos + start for start in starts)
                 pieces.append((job.buffer[: round_up(at)], 0, round_up(at)))
                 pos += round_up(at)
             else:

@@ -12,7 +12,7 @@ import mmap
 import threading
 from collections.abc import Callable, Sequence
 
-from .segments import PAGE, record_shift, round_up
+from .segments import PAGE, record_starts, round_up
 
 
 class StagingBuffers:
@@ -32,14 +32,9 @@ class StagingBuffers:
         """A buffer for records of ``sizes`` bytes packed end to end (but for
         :func:`~.segments.record_shift`'s padding, zeroed), zero after them up to its page; a view of each record's place (the caller fills them); and the call that gives
         the buffer back (once nothing reads it any more: the job's future is done)."""
-        starts, gaps, total = [], [], 0
-        for size in sizes:  # packed, but for the padding that puts a raw payload on a 512-byte boundary
-            shift = record_shift(total, size)
-            if shift:
-                gaps.append((total, total + shift))
-            total += shift
-            starts.append(total)
-            total += size
+        starts, total = record_starts(sizes)  # packed, but for the padding that puts a raw payload on 512 bytes
+        ends = [start + size for start, size in zip(starts, sizes)]
+        gaps = [(end, start) for end, start in zip([0, *ends], starts) if start > end]
         need = max(round_up(total), PAGE)
         with self._cond:
             while self._out and self._out + need > self.limit_bytes:
