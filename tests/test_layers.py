@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hkv"
 
 # Lowest first. A module may import modules of its own layer and of the layers before it.
 LAYERS: list[tuple[str, set[str]]] = [
-    ("leaves", {"errors", "config", "encoding", "blocks", "positions", "memory", "passkey", "ruler", "default_model"}),
+    ("leaves", {"errors", "config", "encoding", "blocks", "positions", "memory", "threads", "passkey", "ruler", "default_model"}),
     ("store", {"store", "remote"}),
     ("tiers", {"tiers"}),
     ("prefetch", {"prefetch"}),

@@ -51,6 +51,7 @@ import xxhash
 from ..blocks import BlockKey, BlockLayout
 from ..memory import page_aligned_empty
 from ..store.segments import list_segments
+from ..threads import serial_torch
 from ..tiers.disk import DiskTier
 
 SMOLLM2_LAYOUT = BlockLayout(kv_heads=3, block_tokens=64, head_dim=64, dtype=torch.float16)  # 48 KiB
@@ -230,7 +231,7 @@ def _tier_read(store: Path, layout: BlockLayout, keys: list[BlockKey], read_batc
                 tier.get_many_into(batch, out[: len(batch)])
 
         start = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="hkv bench reader") as pool:
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="hkv bench reader", initializer=serial_torch) as pool:
             futures = [pool.submit(reader, batches[i::threads]) for i in range(threads)]
             for future in futures:
                 future.result()  # a reader that failed fails the measurement (it would look faster)

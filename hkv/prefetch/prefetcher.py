@@ -30,6 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..blocks import BlockKey
+from ..threads import serial_torch
 from ..tiers.manager import TierManager
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ class Prefetcher:
         self.manager = manager
         self.workers = workers
         self.job_blocks = job_blocks  # blocks per promote call: small jobs spread over workers
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hkv-prefetch")
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hkv-prefetch", initializer=serial_torch)
         self._lock = threading.Lock()
         self._stats = PrefetcherStats()
         self._closed = False

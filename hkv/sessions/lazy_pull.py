@@ -38,6 +38,7 @@ from ..errors import TierFullError
 from ..remote.client import CHUNK, RemoteStore
 from ..store.summary_rows import summary_values
 from ..store.txn import CommitResult, StoreTxn, summary_key
+from ..threads import serial_thread
 from ..tiers.remote_blocks import RemoteBlocks
 from .records import SessionRecord, tail_key
 from .remote import newer_remote_session, position_groups
@@ -127,7 +128,7 @@ class LazyPull:
         block is left to the read or :meth:`finish` that needs it). Once."""
         if self._thread is not None or self._blocks is None:
             return
-        self._thread = threading.Thread(target=self._background, name=f"hkv lazy pull {self.name}", daemon=True)
+        self._thread = serial_thread(self._background, name=f"hkv lazy pull {self.name}")
         self._thread.start()
 
     def _background(self) -> None:

@@ -46,6 +46,7 @@ from ..blocks import BlockKey, RecordError, chain_hashes, check_record
 from ..errors import TierFullError
 from ..remote.client import CHUNK, RemoteStore
 from ..store.txn import CommitResult, StoreTxn, summary_key
+from ..threads import serial_thread
 from .records import SessionError, SessionRecord, tail_key
 from .rows import commit_in, record_key, tail_record_key
 from .store import SessionStore
@@ -233,7 +234,7 @@ class RemoteSync:
         self._pending: dict[str, int] = {}  # session -> commits not yet pushed (a push reads the latest)
         self._release: set[str] = set()  # leases to release once their session's push is done
         self._idle = threading.Condition()
-        self._thread = threading.Thread(target=self._loop, name="hkv remote sessions", daemon=True)
+        self._thread = serial_thread(self._loop, name="hkv remote sessions")
         self._thread.start()
 
     def fetch_prefix(self, seq: SequenceKV, token_ids: torch.Tensor) -> int:

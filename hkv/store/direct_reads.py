@@ -33,6 +33,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from ..threads import serial_torch
+
 PAGE = mmap.PAGESIZE
 PAGE_HEADER = 16  # LMDB 0.9: page number u64, pad u16, flags u16, overflow page count u32
 P_OVERFLOW = 0x04
@@ -161,7 +163,7 @@ class DirectReader:
         if self._pool is None:
             with self._lock:
                 if self._pool is None:
-                    self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="hkv-disk-read")
+                    self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="hkv-disk-read", initializer=serial_torch)
         return self._pool
 
     def close(self) -> None:

@@ -14,6 +14,8 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from ..threads import serial_torch
+
 
 class OrderedEncoder:
     """One background thread running ``submit``'s jobs in order; :meth:`drain` waits for the queued ones."""
@@ -40,7 +42,7 @@ class OrderedEncoder:
 
         with self._lock:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._name)
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._name, initializer=serial_torch)
             self._last = self._pool.submit(job)
         return outcome
 

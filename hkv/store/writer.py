@@ -24,6 +24,7 @@ from concurrent.futures import Future
 import lmdb
 
 from ..errors import TierError
+from ..threads import serial_thread
 
 
 class WriteJob:
@@ -98,9 +99,9 @@ class BatchWriter:
         self._closing = False  # set by close() or when the thread ends: no more submissions
         self._prep_thread = None
         if prepare is not None:
-            self._prep_thread = threading.Thread(target=self._prep_loop, name=f"{name} (prepare)", daemon=True)
+            self._prep_thread = serial_thread(self._prep_loop, name=f"{name} (prepare)")
             self._prep_thread.start()
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread = serial_thread(self._loop, name=name)
         self._thread.start()
 
     def submit(self, job: WriteJob) -> Future:
