@@ -7,15 +7,17 @@ OpenMP threads than the machine has CPUs, libgomp stops spinning between paralle
 (``GOMP_SPINCOUNT``'s "throttled" count, ~100 spins instead of ~300,000) and puts every team's
 threads to sleep after each region, so each of the model thread's matmuls, softmaxes and copies
 then pays a futex wake-up. Measured on the 2-core CPU machine: one encoder thread that had
-encoded blocks (a team of its own) made the decode step's ``aten::mm`` 1.8x slower and a 128K-token
-disk-bound step with int4 records 1.6x slower (168 vs 105 ms, ``hkv bench decode --preset disk
---disk-encoding int4``). hkv's background threads (prefetch workers, the encoder, the disk writer,
-session pulls) therefore set their own OpenMP thread count to 1 (:func:`serial_torch`): their
-ops run inline, the model's thread keeps the machine's team, and only that one exists.
+encoded blocks (a team of its own) made the decode step's ``aten::mm`` 1.8x slower, and a
+128K-token disk-bound step with int4 records took 168 ms with prefetch off against 105 ms once
+the encoder and the prefetch workers ran serial (189-205 against 132 ms with prefetch on:
+``hkv bench decode --preset disk --disk-encoding int4``, docs/benchmarks.md). hkv's background
+threads (prefetch workers, the encoder, the disk writer, session pulls) therefore set their own
+OpenMP thread count to 1 (:func:`serial_torch`): their ops run inline, the model's thread keeps
+the machine's team, and only that one exists.
 
 :func:`serial_torch` touches only the calling thread (``omp_set_num_threads`` sets a per-thread
 value), not ``torch.set_num_threads``' process-wide one. Where torch does not use an OpenMP
-runtime found in the process (other platforms, other builds) it does nothing and says so.
+runtime found in the process (other platforms, other builds) it does nothing and returns False.
 """
 
 from __future__ import annotations
