@@ -6,7 +6,10 @@ a team of its own, whose threads live as long as that thread. Once the process h
 OpenMP threads than the machine has CPUs, libgomp stops spinning between parallel regions
 (``GOMP_SPINCOUNT``'s "throttled" count, ~100 spins instead of ~300,000) and puts every team's
 threads to sleep after each region, so each of the model thread's matmuls, softmaxes and copies
-then pays a futex wake-up. Measured on the 2-core CPU machine: one encoder thread that had
+then pays a futex wake-up. ``python scripts/openmp_teams.py`` shows it on its own: on the 2-core
+CPU machine a loop of SmolLM2-shaped decode matmuls took 3.2x as long once an idle second thread
+had run one large op (47.6 against 15.1 ms), 1.0x when that thread had called
+:func:`serial_torch` first. In hkv: one encoder thread that had
 encoded blocks (a team of its own) made the decode step's ``aten::mm`` 1.8x slower, and a
 128K-token disk-bound step with int4 records took 168 ms with prefetch off against 105 ms once
 the encoder and the prefetch workers ran serial (189-205 against 132 ms with prefetch on:

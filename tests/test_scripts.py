@@ -45,8 +45,8 @@ needs_smollm2 = pytest.mark.skipif(not smollm2_installed(), reason="needs the de
 
 
 def test_every_script_is_covered():
-    assert PYTHON_SCRIPTS == ["encode_gpu_cpu.py", "heap_faults.py", "heap_probe.py", "passkey_selection.py", "prediction_recall.py",
-                              "profile_decode.py", "resume_parts.py", "score_cost.py"]
+    assert PYTHON_SCRIPTS == ["encode_gpu_cpu.py", "heap_faults.py", "heap_probe.py", "openmp_teams.py", "passkey_selection.py",
+                              "prediction_recall.py", "profile_decode.py", "resume_parts.py", "score_cost.py"]
     assert SHELL_SCRIPTS == ["gpu_check.sh", "million_run.sh"]
 
 
@@ -82,6 +82,11 @@ def test_resume_parts():
     for label in ("resume (wrap + session + first token)", "summary runs", "adopting the blocks", "the turn (first token)"):
         line = next(line for line in out.splitlines() if line.strip().startswith(label))
         assert float(line.split()[-2]) > 0, line
+
+
+def test_openmp_teams():
+    out = run([sys.executable, "scripts/openmp_teams.py", "--repeats", "1"]).stdout
+    assert [line.split()[0] for line in out.splitlines()[1:]] == ["alone", "team", "serial"]
 
 
 @pytest.mark.slow
