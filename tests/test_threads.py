@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from concurrent.futures import Future
 
 import pytest
@@ -65,3 +67,42 @@ def test_serial_torch_without_openmp_does_nothing(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(threads, "_openmp_setters", lambda: ())
     assert _in_thread(threads.serial_torch) is False
+
+
+def _native_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def _settled_threads() -> int:
+    """The process's thread count once threads that ended have left /proc (they linger a moment)."""
+    count, deadline = _native_threads(), time.monotonic() + 2
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = _native_threads()
+        if now == count:
+            break
+        count = now
+    return count
+
+
+@openmp
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task") or torch.get_num_threads() < 2, reason="needs /proc and 2+ torch threads")
+def test_an_hkv_thread_starts_no_openmp_team() -> None:
+    """The property itself: a large op in a thread hkv starts adds no OpenMP thread to the
+    process, where the same op in a plain thread starts a team (the control)."""
+    torch.randn(1024, 1024).mul_(2).sum()  # this thread's own team exists before counting
+
+    def threads_added_by_a_large_op() -> int:
+        before = _native_threads()
+        torch.randn(2048, 2048).mul_(2).sum()
+        return _native_threads() - before
+
+    _settled_threads()
+    added: list[int] = []
+    thread = serial_thread(lambda: added.append(threads_added_by_a_large_op()), name="hkv test")
+    thread.start()
+    thread.join()
+    _settled_threads()
+    plain = _in_thread(threads_added_by_a_large_op)
+    assert added == [0]
+    assert plain >= 1  # the control: a plain thread's op starts a team of its own
