@@ -173,6 +173,8 @@ class PrefetchConfig(_Section):
     lookahead: StrictInt = Field(1, description="not read by this version (the prediction is always for the next step, or with next_layer for the next layer); validated so that configs that set it still load")
     workers: StrictInt = Field(2, description="threads reading from the lower tiers")
     margin: float = Field(0.25, description="extra candidates prefetched, as a fraction of the selected blocks")
+    job_blocks: StrictInt = Field(16, description="blocks per worker job: a submission is split into jobs of this many blocks "
+                                  "spread over the workers; each job's disk reads are one batch in flight together")
     next_layer: StrictBool = Field(False, description="at decode steps, predict layer l + 1's blocks from layer l's input "
                                    "(models with the Llama layer layout) and prefetch them while layer l computes; off by "
                                    "default: on a 2-core CPU it read more and ran slower (docs/benchmarks.md)")
@@ -191,7 +193,7 @@ class PrefetchConfig(_Section):
             return value
         raise ValueError('must be true, false or "auto"')
 
-    @field_validator("lookahead", "workers")
+    @field_validator("lookahead", "workers", "job_blocks")
     @classmethod
     def _at_least_one(cls, value: int) -> int:
         if value < 1:

@@ -91,6 +91,7 @@ def test_round_trip_through_toml(tmp_path: Path) -> None:
         ({"attention": {"local_tokens": -64}}, "attention.local_tokens = -64"),
         ({"attention": {"prefill_chunk_tokens": 0}}, "attention.prefill_chunk_tokens = 0"),
         ({"prefetch": {"workers": 0}}, "prefetch.workers = 0"),
+        ({"prefetch": {"job_blocks": 0}}, "prefetch.job_blocks = 0"),
         ({"prefetch": {"margin": -1}}, "prefetch.margin = -1"),
         ({"prefetch": {"enabled": "maybe"}}, "prefetch.enabled = 'maybe'"),
         ({"store": {"writer_batch": 0}}, "store.writer_batch = 0"),

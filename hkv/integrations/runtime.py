@@ -108,7 +108,7 @@ class Runtime:
         self.remote_sync: RemoteSync | None = None  # the remote tier's pushes and pulls ([remote]), made with the session store
         try:
             if self.config.prefetch.on(gpu=self.manager.device.type == "cuda"):
-                self.prefetcher = Prefetcher(self.manager, workers=self.config.prefetch.workers)
+                self.prefetcher = Prefetcher(self.manager, workers=self.config.prefetch.workers, job_blocks=self.config.prefetch.job_blocks)
             self._hooks = ModelHooks(model, self, after_forward=self._after_forward)
             if self.prefetcher is not None and self.config.prefetch.next_layer and self.config.attention.mode != "exact":
                 self._next_layer = NextLayerHooks.install(model)

@@ -92,3 +92,12 @@ def test_prefetcher_runs_as_prefetch_enabled_resolves(tiny_lm, tmp_path, enabled
     with wrap(model, config) as rt:
         expected = enabled if enabled != "auto" else cpu_cores() >= AUTO_PREFETCH_MIN_CORES  # no GPU here: the cores decide
         assert (rt.prefetcher is not None) == expected
+
+
+def test_the_prefetcher_takes_workers_and_job_blocks_from_the_config(tiny_lm, tmp_path):
+    from hkv import Config
+
+    model = tiny_lm("llama")
+    config = Config.load(wrap_config(model, tmp_path), env={}, prefetch={"enabled": True, "workers": 1, "job_blocks": 48})
+    with wrap(model, config) as rt:
+        assert rt.prefetcher.workers == 1 and rt.prefetcher.job_blocks == 48

@@ -65,6 +65,19 @@ def test_submit_promotes_every_key_on_worker_threads() -> None:
     assert not any(t.name.startswith("hkv-prefetch") and t.is_alive() for t in threading.enumerate())
 
 
+@pytest.mark.parametrize(("job_blocks", "jobs"), [(4, 5), (16, 2), (64, 1)])
+def test_a_submission_is_split_into_jobs_of_job_blocks(job_blocks: int, jobs: int) -> None:
+    """Each job is one promote call (one batch of disk reads in flight together)."""
+    manager = RecordingManager()
+    calls: list[int] = []
+    promote = manager.promote
+    manager.promote = lambda keys, to="device": (calls.append(len(keys)), promote(keys, to))  # type: ignore[method-assign]
+    with Prefetcher(manager, workers=1, job_blocks=job_blocks) as prefetcher:
+        prefetcher.submit(0, _keys(20), to="host").wait()
+        assert prefetcher.stats().jobs == jobs
+    assert sorted(calls, reverse=True) == [min(job_blocks, 20 - i * job_blocks) for i in range(jobs)]
+
+
 def test_failures_are_counted_not_raised_and_close_is_idempotent() -> None:
     prefetcher = Prefetcher(RecordingManager(fail=True), workers=1)
     ticket = prefetcher.submit(0, _keys(3))
