@@ -325,7 +325,8 @@ class SequenceKV:
         to ``n_blocks`` (a session's summary runs, read without a concatenation). Every layer must
         be at the same block boundary (no unsealed tail) and :meth:`note_tokens` must cover the
         adopted tokens. The blocks are retained; the sink /
-        local ones are pinned (read now, from wherever they are); the others stay where they are
+        local ones are pinned (read now, from wherever they are, every layer's in one call: one
+        batch of disk reads; TierFullError pins none of them); the others stay where they are
         until attention or the prefetcher needs them. ``block_keys[layer]``: the blocks' keys, where the
         caller has them already (at least ``n_blocks`` per layer; else computed here)."""
         self._check_open()
@@ -341,6 +342,8 @@ class SequenceKV:
             return
         end = first + n_blocks
         self._chain(end - 1)  # raises (nothing changed) when note_tokens does not cover them
+        to_pin: list[BlockKey] = []
+        pinned_after: list[set[int]] = []
         for layer in range(self.num_layers):
             new_keys = (block_keys[layer][:n_blocks] if block_keys is not None
                         else [BlockKey.make(self.fingerprint, self._chain(i), layer) for i in range(first, end)])  # fmt: skip
@@ -355,9 +358,13 @@ class SequenceKV:
             if leaving:
                 self.manager.unpin([keys[i] for i in leaving])
             self._pinned[layer] = self._pinned[layer] & pinned
-            pin = sorted(pinned - self._pinned[layer])
-            if pin:
-                self.manager.pin([keys[i] for i in pin])
+            to_pin.extend(keys[i] for i in sorted(pinned - self._pinned[layer]))
+            pinned_after.append(pinned)
+        # Every layer's new pins in one call: one batch of disk reads (a resumed session's sink and
+        # local blocks: 150 of SmolLM2's, 26 ms in 30 per-layer batches against one round trip).
+        if to_pin:
+            self.manager.pin(to_pin)
+        for layer, pinned in enumerate(pinned_after):
             self._pinned[layer] = pinned
 
     def prefix_chain(self) -> bytes | None:

@@ -121,6 +121,29 @@ def test_resume_when_the_stored_kv_ends_on_a_block_boundary(model, tmp_path):
     assert torch.equal(out, _baseline(model, torch.cat([doc, question], dim=1)))
 
 
+def test_a_resume_pins_every_layers_sink_and_local_blocks_in_one_read(model, tmp_path, monkeypatch):
+    """One ``pin`` call (one batch of disk reads) for all layers, not one per layer; the blocks
+    are on the device and the resumed generation is the model's own."""
+    from hkv.tiers.manager import TierManager
+
+    config = _config(model, tmp_path / "s")
+    doc, question = prompt(10 * BLOCK + 3, seed=8), prompt(5, seed=9)
+    with wrap(model, config) as rt, rt.session("pins") as s:
+        s.append(doc)
+    calls: list[list[BlockKey]] = []
+    pin = TierManager.pin
+    monkeypatch.setattr(TierManager, "pin", lambda self, keys: (calls.append(list(keys)), pin(self, keys))[1])
+    with wrap(model, config) as rt, rt.session("pins") as s:
+        assert s.restored.adopted_blocks == 10
+        assert len(calls) == 1
+        sequence = s._cache.sequence  # the session's cache
+        sink_local = {0} | set(range(10 - config.attention.local_tokens // BLOCK, 10))
+        assert sorted(calls[0]) == sorted(sequence._keys[layer][i] for layer in range(LAYERS) for i in sink_local)
+        assert all(sequence.manager.where(key) >= {"device"} for key in calls[0])
+        out = s.generate(question, **_greedy())
+    assert torch.equal(out, _baseline(model, torch.cat([doc, question], dim=1)))
+
+
 def test_no_stored_block_is_adopted_when_noted_ids_run_ahead_of_the_kv(model, tmp_path):
     from hkv.attention.prefix import adopt_stored_prefix
 
