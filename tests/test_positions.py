@@ -116,8 +116,9 @@ def test_relative_frame_summaries_do_not_depend_on_the_blocks_position() -> None
     at_zero = _rope(rotary, raw, torch.arange(bt))
     want = torch.stack([at_zero.amin(dim=1), at_zero.amax(dim=1)])  # [2, Hkv, D]
     rel, ab = relative.summary(0), absolute.summary(0)
-    torch.testing.assert_close(rel[..., 1], want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(rel[..., 40], want, atol=1e-4, rtol=1e-4)
+    for index, slack in ((1, 1e-5), (40, 1e-4)):  # bounds rounded outward to fp16: at most one fp16 step (2^-10) looser
+        assert bool((rel[0, ..., index] <= want[0] + slack).all()) and bool((rel[1, ..., index] >= want[1] - slack).all())
+        torch.testing.assert_close(rel[..., index], want, atol=1e-4, rtol=2**-10 + slack)
     assert not torch.allclose(ab[..., 1], ab[..., 40], atol=1e-2)
     assert relative.relative and not absolute.relative
 

@@ -61,6 +61,11 @@ class BlockSummaries:
     re-concatenated per step. Costs ``2 * 4 / (block_tokens * itemsize)`` of the KV's bytes
     (fp32, for exact scoring); lives outside the device tier's budget.
 
+    Each min is rounded down and each max up to the nearest fp16 (:func:`fp16_bounds`; a value
+    beyond fp16's range stays as it is): still bounds of the keys, looser by at most one fp16
+    step (2^-10 of the value; 6e-8 below 6.1e-5), and then the store keeps them in half the bytes, exactly
+    (:mod:`hkv.store.summary_rows`), so a resumed session scores what the first one did.
+
     Frame: with ``rotary`` None, the summaries bound the keys as stored (post-RoPE at their own
     positions), so a query at its own position gets Quest's bound of its real logits. With a
     :class:`~hkv.positions.RotaryShift` (``attention.positions = "remap"``) every block's keys
@@ -100,13 +105,14 @@ class BlockSummaries:
             flat = keys.permute(1, 0, 2, 3).reshape(h, n * bt, d)
             flat = self.rotary.rotate_blocks(flat, [-(count + i) * bt for i in range(n)], bt)
             keys = flat.reshape(h, n, bt, d).permute(1, 0, 2, 3)
-        buffer[0, :, :, count : count + n] = keys.amin(dim=2).permute(1, 2, 0)
-        buffer[1, :, :, count : count + n] = keys.amax(dim=2).permute(1, 2, 0)
+        lo, hi = fp16_bounds(keys.amin(dim=2), keys.amax(dim=2))
+        buffer[0, :, :, count : count + n] = lo.permute(1, 2, 0)
+        buffer[1, :, :, count : count + n] = hi.permute(1, 2, 0)
         self._counts[layer] = count + n
 
     def extend(self, layer: int, summaries: torch.Tensor | Sequence[torch.Tensor]) -> None:
-        """Append precomputed summaries ``[n, 2, kv_heads, head_dim]`` fp32 (min, max; e.g. read
-        from the store), or a sequence of such pieces in block order (room made once for all).
+        """Append precomputed summaries ``[n, 2, kv_heads, head_dim]`` fp32 or fp16 (min, max; e.g.
+        read from the store), or a sequence of such pieces in block order (room made once for all).
         Bitwise what :meth:`add` computes from the same blocks."""
         pieces = [summaries] if isinstance(summaries, torch.Tensor) else list(summaries)
         for piece in pieces:
@@ -154,6 +160,22 @@ class BlockSummaries:
     def relative(self) -> bool:
         """True for the relative frame (see the class doc)."""
         return self.rotary is not None
+
+
+def fp16_bounds(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``lo`` rounded down and ``hi`` rounded up to the nearest fp16 values (fp32 tensors
+    again, any shape and device); a value that has no fp16 neighbour on its side (beyond
+    +-65504, or NaN) is kept as it is."""
+    return _fp16_outward(lo, -math.inf), _fp16_outward(hi, math.inf)
+
+
+def _fp16_outward(values: torch.Tensor, towards: float) -> torch.Tensor:
+    half = values.to(torch.float16)
+    back = half.float()
+    inward = back > values if towards < 0 else back < values
+    half = torch.where(inward, torch.nextafter(half, torch.full_like(half, towards)), half)
+    rounded = half.float()
+    return torch.where(torch.isfinite(rounded), rounded, values)
 
 
 def canonical_queries(query: torch.Tensor, first_position: int, distance: int, rotary: RotaryShift, *,

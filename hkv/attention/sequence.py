@@ -320,8 +320,8 @@ class SequenceKV:
         """Take the next ``n_blocks`` complete blocks of the noted tokens as sealed blocks of every
         layer WITHOUT reading them: they are already stored (a restored session, a reused prefix).
 
-        ``summaries[layer]``: ``[n_blocks, 2, Hkv, D]`` fp32 (min, max of each block's keys), as
-        stored; or a list of such pieces ``[n_i, 2, Hkv, D]`` in block order whose ``n_i`` add up
+        ``summaries[layer]``: ``[n_blocks, 2, Hkv, D]`` fp32 or fp16 (min, max of each block's keys),
+        as stored; or a list of such pieces ``[n_i, 2, Hkv, D]`` in block order whose ``n_i`` add up
         to ``n_blocks`` (a session's summary runs, read without a concatenation). Every layer must
         be at the same block boundary (no unsealed tail) and :meth:`note_tokens` must cover the
         adopted tokens. The blocks are retained; the sink /

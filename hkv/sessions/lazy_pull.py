@@ -36,7 +36,7 @@ import torch
 from ..blocks import RecordError, check_record
 from ..errors import TierFullError
 from ..remote.client import CHUNK, RemoteStore
-from ..store.summary_rows import summary_values
+from ..store.summary_rows import stored_row, summary_values
 from ..store.txn import CommitResult, StoreTxn, summary_key
 from ..threads import serial_thread
 from ..tiers.remote_blocks import RemoteBlocks
@@ -102,7 +102,9 @@ class LazyPull:
         self.fetch_calls += 1
         if not good:
             return good, None
-        summaries = [(where, row) for key in good for relative in (False, True)
+        disk = self.store.disk
+        floats = 2 * disk.layout.kv_heads * disk.layout.head_dim
+        summaries = [(where, stored_row(row, floats, disk.compact_summaries)) for key in good for relative in (False, True)
                      if (row := self._summaries.get(where := summary_key(key, relative))) is not None]  # fmt: skip
         capacity, records = self.store.disk.capacity_bytes, list(good.items())
 

@@ -45,6 +45,7 @@ from ..attention.sequence import SequenceKV
 from ..blocks import BlockKey, RecordError, chain_hashes, check_record
 from ..errors import TierFullError
 from ..remote.client import CHUNK, RemoteStore
+from ..store.summary_rows import stored_row
 from ..store.txn import CommitResult, StoreTxn, summary_key
 from ..threads import serial_thread
 from .records import SessionError, SessionRecord, tail_key
@@ -100,6 +101,7 @@ def _copy_blocks(store: SessionStore, remote: RemoteStore, keys: list[bytes], gr
     now stored locally. A record missing on the server, or failing its checks (logged), is not."""
     stored: set[bytes] = set()
     capacity = store.disk.capacity_bytes
+    floats = 2 * store.disk.layout.kv_heads * store.disk.layout.head_dim
     for start in range(0, len(keys), 4 * CHUNK):
         chunk = keys[start : start + 4 * CHUNK]
         good: list[tuple[bytes, bytes]] = []
@@ -114,7 +116,8 @@ def _copy_blocks(store: SessionStore, remote: RemoteStore, keys: list[bytes], gr
         if not good:
             continue
         where = [summary_key(key, relative) for key, _ in good for relative in (False, True)]
-        summaries = [(name, value) for name, value in zip(where, remote.get_summaries(where, groups)) if value is not None]
+        summaries = [(name, stored_row(value, floats, store.disk.compact_summaries))
+                     for name, value in zip(where, remote.get_summaries(where, groups)) if value is not None]  # fmt: skip
 
         def job(txn: StoreTxn, good: list[tuple[bytes, bytes]] = good, summaries: list[tuple[bytes, bytes]] = summaries) -> list[bytes]:
             if txn.usage["used_bytes"] + sum(len(value) for _, value in good) > capacity:

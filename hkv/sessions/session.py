@@ -392,7 +392,7 @@ class Session(PulledSession):
             first = self._run_end
             count = min(RUN_BLOCKS, n_blocks - first)
             summaries = torch.stack([seq.summaries.export(layer, first, first + count) for layer in range(seq.num_layers)])
-            value = encode_run(first, raw, summaries.cpu(), seq.summaries.relative)
+            value = encode_run(first, raw, summaries.cpu(), seq.summaries.relative, compact=self._store.disk.compact_summaries)
             try:
                 written = self._store.put_summary_run(self.name, first, count, value)
             except TierError as error:

@@ -179,7 +179,7 @@ class SessionStore:
         except (TypeError, ValueError) as error:
             raise SessionError(f"session {record.name!r}: cannot encode its record: {error}") from None
         tail_record = self._encode_tail(record, tail)
-        summary_rows = encode_summaries(self.disk.layout, summary_keys, summaries, relative)
+        summary_rows = encode_summaries(self.disk.layout, summary_keys, summaries, relative, compact=self.disk.compact_summaries)
         frozen = dataclasses.replace(record, token_ids=np.array(record.token_ids, dtype=np.int64))
 
         def job(txn: StoreTxn) -> tuple[CommitResult, SessionRecord]:
@@ -197,7 +197,7 @@ class SessionStore:
         return self.disk.apply(lambda txn: put_run(txn, name, first, count, value, keep_blocks=first))
 
     def read_summary_runs(self, name: str, keys_by_layer: list[list[bytes]], relative: bool) -> list[list[np.ndarray]]:
-        """Per layer, the fp32 summaries ``[count, 2 * kv_heads * head_dim]`` of each of the runs
+        """Per layer, the summaries ``[count, 2 * kv_heads * head_dim]`` (fp16 or fp32) of each of the runs
         that hold ``name``'s leading blocks, in block order (:func:`~.summary_runs.read_runs`)."""
         layout = self.disk.layout
         return read_runs(self.disk, name, keys_by_layer, relative, 2 * layout.kv_heads * layout.head_dim)

@@ -6,9 +6,12 @@ page each (1.2 s on this machine), 256K tokens eight times more. Each commit the
 writes the summaries of the blocks it adds as one *run*: a row of the ``sessions`` database
 
     key   = b"u:" + name + b"\\x00" + u32 BE first block + u32 BE block count   (names never hold a NUL)
-    value = xxh3-64 (8 bytes LE) of the rest + header + fp32 [layers, count, 2, kv_heads, head_dim]
-    header = u32 first, u32 count, u32 layers, u8 relative frame, 3 pad, 16-byte xxh3-128 of the
-             block keys covered (layer by layer, block by block)
+    value = xxh3-64 (8 bytes LE) of the rest + header + [layers, count, 2, kv_heads, head_dim]
+            in fp16 (a store of format 4 where every value is one; see :mod:`hkv.store.summary_rows`)
+            or fp32
+    header = u32 first, u32 count, u32 layers, u8 relative frame, u8 value bytes (2 or 4; 0 in
+             runs written before format 4: 4), 2 pad, 16-byte xxh3-128 of the block keys covered
+             (layer by layer, block by block)
 
 A resume reads the session's runs in key order, each a large value read with O_DIRECT in one
 request (:class:`~hkv.store.direct_reads.DirectReader`, all of them in flight together), and
@@ -32,10 +35,12 @@ import xxhash
 
 from ..store.block_store import BlockStore
 from ..store.checksum import CHECKSUM_BYTES, checksum
+from ..store.summary_rows import summary_payload
 from ..store.txn import StoreTxn
 
 RUN_PREFIX = b"u:"
-_HEADER = struct.Struct("<IIIB3x16s")
+_HEADER = struct.Struct("<IIIBB2x16s")
+_VALUE_TYPES = {0: "<f4", 2: "<f2", 4: "<f4"}  # the header's value bytes -> numpy dtype
 
 
 def run_prefix(name: str) -> bytes:
@@ -59,15 +64,18 @@ def keys_hash(keys_by_layer: Sequence[Sequence[bytes]], first: int, count: int) 
     return hasher.digest()
 
 
-def encode_run(first: int, keys_by_layer: Sequence[Sequence[bytes]], summaries: torch.Tensor, relative: bool) -> bytes:
+def encode_run(first: int, keys_by_layer: Sequence[Sequence[bytes]], summaries: torch.Tensor, relative: bool, *,
+               compact: bool = False) -> bytes:  # fmt: skip
     """One run row's value: ``summaries`` ``[layers, count, 2, kv_heads, head_dim]`` (any float
-    dtype, any device) of blocks ``[first, first + count)``."""
+    dtype, any device) of blocks ``[first, first + count)``; ``compact``: in fp16 if every value
+    is exactly one (the store's ``compact_summaries``)."""
     layers, count = summaries.shape[:2]
     if layers != len(keys_by_layer):
         raise ValueError(f"summaries of {layers} layers for keys of {len(keys_by_layer)}")
-    header = _HEADER.pack(first, count, layers, int(relative), keys_hash(keys_by_layer, first, count))
-    payload = header + summaries.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").tobytes()
-    return checksum(payload) + payload
+    body = summary_payload(summaries.detach().to("cpu", torch.float32).contiguous().numpy(), compact)
+    value_bytes = 4 if len(body) == 4 * summaries.numel() else 2
+    header = _HEADER.pack(first, count, layers, int(relative), value_bytes, keys_hash(keys_by_layer, first, count))
+    return checksum(header + body) + header + body
 
 
 @dataclass(slots=True)
@@ -77,7 +85,7 @@ class SummaryRun:
     layers: int
     relative: bool
     keys_hash: bytes
-    values: np.ndarray  # fp32 [layers, count, floats per summary], a view of the row's bytes
+    values: np.ndarray  # fp16 or fp32 [layers, count, floats per summary], a view of the row's bytes
 
 
 def decode_run(raw: bytes | bytearray | memoryview, floats: int) -> SummaryRun | None:
@@ -85,11 +93,13 @@ def decode_run(raw: bytes | bytearray | memoryview, floats: int) -> SummaryRun |
     view = memoryview(raw)
     if len(view) < CHECKSUM_BYTES + _HEADER.size or checksum(view[CHECKSUM_BYTES:]) != bytes(view[:CHECKSUM_BYTES]):
         return None
-    first, count, layers, relative, hashed = _HEADER.unpack_from(view, CHECKSUM_BYTES)
+    first, count, layers, relative, value_bytes, hashed = _HEADER.unpack_from(view, CHECKSUM_BYTES)
+    dtype = _VALUE_TYPES.get(value_bytes)
     body = view[CHECKSUM_BYTES + _HEADER.size :]
-    if len(body) != 4 * layers * count * floats:
+    if dtype is None or len(body) != np.dtype(dtype).itemsize * layers * count * floats:
         return None
-    return SummaryRun(first, count, layers, bool(relative), hashed, np.frombuffer(body, dtype="<f4").reshape(layers, count, floats))
+    values = np.frombuffer(body, dtype=dtype).reshape(layers, count, floats)
+    return SummaryRun(first, count, layers, bool(relative), hashed, values)
 
 
 def run_keys(txn: StoreTxn, name: str) -> list[bytes]:
@@ -122,11 +132,12 @@ def put_run(txn: StoreTxn, name: str, first: int, count: int, value: bytes, keep
 
 def read_runs(store: BlockStore, name: str, keys_by_layer: Sequence[Sequence[bytes]], relative: bool,
               floats: int) -> list[list[np.ndarray]]:  # fmt: skip
-    """The summaries of ``name``'s leading blocks that its runs hold: per layer the fp32 arrays
-    ``[count, floats]`` of its runs in block order (none when no run counts), each a view of
-    the memory the run was read into, no copy (190 MB at 256K tokens, whose page faults cost
-    more than the read). A run counts only if intact, in the frame asked for, contiguous with
-    the ones before it and naming exactly the record's block keys."""
+    """The summaries of ``name``'s leading blocks that its runs hold: per layer the arrays
+    ``[count, floats]`` (fp16 or fp32, as stored) of its runs in block order (none when no run
+    counts), each a view of the memory the run was read into, no copy (95 MB of fp16 at 256K
+    tokens, whose page faults cost more than the read). A run counts only if intact, in the
+    frame asked for, contiguous with the ones before it and naming exactly the record's block
+    keys."""
     layers = len(keys_by_layer)
     total = min((len(keys) for keys in keys_by_layer), default=0)
     runs: list[SummaryRun] = []

@@ -92,8 +92,9 @@ from .writer import BatchWriter, WriteJob
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-STORE_VERSION = 3  # of the store's layout (meta ``format``); block records have their own (hkv.blocks)
+STORE_VERSION = 4  # of the store's layout (meta ``format``); block records have their own (hkv.blocks)
 SEGMENTS_VERSION = 3  # the first format whose index may name records in segment files (hkv.store.segments)
+COMPACT_SUMMARIES_VERSION = 4  # the first format whose summary rows and runs may be fp16 (hkv.store.summary_rows)
 LMDB_RECORDS_VERSION = 2  # the newest format with every record in the ``blocks`` database
 MAX_DBS = 8  # the six below, and room for two more
 DB_NAMES = ("blocks", "keys", "meta", "refs", "summaries", "sessions")
@@ -317,7 +318,7 @@ class BlockStore:
         of the record bytes stored and the size of ``data.mdb`` (enough to delete, not to grow
         much). ``exclusive``: writable, and no other process may have it open for writing
         (:meth:`hkv.store.files.hold_store`; for ``hkv sessions gc`` / ``repair``). ``segments``:
-        where new records go (None: segment files if the store is format 3 already). StoreError
+        where new records go (None: segment files if the store is format 3 or later already). StoreError
         if ``path`` is not an hkv store or its format is newer than this hkv."""
         path = Path(path)
         if exclusive and readonly:
@@ -358,11 +359,12 @@ class BlockStore:
 
     def _open_dbs(self) -> tuple[dict[str, object], int]:
         """The databases (name -> handle; None for one a read-only format-1 store lacks) and the
-        store's format version. Creates a new store (format 3 with ``segments``, else 2),
+        store's format version. Creates a new store (format 4 with ``segments``, else 2),
         upgrades a format-1 store opened writable (the new databases and format_version 2 in one
-        transaction) and a format-2 store opened writable with ``segments`` (format_version 3:
-        its records stay in LMDB and are read there, new ones go to segments), refuses anything
-        else. Opened read-only, a store is read as it is."""
+        transaction) and a format-2 or 3 store opened writable with ``segments`` (format_version
+        4: a format-2 store's records stay in LMDB and are read there, new ones go to segments;
+        its fp32 summaries stay, new ones are fp16 where exact), refuses anything else. Opened
+        read-only, a store is read as it is."""
         target = STORE_VERSION if self.segments else LMDB_RECORDS_VERSION
         want = {"format_version": target, "layout": _layout_json(self.layout)}
         names = _db_names(self._env)
@@ -395,6 +397,11 @@ class BlockStore:
             if version < target:
                 txn.put(b"format", json.dumps({**stored, "format_version": target}).encode(), db=dbs["meta"])
         return dbs, target
+
+    @property
+    def compact_summaries(self) -> bool:
+        """Whether summaries are written in fp16 where exact (format 4; an older hkv cannot read them)."""
+        return self.format_version >= COMPACT_SUMMARIES_VERSION
 
     @property
     def has_sessions(self) -> bool:

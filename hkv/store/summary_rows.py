@@ -1,7 +1,10 @@
 """The ``summaries`` rows of the store: each stored block's key summary, checksummed.
 
-Layout (docs/store.md): block key -> xxh3-64 (8 bytes LE) of the rest + fp32
-``[2, kv_heads, head_dim]`` (min / max of the block's keys as stored); block key + ``b"r"`` ->
+Layout (docs/store.md): block key -> xxh3-64 (8 bytes LE) of the rest + ``[2, kv_heads, head_dim]``
+(min / max of the block's keys as stored) in fp16 where every value is one (a store of format 4,
+:attr:`~hkv.store.block_store.BlockStore.compact_summaries`; :class:`~hkv.attention.selection.
+BlockSummaries` rounds its bounds outward to fp16 so that they are), else fp32: the length says
+which, and either holds the summary exactly; block key + ``b"r"`` ->
 the same of the keys rotated back to the block's first position (the relative frame,
 ``attention.positions = "remap"``; :func:`~hkv.store.txn.summary_key`). A summary is written
 only for a block that is stored, and deleted with it (:meth:`~hkv.store.txn.StoreTxn.delete_block`).
@@ -26,28 +29,59 @@ from .txn import StoreTxn, summary_key
 
 
 def summary_values(raw: bytes | memoryview | None, floats: int) -> np.ndarray | None:
-    """The fp32 values of a summary row if intact (length and checksum), else None."""
-    if raw is None or len(raw) != CHECKSUM_BYTES + 4 * floats:
+    """The values of a summary row if intact (length and checksum), else None: ``<f2`` or
+    ``<f4`` as stored (the row's length says which); assigning them to fp32 is exact."""
+    if raw is None or len(raw) not in (CHECKSUM_BYTES + 2 * floats, CHECKSUM_BYTES + 4 * floats):
         return None
     view = memoryview(raw)
     if checksum(view[CHECKSUM_BYTES:]) != bytes(view[:CHECKSUM_BYTES]):
         return None
-    return np.frombuffer(view[CHECKSUM_BYTES:], dtype="<f4")
+    return np.frombuffer(view[CHECKSUM_BYTES:], dtype="<f2" if len(raw) == CHECKSUM_BYTES + 2 * floats else "<f4")
+
+
+def fp16_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``rows`` (fp32 ``[n, floats]``) in fp16, and per row whether that is exact (every value
+    converts back unchanged; NaN and values beyond fp16's range never do)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        half = rows.astype("<f2")
+        return half, (half.astype(np.float32) == rows).all(axis=1)
+
+
+def summary_payload(values: np.ndarray, compact: bool) -> bytes:
+    """The bytes of fp32 summary values as a row or run holds them: fp16 when ``compact`` and
+    every value is exactly an fp16 (half the bytes, nothing lost), else fp32."""
+    if compact:
+        half, exact = fp16_rows(values.reshape(1, -1))
+        if exact[0]:
+            return half.tobytes()
+    return values.astype("<f4").tobytes()
+
+
+def stored_row(raw: bytes, floats: int, compact: bool) -> bytes:
+    """A checksummed summary row (from another store or the remote tier) as a store with or
+    without ``compact`` summaries keeps it: an fp16 row becomes fp32 in a store of format < 4."""
+    values = None if compact else summary_values(raw, floats)
+    if values is None or values.dtype == np.dtype("<f4"):
+        return raw
+    payload = values.astype("<f4").tobytes()
+    return checksum(payload) + payload
 
 
 def encode_summaries(layout: BlockLayout, keys: Sequence[BlockKey], summaries: torch.Tensor | None,
-                     relative: bool = False) -> list[tuple[bytes, bytes, bytes]]:  # fmt: skip
+                     relative: bool = False, *, compact: bool = False) -> list[tuple[bytes, bytes, bytes]]:  # fmt: skip
     """``(block key, summary row key, checksummed value)`` per key; ``summaries``
-    ``[len(keys), 2, kv_heads, head_dim]`` (any float dtype, any device)."""
+    ``[len(keys), 2, kv_heads, head_dim]`` (any float dtype, any device); ``compact``: each row
+    in fp16 where that is exact (the store's ``compact_summaries``), else fp32."""
     if not keys:
         return []
     shape = (len(keys), 2, layout.kv_heads, layout.head_dim)
     if summaries is None or tuple(summaries.shape) != shape:
         raise ValueError(f"summaries must be {list(shape)} fp32, got {None if summaries is None else tuple(summaries.shape)}")
     rows = summaries.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").reshape(len(keys), -1)
+    half, exact = fp16_rows(rows) if compact else (rows, np.zeros(len(rows), dtype=bool))
     values = []
-    for key, row in zip(keys, rows):
-        payload = row.tobytes()
+    for key, row, row16, small in zip(keys, rows, half, exact):
+        payload = (row16 if small else row).tobytes()
         values.append((bytes(key), summary_key(bytes(key), relative), checksum(payload) + payload))
     return values
 
@@ -95,7 +129,7 @@ class SummaryRows:
         blocks); a later commit or flush makes them durable. Returns the writer's future, whose
         result lists the positions in ``keys`` of the blocks that were not stored (their
         summaries were not written)."""
-        values = encode_summaries(self.store.layout, keys, summaries, relative)
+        values = encode_summaries(self.store.layout, keys, summaries, relative, compact=self.store.compact_summaries)
 
         def job(txn: StoreTxn) -> list[int]:
             skipped = []

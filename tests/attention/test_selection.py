@@ -59,7 +59,7 @@ def test_extend_is_bitwise_what_add_computes_across_its_pieces() -> None:
 
 
 def test_summary_is_min_max_and_grows() -> None:
-    blocks = torch.randn(9, 2, 4, 8)
+    blocks = torch.randn(9, 2, 4, 8).half().float()  # keys that are fp16 values: bounds exactly min / max
     s = _summaries(blocks)
     assert s.count(0) == 9
     summary = s.summary(0)
@@ -67,10 +67,33 @@ def test_summary_is_min_max_and_grows() -> None:
     assert torch.equal(summary[0], blocks.amin(2).permute(1, 2, 0)) and torch.equal(summary[1], blocks.amax(2).permute(1, 2, 0))
 
 
+def test_summary_of_fp32_keys_is_rounded_outward_to_fp16() -> None:
+    torch.manual_seed(0)
+    blocks = torch.randn(9, 2, 4, 8) * 3
+    blocks[0, 0, 0, :3] = torch.tensor([7e4, -7e4, 65510.0])  # beyond fp16: kept in fp32
+    summary = _summaries(blocks).summary(0)
+    lo, hi = blocks.amin(2).permute(1, 2, 0), blocks.amax(2).permute(1, 2, 0)
+    assert bool((summary[0] <= lo).all()) and bool((summary[1] >= hi).all())
+    assert bool((summary[0] < lo).any()) and bool((summary[1] > hi).any())  # rounded, not left
+    step = (lo.abs().clamp(min=2**-14) * 2**-10, hi.abs().clamp(min=2**-14) * 2**-10)  # one fp16 step at most
+    assert bool((lo - summary[0] <= step[0]).all()) and bool((summary[1] - hi <= step[1]).all())
+    inside = summary.abs() <= 65504
+    assert torch.equal(summary[inside].half().float(), summary[inside])  # what the store keeps in fp16, exactly
+    assert summary[1, 0, 0, 0] == 7e4 and summary[0, 0, 1, 0] == -7e4 and summary[1, 0, 2, 0] == 65510.0
+
+
+def test_fp16_bounds_keep_nan_and_move_only_inexact_values() -> None:
+    values = torch.tensor([1.0, 1 / 3, -1 / 3, 0.0, -0.0, 1e-9, -1e-9, float("nan"), float("inf"), 65504.0])
+    lo, hi = predictor.fp16_bounds(values, values)
+    assert torch.equal(lo[[0, 3, 8, 9]], values[[0, 3, 8, 9]]) and torch.equal(hi[[0, 3, 9]], values[[0, 3, 9]])
+    assert lo[1] < values[1] < hi[1] and lo[2] < values[2] < hi[2] and lo[5] == 0 < values[5] < hi[5]
+    assert torch.isnan(lo[7]) and torch.isnan(hi[7])
+
+
 @pytest.mark.parametrize("hq,hkv,s", [(4, 2, 1), (6, 3, 5), (2, 2, 3)])
 def test_scores_match_brute_force_bound(hq: int, hkv: int, s: int) -> None:
     torch.manual_seed(hq + s)
-    blocks = torch.randn(7, hkv, 4, 8)
+    blocks = torch.randn(7, hkv, 4, 8).half().float()  # fp16 keys: the summary is exactly min / max
     query = torch.randn(hq, s, 8)
     expected = brute_bound(query, blocks)
     summary = _summaries(blocks).summary(0)

@@ -244,13 +244,13 @@ def test_a_future_store_version_is_refused_untouched(store_path: Path) -> None:
     meta = env.open_db(b"meta")
     with env.begin(write=True, db=meta) as txn:
         stored = json.loads(txn.get(b"format"))
-        assert stored["format_version"] == STORE_VERSION == 3
-        txn.put(b"format", json.dumps({**stored, "format_version": 4}).encode())
+        assert stored["format_version"] == STORE_VERSION == 4
+        txn.put(b"format", json.dumps({**stored, "format_version": 5}).encode())
     env.close()
     before = (store_path / "data.mdb").read_bytes()
     for opener in (lambda: DiskTier(store_path, LAYOUT, 8 * REC), lambda: DiskTier.open_existing(store_path, readonly=False),
                    lambda: SessionStore.open(store_path)):  # fmt: skip
-        with pytest.raises(StoreError, match="format version 4 is newer than this hkv \\(3\\)"):
+        with pytest.raises(StoreError, match="format version 5 is newer than this hkv \\(4\\)"):
             opener()
     assert (store_path / "data.mdb").read_bytes() == before
 

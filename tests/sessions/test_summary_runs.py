@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from hkv import Config, wrap
+from hkv.blocks import BlockKey, BlockLayout
 from hkv.sessions import summary_runs
 from hkv.store import summary_rows
+from hkv.store.checksum import checksum
 from hkv.store.summary_rows import summary_values
 from hkv.store.txn import summary_key
 
@@ -74,8 +76,10 @@ def test_a_resume_reads_its_summaries_from_the_runs_and_matches_the_rows(model, 
         digests = record.key_digests()
         by_layer = [digests[layer::LAYERS] for layer in range(LAYERS)]
         pieces = s._store.read_summary_runs("chat", by_layer, relative=False)
-        # per layer one array per run, each a view of the memory read (no concatenation, no copy)
+        # per layer one array per run, each a view of the memory read (no concatenation, no copy),
+        # in fp16: the bounds are rounded outward to fp16 values (BlockSummaries), kept exactly
         assert all(len(layer) == 2 and not any(piece.flags.owndata for piece in layer) for layer in pieces)
+        assert all(piece.dtype == np.float16 for layer in pieces for piece in layer)
         runs = [np.concatenate(layer) for layer in pieces]
         with s._store.disk.reading() as txn:
             floats = runs[0].shape[1]
@@ -143,3 +147,62 @@ def test_runs_past_the_kept_history_are_deleted_and_a_gap_is_refused(model, tmp_
         store.disk.apply(lambda txn: summary_runs.delete_runs(txn, "x", keep_blocks=4))  # history kept up to block 4
         with store.disk.reading() as txn:
             assert summary_runs.run_keys(txn, "x") == [summary_runs.run_key("x", 0, 2)]
+
+
+def test_summaries_are_stored_in_fp16_where_exact_and_fp32_where_not() -> None:
+    keys = [[bytes([layer, i]) * 8 for i in range(3)] for layer in range(LAYERS)]
+    exact = torch.randn(LAYERS, 3, 2, 1, 4).half().float()
+    inexact = exact.clone()
+    inexact[1, 2, 0, 0, 0] = 1 / 3  # one value that fp16 would change
+    for summaries, itemsize in ((exact, 2), (inexact, 4)):
+        run = summary_runs.decode_run(summary_runs.encode_run(0, keys, summaries, False, compact=True), 8)
+        assert run.values.dtype.itemsize == itemsize and np.array_equal(run.values, summaries.reshape(LAYERS, 3, 8).numpy())
+    wide = summary_runs.decode_run(summary_runs.encode_run(0, keys, exact, False), 8)  # a store before format 4
+    assert wide.values.dtype == np.float32 and np.array_equal(wide.values, exact.reshape(LAYERS, 3, 8).numpy())
+    old = bytearray(summary_runs.encode_run(0, keys, exact, False))  # a run of an hkv before format 4: value bytes 0
+    old[8 + 13] = 0
+    old[:8] = checksum(bytes(old[8:]))
+    assert np.array_equal(summary_runs.decode_run(bytes(old), 8).values, wide.values)
+    assert summary_runs.decode_run(bytes(old), 4) is None  # a length that fits no value type
+
+    layout = BlockLayout(1, 4, 4, torch.float16)
+    block_keys = [BlockKey(bytes([i]) * 16) for i in range(3)]
+    rows = summary_rows.encode_summaries(layout, block_keys, inexact[1], compact=True)
+    assert [len(value) for _, _, value in rows] == [8 + 16, 8 + 16, 8 + 32]
+    for (_, _, value), summary in zip(rows, inexact[1]):
+        assert np.array_equal(summary_values(value, 8).astype(np.float32), summary.reshape(-1).numpy())
+        wide_row = summary_rows.stored_row(value, 8, compact=False)  # into a store of format < 4
+        assert len(wide_row) == 8 + 32 and np.array_equal(summary_values(wide_row, 8), summary.reshape(-1).numpy())
+        assert summary_rows.stored_row(value, 8, compact=True) == value
+    damaged = bytearray(rows[0][2])
+    damaged[-1] ^= 1
+    assert summary_values(bytes(damaged), 8) is None and summary_values(rows[0][2][:-2], 8) is None
+
+
+def test_a_format_3_store_with_fp32_summaries_resumes_exactly_and_is_upgraded(model, tmp_path, monkeypatch) -> None:
+    from hkv.store import block_store
+
+    path = tmp_path / "s"
+    ids = prompt(150, seed=21)  # 9 blocks; with the new turn 10
+    with monkeypatch.context() as patch:
+        patch.setattr(block_store, "STORE_VERSION", 3)  # an hkv of format 3: fp32 summary rows and runs
+        with wrap(model, _config(model, path)) as rt, rt.session("chat") as s:
+            assert not rt.manager.store.compact_summaries
+            s.append(ids)
+            before = [s._cache.sequence.summaries.summary(layer).clone() for layer in range(LAYERS)]
+    asked = _lookups(monkeypatch)
+    new = prompt(20, seed=22)
+    with wrap(model, _config(model, path)) as rt, rt.session("chat") as s:
+        assert rt.manager.store.compact_summaries and rt.manager.store.format_version == 4
+        record = s._store.get("chat")
+        by_layer = [record.key_digests()[layer::LAYERS] for layer in range(LAYERS)]
+        [[old_run], _] = s._store.read_summary_runs("chat", by_layer, relative=False)
+        assert old_run.dtype == np.float32 and sum(asked) == 0  # the fp32 run, read as it is
+        seq = s._cache.sequence
+        assert all(torch.equal(seq.summaries.summary(layer), before[layer]) for layer in range(LAYERS))
+        out = s.generate(new, max_new_tokens=6, do_sample=False)
+        record = s._store.get("chat")
+        by_layer = [record.key_digests()[layer::LAYERS] for layer in range(LAYERS)]
+        pieces = s._store.read_summary_runs("chat", by_layer, relative=False)
+    assert torch.equal(out, baseline(model, torch.cat([ids, new], dim=1), 6))
+    assert [piece.dtype for piece in pieces[0]] == [np.float32, np.float16]  # the old run stays; later ones are fp16

@@ -159,22 +159,22 @@ def test_a_format_2_store_is_read_as_it_is_and_upgraded_on_a_writable_open(store
     assert _format(store_path) == 2 and not list_segments(store_path)
     with DiskTier(store_path, LAYOUT, 64 * REC, readonly=True) as tier:
         assert tier.format_version == 2 and tier.verify() == []
-    with DiskTier(store_path, LAYOUT, 64 * REC) as tier:  # writable, segments on: format 3
-        assert tier.format_version == 3
+    with DiskTier(store_path, LAYOUT, 64 * REC) as tier:  # writable, segments on: format 4 (segments, fp16 summaries)
+        assert tier.format_version == 4 and tier.compact_summaries
         tier.put_many([key_of(i) for i in range(4, 10)], blocks_of(range(4, 10)))  # 4, 5 replace LMDB records
         tier.delete(key_of(0))
         out = torch.empty(9, *LAYOUT.shape, dtype=LAYOUT.dtype)
         tier.get_many_into([key_of(i) for i in range(1, 10)], out)  # a batch of both kinds
         assert torch.equal(out, blocks_of(range(1, 10)))
         assert tier.verify() == [] and tier.used_bytes() == 9 * REC and tier.usage_problem() is None
-    assert _format(store_path) == 3
+    assert _format(store_path) == 4
     assert _place(store_path, key_of(1)) is None and _place(store_path, key_of(5)) is not None
     env = raw_env(store_path)
     with env.begin() as txn:  # the replaced LMDB records are gone, not left behind
         assert sorted(bytes(k) for k, _ in txn.cursor(db=env.open_db(b"blocks", txn=txn))) == sorted(bytes(key_of(i)) for i in (1, 2, 3))
     env.close()
     monkeypatch.setattr(store_module, "STORE_VERSION", 2)  # an hkv from before segments
-    with pytest.raises(StoreError, match="store format version 3 is newer than this hkv \\(2\\); upgrade hkv"):
+    with pytest.raises(StoreError, match="store format version 4 is newer than this hkv \\(2\\); upgrade hkv"):
         DiskTier(store_path, LAYOUT, 64 * REC, readonly=True)
 
 
