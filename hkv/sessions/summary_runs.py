@@ -72,7 +72,7 @@ def encode_run(first: int, keys_by_layer: Sequence[Sequence[bytes]], summaries: 
     layers, count = summaries.shape[:2]
     if layers != len(keys_by_layer):
         raise ValueError(f"summaries of {layers} layers for keys of {len(keys_by_layer)}")
-    body = summary_payload(summaries.detach().to("cpu", torch.float32).contiguous().numpy(), compact)
+    body = summary_payload(summaries, compact)
     value_bytes = 4 if len(body) == 4 * summaries.numel() else 2
     header = _HEADER.pack(first, count, layers, int(relative), value_bytes, keys_hash(keys_by_layer, first, count))
     return checksum(header + body) + header + body

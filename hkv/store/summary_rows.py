@@ -47,14 +47,15 @@ def fp16_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return half, (half.astype(np.float32) == rows).all(axis=1)
 
 
-def summary_payload(values: np.ndarray, compact: bool) -> bytes:
-    """The bytes of fp32 summary values as a row or run holds them: fp16 when ``compact`` and
-    every value is exactly an fp16 (half the bytes, nothing lost), else fp32."""
+def summary_payload(values: torch.Tensor, compact: bool) -> bytes:
+    """The bytes of fp32 summary values (a CPU tensor, any shape) as a run holds them: fp16 when
+    ``compact`` and every value is exactly an fp16 (half the bytes, nothing lost), else fp32."""
+    values = values.detach().to("cpu", torch.float32).contiguous()
     if compact:
-        half, exact = fp16_rows(values.reshape(1, -1))
-        if exact[0]:
-            return half.tobytes()
-    return values.astype("<f4").tobytes()
+        half = values.half()  # beyond fp16's range -> inf, NaN -> NaN: neither compares equal
+        if torch.equal(half.float(), values):
+            return half.numpy().astype("<f2", copy=False).tobytes()
+    return values.numpy().astype("<f4", copy=False).tobytes()
 
 
 def stored_row(raw: bytes, floats: int, compact: bool) -> bytes:

@@ -220,3 +220,14 @@ def test_selection_lists_and_tensors_agree() -> None:
     assert given.indices() == [0, 3] and given.prediction() == [3] and given.scored_indices() == [3]
     with pytest.raises(ValueError, match="blocks"):
         predictor.Selection(None, torch.tensor([3]), torch.tensor([3]), torch.zeros(1))
+
+
+@pytest.mark.cuda
+def test_cuda_summaries_are_the_cpu_ones() -> None:
+    """On a GPU the outward fp16 rounding (nextafter on half) gives the CPU's bounds bitwise."""
+    torch.manual_seed(6)
+    blocks = torch.randn(9, 2, 4, 8) * 3
+    blocks[0, 0, 0, :2] = torch.tensor([7e4, -7e4])
+    on_gpu = BlockSummaries(1, 2, 8, torch.device("cuda"), initial_blocks=2)
+    on_gpu.add(0, blocks.cuda())
+    assert torch.equal(on_gpu.summary(0).cpu(), _summaries(blocks).summary(0))
