@@ -166,3 +166,31 @@ def test_a_prefix_one_machine_stored_is_not_prefilled_by_another(tiny_lm, tmp_pa
         reused = rt.stats().extra["reused_tokens"]
     assert reused == 319 // 16 * 16  # every block the session sealed (its KV is all but the last token) came from the server
     assert out.tolist() == baseline(model, torch.cat([document, question]).unsqueeze(0), 4).tolist()
+
+
+@pytest.mark.parametrize("pull", ["lazy", "whole"])
+def test_a_store_of_format_2_pulls_fp16_summaries_as_fp32(tiny_lm, tmp_path: Path, redis_server, pull: str) -> None:
+    """Machine a (format 4) pushes fp16 summary rows; machine b's store keeps records in LMDB
+    (``store.segments = false``: format 2, which an older hkv reads) and widens every row it
+    pulls to fp32; the conversation resumes token-identical."""
+    model = tiny_lm()
+    first = prompt(300, seed=15)[0]
+    with wrap(model, _config(model, tmp_path, "a", redis_server.url)) as rt, rt.session("chat") as session:
+        assert rt.manager.store.compact_summaries
+        turn = session.generate(first, max_new_tokens=4, do_sample=False)[0]
+    pushed = redis.Redis.from_url(redis_server.url)
+    row_bytes = {len(pushed.get(key)) for key in pushed.keys("hkv:m:*")}
+    floats = 2 * model.config.num_key_value_heads * (model.config.hidden_size // model.config.num_attention_heads)
+    assert row_bytes == {8 + 2 * floats}  # fp16 on the server
+    config = _config(model, tmp_path, "b", redis_server.url)
+    config = config.model_copy(update={"store": config.store.model_copy(update={"segments": False}),
+                                       "remote": config.remote.model_copy(update={"pull": pull})})  # fmt: skip
+    more = torch.tensor([10, 20, 30])
+    with wrap(model, config) as rt:
+        assert not rt.manager.store.compact_summaries and rt.manager.store.format_version == 2
+        with rt.session("chat") as session:
+            out = session.generate(more, max_new_tokens=4, do_sample=False)[0]
+    assert out.tolist() == baseline(model, torch.cat([turn, more]).unsqueeze(0), 4)[0].tolist()
+    with SessionStore.open(tmp_path / "b" / "store") as store, store.disk.reading() as txn:
+        sizes = {len(value) for _, value in txn.items("summaries")}
+    assert sizes == {8 + 4 * floats}  # pulled rows widened, and the rows of b's own new blocks fp32
