@@ -180,12 +180,14 @@ def test_summaries_are_stored_in_fp16_where_exact_and_fp32_where_not() -> None:
 
 
 def test_a_format_3_store_with_fp32_summaries_resumes_exactly_and_is_upgraded(model, tmp_path, monkeypatch) -> None:
+    from hkv.attention import selection
     from hkv.store import block_store
 
     path = tmp_path / "s"
     ids = prompt(150, seed=21)  # 9 blocks; with the new turn 10
     with monkeypatch.context() as patch:
-        patch.setattr(block_store, "STORE_VERSION", 3)  # an hkv of format 3: fp32 summary rows and runs
+        patch.setattr(block_store, "STORE_VERSION", 3)  # an hkv of format 3: fp32 summary rows and runs,
+        patch.setattr(selection, "fp16_bounds", lambda lo, hi: (lo, hi))  # of bounds not rounded to fp16
         with wrap(model, _config(model, path)) as rt, rt.session("chat") as s:
             assert not rt.manager.store.compact_summaries
             s.append(ids)
@@ -200,6 +202,7 @@ def test_a_format_3_store_with_fp32_summaries_resumes_exactly_and_is_upgraded(mo
         assert old_run.dtype == np.float32 and sum(asked) == 0  # the fp32 run, read as it is
         seq = s._cache.sequence
         assert all(torch.equal(seq.summaries.summary(layer), before[layer]) for layer in range(LAYERS))
+        assert not torch.equal(before[0].half().float(), before[0])  # values fp16 could not have held
         out = s.generate(new, max_new_tokens=6, do_sample=False)
         record = s._store.get("chat")
         by_layer = [record.key_digests()[layer::LAYERS] for layer in range(LAYERS)]
