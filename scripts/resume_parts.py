@@ -43,6 +43,9 @@ STEPS = [
     ("hkv.sessions.session", "adopt_stored_prefix", "  adopting the blocks"),
     ("hkv.attention.selection", "BlockSummaries.extend", "    summaries into place"),
     ("hkv.integrations.runtime", "Runtime.generate_with", "the turn (first token)"),
+    ("hkv.store.block_store", "BlockStore.get_many_into", "block reads (pins and the turn)"),
+    ("hkv.store.linux_aio", "_Kernel.submit", "  io_submit"),
+    ("hkv.store.linux_aio", "_Kernel.getevents", "  waiting for them (io_getevents)"),
 ]
 
 
