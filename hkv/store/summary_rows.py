@@ -39,14 +39,6 @@ def summary_values(raw: bytes | memoryview | None, floats: int) -> np.ndarray | 
     return np.frombuffer(view[CHECKSUM_BYTES:], dtype="<f2" if len(raw) == CHECKSUM_BYTES + 2 * floats else "<f4")
 
 
-def fp16_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``rows`` (fp32 ``[n, floats]``) in fp16, and per row whether that is exact (every value
-    converts back unchanged; NaN and values beyond fp16's range never do)."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        half = rows.astype("<f2")
-        return half, (half.astype(np.float32) == rows).all(axis=1)
-
-
 def summary_payload(values: torch.Tensor, compact: bool) -> bytes:
     """The bytes of fp32 summary values (a CPU tensor, any shape) as a run holds them: fp16 when
     ``compact`` and every value is exactly an fp16 (half the bytes, nothing lost), else fp32."""
@@ -78,10 +70,11 @@ def encode_summaries(layout: BlockLayout, keys: Sequence[BlockKey], summaries: t
     shape = (len(keys), 2, layout.kv_heads, layout.head_dim)
     if summaries is None or tuple(summaries.shape) != shape:
         raise ValueError(f"summaries must be {list(shape)} fp32, got {None if summaries is None else tuple(summaries.shape)}")
-    rows = summaries.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").reshape(len(keys), -1)
-    half, exact = fp16_rows(rows) if compact else (rows, np.zeros(len(rows), dtype=bool))
+    rows = summaries.detach().to("cpu", torch.float32).contiguous().reshape(len(keys), -1)
+    half = rows.half()  # beyond fp16's range -> inf, NaN -> NaN: neither compares equal
+    exact = (half.float() == rows).all(dim=1).tolist() if compact else [False] * len(keys)
     values = []
-    for key, row, row16, small in zip(keys, rows, half, exact):
+    for key, row, row16, small in zip(keys, rows.numpy().astype("<f4", copy=False), half.numpy().astype("<f2", copy=False), exact):
         payload = (row16 if small else row).tobytes()
         values.append((bytes(key), summary_key(bytes(key), relative), checksum(payload) + payload))
     return values
