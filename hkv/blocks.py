@@ -77,6 +77,11 @@ class BlockLayout:
         return 2 * self.kv_heads * self.block_tokens * self.head_dim * self.dtype.itemsize
 
     @property
+    def summary_floats(self) -> int:
+        """Values in one block's key summary: min and max per KV head and dimension."""
+        return 2 * self.kv_heads * self.head_dim
+
+    @property
     def record_nbytes(self) -> int:
         """Bytes of one block's disk record (header + payload)."""
         return HEADER_SIZE + self.nbytes

@@ -103,8 +103,8 @@ class LazyPull:
         if not good:
             return good, None
         disk = self.store.disk
-        floats = 2 * disk.layout.kv_heads * disk.layout.head_dim
-        summaries = [(where, stored_row(row, floats, disk.compact_summaries)) for key in good for relative in (False, True)
+        summaries = [(where, stored_row(row, disk.layout.summary_floats, disk.compact_summaries))
+                     for key in good for relative in (False, True)
                      if (row := self._summaries.get(where := summary_key(key, relative))) is not None]  # fmt: skip
         capacity, records = self.store.disk.capacity_bytes, list(good.items())
 

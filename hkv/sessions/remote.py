@@ -101,7 +101,7 @@ def _copy_blocks(store: SessionStore, remote: RemoteStore, keys: list[bytes], gr
     now stored locally. A record missing on the server, or failing its checks (logged), is not."""
     stored: set[bytes] = set()
     capacity = store.disk.capacity_bytes
-    floats = 2 * store.disk.layout.kv_heads * store.disk.layout.head_dim
+    floats = store.disk.layout.summary_floats
     for start in range(0, len(keys), 4 * CHUNK):
         chunk = keys[start : start + 4 * CHUNK]
         good: list[tuple[bytes, bytes]] = []

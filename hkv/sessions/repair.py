@@ -60,7 +60,7 @@ def _session_problem(txn: StoreTxn, record: SessionRecord, store: SessionStore) 
     present = txn.found("keys", keys)
     if len(present) < len(set(keys)):
         return f"{len(set(keys)) - len(present)} of its {len(set(keys))} blocks are missing"
-    floats = 2 * layout.kv_heads * layout.head_dim
+    floats = layout.summary_floats
     for key in keys:
         if all(summary_values(txn.get("summaries", summary_key(key, relative)), floats) is None for relative in (False, True)):
             return f"the summary of block {key.hex()} is missing or corrupt"

@@ -219,7 +219,7 @@ def verify_session(
         except CorruptSessionError as error:
             problems.append(str(error))
     block = torch.empty(layout.shape, dtype=layout.dtype)
-    floats = 2 * layout.kv_heads * layout.head_dim
+    floats = layout.summary_floats
     for i, key in enumerate(record.key_digests()):
         where = f"block {i // record.num_layers} layer {i % record.num_layers} ({key.hex()})"
         if key not in checked:

@@ -205,7 +205,7 @@ class Session(PulledSession):
         by_layer = [digests[layer :: record.num_layers] for layer in range(record.num_layers)]
         lazy, layout = self._lazy, self.runtime.layout
         if lazy is not None:  # the summaries came from the server; the blocks come when read
-            known = lazy.summary_arrays(by_layer, seq.summaries.relative, 2 * layout.kv_heads * layout.head_dim)
+            known = lazy.summary_arrays(by_layer, seq.summaries.relative, layout.summary_floats)
             if known is None:
                 raise RemoteBlockLostError(f"session {self.name!r}: a block's summary is missing on the remote tier", [])
             self.runtime.manager.learn_remote([BlockKey(digest) for digest in lazy.remote_keys], lazy)

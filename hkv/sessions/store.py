@@ -199,8 +199,7 @@ class SessionStore:
     def read_summary_runs(self, name: str, keys_by_layer: list[list[bytes]], relative: bool) -> list[list[np.ndarray]]:
         """Per layer, the summaries ``[count, 2 * kv_heads * head_dim]`` (fp16 or fp32) of each of the runs
         that hold ``name``'s leading blocks, in block order (:func:`~.summary_runs.read_runs`)."""
-        layout = self.disk.layout
-        return read_runs(self.disk, name, keys_by_layer, relative, 2 * layout.kv_heads * layout.head_dim)
+        return read_runs(self.disk, name, keys_by_layer, relative, self.disk.layout.summary_floats)
 
     def touch(self, name: str) -> None:
         """Set last_used = now (one small transaction). SessionNotFoundError if absent."""
